@@ -1,0 +1,8 @@
+"""The gradwatch agent: runs inside training and reports gradient statistics.
+
+Needs TensorFlow; never imports prometheus_client or the collector.
+"""
+
+from gradwatch.agent.monitor import GradientMonitor
+
+__all__ = ["GradientMonitor"]

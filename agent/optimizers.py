@@ -1,0 +1,84 @@
+"""Hooks into optimizers so that every ``(gradient, variable)`` pair is seen.
+
+Keras 3 optimizers funnel ``apply_gradients`` and ``model.fit`` into
+``apply(grads, trainable_variables)``; tf-keras (Keras 2) optimizers into
+``apply_gradients(grads_and_vars)``. We patch the *instance* (never the
+class), before the optimizer filters out ``None`` gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: ``on_gradients(optimizer, grads, variables)``: called in the caller's
+#: context (eager, ``tf.function`` trace, replica context) before the update.
+GradientHook = Callable[[Any, Sequence[Any], Sequence[Any]], None]
+#: ``on_rejected(optimizer, grads, variables, error)``: the update raised.
+RejectionHook = Callable[[Any, Sequence[Any], Sequence[Any], Exception], None]
+#: ``on_build(optimizer, variables)``: the optimizer learned its variables (usually
+#: eagerly, in cross-replica context: the moment to allocate per-session state).
+BuildHook = Callable[[Any, Sequence[Any]], None]
+
+_WRAPPED = "_gradwatch_wrapped"
+
+
+def is_wrapped(optimizer: Any) -> bool:
+    return bool(getattr(optimizer, _WRAPPED, False))
+
+
+def wrap_optimizer(optimizer: Any, on_gradients: GradientHook, on_rejected: RejectionHook,
+                   on_build: BuildHook) -> Any:
+    """Patches ``optimizer`` in place and returns it; wrapping twice is a no-op."""
+    if is_wrapped(optimizer):
+        return optimizer
+    if callable(getattr(optimizer, "build", None)):
+        original_build = optimizer.build
+
+        @functools.wraps(original_build)
+        def build(variables, *args, **kwargs):
+            result = original_build(variables, *args, **kwargs)
+            on_build(optimizer, list(variables))
+            return result
+
+        optimizer.build = build
+    if callable(getattr(optimizer, "apply", None)) and hasattr(optimizer, "_trainable_variables"):
+        original = optimizer.apply
+
+        @functools.wraps(original)
+        def apply(grads, trainable_variables=None):
+            grads = list(grads)
+            variables = (list(trainable_variables) if trainable_variables is not None
+                         else list(optimizer._trainable_variables))
+            on_gradients(optimizer, grads, variables)
+            try:
+                return original(grads, trainable_variables)
+            except ValueError as error:
+                on_rejected(optimizer, grads, variables, error)
+                raise
+
+        optimizer.apply = apply
+    elif callable(getattr(optimizer, "apply_gradients", None)):
+        original = optimizer.apply_gradients
+
+        @functools.wraps(original)
+        def apply_gradients(grads_and_vars, *args, **kwargs):
+            pairs = list(grads_and_vars)
+            grads = [g for g, _ in pairs]
+            variables = [v for _, v in pairs]
+            on_gradients(optimizer, grads, variables)
+            try:
+                return original(pairs, *args, **kwargs)
+            except ValueError as error:
+                on_rejected(optimizer, grads, variables, error)
+                raise
+
+        optimizer.apply_gradients = apply_gradients
+    else:
+        raise TypeError(
+            f"gradwatch cannot wrap {type(optimizer).__name__}: expected a Keras optimizer "
+            "with apply() or apply_gradients(); use GradientMonitor.observe() instead"
+        )
+    setattr(optimizer, _WRAPPED, True)
+    return optimizer

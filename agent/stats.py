@@ -1,0 +1,74 @@
+"""In-graph gradient statistics: a few numbers per gradient, computed on its device.
+
+Everything here is plain TensorFlow (no Python callbacks), so it runs eagerly,
+inside ``tf.function`` and under XLA. Absent (``None``) gradients are known at
+trace time and cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+#: Columns of the per-variable statistics matrix returned by `gradient_stats`.
+COLUMNS = ("present", "l2_norm", "max_abs", "nan_count", "inf_count")
+NUM_COLUMNS = len(COLUMNS)
+
+
+def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+    """The gradient's non-zero part, as float32, without densifying IndexedSlices.
+
+    Rows of an ``IndexedSlices`` that share an index are summed first, so the
+    statistics equal those of the dense gradient.
+    """
+    if isinstance(grad, tf.IndexedSlices):
+        unique_indices, positions = tf.unique(grad.indices)
+        values = tf.math.unsorted_segment_sum(
+            grad.values, positions, tf.size(unique_indices, out_type=positions.dtype)
+        )
+    else:
+        values = grad
+    if values.dtype != tf.float32:
+        values = tf.cast(values, tf.float32)
+    return values
+
+
+def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
+    """Returns a float32 ``[len(grads), NUM_COLUMNS]`` matrix of statistics.
+
+    One sum of squares and one max-abs reduction per present gradient; NaN and
+    Inf elements are counted only when some sum of squares is non-finite (a
+    single ``tf.cond`` per call), which also recomputes overflowed norms with
+    scaling. Absent gradients get a row of zeros with ``present == 0``.
+    Works in replica and cross-replica context alike: it only reads ``grads``.
+    """
+    present_ids = [i for i, g in enumerate(grads) if g is not None]
+    rows = tf.zeros([len(grads), NUM_COLUMNS], tf.float32)
+    if not present_ids:
+        return rows
+    values = [_dense_values(grads[i]) for i in present_ids]
+    sum_squares = tf.stack([tf.reduce_sum(tf.square(v)) for v in values])
+    # tf.maximum(., 0) turns the -inf of an empty gradient into 0.
+    max_abs = tf.stack([tf.maximum(tf.reduce_max(tf.abs(v)), 0.0) for v in values])
+
+    def finite_case():
+        zeros = tf.zeros_like(sum_squares)
+        return tf.sqrt(sum_squares), max_abs, zeros, zeros
+
+    def non_finite_case():
+        nan = tf.stack([tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32)) for v in values])
+        inf = tf.stack([tf.reduce_sum(tf.cast(tf.math.is_inf(v), tf.float32)) for v in values])
+        # Finite gradients whose squares overflowed: ||g|| = m * ||g / m||.
+        scaled = tf.stack([
+            m * tf.sqrt(tf.reduce_sum(tf.square(v / tf.maximum(m, 1e-30))))
+            for v, m in zip(values, tf.unstack(max_abs), strict=True)
+        ])
+        finite = tf.equal(nan + inf, 0.0)
+        norm = tf.where(finite, scaled, tf.sqrt(sum_squares))
+        return norm, max_abs, nan, inf
+
+    all_finite = tf.reduce_all(tf.math.is_finite(sum_squares))
+    norm, max_abs, nan, inf = tf.cond(all_finite, finite_case, non_finite_case)
+    computed = tf.stack([tf.ones_like(norm), norm, max_abs, nan, inf], axis=1)
+    return tf.tensor_scatter_nd_update(rows, [[i] for i in present_ids], computed)

@@ -1,0 +1,4 @@
+"""The gradwatch collector: ingest, state, rules, sinks, exporter, server, CLI.
+
+Never imports TensorFlow or the agent.
+"""

@@ -1,0 +1,101 @@
+"""Alert lifecycle: which alerts are active, when they started, when they resolved.
+
+Rules produce the set of alerts active *now* for a scope (a job x optimizer);
+`AlertTracker` diffs it against the previous set and emits a `Notification`
+for each alert that started, changed its annotations, or resolved. Labels
+identify an alert and never name the collector, so several collectors (and
+Prometheus) deduplicate in Alertmanager.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An alert as a rule sees it: identity (labels) and explanation (annotations)."""
+
+    labels: dict[str, str]
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.labels["alertname"]
+
+    @property
+    def key(self) -> Labels:
+        return tuple(sorted(self.labels.items()))
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A state change of one alert, ready for any sink."""
+
+    alert: Alert
+    starts_at: float
+    ends_at: float | None = None  # set when resolved
+
+    @property
+    def status(self) -> str:
+        return "firing" if self.ends_at is None else "resolved"
+
+    def to_alertmanager(self, generator_url: str = "") -> dict:
+        """The alert in Alertmanager API v2 ``postableAlert`` shape."""
+        body = {
+            "labels": dict(self.alert.labels),
+            "annotations": dict(self.alert.annotations),
+            "startsAt": _rfc3339(self.starts_at),
+        }
+        if self.ends_at is not None:
+            body["endsAt"] = _rfc3339(self.ends_at)
+        if generator_url:
+            body["generatorURL"] = generator_url
+        return body
+
+
+@dataclass
+class _Active:
+    alert: Alert
+    starts_at: float
+
+
+class AlertTracker:
+    """Tracks active alerts per scope; calls ``notify`` on every change (event loop only)."""
+
+    def __init__(self, notify: Callable[[Notification], None]) -> None:
+        self._notify = notify
+        self._active: dict[tuple, dict[Labels, _Active]] = {}
+
+    def update(self, scope: tuple, alerts: Iterable[Alert], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        previous = self._active.get(scope, {})
+        current: dict[Labels, _Active] = {}
+        for alert in alerts:
+            before = previous.get(alert.key)
+            if before is None:
+                current[alert.key] = _Active(alert, now)
+                self._notify(Notification(alert, now))
+            else:
+                current[alert.key] = _Active(alert, before.starts_at)
+                if alert.annotations != before.alert.annotations:
+                    self._notify(Notification(alert, before.starts_at))
+        for key, gone in previous.items():
+            if key not in current:
+                self._notify(Notification(gone.alert, gone.starts_at, ends_at=now))
+        if current:
+            self._active[scope] = current
+        else:
+            self._active.pop(scope, None)
+
+    def active(self) -> list[Alert]:
+        return [a.alert for scope in self._active.values() for a in scope.values()]

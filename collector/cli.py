@@ -1,0 +1,25 @@
+"""``gradwatch collector``: run the collector service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from gradwatch.collector import config
+from gradwatch.collector.server import serve
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "collector", help="run the collector (gRPC ingest, /metrics, alerts)",
+        description="Receive gradient statistics from agents, export them to Prometheus and "
+                    "alert when gradients go missing.")
+    config.add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    asyncio.run(serve(config.from_arguments(args)))
+    return 0

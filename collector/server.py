@@ -1,0 +1,116 @@
+"""Wires the collector together and runs it on one asyncio event loop.
+
+gRPC (grpc.aio, with the standard health service) and HTTP (aiohttp:
+``/metrics``, ``/healthz``) share the loop, so state needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from gradwatch.collector.alerts import AlertTracker
+from gradwatch.collector.config import CollectorConfig, split_host_port
+from gradwatch.collector.exporter import StateCollector
+from gradwatch.collector.service import GradientWatchService
+from gradwatch.collector.sinks import Dispatcher, LogSink, Sink, WebhookSink
+from gradwatch.collector.state import Registry
+from gradwatch.collector.telemetry import Telemetry
+from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gradwatch_pb2.DESCRIPTOR.services_by_name["GradientWatch"].full_name
+
+
+class Collector:
+    """One collector process: state, rules, sinks, gRPC and HTTP endpoints."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.telemetry = Telemetry()
+        sinks: list[Sink] = [LogSink(), *(WebhookSink(url) for url in config.webhook_urls)]
+        self.dispatcher = Dispatcher(sinks)
+        self.alerts = AlertTracker(self.dispatcher.submit)
+        self.service = GradientWatchService(self.registry, self.alerts, self.telemetry,
+                                            config.limits)
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(StateCollector(
+            self.registry, self.telemetry, self.alerts.active,
+            lambda: dict(self.dispatcher.outcomes), config.max_variable_series))
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        limits = self.config.limits
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._grpc)
+        self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_address)
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC address {self.config.grpc_address}")
+        await self._grpc.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/healthz", self._serve_health)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        host, port = split_host_port(self.config.metrics_address)
+        site = web.TCPSite(self._http, host, port)
+        await site.start()
+        self.metrics_port = site._server.sockets[0].getsockname()[1]
+        self.dispatcher.start()
+        grpc_host = split_host_port(self.config.grpc_address)[0]
+        log.info("gradwatch collector serving gRPC on %s:%d, metrics on http://%s:%d/metrics",
+                 grpc_host, self.grpc_port, host, self.metrics_port)
+        if self.config.ready_file:
+            ready = {"grpc": f"{grpc_host}:{self.grpc_port}",
+                     "metrics": f"{host}:{self.metrics_port}", "pid": os.getpid()}
+            tmp = Path(self.config.ready_file + ".tmp")
+            tmp.write_text(json.dumps(ready))
+            tmp.replace(self.config.ready_file)
+
+    async def _serve_metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _serve_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        await self.dispatcher.flush(grace_s)
+        await self.dispatcher.close()
+        if self._http is not None:
+            await self._http.cleanup()
+
+
+async def serve(config: CollectorConfig) -> None:
+    """Runs until SIGINT or SIGTERM, then drains streams and flushes sinks."""
+    collector = Collector(config)
+    await collector.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await collector.stop()

@@ -1,0 +1,130 @@
+"""Where alert notifications go: a log, webhooks (Alertmanager alert shape).
+
+`Dispatcher` decouples delivery from ingest: `submit` only enqueues; one
+asyncio task per sink delivers in order, retrying with backoff. A dead or slow
+sink fills its own bounded queue (overflow is dropped and counted), never
+the ingest path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Protocol
+
+import aiohttp
+from gradwatch.collector.alerts import Notification
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    name: str
+
+    async def send(self, notifications: list[Notification]) -> None:
+        """Delivers notifications or raises."""
+
+
+class LogSink:
+    """Writes each notification to the ``gradwatch.alerts`` logger."""
+
+    name = "log"
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("gradwatch.alerts")
+
+    async def send(self, notifications: list[Notification]) -> None:
+        for n in notifications:
+            level = logging.WARNING if n.status == "firing" else logging.INFO
+            labels = " ".join(f"{k}={v}" for k, v in n.alert.labels.items() if k != "alertname")
+            self._log.log(level, "%s %s %s: %s", n.alert.name, n.status.upper(), labels,
+                          n.alert.annotations.get("description", ""))
+
+
+class WebhookSink:
+    """POSTs a JSON list of alerts in Alertmanager's API v2 shape to a URL."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.name = f"webhook:{url}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def send(self, notifications: list[Notification]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        body = [n.to_alertmanager() for n in notifications]
+        async with self._session.post(self.url, json=body) as response:
+            if response.status >= 300:
+                raise RuntimeError(f"{self.url} answered HTTP {response.status}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Dispatcher:
+    """Queues notifications per sink and delivers them off the ingest path."""
+
+    def __init__(self, sinks: list[Sink], queue_size: int = 10_000, retries: int = 3,
+                 backoff_s: float = 0.2) -> None:
+        self.sinks = sinks
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.queue_size = queue_size
+        #: (sink name, outcome) → count; outcome is sent, failed or dropped.
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._queues = {s.name: collections.deque() for s in sinks}
+        self._wakeups = {s.name: asyncio.Event() for s in sinks}
+        self._tasks: list[asyncio.Task] = []
+        self._sending: set[str] = set()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._deliver(s)) for s in self.sinks]
+
+    def submit(self, notification: Notification) -> None:
+        for sink in self.sinks:
+            queue = self._queues[sink.name]
+            if len(queue) >= self.queue_size:
+                queue.popleft()
+                self.outcomes[(sink.name, "dropped")] += 1
+            queue.append(notification)
+            self._wakeups[sink.name].set()
+
+    async def _deliver(self, sink: Sink) -> None:
+        queue, wakeup = self._queues[sink.name], self._wakeups[sink.name]
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            while queue:
+                batch = list(queue)
+                queue.clear()
+                self._sending.add(sink.name)
+                for attempt in range(self.retries + 1):
+                    try:
+                        await sink.send(batch)
+                        self.outcomes[(sink.name, "sent")] += len(batch)
+                        break
+                    except Exception as error:  # any sink failure is counted, never raised
+                        if attempt == self.retries:
+                            self.outcomes[(sink.name, "failed")] += len(batch)
+                            log.warning("alert delivery to %s failed: %s", sink.name, error)
+                        else:
+                            await asyncio.sleep(self.backoff_s * 2**attempt)
+                self._sending.discard(sink.name)
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Waits until every queue is empty (used at shutdown)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (any(self._queues.values()) or self._sending) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for sink in self.sinks:
+            closer = getattr(sink, "close", None)
+            if closer is not None:
+                await closer()

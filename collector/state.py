@@ -1,0 +1,145 @@
+"""Latest gradient state of every job, columnar: numpy arrays indexed by variable id.
+
+Hierarchy: `Registry` → `Group` (one training job x optimizer: the unit that
+rules and per-variable series aggregate over) → `SessionState` (one task's
+stream). A group owns a column per variable *name*, so the tasks of one job
+line up even though each registered its own variable table.
+
+Not thread-safe: the collector's event loop is the only writer and reader.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StepBatch:
+    """A validated batch, decoded into ``[steps, replicas, variables]`` arrays."""
+
+    steps: np.ndarray  # int64 [S]
+    wall_time: np.ndarray  # float64 [S]
+    present: np.ndarray  # bool
+    l2_norm: np.ndarray  # float32
+    max_abs: np.ndarray  # float32
+    nan_count: np.ndarray  # float32
+    inf_count: np.ndarray  # float32
+    dropped_steps: int
+
+
+@dataclass
+class SessionState:
+    """One registered stream: a task's optimizer, with its latest step and totals."""
+
+    id: str
+    group: Group
+    task_type: str
+    task_index: int
+    num_replicas: int
+    columns: np.ndarray  # int64 [N]: this session's variable ids → group columns
+    strategy: str = ""
+    hostname: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    registered_at: float = field(default_factory=time.time)
+    last_sequence: int = 0
+    last_report_time: float = 0.0
+    last_step: int = -1
+    steps_total: int = 0
+    nonfinite_steps_total: int = 0
+    dropped_steps: int = 0
+
+    def __post_init__(self) -> None:
+        shape = (self.num_replicas, len(self.columns))
+        self.present = np.ones(shape, bool)  # latest step
+        self.l2_norm = np.zeros(shape, np.float32)
+        self.max_abs = np.zeros(shape, np.float32)
+        self.missing_in_last_batch = np.zeros(len(self.columns), bool)
+        self.missing_steps_total = np.zeros(len(self.columns), np.int64)
+        self.nan_total = np.zeros(len(self.columns), np.float64)
+        self.inf_total = np.zeros(len(self.columns), np.float64)
+
+    @property
+    def num_variables(self) -> int:
+        return len(self.columns)
+
+    @property
+    def task(self) -> str:
+        return f"{self.task_type}/{self.task_index}"
+
+    def apply(self, sequence: int, batch: StepBatch) -> None:
+        """Folds a validated batch into the latest state and the totals."""
+        self.last_sequence = sequence
+        self.last_report_time = time.time()
+        self.dropped_steps = max(self.dropped_steps, batch.dropped_steps)
+        if batch.steps.size == 0:
+            return
+        self.steps_total += batch.steps.size
+        self.last_step = int(batch.steps[-1])
+        self.present = batch.present[-1]
+        self.l2_norm = batch.l2_norm[-1]
+        self.max_abs = batch.max_abs[-1]
+        absent = ~batch.present
+        self.missing_in_last_batch = absent.any(axis=(0, 1))
+        self.missing_steps_total += absent.sum(axis=(0, 1))
+        nan = batch.nan_count.sum(axis=(0, 1))
+        inf = batch.inf_count.sum(axis=(0, 1))
+        self.nan_total += nan
+        self.inf_total += inf
+        self.nonfinite_steps_total += int(
+            ((batch.nan_count + batch.inf_count).sum(axis=(1, 2)) > 0).sum())
+
+
+@dataclass
+class Group:
+    """All sessions of one training job and optimizer."""
+
+    training_job: str
+    optimizer: str
+    names: list[str] = field(default_factory=list)  # column → variable name
+    column_of: dict[str, int] = field(default_factory=dict)
+    sessions: dict[str, SessionState] = field(default_factory=dict)
+
+    def columns_for(self, names: list[str]) -> np.ndarray:
+        for name in names:
+            if name not in self.column_of:
+                self.column_of[name] = len(self.names)
+                self.names.append(name)
+        return np.array([self.column_of[n] for n in names], np.int64)
+
+
+class Registry:
+    """All groups and sessions known to this collector."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str], Group] = {}
+        self.sessions: dict[str, SessionState] = {}
+
+    def register(self, training_job: str, optimizer: str, task_type: str, task_index: int,
+                 num_replicas: int, variable_names: list[str], **details) -> SessionState:
+        group = self.groups.get((training_job, optimizer))
+        if group is None:
+            group = self.groups[(training_job, optimizer)] = Group(training_job, optimizer)
+        session = SessionState(
+            id=uuid.uuid4().hex, group=group, task_type=task_type, task_index=task_index,
+            num_replicas=num_replicas, columns=group.columns_for(variable_names), **details,
+        )
+        # A task that registers again (restarted, or reconnected to a collector that
+        # lost it) replaces its previous session, so stale state cannot linger.
+        for old in [s for s in group.sessions.values()
+                    if (s.task_type, s.task_index) == (task_type, task_index)]:
+            self.remove(old.id)
+        group.sessions[session.id] = session
+        self.sessions[session.id] = session
+        return session
+
+    def remove(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            session.group.sessions.pop(session_id, None)
+
+    def jobs(self) -> set[str]:
+        return {job for job, _ in self.groups}

@@ -1,0 +1,1 @@
+"""Generated code for protobuf package ``gradwatch.v1`` (do not edit)."""

@@ -1,0 +1,94 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Variable(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    training_job: str
+    task_type: str
+    task_index: int
+    num_replicas: int
+    strategy: str
+    optimizer: str
+    versions: _containers.ScalarMap[str, str]
+    variables: _containers.RepeatedCompositeFieldContainer[Variable]
+    hostname: str
+    pid: int
+    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("session_id", "max_batch_steps")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_batch_steps: int
+    def __init__(self, session_id: _Optional[str] = ..., max_batch_steps: _Optional[int] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("step", "wall_time", "present", "l2_norm", "max_abs", "nan_count", "inf_count")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    L2_NORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    wall_time: float
+    present: bytes
+    l2_norm: bytes
+    max_abs: bytes
+    nan_count: bytes
+    inf_count: bytes
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., present: _Optional[bytes] = ..., l2_norm: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., nan_count: _Optional[bytes] = ..., inf_count: _Optional[bytes] = ...) -> None: ...
+
+class ReportBatch(_message.Message):
+    __slots__ = ("session_id", "sequence", "steps", "dropped_steps")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    sequence: int
+    steps: _containers.RepeatedCompositeFieldContainer[StepReport]
+    dropped_steps: int
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("session_id", "sequence")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    sequence: int
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
