@@ -156,6 +156,13 @@ class Sender:
         await self._register_new(stub)
         call = stub.Report()
         acks = asyncio.ensure_future(self._read_acks(call))
+        try:
+            await self._stream(call, stub, acks)
+        finally:
+            acks.cancel()
+            call.cancel()
+
+    async def _stream(self, call, stub: pb_grpc.GradientWatchStub, acks: asyncio.Future) -> None:
         for stream in self._streams:  # replay what the previous connection left unacked
             for batch in stream.unacked:
                 batch.session_id = stream.session_id
@@ -176,11 +183,13 @@ class Sender:
                 self._drained.set()
                 await call.done_writing()
                 return
-            try:
-                await asyncio.wait_for(asyncio.shield(self._stopping.wait()),
-                                       self.flush_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            if self._stopping.is_set():  # flushing: wait for the last acks
+                await asyncio.sleep(0.01)
+            else:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), self.flush_interval_s)
+                except asyncio.TimeoutError:
+                    pass
             if acks.done():
                 acks.result()  # raises the stream's error
                 raise ConnectionError("collector closed the report stream")

@@ -74,6 +74,12 @@ def validate_registration(request: pb.RegisterRequest, limits: Limits) -> list[s
         raise InvalidReport(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{len(request.variables)} variables; the limit per session is "
                             f"{limits.max_variables}")
+    per_step = len(request.variables) * request.num_replicas * BYTES_PER_STATISTIC
+    if 2 * per_step > limits.max_message_bytes:
+        raise InvalidReport(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"one step of {len(request.variables)} variables x "
+                            f"{request.num_replicas} replicas is {per_step} bytes; the message "
+                            f"limit is {limits.max_message_bytes} (half of it per step)")
     names = [v.name for v in request.variables]
     for i, name in enumerate(names):
         _check_label(f"variables[{i}].name", name, limits)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: Debian packages the tests run for real
+# (Prometheus, Alertmanager) and a virtual environment with gradwatch installed
+# editable with its agent (tensorflow-cpu), collector and dev extras.
+# Re-runs are fast: pip runs again only when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${GRADWATCH_VENV:-.venv}
+
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null 2>&1; then
+        echo "bootstrap: please install ${missing[*]} (Debian packages); skipping" >&2
+    else
+        SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+        echo "bootstrap: installing ${missing[*]} with apt-get"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.gradwatch-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bootstrap: installing gradwatch[agent-cpu,collector,dev] into $VENV (first run takes a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[agent-cpu,collector,dev]"
+    echo "$want" > "$stamp"
+fi

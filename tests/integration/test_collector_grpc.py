@@ -1,0 +1,120 @@
+"""The collector's gRPC surface, driven by hand-built messages (no TensorFlow)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import pytest
+import wire
+from conftest import parse_metrics, select
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def channel(collector):
+    with grpc.insecure_channel(collector.grpc_target) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel):
+    return pb_grpc.GradientWatchStub(channel)
+
+
+class Stream:
+    """A Report stream whose requests are fed from the test, acks read with a timeout."""
+
+    def __init__(self, stub) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._acks: queue.Queue = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self._call = stub.Report(iter(self._requests.get, None), timeout=30)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for ack in self._call:
+                self._acks.put(ack)
+        except grpc.RpcError as error:
+            self.error = error
+        self._acks.put(None)
+
+    def send(self, batch):
+        self._requests.put(batch)
+        return self._acks.get(timeout=10)
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+def test_health_service_reports_serving(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "gradwatch.v1.GradientWatch"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_register_returns_a_session_and_batch_limit(stub):
+    response = stub.Register(wire.registration(job="reg"), timeout=5)
+    assert len(response.session_id) == 32 and response.max_batch_steps >= 1
+
+
+def test_invalid_registration_gets_a_precise_status(stub):
+    request = wire.registration(job="")
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Register(request, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "training_job must not be empty"
+
+
+def test_duplicate_batches_are_acked_and_applied_once(stub, collector):
+    session = stub.Register(wire.registration(job="dedupe"), timeout=5).session_id
+    stream = Stream(stub)
+    first = wire.batch(session, 1, wire.step(0, [1, 1, 1]), wire.step(1, [1, 1, 1]))
+    assert stream.send(first).sequence == 1
+    assert stream.send(first).sequence == 1  # replayed after a reconnect, say
+    assert stream.send(wire.batch(session, 2, wire.step(2, [1, 1, 1]))).sequence == 2
+    stream.close()
+    samples = parse_metrics(collector.scrape())
+    assert list(select(samples, "gradwatch_steps_total", training_job="dedupe").values()) == [3]
+    assert select(samples, "gradwatch_collector_duplicate_batches_total")
+
+
+def test_malformed_batch_is_rejected_and_others_keep_being_served(stub, collector):
+    bad_session = stub.Register(wire.registration(job="bad"), timeout=5).session_id
+    good_session = stub.Register(wire.registration(job="good"), timeout=5).session_id
+    good, bad = Stream(stub), Stream(stub)
+    assert good.send(wire.batch(good_session, 1, wire.step(0, [1, 1, 1]))).sequence == 1
+
+    assert bad.send(wire.batch(bad_session, 1, wire.step(0, [1, 1]))) is None  # stream ends
+    assert bad.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "steps[0].present has 2 bytes; expected 3" in bad.error.details()
+
+    assert good.send(wire.batch(good_session, 2, wire.step(1, [1, 1, 1]))).sequence == 2
+    good.close()
+    samples = parse_metrics(collector.scrape())
+    assert select(samples, "gradwatch_collector_rejected_messages_total",
+                  code="INVALID_ARGUMENT")
+    assert select(samples, "gradwatch_steps_total", training_job="bad") == {
+        "optimizer=sgd,task_index=0,task_type=worker,training_job=bad": 0.0}
+
+
+def test_unknown_session_is_not_found(stub):
+    stream = Stream(stub)
+    assert stream.send(wire.batch("no-such-session", 1, wire.step(0, [1, 1, 1]))) is None
+    assert stream.error.code() == grpc.StatusCode.NOT_FOUND
+    assert "register again" in stream.error.details()
+
+
+def test_collector_exits_cleanly_on_sigterm():
+    from gradwatch.testing import CollectorProcess
+
+    with CollectorProcess() as process:
+        assert process.stop() == 0
+        assert "shutting down" in process.log()

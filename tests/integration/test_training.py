@@ -1,0 +1,269 @@
+"""Real TensorFlow training (in this process) reporting to a real collector subprocess.
+
+Every test waits for ``monitor.close()`` (all batches acknowledged), then
+asserts on the scraped ``/metrics`` and on alerts the webhook received.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import parse_metrics, select
+
+from gradwatch.agent import GradientMonitor
+
+pytestmark = pytest.mark.integration
+
+X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+Y = (X @ np.array([[1.0], [-2.0], [0.5], [3.0]], "float32")).astype("float32")
+
+
+def small_model(name: str = "model") -> keras.Model:
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu", name="hidden"),
+                             keras.layers.Dense(1, name="out")], name=name)
+
+
+class ModelWithUnusedLayer(keras.Model):
+    def __init__(self) -> None:
+        super().__init__(name="partly_unused")
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+        self.unused = keras.layers.Dense(3, name="unused")
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        self.out.build((None, 8))
+        self.unused.build((None, 8))
+        self.built = True
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def monitor_for(collector, job: str) -> GradientMonitor:
+    return GradientMonitor(collector=collector.grpc_target, training_job=job,
+                           flush_interval_s=0.05)
+
+
+def scrape(collector, job: str) -> dict:
+    samples = parse_metrics(collector.scrape())
+    return {name: [(labels, value) for labels, value in values
+                   if labels.get("training_job") == job]
+            for name, values in samples.items()}
+
+
+def alerts_for(webhook, job: str) -> list[dict]:
+    return [a for a in webhook.alerts if a["labels"].get("training_job") == job]
+
+
+def wait_for_alert(webhook, job: str, *, resolved: bool = False, timeout_s: float = 10.0):
+    alert = webhook.wait_for(
+        lambda a: a["labels"].get("training_job") == job and ("endsAt" in a) == resolved,
+        timeout_s)
+    assert alert is not None, f"no {'resolved' if resolved else 'firing'} alert for {job}"
+    return alert
+
+
+def assert_norms(samples, variables, grads) -> None:
+    exported = select(samples, "gradwatch_gradient_norm")
+    expected = {v.path: float(np.linalg.norm(np.asarray(g, np.float64)))
+                for v, g in zip(variables, grads, strict=True)}
+    assert exported.keys() == expected.keys()
+    for name, value in expected.items():
+        assert exported[name] == pytest.approx(value, rel=1e-5), name
+
+
+# -- healthy runs: no alert, norms equal a reference computed here --------------------------
+
+def test_eager_custom_loop(collector, webhook, job_name):
+    model, optimizer = small_model(), keras.optimizers.SGD(0.01)
+    with monitor_for(collector, job_name) as monitor:
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            grads = tape.gradient(loss, model.trainable_variables)
+            monitor.observe(grads, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert_norms(samples, model.trainable_variables, [g.numpy() for g in grads])
+    assert select(samples, "gradwatch_steps_total") and list(
+        select(samples, "gradwatch_steps_total").values()) == [3.0]
+    assert set(select(samples, "gradwatch_gradient_present").values()) == {1.0}
+    assert alerts_for(webhook, job_name) == []
+
+
+def test_tf_function_loop(collector, webhook, job_name):
+    model, optimizer = small_model(), keras.optimizers.Adam(0.01)
+    monitor = monitor_for(collector, job_name)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        monitor.observe(grads, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return grads
+
+    for _ in range(4):
+        grads = train_step(X, Y)
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert_norms(samples, model.trainable_variables, [g.numpy() for g in grads])
+    assert list(select(samples, "gradwatch_last_step").values()) == [4.0]
+    assert alerts_for(webhook, job_name) == []
+
+
+def test_model_fit_with_wrapped_optimizer(collector, webhook, job_name):
+    model, optimizer = small_model(), keras.optimizers.SGD(0.0)
+    with monitor_for(collector, job_name) as monitor:
+        # Learning rate 0 keeps the weights, so every step's gradient equals the reference.
+        model.compile(optimizer=monitor.wrap(optimizer), loss="mse")
+        model.fit(X, Y, batch_size=len(X), epochs=3, verbose=0)
+    assert monitor.close()
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(Y, model(X))
+    reference = tape.gradient(loss, model.trainable_variables)
+    samples = scrape(collector, job_name)
+    assert_norms(samples, model.trainable_variables, [g.numpy() for g in reference])
+    assert list(select(samples, "gradwatch_steps_total").values()) == [3.0]
+    assert select(samples, "gradwatch_steps_total", optimizer=optimizer.name)
+    assert alerts_for(webhook, job_name) == []
+
+
+# -- broken runs ------------------------------------------------------------------------------
+
+def test_unused_layer_alerts_for_exactly_its_variables(collector, webhook, job_name):
+    model = ModelWithUnusedLayer()
+    model.build((None, 4))
+    with monitor_for(collector, job_name) as monitor:
+        model.compile(optimizer=monitor.wrap(keras.optimizers.Adam(0.01)), loss="mse")
+        with pytest.warns(UserWarning, match="Gradients do not exist"):
+            model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    alert = wait_for_alert(webhook, job_name)
+    unused = {"partly_unused/unused/kernel", "partly_unused/unused/bias"}
+    assert set(alert["annotations"]["variables"].split(", ")) == unused
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["tasks"] == "worker/0"
+    samples = scrape(collector, job_name)
+    present = select(samples, "gradwatch_gradient_present")
+    assert {name for name, value in present.items() if value == 0.0} == unused
+    assert len(present) == 6
+    missing_steps = select(samples, "gradwatch_gradient_missing_steps_total")
+    assert {name: missing_steps[name] for name in unused} == dict.fromkeys(unused, 4.0)
+
+
+def floor_loss(model, x, y):
+    return tf.reduce_mean(tf.math.floor(tf.square(model(x) - y)))
+
+
+def argmax_loss(model, x, y):
+    return tf.reduce_mean(tf.cast(tf.argmax(tf.concat([model(x), y], 1), axis=1), tf.float32))
+
+
+def numpy_loss(model, x, y):
+    return tf.constant(np.mean((model(x).numpy() - y) ** 2))
+
+
+@pytest.mark.parametrize("loss_fn, compiled", [
+    (floor_loss, True), (argmax_loss, True), (numpy_loss, False)])
+def test_broken_loss_leaves_every_variable_without_gradient(collector, webhook, job_name,
+                                                            loss_fn, compiled):
+    model = small_model()
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model, x, y)
+        grads = tape.gradient(loss, model.trainable_variables)
+        monitor.observe(grads, model.trainable_variables)
+        return grads
+
+    with monitor_for(collector, job_name) as monitor:
+        run = tf.function(step) if compiled else step
+        for _ in range(2):
+            grads = run(X, Y)
+    assert grads == [None] * 4
+    alert = wait_for_alert(webhook, job_name)
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"].startswith("4 of 4 variables")
+    samples = scrape(collector, job_name)
+    assert set(select(samples, "gradwatch_gradient_present").values()) == {0.0}
+    assert list(select(samples, "gradwatch_variables_without_gradient").values()) == [4.0]
+
+
+def test_model_fit_that_keras_rejects_still_reports(collector, webhook, job_name):
+    """With no gradient at all Keras raises while tracing; the alert must still go out."""
+    model = small_model()
+    monitor = monitor_for(collector, job_name)
+    model.compile(optimizer=monitor.wrap(keras.optimizers.Adam()),
+                  loss=lambda y, p: tf.reduce_mean(tf.math.floor(tf.square(p - y))))
+    with pytest.raises(ValueError, match="No gradients provided"):
+        model.fit(X, Y, epochs=1, verbose=0)
+    assert monitor.close()
+    alert = wait_for_alert(webhook, job_name)
+    assert alert["labels"]["severity"] == "critical"
+
+
+def test_nan_in_one_gradient_is_counted(collector, webhook, job_name):
+    model = small_model()
+    variables = model.trainable_variables
+    with monitor_for(collector, job_name) as monitor:
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            grads = tape.gradient(loss, variables)
+            poisoned = grads[0].numpy()
+            poisoned[0, :2] = np.nan
+            poisoned[1, 0] = np.inf
+            monitor.observe([tf.constant(poisoned), *grads[1:]], variables)
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    nan = select(samples, "gradwatch_gradient_nan_values_total")
+    inf = select(samples, "gradwatch_gradient_inf_values_total")
+    assert nan == {v.path: (6.0 if i == 0 else 0.0) for i, v in enumerate(variables)}
+    assert inf[variables[0].path] == 3.0
+    assert list(select(samples, "gradwatch_nonfinite_steps_total").values()) == [3.0]
+
+
+def test_alert_resolves_when_gradients_return(collector, webhook, job_name):
+    model = small_model()
+    variables = model.trainable_variables
+    with monitor_for(collector, job_name) as monitor:
+        for step in range(6):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            grads = tape.gradient(loss, variables)
+            if step < 3:
+                grads[-1] = None  # the output bias "forgot" its gradient
+            monitor.observe(grads, variables)
+            if step == 2:
+                wait_for_alert(webhook, job_name)
+    resolved = wait_for_alert(webhook, job_name, resolved=True)
+    assert resolved["annotations"]["variables"] == variables[-1].path
+    assert resolved["endsAt"] >= resolved["startsAt"]
+
+
+def test_training_goes_on_without_a_collector(job_name):
+    model, optimizer = small_model(), keras.optimizers.SGD(0.01)
+    monitor = GradientMonitor(collector="127.0.0.1:1", training_job=job_name,
+                              flush_interval_s=0.05)
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(X) - Y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        monitor.observe(grads, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+    assert monitor.close(timeout_s=1.0) is False  # nothing acknowledged, nothing raised
+
+
+def test_disabled_monitor_is_a_no_op(monkeypatch, job_name):
+    monkeypatch.setenv("GRADWATCH_DISABLED", "1")
+    monitor = GradientMonitor(training_job=job_name)
+    optimizer = keras.optimizers.SGD()
+    assert monitor.wrap(optimizer) is optimizer and "apply" not in vars(optimizer)
+    monitor.observe([None], [tf.Variable(1.0)])
+    assert monitor.close()

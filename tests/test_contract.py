@@ -1,0 +1,78 @@
+"""Architecture rules of DESIGN.md and the generated wire code, checked mechanically."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Blocks imports of the named top-level modules, then imports the target.
+BLOCKED_IMPORT = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is blocked for this test")
+sys.meta_path.insert(0, Block())
+import {target}
+{extra}
+print("ok")
+"""
+
+
+def run_blocked(target: str, blocked: set[str], extra: str = "") -> subprocess.CompletedProcess:
+    code = BLOCKED_IMPORT.format(blocked=blocked, target=target, extra=extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+
+
+CLI_HELP = """
+import gradwatch.cli
+try:
+    gradwatch.cli.main(["collector", "--help"])
+except SystemExit as exit:
+    assert exit.code == 0
+assert "tensorflow" not in sys.modules
+"""
+
+
+def test_collector_runs_without_tensorflow():
+    result = run_blocked("gradwatch.collector.server", {"tensorflow", "keras"}, CLI_HELP)
+    assert "usage: gradwatch collector" in result.stdout, result.stderr
+    assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_agent_imports_without_prometheus_client():
+    result = run_blocked("gradwatch.agent", {"prometheus_client", "aiohttp"})
+    assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+def imports_of(folder: str) -> set[str]:
+    names = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("collector", ("tensorflow", "keras", "gradwatch.agent")),
+    ("agent", ("prometheus_client", "gradwatch.collector", "aiohttp")),
+    ("proto", ("tensorflow", "gradwatch.agent", "gradwatch.collector")),
+])
+def test_no_forbidden_imports(folder, forbidden):
+    bad = {n for n in imports_of(folder) if n.split(".")[0] in forbidden or
+           any(n == f or n.startswith(f + ".") for f in forbidden)}
+    assert not bad, f"{folder}/ imports {sorted(bad)}"
+
+
+def test_generated_proto_code_is_up_to_date():
+    result = subprocess.run([sys.executable, "-m", "gradwatch.proto.generate", "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

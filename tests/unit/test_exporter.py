@@ -1,0 +1,62 @@
+"""The metric contract rendered at scrape time."""
+
+import wire
+from conftest import parse_metrics, select
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gradwatch.collector.exporter import OTHER_VARIABLES, StateCollector
+from gradwatch.collector.ingest import Limits, decode_batch
+from gradwatch.collector.state import Registry
+from gradwatch.collector.telemetry import Telemetry
+
+
+def render(registry: Registry, cap: int = 500) -> dict:
+    metrics = CollectorRegistry(auto_describe=False)
+    metrics.register(StateCollector(registry, Telemetry(), list, dict, cap))
+    return parse_metrics(generate_latest(metrics).decode())
+
+
+def feed(session, present, norm, nan=None):
+    b = wire.batch(session.id, session.last_sequence + 1,
+                   wire.step(session.steps_total, present, norm=norm, nan=nan))
+    session.apply(b.sequence, decode_batch(b, session.num_replicas, session.num_variables,
+                                           Limits()))
+
+
+def test_per_variable_series_aggregate_tasks_and_replicas():
+    registry = Registry()
+    w0 = registry.register("job", "adam", "worker", 0, 2, ["a", "b"])
+    w1 = registry.register("job", "adam", "worker", 1, 1, ["a", "b"])
+    feed(w0, [[1, 1], [1, 0]], [[1.0, 2.0], [3.0, 0.0]], nan=[[0, 2], [0, 0]])
+    feed(w1, [1, 1], [0.5, 7.0])
+    samples = render(registry)
+    assert select(samples, "gradwatch_gradient_norm") == {"a": 3.0, "b": 7.0}
+    assert select(samples, "gradwatch_gradient_present") == {"a": 1.0, "b": 0.0}
+    assert select(samples, "gradwatch_gradient_missing_steps_total") == {"a": 0.0, "b": 1.0}
+    assert select(samples, "gradwatch_gradient_nan_values_total") == {"a": 0.0, "b": 2.0}
+    without = select(samples, "gradwatch_variables_without_gradient", task_index="0")
+    assert sorted(without.values()) == [0.0, 1.0]
+    assert select(samples, "gradwatch_steps_total", task_index="1") == {
+        "optimizer=adam,task_index=1,task_type=worker,training_job=job": 1.0}
+
+
+def test_no_label_named_job_or_instance():
+    registry = Registry()
+    feed(registry.register("job", "adam", "worker", 0, 1, ["a"]), [1], [1.0])
+    for samples in render(registry).values():
+        for labels, _ in samples:
+            assert "job" not in labels and "instance" not in labels
+
+
+def test_variable_series_are_capped_and_folded():
+    registry = Registry()
+    names = [f"v{i}" for i in range(10)]
+    session = registry.register("job", "adam", "worker", 0, 1, names)
+    feed(session, [1] * 9 + [0], [float(i) for i in range(10)])
+    samples = render(registry, cap=4)
+    norms = select(samples, "gradwatch_gradient_norm")
+    assert list(norms) == ["v0", "v1", "v2", "v3", OTHER_VARIABLES]
+    assert norms[OTHER_VARIABLES] == 9.0  # max of the folded ones
+    assert select(samples, "gradwatch_gradient_present")[OTHER_VARIABLES] == 0.0
+    assert select(samples, "gradwatch_variable_series_folded") == {
+        "optimizer=adam,training_job=job": 6.0}
