@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
+
+from gradwatch import __version__
 from gradwatch.agent.identity import Identity, resolve_identity
 from gradwatch.agent.optimizers import wrap_optimizer
 from gradwatch.agent.sender import Sender
 from gradwatch.agent.session import Session
-
-from gradwatch import __version__
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+
 from gradwatch.agent.stats import NUM_COLUMNS
 
 _HEADER = 4

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+
 from gradwatch.agent.session import Session
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
@@ -74,13 +75,18 @@ class Sender:
     def close(self, timeout_s: float = 5.0) -> bool:
         """Sends what is buffered (waiting at most ``timeout_s``) and stops the thread.
         Returns True if everything recorded was acknowledged."""
-        if not self._thread.is_alive():
-            return self._drained.is_set()
-        self._loop.call_soon_threadsafe(self._stopping.set)
-        flushed = self._drained.wait(timeout_s)
-        self._loop.call_soon_threadsafe(self._cancel_all)
-        self._thread.join(timeout=2.0)
-        return flushed
+        if self._thread.is_alive():
+            self._call_soon(self._stopping.set)
+            self._drained.wait(timeout_s)
+            self._call_soon(self._cancel_all)
+            self._thread.join(timeout=2.0)
+        return self._drained.is_set()
+
+    def _call_soon(self, callback: Callable[[], object]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop has already finished
+            pass
 
     # -- sender thread ------------------------------------------------------------------
 
@@ -91,6 +97,10 @@ class Sender:
         except asyncio.CancelledError:
             pass
         finally:
+            leftovers = asyncio.all_tasks(self._loop)  # e.g. gRPC's own status watchers
+            for task in leftovers:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             self._loop.close()
 
     def _cancel_all(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
 from gradwatch.agent.identity import Identity
 from gradwatch.agent.recorder import StepRecorder
 from gradwatch.agent.stats import gradient_stats

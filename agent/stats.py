@@ -57,15 +57,24 @@ def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.T
         return tf.sqrt(sum_squares), max_abs, zeros, zeros
 
     def non_finite_case():
-        nan = tf.stack([tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32)) for v in values])
-        inf = tf.stack([tf.reduce_sum(tf.cast(tf.math.is_inf(v), tf.float32)) for v in values])
+        # Rare path, built from O(1) ops over all gradients concatenated, so its
+        # (untaken) branch adds no per-variable nodes to every step's graph.
+        flat = tf.concat([tf.reshape(v, [-1]) for v in values], 0)
+        sizes = tf.stack([tf.size(v) for v in values]) if not all(
+            v.shape.is_fully_defined() for v in values) else [v.shape.num_elements()
+                                                             for v in values]
+        segments = tf.repeat(tf.range(len(values)), sizes)
+
+        def count(mask):
+            return tf.math.unsorted_segment_sum(tf.cast(mask, tf.float32), segments,
+                                                len(values))
+
+        nan, inf = count(tf.math.is_nan(flat)), count(tf.math.is_inf(flat))
         # Finite gradients whose squares overflowed: ||g|| = m * ||g / m||.
-        scaled = tf.stack([
-            m * tf.sqrt(tf.reduce_sum(tf.square(v / tf.maximum(m, 1e-30))))
-            for v, m in zip(values, tf.unstack(max_abs), strict=True)
-        ])
-        finite = tf.equal(nan + inf, 0.0)
-        norm = tf.where(finite, scaled, tf.sqrt(sum_squares))
+        scale = tf.gather(tf.maximum(max_abs, 1e-30), segments)
+        scaled = max_abs * tf.sqrt(tf.math.unsorted_segment_sum(
+            tf.square(flat / scale), segments, len(values)))
+        norm = tf.where(tf.equal(nan + inf, 0.0), scaled, tf.sqrt(sum_squares))
         return norm, max_abs, nan, inf
 
     all_finite = tf.reduce_all(tf.math.is_finite(sum_squares))

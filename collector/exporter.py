@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from gradwatch.collector.alerts import Alert
 from gradwatch.collector.state import Group, Registry
 from gradwatch.collector.telemetry import Telemetry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 TASK_LABELS = ["training_job", "task_type", "task_index", "optimizer"]
 REPLICA_LABELS = [*TASK_LABELS, "replica"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from gradwatch.collector.state import StepBatch
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 

@@ -7,6 +7,7 @@ active now; `AlertTracker` turns that into notifications.
 from __future__ import annotations
 
 import numpy as np
+
 from gradwatch.collector.alerts import Alert
 from gradwatch.collector.state import Group
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.config import CollectorConfig, split_host_port
 from gradwatch.collector.exporter import StateCollector
@@ -23,8 +26,6 @@ from gradwatch.collector.sinks import Dispatcher, LogSink, Sink, WebhookSink
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
 from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gradwatch_pb2.DESCRIPTOR.services_by_name["GradientWatch"].full_name

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
 from gradwatch.collector import rules
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.ingest import (

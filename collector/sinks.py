@@ -14,6 +14,7 @@ import logging
 from typing import Protocol
 
 import aiohttp
+
 from gradwatch.collector.alerts import Notification
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import pytest  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from gradwatch.testing import CollectorProcess, WebhookReceiver  # noqa: E402
+from gradwatch.testing import CollectorProcess, WebhookReceiver
 
 
 @pytest.fixture(scope="module")

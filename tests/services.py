@@ -54,7 +54,7 @@ class PrometheusProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> PrometheusProcess:
-        self._log = open(Path(self._tmp.name) / "prometheus.log", "w")  # noqa: SIM115
+        self._log = open(Path(self._tmp.name) / "prometheus.log", "w")
         self.process = subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:

@@ -7,11 +7,12 @@ import threading
 
 import grpc
 import pytest
-import wire
-from conftest import parse_metrics, select
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
+
+import wire
+from conftest import parse_metrics, select
 
 pytestmark = pytest.mark.integration
 

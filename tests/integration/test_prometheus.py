@@ -6,10 +6,11 @@ import subprocess
 
 import grpc
 import pytest
-import wire
-from services import PrometheusProcess, require_binary
 
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
+
+import wire
+from services import PrometheusProcess, require_binary
 
 pytestmark = pytest.mark.integration
 

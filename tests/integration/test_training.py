@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import parse_metrics, select
 
 from gradwatch.agent import GradientMonitor
+
+from conftest import parse_metrics, select
 
 pytestmark = pytest.mark.integration
 

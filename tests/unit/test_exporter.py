@@ -1,13 +1,14 @@
 """The metric contract rendered at scrape time."""
 
-import wire
-from conftest import parse_metrics, select
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gradwatch.collector.exporter import OTHER_VARIABLES, StateCollector
 from gradwatch.collector.ingest import Limits, decode_batch
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
+
+import wire
+from conftest import parse_metrics, select
 
 
 def render(registry: Registry, cap: int = 500) -> dict:

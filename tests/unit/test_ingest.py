@@ -3,9 +3,10 @@
 import grpc
 import numpy as np
 import pytest
-import wire
 
 from gradwatch.collector.ingest import InvalidReport, Limits, decode_batch, validate_registration
+
+import wire
 
 LIMITS = Limits(max_variables=10, max_replicas=4, max_label_length=20, max_batch_steps=8)
 

@@ -1,12 +1,13 @@
 """GradientMissing and the alert lifecycle, on collector state built by hand."""
 
 import numpy as np
-import wire
 
 from gradwatch.collector import rules
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.ingest import Limits, decode_batch
 from gradwatch.collector.state import Registry
+
+import wire
 
 
 def apply(session, sequence, *present_per_step):
