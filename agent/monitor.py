@@ -168,8 +168,9 @@ class GradientMonitor:
             return session
         if tf.distribute.in_cross_replica_context():
             return self._new_session(tf.distribute.get_strategy(), key, name, variables)
+        # A closure, not merge_call args: those are regrouped into PerReplica values.
         return tf.distribute.get_replica_context().merge_call(
-            self._new_session, args=(key, name, variables))
+            lambda strategy: self._new_session(strategy, key, name, variables))
 
     def _new_session(self, strategy: tf.distribute.Strategy, key: tuple, name: str,
                      variables: list) -> Session | None:

@@ -46,13 +46,16 @@ def _show_alert(alert: dict) -> None:
 
 
 def _show_metrics(text: str) -> None:
-    wanted = {"gradwatch_gradient_present", "gradwatch_variables_without_gradient",
-              "gradwatch_gradient_missing_steps", "gradwatch_steps"}
+    """The series that show the problem (healthy variables are left out)."""
+    wanted = {
+        "gradwatch_steps_total": lambda v: True,
+        "gradwatch_variables_without_gradient": lambda v: True,
+        "gradwatch_gradient_present": lambda v: v == 0,
+        "gradwatch_gradient_missing_steps_total": lambda v: v > 0,
+    }
     for family in text_string_to_metric_families(text):
-        if family.name not in wanted:
-            continue
         for sample in family.samples:
-            if sample.name.endswith("_created"):
+            if not wanted.get(sample.name, lambda v: False)(sample.value):
                 continue
             labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
             print(f"  {sample.name}{{{labels}}} {sample.value:g}")

@@ -61,6 +61,14 @@ def test_health_service_reports_serving(channel):
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_http_health_endpoint(collector):
+    import urllib.request
+
+    url = collector.metrics_url.replace("/metrics", "/healthz")
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200 and response.read() == b"ok\n"
+
+
 def test_register_returns_a_session_and_batch_limit(stub):
     response = stub.Register(wire.registration(job="reg"), timeout=5)
     assert len(response.session_id) == 32 and response.max_batch_steps >= 1

@@ -268,3 +268,28 @@ def test_disabled_monitor_is_a_no_op(monkeypatch, job_name):
     assert monitor.wrap(optimizer) is optimizer and "apply" not in vars(optimizer)
     monitor.observe([None], [tf.Variable(1.0)])
     assert monitor.close()
+
+
+def test_reports_wait_for_a_collector_that_starts_late(job_name):
+    from gradwatch.testing import CollectorProcess
+
+    from services import free_port
+
+    port = free_port()
+    model = small_model()
+    monitor = GradientMonitor(collector=f"127.0.0.1:{port}", training_job=job_name,
+                              flush_interval_s=0.05)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            monitor.observe(tape.gradient(loss, model.trainable_variables),
+                            model.trainable_variables)
+
+    train(3)  # nobody listening yet
+    with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
+        train(2)
+        assert monitor.close(timeout_s=20)
+        samples = parse_metrics(collector.scrape())
+    assert list(select(samples, "gradwatch_steps_total", training_job=job_name).values()) == [5]
