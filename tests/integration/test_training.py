@@ -44,6 +44,13 @@ class ModelWithUnusedLayer(keras.Model):
         return self.out(self.hidden(x))
 
 
+def mse_gradients(model: keras.Model) -> list[tf.Tensor]:
+    """One eager step's gradients of the mean squared error on X, Y."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(X) - Y))
+    return tape.gradient(loss, model.trainable_variables)
+
+
 def monitor_for(collector, job: str) -> GradientMonitor:
     return GradientMonitor(collector=collector.grpc_target, training_job=job,
                            flush_interval_s=0.05)
@@ -83,9 +90,7 @@ def test_eager_custom_loop(collector, webhook, job_name):
     model, optimizer = small_model(), keras.optimizers.SGD(0.01)
     with monitor_for(collector, job_name) as monitor:
         for _ in range(3):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(X) - Y))
-            grads = tape.gradient(loss, model.trainable_variables)
+            grads = mse_gradients(model)
             monitor.observe(grads, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
     assert monitor.close()
@@ -214,9 +219,7 @@ def test_nan_in_one_gradient_is_counted(collector, webhook, job_name):
     variables = model.trainable_variables
     with monitor_for(collector, job_name) as monitor:
         for _ in range(3):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(X) - Y))
-            grads = tape.gradient(loss, variables)
+            grads = mse_gradients(model)
             poisoned = grads[0].numpy()
             poisoned[0, :2] = np.nan
             poisoned[1, 0] = np.inf
@@ -235,9 +238,7 @@ def test_alert_resolves_when_gradients_return(collector, webhook, job_name):
     variables = model.trainable_variables
     with monitor_for(collector, job_name) as monitor:
         for step in range(6):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(X) - Y))
-            grads = tape.gradient(loss, variables)
+            grads = mse_gradients(model)
             if step < 3:
                 grads[-1] = None  # the output bias "forgot" its gradient
             monitor.observe(grads, variables)
@@ -253,9 +254,7 @@ def test_training_goes_on_without_a_collector(job_name):
     monitor = GradientMonitor(collector="127.0.0.1:1", training_job=job_name,
                               flush_interval_s=0.05)
     for _ in range(3):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(X) - Y))
-        grads = tape.gradient(loss, model.trainable_variables)
+        grads = mse_gradients(model)
         monitor.observe(grads, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
     assert monitor.close(timeout_s=1.0) is False  # nothing acknowledged, nothing raised
@@ -282,10 +281,7 @@ def test_reports_wait_for_a_collector_that_starts_late(job_name):
 
     def train(steps: int) -> None:
         for _ in range(steps):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(X) - Y))
-            monitor.observe(tape.gradient(loss, model.trainable_variables),
-                            model.trainable_variables)
+            monitor.observe(mse_gradients(model), model.trainable_variables)
 
     train(3)  # nobody listening yet
     with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
