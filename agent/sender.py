@@ -38,6 +38,7 @@ class _Stream:
     next_sequence: int = 1
     dropped: int = 0
     max_batch_steps: int = 256
+    final_sent: bool = False
     pending: collections.deque = field(default_factory=collections.deque)  # StepReports
     unacked: collections.deque = field(default_factory=collections.deque)  # ReportBatches
 
@@ -183,16 +184,17 @@ class Sender:
                 while stream.session_id and stream.pending:
                     steps = [stream.pending.popleft()
                              for _ in range(min(len(stream.pending), stream.max_batch_steps))]
-                    batch = pb.ReportBatch(session_id=stream.session_id,
-                                           sequence=stream.next_sequence, steps=steps,
-                                           dropped_steps=stream.dropped)
-                    stream.next_sequence += 1
-                    stream.unacked.append(batch)
-                    await self._write(call, batch, acks)
+                    await self._send(call, stream, acks, steps=steps)
             if self._stopping.is_set() and self._all_acked():
-                self._drained.set()
-                await call.done_writing()
-                return
+                # Say goodbye, so the collector knows these tasks finished, not hung.
+                goodbyes = [s for s in self._streams if s.session_id and not s.final_sent]
+                for stream in goodbyes:
+                    stream.final_sent = True
+                    await self._send(call, stream, acks, final=True)
+                if not goodbyes:
+                    self._drained.set()
+                    await call.done_writing()
+                    return
             if self._stopping.is_set():  # flushing: wait for the last acks
                 await asyncio.sleep(0.01)
             else:
@@ -204,6 +206,13 @@ class Sender:
                 acks.result()  # raises the stream's error
                 raise ConnectionError("collector closed the report stream")
             self._drain_sessions()
+
+    async def _send(self, call, stream: _Stream, acks, **fields) -> None:
+        batch = pb.ReportBatch(session_id=stream.session_id, sequence=stream.next_sequence,
+                               dropped_steps=stream.dropped, **fields)
+        stream.next_sequence += 1
+        stream.unacked.append(batch)
+        await self._write(call, batch, acks)
 
     async def _write(self, call, batch: pb.ReportBatch, acks) -> None:
         if acks.done():

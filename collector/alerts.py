@@ -49,15 +49,17 @@ class Notification:
     def status(self) -> str:
         return "firing" if self.ends_at is None else "resolved"
 
-    def to_alertmanager(self, generator_url: str = "") -> dict:
-        """The alert in Alertmanager API v2 ``postableAlert`` shape."""
+    def to_alertmanager(self, generator_url: str = "", lease_end: float | None = None) -> dict:
+        """The alert in Alertmanager API v2 ``postableAlert`` shape. A firing alert gets
+        ``endsAt = lease_end`` if given (Alertmanager resolves it then unless re-sent)."""
         body = {
             "labels": dict(self.alert.labels),
             "annotations": dict(self.alert.annotations),
             "startsAt": _rfc3339(self.starts_at),
         }
-        if self.ends_at is not None:
-            body["endsAt"] = _rfc3339(self.ends_at)
+        ends_at = self.ends_at if self.ends_at is not None else lease_end
+        if ends_at is not None:
+            body["endsAt"] = _rfc3339(ends_at)
         if generator_url:
             body["generatorURL"] = generator_url
         return body
@@ -67,13 +69,21 @@ class Notification:
 class _Active:
     alert: Alert
     starts_at: float
+    absent_since: float | None = None  # condition gone, resolution pending
 
 
 class AlertTracker:
-    """Tracks active alerts per scope; calls ``notify`` on every change (event loop only)."""
+    """Tracks active alerts per scope; calls ``notify`` on every change (event loop only).
 
-    def __init__(self, notify: Callable[[Notification], None]) -> None:
+    Hysteresis: an alert whose condition disappears keeps firing until the condition
+    has stayed away for ``resolve_after_s``; if it comes back first, nothing is sent
+    (a flapping condition is one long alert, not a stream of pages).
+    """
+
+    def __init__(self, notify: Callable[[Notification], None],
+                 resolve_after_s: float = 0.0) -> None:
         self._notify = notify
+        self.resolve_after_s = resolve_after_s
         self._active: dict[tuple, dict[Labels, _Active]] = {}
 
     def update(self, scope: tuple, alerts: Iterable[Alert], now: float | None = None) -> None:
@@ -91,11 +101,33 @@ class AlertTracker:
                     self._notify(Notification(alert, before.starts_at))
         for key, gone in previous.items():
             if key not in current:
-                self._notify(Notification(gone.alert, gone.starts_at, ends_at=now))
+                if gone.absent_since is None:
+                    gone.absent_since = now
+                if now - gone.absent_since >= self.resolve_after_s:
+                    self._notify(Notification(gone.alert, gone.starts_at, ends_at=now))
+                else:
+                    current[key] = gone
         if current:
             self._active[scope] = current
         else:
             self._active.pop(scope, None)
 
+    def expire(self, now: float | None = None) -> None:
+        """Resolves alerts whose condition has been gone for ``resolve_after_s``."""
+        now = time.time() if now is None else now
+        for scope, active in list(self._active.items()):
+            for key, entry in list(active.items()):
+                if entry.absent_since is not None and \
+                        now - entry.absent_since >= self.resolve_after_s:
+                    del active[key]
+                    self._notify(Notification(entry.alert, entry.starts_at, ends_at=now))
+            if not active:
+                del self._active[scope]
+
     def active(self) -> list[Alert]:
         return [a.alert for scope in self._active.values() for a in scope.values()]
+
+    def firing(self) -> list[Notification]:
+        """A firing notification for every active alert (for periodic re-sends)."""
+        return [Notification(a.alert, a.starts_at)
+                for scope in self._active.values() for a in scope.values()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from gradwatch.collector import config
 from gradwatch.collector.server import serve
@@ -21,5 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    asyncio.run(serve(config.from_arguments(args)))
+    try:
+        settings = config.from_arguments(args)
+    except config.ConfigError as error:
+        print(f"gradwatch collector: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings))
     return 0

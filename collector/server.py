@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -21,8 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.config import CollectorConfig, split_host_port
 from gradwatch.collector.exporter import StateCollector
+from gradwatch.collector.rules import RuleEngine
 from gradwatch.collector.service import GradientWatchService
-from gradwatch.collector.sinks import Dispatcher, LogSink, Sink, WebhookSink
+from gradwatch.collector.sinks import AlertmanagerSink, Dispatcher, LogSink, Sink, WebhookSink
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
 from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
@@ -38,10 +40,16 @@ class Collector:
         self.config = config
         self.registry = Registry()
         self.telemetry = Telemetry()
-        sinks: list[Sink] = [LogSink(), *(WebhookSink(url) for url in config.webhook_urls)]
+        sinks: list[Sink] = [
+            LogSink(),
+            *(WebhookSink(url) for url in config.webhook_urls),
+            *(AlertmanagerSink(url, lease_s=4 * config.resend_interval_s)
+              for url in config.alertmanager_urls),
+        ]
         self.dispatcher = Dispatcher(sinks)
-        self.alerts = AlertTracker(self.dispatcher.submit)
-        self.service = GradientWatchService(self.registry, self.alerts, self.telemetry,
+        self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_s)
+        self.rules = RuleEngine(config.rules, self.alerts)
+        self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits)
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(StateCollector(
@@ -51,6 +59,7 @@ class Collector:
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self._timers: list[asyncio.Task] = []
 
     async def start(self) -> None:
         limits = self.config.limits
@@ -78,6 +87,10 @@ class Collector:
         await site.start()
         self.metrics_port = site._server.sockets[0].getsockname()[1]
         self.dispatcher.start()
+        self._timers = [
+            asyncio.create_task(self._every(self.config.evaluation_interval_s, self._evaluate)),
+            asyncio.create_task(self._every(self.config.resend_interval_s, self._resend)),
+        ]
         grpc_host = split_host_port(self.config.grpc_address)[0]
         log.info("gradwatch collector serving gRPC on %s:%d, metrics on http://%s:%d/metrics",
                  grpc_host, self.grpc_port, host, self.metrics_port)
@@ -88,6 +101,23 @@ class Collector:
             tmp.write_text(json.dumps(ready))
             tmp.replace(self.config.ready_file)
 
+    @staticmethod
+    async def _every(interval_s: float, action) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                action()
+            except Exception:  # a timer must survive a bad evaluation
+                log.exception("periodic %s failed", action.__name__)
+
+    def _evaluate(self) -> None:
+        expired = self.registry.expire_closed(time.time() - self.config.closed_retention_s)
+        self.rules.tick([*self.registry.groups.values(), *expired])
+
+    def _resend(self) -> None:
+        for notification in self.alerts.firing():
+            self.dispatcher.submit(notification, resend=True)
+
     async def _serve_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -96,6 +126,8 @@ class Collector:
         return web.Response(text="ok\n")
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        for timer in self._timers:
+            timer.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
         await self.dispatcher.flush(grace_s)

@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gradwatch.collector import rules
-from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.ingest import (
     InvalidReport,
     Limits,
     decode_batch,
     validate_registration,
 )
+from gradwatch.collector.rules import RuleEngine
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
@@ -29,10 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class GradientWatchService(pb_grpc.GradientWatchServicer):
-    def __init__(self, registry: Registry, alerts: AlertTracker, telemetry: Telemetry,
+    def __init__(self, registry: Registry, rules: RuleEngine, telemetry: Telemetry,
                  limits: Limits) -> None:
         self.registry = registry
-        self.alerts = alerts
+        self.rules = rules
         self.telemetry = telemetry
         self.limits = limits
 
@@ -86,8 +85,8 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                 await self._reject(context, error)
                 return
             session.apply(batch.sequence, decoded)
-            group = session.group
-            self.alerts.update((group.training_job, group.optimizer), rules.evaluate(group))
+            session.closed = batch.final
+            self.rules.on_batch(session, decoded)
             self.telemetry.batches += 1
             self.telemetry.step_reports += decoded.steps.size
             self.telemetry.variable_statistics += decoded.present.size

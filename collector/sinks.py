@@ -1,4 +1,4 @@
-"""Where alert notifications go: a log, webhooks (Alertmanager alert shape).
+"""Where alert notifications go: a log, webhooks, Alertmanager (API v2).
 
 `Dispatcher` decouples delivery from ingest: `submit` only enqueues; one
 asyncio task per sink delivers in order, retrying with backoff. A dead or slow
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Protocol
 
 import aiohttp
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 class Sink(Protocol):
     name: str
+    #: True if firing alerts should be sent again periodically (a lease, as
+    #: Prometheus does with Alertmanager); False for one-shot receivers.
+    wants_resends: bool
 
     async def send(self, notifications: list[Notification]) -> None:
         """Delivers notifications or raises."""
@@ -31,6 +35,7 @@ class LogSink:
     """Writes each notification to the ``gradwatch.alerts`` logger."""
 
     name = "log"
+    wants_resends = False
 
     def __init__(self) -> None:
         self._log = logging.getLogger("gradwatch.alerts")
@@ -43,26 +48,58 @@ class LogSink:
                           n.alert.annotations.get("description", ""))
 
 
-class WebhookSink:
-    """POSTs a JSON list of alerts in Alertmanager's API v2 shape to a URL."""
+class _JsonPoster:
+    """POSTs JSON with one shared aiohttp session (created on the event loop)."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
-        self.url = url
-        self.name = f"webhook:{url}"
+    def __init__(self, timeout_s: float) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, notifications: list[Notification]) -> None:
+    async def _post(self, url: str, body: object) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        body = [n.to_alertmanager() for n in notifications]
-        async with self._session.post(self.url, json=body) as response:
+        async with self._session.post(url, json=body) as response:
             if response.status >= 300:
-                raise RuntimeError(f"{self.url} answered HTTP {response.status}")
+                text = (await response.text())[:200]
+                raise RuntimeError(f"{url} answered HTTP {response.status}: {text}")
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class WebhookSink(_JsonPoster):
+    """POSTs each change as a JSON list of alerts in Alertmanager's API v2 shape
+    (``endsAt`` only on resolved alerts)."""
+
+    wants_resends = False
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        super().__init__(timeout_s)
+        self.url = url
+        self.name = f"webhook:{url}"
+
+    async def send(self, notifications: list[Notification]) -> None:
+        await self._post(self.url, [n.to_alertmanager() for n in notifications])
+
+
+class AlertmanagerSink(_JsonPoster):
+    """``POST /api/v2/alerts`` to one Alertmanager. Firing alerts carry an ``endsAt``
+    lease ``lease_s`` ahead and are re-sent before it runs out, so a collector that
+    dies lets its alerts expire instead of firing forever."""
+
+    wants_resends = True
+
+    def __init__(self, url: str, lease_s: float = 120.0, timeout_s: float = 5.0) -> None:
+        super().__init__(timeout_s)
+        self.url = url.rstrip("/") + "/api/v2/alerts"
+        self.name = f"alertmanager:{url}"
+        self.lease_s = lease_s
+
+    async def send(self, notifications: list[Notification]) -> None:
+        lease_end = time.time() + self.lease_s
+        await self._post(self.url, [n.to_alertmanager(lease_end=lease_end)
+                                    for n in notifications])
 
 
 class Dispatcher:
@@ -84,8 +121,12 @@ class Dispatcher:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._deliver(s)) for s in self.sinks]
 
-    def submit(self, notification: Notification) -> None:
+    def submit(self, notification: Notification, resend: bool = False) -> None:
+        """Queues a notification for every sink (``resend``: only for sinks that
+        want periodic re-sends of firing alerts). Never blocks."""
         for sink in self.sinks:
+            if resend and not sink.wants_resends:
+                continue
             queue = self._queues[sink.name]
             if len(queue) >= self.queue_size:
                 queue.popleft()

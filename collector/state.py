@@ -51,13 +51,18 @@ class SessionState:
     steps_total: int = 0
     nonfinite_steps_total: int = 0
     dropped_steps: int = 0
+    closed: bool = False  # the agent said it will send no more
+    #: Per-rule history (streaks, rolling windows), owned by `gradwatch.collector.rules`.
+    rule_state: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = (self.num_replicas, len(self.columns))
         self.present = np.ones(shape, bool)  # latest step
+        self.nonfinite = np.zeros(shape, bool)  # latest step
         self.l2_norm = np.zeros(shape, np.float32)
         self.max_abs = np.zeros(shape, np.float32)
         self.missing_in_last_batch = np.zeros(len(self.columns), bool)
+        self.nonfinite_in_last_batch = np.zeros(len(self.columns), bool)
         self.missing_steps_total = np.zeros(len(self.columns), np.int64)
         self.nan_total = np.zeros(len(self.columns), np.float64)
         self.inf_total = np.zeros(len(self.columns), np.float64)
@@ -85,12 +90,12 @@ class SessionState:
         absent = ~batch.present
         self.missing_in_last_batch = absent.any(axis=(0, 1))
         self.missing_steps_total += absent.sum(axis=(0, 1))
-        nan = batch.nan_count.sum(axis=(0, 1))
-        inf = batch.inf_count.sum(axis=(0, 1))
-        self.nan_total += nan
-        self.inf_total += inf
-        self.nonfinite_steps_total += int(
-            ((batch.nan_count + batch.inf_count).sum(axis=(1, 2)) > 0).sum())
+        self.nan_total += batch.nan_count.sum(axis=(0, 1))
+        self.inf_total += batch.inf_count.sum(axis=(0, 1))
+        nonfinite = (batch.nan_count + batch.inf_count) > 0
+        self.nonfinite = nonfinite[-1]
+        self.nonfinite_in_last_batch = nonfinite.any(axis=(0, 1))
+        self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
 
 
 @dataclass
@@ -140,6 +145,19 @@ class Registry:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.group.sessions.pop(session_id, None)
+
+    def expire_closed(self, older_than: float) -> list[Group]:
+        """Forgets sessions closed before ``older_than`` (Unix time) and groups left
+        empty; returns the groups that lost sessions (for a last rule pass)."""
+        touched = {}
+        for session in list(self.sessions.values()):
+            if session.closed and session.last_report_time < older_than:
+                self.remove(session.id)
+                touched[id(session.group)] = session.group
+        for key, group in list(self.groups.items()):
+            if not group.sessions:
+                del self.groups[key]
+        return list(touched.values())
 
     def jobs(self) -> set[str]:
         return {job for job, _ in self.groups}

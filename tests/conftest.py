@@ -21,7 +21,7 @@ def webhook():
 
 @pytest.fixture(scope="module")
 def collector(webhook):
-    with CollectorProcess("--webhook-url", webhook.url) as process:
+    with CollectorProcess("--webhook-url", webhook.url, "--resolve-after", "0.3") as process:
         yield process
         assert process.process.poll() is None, f"collector died:\n{process.log()}"
 

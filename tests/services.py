@@ -95,3 +95,59 @@ class PrometheusProcess:
         if hasattr(self, "_log"):
             self._log.close()
         self._tmp.cleanup()
+
+
+class AlertmanagerProcess:
+    """``prometheus-alertmanager`` on loopback, clustering off, routing every alert to
+    ``webhook_url`` at once."""
+
+    def __init__(self, webhook_url: str) -> None:
+        self.binary = require_binary("prometheus-alertmanager")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._tmp = tempfile.TemporaryDirectory(prefix="gradwatch-alertmanager-")
+        config = Path(self._tmp.name) / "alertmanager.yml"
+        config.write_text(json.dumps({
+            "route": {"receiver": "hook", "group_by": ["alertname", "training_job"],
+                      "group_wait": "0s", "group_interval": "1s", "repeat_interval": "1h"},
+            "receivers": [{"name": "hook", "webhook_configs": [{"url": webhook_url}]}],
+        }))
+        self._args = [self.binary, f"--config.file={config}",
+                      f"--storage.path={self._tmp.name}/data",
+                      f"--web.listen-address=127.0.0.1:{self.port}",
+                      "--cluster.listen-address="]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> AlertmanagerProcess:
+        self._log = open(Path(self._tmp.name) / "alertmanager.log", "w")
+        self.process = subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1):
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError("alertmanager did not become ready") from None
+                time.sleep(0.1)
+
+    def alerts(self, **labels: str) -> list[dict]:
+        """``GET /api/v2/alerts`` (active, unresolved) filtered by label equality."""
+        query = urllib.parse.urlencode(
+            [("filter", f'{k}="{v}"') for k, v in labels.items()])
+        with urllib.request.urlopen(f"{self.url}/api/v2/alerts?{query}", timeout=5) as r:
+            return json.load(r)
+
+    def wait_for(self, predicate, timeout_s: float = 15.0, **labels: str) -> list[dict]:
+        """Polls `alerts` until ``predicate(alerts)`` holds; returns the alerts."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alerts = self.alerts(**labels)
+            if predicate(alerts):
+                return alerts
+            if time.monotonic() > deadline:
+                raise AssertionError(f"alertmanager alerts {labels}: {alerts}")
+            time.sleep(0.1)
+
+    __exit__ = PrometheusProcess.__exit__

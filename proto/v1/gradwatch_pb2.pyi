@@ -74,16 +74,18 @@ class StepReport(_message.Message):
     def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., present: _Optional[bytes] = ..., l2_norm: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., nan_count: _Optional[bytes] = ..., inf_count: _Optional[bytes] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
-    __slots__ = ("session_id", "sequence", "steps", "dropped_steps")
+    __slots__ = ("session_id", "sequence", "steps", "dropped_steps", "final")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
     dropped_steps: int
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ...) -> None: ...
+    final: bool
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("session_id", "sequence")

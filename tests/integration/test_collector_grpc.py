@@ -127,3 +127,4 @@ def test_collector_exits_cleanly_on_sigterm():
     with CollectorProcess() as process:
         assert process.stop() == 0
         assert "shutting down" in process.log()
+
