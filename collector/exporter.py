@@ -87,7 +87,7 @@ class StateCollector(Collector):
                                       labels=TASK_LABELS)
         last_report = GaugeMetricFamily(
             "gradwatch_last_report_timestamp_seconds",
-            "Unix time of the latest report from the task.", labels=TASK_LABELS)
+            "Unix time of the latest report from a task still running.", labels=TASK_LABELS)
         variables = GaugeMetricFamily("gradwatch_variables",
                                       "Trainable variables the optimizer updates.",
                                       labels=TASK_LABELS)
@@ -107,7 +107,8 @@ class StateCollector(Collector):
                 if not s.steps_total:
                     continue
                 last_step.add_metric(task, s.last_step)
-                last_report.add_metric(task, s.last_report_time)
+                if not s.closed:  # a finished task is not "not reporting"
+                    last_report.add_metric(task, s.last_report_time)
                 missing = (~s.present).sum(axis=1)
                 norms = np.sqrt(np.square(s.l2_norm.astype(np.float64)).sum(axis=1))
                 for replica in range(s.num_replicas):

@@ -13,10 +13,10 @@ from test_training import ModelWithUnusedLayer, X, Y, mse_gradients, small_model
 
 from gradwatch.agent import GradientMonitor
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess, WebhookReceiver
+from gradwatch.testing import AlertmanagerProcess, CollectorProcess, WebhookReceiver
 
 import wire
-from services import AlertmanagerProcess
+from services import require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,7 @@ def am_webhook():
 
 @pytest.fixture(scope="module")
 def alertmanager(am_webhook):
+    require_binary("prometheus-alertmanager")
     with AlertmanagerProcess(am_webhook.url) as process:
         yield process
 
@@ -119,3 +120,29 @@ def test_silent_worker_pages(alerting_collector, alertmanager):
         assert [a.sequence for a in acks] == [1]
     (alert,) = alertmanager.wait_for(bool, alertname="WorkerSilent", training_job="vanished")
     assert alert["annotations"]["tasks"] == "worker/3"
+
+
+def test_a_dead_alertmanager_costs_ingest_nothing():
+    import time
+
+    from conftest import parse_metrics, select
+    from services import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with CollectorProcess("--alertmanager-url", dead) as collector, \
+            grpc.insecure_channel(collector.grpc_target) as channel:
+        stub = pb_grpc.GradientWatchStub(channel)
+        session = stub.Register(wire.registration(job="dead-sink"), timeout=5).session_id
+        batches = [wire.batch(session, i, wire.step(i, [1, 0, 1])) for i in range(1, 51)]
+        started = time.monotonic()
+        acks = list(stub.Report(iter(batches), timeout=10))
+        assert [a.sequence for a in acks] == list(range(1, 51))
+        assert time.monotonic() - started < 5  # not waiting on the dead sink's retries
+        deadline = time.monotonic() + 15
+        while True:
+            failed = select(parse_metrics(collector.scrape()),
+                            "gradwatch_collector_notifications_total", outcome="failed")
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert failed == {f"outcome=failed,sink=alertmanager:{dead}": 1.0}

@@ -8,9 +8,10 @@ import grpc
 import pytest
 
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
+from gradwatch.testing import PrometheusProcess
 
 import wire
-from services import PrometheusProcess, require_binary
+from services import require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,7 @@ def report_one_missing_variable(collector, job: str) -> None:
 def test_prometheus_sees_the_missing_gradient(collector):
     report_one_missing_variable(collector, "scraped")
     metrics_target = collector.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    require_binary("prometheus")
     with PrometheusProcess([metrics_target]) as prometheus:
         (missing,) = prometheus.wait_for(
             'gradwatch_gradient_present{training_job="scraped"} == 0')

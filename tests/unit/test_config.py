@@ -1,0 +1,76 @@
+"""Collector configuration: precedence, the YAML file, and errors that name the field."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gradwatch.collector import config
+
+
+def parse(*argv: str) -> config.CollectorConfig:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_arguments(parser.parse_args(list(argv)))
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "collector.yaml"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_defaults(monkeypatch):
+    for name in ("GRADWATCH_GRPC_ADDRESS", "GRADWATCH_RESOLVE_AFTER", "GRADWATCH_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    settings = parse()
+    assert settings.grpc_address == "127.0.0.1:8470" and settings.resolve_after_s == 10.0
+    assert settings.rules.for_job("x")["GradientVanishing"].steps == 100
+
+
+def test_file_then_environment_then_flag(tmp_path, monkeypatch):
+    path = write(tmp_path, {"resolve_after_seconds": 3, "webhook_urls": ["http://a/hook"],
+                            "rules": {"GradientExploding": {"max_norm": 50}},
+                            "jobs": {"bert-*": {"GradientVanishing": {"steps": 7}}}})
+    monkeypatch.delenv("GRADWATCH_RESOLVE_AFTER", raising=False)
+    settings = parse("--config", path, "--webhook-url", "http://b/hook")
+    assert settings.resolve_after_s == 3.0
+    assert settings.webhook_urls == ["http://a/hook", "http://b/hook"]
+    assert settings.rules.for_job("resnet")["GradientExploding"].max_norm == 50.0
+    assert settings.rules.for_job("bert-base")["GradientVanishing"].steps == 7
+    assert settings.rules.for_job("bert-base")["GradientExploding"].max_norm == 50.0
+    monkeypatch.setenv("GRADWATCH_RESOLVE_AFTER", "4")
+    assert parse("--config", path).resolve_after_s == 4.0
+    assert parse("--config", path, "--resolve-after", "5").resolve_after_s == 5.0
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"resolve_after_seconds": "soon"}, "resolve_after_seconds: expected float"),
+    ({"resolve_after_seconds": -1}, "resolve_after_seconds: must not be negative"),
+    ({"colour": "blue"}, "colour: unknown setting"),
+    ({"rules": {"GradientMisssing": {}}}, "rules.GradientMisssing: unknown alert"),
+    ({"rules": {"GradientVanishing": {"steps": 1.5}}},
+     "rules.GradientVanishing.steps: expected int"),
+    ({"rules": {"WorkerSilent": {"enabled": "yes"}}}, "rules.WorkerSilent.enabled: expected bool"),
+    ({"jobs": {"a*": {"GradientExploding": {"limit": 1}}}},
+     "jobs.a*.GradientExploding.limit: unknown setting"),
+    ({"alertmanager_urls": ["alertmanager:9093"]}, "must start with http://"),
+    ("rules: [unclosed", "collector.yaml"),
+])
+def test_invalid_settings_name_the_field(tmp_path, data, message):
+    with pytest.raises(config.ConfigError, match=message.replace("*", r"\*").replace(
+            "[", r"\[")):
+        parse("--config", write(tmp_path, data))
+
+
+def test_collector_refuses_to_start_with_invalid_config(tmp_path):
+    path = write(tmp_path, {"rules": {"GradientExploding": {"max_norm": "big"}}})
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "collector", "--config", path],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "invalid configuration: rules.GradientExploding.max_norm: expected float" in \
+        result.stderr
