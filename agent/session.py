@@ -8,6 +8,7 @@ ring buffer and a lock-protected list of host-side reports.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -83,7 +84,9 @@ class Session:
             hostname=identity.hostname,
             pid=identity.pid,
         )
-        self._record = tf.function(self._record_step, autograph=False)
+        # TensorFlow counts traces per code object; a partial is counted per session,
+        # so many sessions (each traced once or twice) don't look like "retracing".
+        self._record = tf.function(functools.partial(self._record_step), autograph=False)
         self._lock = threading.Lock()
         self._host_reports: list[pb.StepReport] = []
 

@@ -74,3 +74,16 @@ def test_collector_refuses_to_start_with_invalid_config(tmp_path):
     assert result.returncode == 2
     assert "invalid configuration: rules.GradientExploding.max_norm: expected float" in \
         result.stderr
+
+
+def test_the_shipped_example_is_valid_and_documents_the_defaults():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "collector.example.yaml"
+    loaded = config.load_file(str(example), config.CollectorConfig())
+    defaults = config.CollectorConfig()
+    for field in ("max_variable_series", "resolve_after_s", "resend_interval_s",
+                  "evaluation_interval_s", "closed_retention_s"):
+        assert getattr(loaded, field) == getattr(defaults, field), field
+    assert loaded.rules.base == defaults.rules.base
+    assert loaded.rules.for_job("bert-base")["GradientVanishing"].steps == 500
