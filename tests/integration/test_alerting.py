@@ -64,6 +64,7 @@ def test_unused_layer_pages_through_alertmanager_and_resolves_when_fixed(
     train_with_unused_layer(alerting_collector, job_name)
     (alert,) = alertmanager.wait_for(bool, alertname="GradientMissing", training_job=job_name)
     assert alert["status"]["state"] == "active"
+    assert alert["endsAt"] > alert["startsAt"]  # a lease, renewed while the job is broken
     assert alert["labels"] == {"alertname": "GradientMissing", "severity": "warning",
                                "training_job": job_name, "optimizer": alert["labels"]["optimizer"]}
     assert alert["annotations"]["variables"] == \
@@ -92,9 +93,13 @@ def test_nan_pages_as_gradient_nonfinite(alerting_collector, alertmanager, job_n
         poisoned[0] = np.nan
         monitor.observe([grads[0], tf.constant(poisoned), *grads[2:]],
                         model.trainable_variables)
-    (alert,) = alertmanager.wait_for(bool, alertname="GradientNonFinite", training_job=job_name)
-    assert alert["labels"]["severity"] == "critical"
-    assert alert["annotations"]["variables"] == model.trainable_variables[1].path
+        (alert,) = alertmanager.wait_for(bool, alertname="GradientNonFinite",
+                                         training_job=job_name)
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["annotations"]["variables"] == model.trainable_variables[1].path
+        monitor.observe(mse_gradients(model), model.trainable_variables)  # finite again
+        alertmanager.wait_for(lambda alerts: alerts == [], alertname="GradientNonFinite",
+                              training_job=job_name)
 
 
 def test_healthy_run_raises_nothing(alerting_collector, alertmanager, job_name):
@@ -146,3 +151,17 @@ def test_a_dead_alertmanager_costs_ingest_nothing():
                 break
             time.sleep(0.2)
         assert failed == {f"outcome=failed,sink=alertmanager:{dead}": 1.0}
+
+
+def test_two_collectors_page_once(alertmanager):
+    """Alert labels carry no collector identity, so Alertmanager deduplicates."""
+    with CollectorProcess("--alertmanager-url", alertmanager.url) as first, \
+            CollectorProcess("--alertmanager-url", alertmanager.url) as second:
+        for collector in (first, second):
+            with grpc.insecure_channel(collector.grpc_target) as channel:
+                stub = pb_grpc.GradientWatchStub(channel)
+                session = stub.Register(wire.registration(job="twice"), timeout=5).session_id
+                list(stub.Report(iter([wire.batch(session, 1, wire.step(0, [1, 0, 1]))]),
+                                 timeout=10))
+        alertmanager.wait_for(lambda alerts: len(alerts) == 1, alertname="GradientMissing",
+                              training_job="twice")

@@ -311,3 +311,32 @@ def test_closed_sessions_expire_and_their_alerts_resolve():
     assert [g.training_job for g in expired] == ["job"] and h.registry.groups == {}
     h.engine.tick(expired)
     assert h.active() == [] and h.sent[-1].status == "resolved"
+
+
+def test_dispatcher_resends_only_to_sinks_that_want_them():
+    import asyncio
+
+    from gradwatch.collector.alerts import Alert, Notification
+    from gradwatch.collector.sinks import Dispatcher
+
+    class Recorder:
+        def __init__(self, name, wants_resends):
+            self.name, self.wants_resends, self.got = name, wants_resends, []
+
+        async def send(self, notifications):
+            self.got += notifications
+
+    async def scenario():
+        am, hook = Recorder("am", True), Recorder("hook", False)
+        dispatcher = Dispatcher([am, hook])
+        dispatcher.start()
+        firing = Notification(Alert({"alertname": "GradientMissing"}), 1.0)
+        dispatcher.submit(firing)
+        dispatcher.submit(firing, resend=True)
+        await dispatcher.flush(2.0)
+        await dispatcher.close()
+        return am.got, hook.got, dict(dispatcher.outcomes)
+
+    am_got, hook_got, outcomes = asyncio.run(scenario())
+    assert len(am_got) == 2 and len(hook_got) == 1
+    assert outcomes == {("am", "sent"): 2, ("hook", "sent"): 1}
