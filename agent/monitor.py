@@ -32,6 +32,17 @@ DEFAULT_COLLECTOR = "127.0.0.1:8470"
 _TRUE = ("1", "true", "yes", "on")
 
 
+def _loss_scale(optimizer: Any) -> Any:
+    """The current loss scale of a mixed-precision optimizer (Keras 3 or tf-keras
+    ``LossScaleOptimizer``), else None."""
+    if "LossScaleOptimizer" not in type(optimizer).__name__:
+        return None
+    scale = getattr(optimizer, "dynamic_scale", None)  # Keras 3
+    if scale is None:
+        scale = getattr(optimizer, "loss_scale", None)  # tf-keras
+    return None if scale is None else tf.convert_to_tensor(scale)
+
+
 def _versions() -> dict[str, str]:
     versions = {"gradwatch": __version__, "tensorflow": tf.__version__}
     try:
@@ -135,11 +146,14 @@ class GradientMonitor:
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         step = getattr(optimizer, "iterations", None)
         self._record(self._optimizer_name(optimizer), grads, variables,
-                     None if step is None else tf.convert_to_tensor(step))
+                     None if step is None else tf.convert_to_tensor(step),
+                     loss_scale=_loss_scale(optimizer),
+                     loss_scaled="LossScaleOptimizer" in type(optimizer).__name__)
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
         if tf.distribute.in_cross_replica_context() and not self._closed:
-            self._session(self._optimizer_name(optimizer), variables)
+            self._session(self._optimizer_name(optimizer), variables,
+                          loss_scaled="LossScaleOptimizer" in type(optimizer).__name__)
 
     def _on_rejected(self, optimizer: Any, grads: list, variables: list, error: Exception) -> None:
         """The optimizer raised (Keras: "No gradients provided for any variable").
@@ -158,7 +172,7 @@ class GradientMonitor:
     def _session_key(name: str, variables: Sequence[Any]) -> tuple:
         return (name, *(id(v) for v in variables))
 
-    def _session(self, name: str, variables: list) -> Session | None:
+    def _session(self, name: str, variables: list, loss_scaled: bool = False) -> Session | None:
         """The session for these variables, created on first use (None if that failed).
         In replica context creation goes through ``merge_call``, so all replicas share
         one session; that merge function must never raise, or the other replicas hang."""
@@ -167,19 +181,21 @@ class GradientMonitor:
         if session is not None:
             return session
         if tf.distribute.in_cross_replica_context():
-            return self._new_session(tf.distribute.get_strategy(), key, name, variables)
+            return self._new_session(tf.distribute.get_strategy(), key, name, variables,
+                                     loss_scaled)
         # A closure, not merge_call args: those are regrouped into PerReplica values.
         return tf.distribute.get_replica_context().merge_call(
-            lambda strategy: self._new_session(strategy, key, name, variables))
+            lambda strategy: self._new_session(strategy, key, name, variables, loss_scaled))
 
     def _new_session(self, strategy: tf.distribute.Strategy, key: tuple, name: str,
-                     variables: list) -> Session | None:
+                     variables: list, loss_scaled: bool = False) -> Session | None:
         with self._lock:
             session = self._sessions.get(key)
             if session is None and key not in self._failed:
                 try:
                     session = Session(self.identity, name, variables, self.buffer_steps,
-                                      strategy=strategy, versions=_versions())
+                                      strategy=strategy, versions=_versions(),
+                                      loss_scaled=loss_scaled)
                 except Exception:  # gradwatch must never break training
                     self._failed.add(key)
                     log.exception("gradwatch: cannot watch %s", name)
@@ -192,16 +208,17 @@ class GradientMonitor:
                          self.identity.task_index, self.collector)
         return session
 
-    def _record(self, name: str, grads: list, variables: list, step: Any) -> None:
+    def _record(self, name: str, grads: list, variables: list, step: Any, *,
+                loss_scale: Any = None, loss_scaled: bool = False) -> None:
         if len(grads) != len(variables):
             raise ValueError(f"gradwatch: {len(grads)} gradients for {len(variables)} variables")
         key = self._session_key(name, variables)
         if key in self._failed or self._closed:
             return
         try:
-            session = self._session(name, variables)
+            session = self._session(name, variables, loss_scaled)
             if session is not None:
-                session.record(grads, step)
+                session.record(grads, step, loss_scale)
         except Exception:  # gradwatch must never break training
             self._failed.add(key)
             log.exception("gradwatch: cannot record gradients of %s; it is no longer watched",

@@ -66,7 +66,7 @@ class Session:
 
     def __init__(self, identity: Identity, optimizer: str, variables: Sequence[Any],
                  capacity: int, strategy: tf.distribute.Strategy,
-                 versions: dict[str, str] | None = None):
+                 versions: dict[str, str] | None = None, loss_scaled: bool = False):
         """Create in cross-replica context (see `StepRecorder`)."""
         self.optimizer = optimizer
         self.num_variables = len(variables)
@@ -83,6 +83,7 @@ class Session:
             variables=variable_table(variables),
             hostname=identity.hostname,
             pid=identity.pid,
+            loss_scaled=loss_scaled,
         )
         # TensorFlow counts traces per code object; a partial is counted per session,
         # so many sessions (each traced once or twice) don't look like "retracing".
@@ -94,16 +95,22 @@ class Session:
     def num_replicas(self) -> int:
         return self._recorder.num_replicas
 
-    def _record_step(self, grads: list, step: tf.Tensor | None) -> tf.Operation:
-        return self._recorder.record(gradient_stats(grads), step)
+    def _record_step(self, grads: list, step: tf.Tensor | None,
+                     loss_scale: tf.Tensor | None) -> tf.Operation:
+        stats = gradient_stats(grads)
+        if loss_scale is not None:  # report what the optimizer will apply: g / scale
+            inverse = 1.0 / tf.cast(loss_scale, tf.float32)
+            stats = stats * tf.stack([1.0, inverse, inverse, 1.0, 1.0])
+        return self._recorder.record(stats, step)
 
-    def record(self, grads: Sequence[Any], step: Any = None) -> None:
+    def record(self, grads: Sequence[Any], step: Any = None, loss_scale: Any = None) -> None:
         """Records one step: in replica context (or without a strategy), eagerly,
-        while tracing, or compiled. Eager calls go through a cached tf.function."""
+        while tracing, or compiled. Eager calls go through a cached tf.function.
+        ``loss_scale``: the factor the gradients are scaled by (mixed precision)."""
         if tf.inside_function():
-            self._record_step(list(grads), step)
+            self._record_step(list(grads), step, loss_scale)
         else:
-            self._record(list(grads), step)
+            self._record(list(grads), step, loss_scale)
 
     def record_on_host(self, step: int, grads: Sequence[Any]) -> None:
         """Records a step that will never execute (e.g. the optimizer rejected it while

@@ -78,8 +78,12 @@ class StateCollector(Collector):
         steps = CounterMetricFamily("gradwatch_steps", "Training steps reported.",
                                     labels=TASK_LABELS)
         nonfinite = CounterMetricFamily(
-            "gradwatch_nonfinite_steps", "Steps with a NaN or Inf in any gradient.",
+            "gradwatch_nonfinite_steps", "Steps with a NaN or Inf in any gradient (skipped "
+            "steps of loss-scale optimizers not included).",
             labels=TASK_LABELS)
+        skipped = CounterMetricFamily(
+            "gradwatch_skipped_steps", "Steps a loss-scale optimizer skipped (NaN/Inf "
+            "gradients from loss-scale overflow).", labels=TASK_LABELS)
         dropped = CounterMetricFamily(
             "gradwatch_dropped_steps", "Steps the agent recorded but could not deliver.",
             labels=TASK_LABELS)
@@ -102,6 +106,7 @@ class StateCollector(Collector):
                 task = [group.training_job, s.task_type, str(s.task_index), group.optimizer]
                 steps.add_metric(task, s.steps_total)
                 nonfinite.add_metric(task, s.nonfinite_steps_total)
+                skipped.add_metric(task, s.skipped_steps_total)
                 dropped.add_metric(task, s.dropped_steps)
                 variables.add_metric(task, s.num_variables)
                 if not s.steps_total:
@@ -115,7 +120,7 @@ class StateCollector(Collector):
                     labels = [*task, str(replica)]
                     without.add_metric(labels, int(missing[replica]))
                     global_norm.add_metric(labels, float(norms[replica]))
-        yield from (steps, nonfinite, dropped, last_step, last_report, variables, without,
+        yield from (steps, nonfinite, skipped, dropped, last_step, last_report, variables, without,
                     global_norm)
 
     def _variable_metrics(self) -> Iterator[Metric]:

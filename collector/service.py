@@ -54,7 +54,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
         session = self.registry.register(
             request.training_job, request.optimizer, request.task_type, request.task_index,
             request.num_replicas, names, strategy=request.strategy, hostname=request.hostname,
-            versions=dict(request.versions),
+            versions=dict(request.versions), loss_scaled=request.loss_scaled,
         )
         self.telemetry.registrations += 1
         log.info("registered %s/%s %s (%s, %d variables, %d replicas) as %s",

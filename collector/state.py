@@ -52,6 +52,9 @@ class SessionState:
     nonfinite_steps_total: int = 0
     dropped_steps: int = 0
     closed: bool = False  # the agent said it will send no more
+    #: Dynamic loss scaling: steps with NaN/Inf are skipped by the optimizer, not applied.
+    loss_scaled: bool = False
+    skipped_steps_total: int = 0
     #: Per-rule history (streaks, rolling windows), owned by `gradwatch.collector.rules`.
     rule_state: dict = field(default_factory=dict)
 
@@ -93,6 +96,9 @@ class SessionState:
         self.nan_total += batch.nan_count.sum(axis=(0, 1))
         self.inf_total += batch.inf_count.sum(axis=(0, 1))
         nonfinite = (batch.nan_count + batch.inf_count) > 0
+        if self.loss_scaled:  # the optimizer skips these steps: counted, not alarming
+            self.skipped_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
+            nonfinite = np.zeros_like(nonfinite)
         self.nonfinite = nonfinite[-1]
         self.nonfinite_in_last_batch = nonfinite.any(axis=(0, 1))
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())

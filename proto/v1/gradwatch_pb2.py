@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradwatch/proto/v1/gradwatch.proto\x12\x0cgradwatch.v1\"6\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xc3\x02\n\x0fRegisterRequest\x12\x14\n\x0ctraining_job\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x12\n\ntask_index\x18\x03 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x04 \x01(\r\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12=\n\x08versions\x18\x07 \x03(\x0b\x32+.gradwatch.v1.RegisterRequest.VersionsEntry\x12)\n\tvariables\x18\x08 \x03(\x0b\x32\x16.gradwatch.v1.Variable\x12\x10\n\x08hostname\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_batch_steps\x18\x02 \x01(\r\"\x86\x01\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\twall_time\x18\x02 \x01(\x01\x12\x0f\n\x07present\x18\x03 \x01(\x0c\x12\x0f\n\x07l2_norm\x18\x04 \x01(\x0c\x12\x0f\n\x07max_abs\x18\x05 \x01(\x0c\x12\x11\n\tnan_count\x18\x06 \x01(\x0c\x12\x11\n\tinf_count\x18\x07 \x01(\x0c\"\x82\x01\n\x0bReportBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\'\n\x05steps\x18\x03 \x03(\x0b\x32\x18.gradwatch.v1.StepReport\x12\x15\n\rdropped_steps\x18\x04 \x01(\x04\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"+\n\x03\x41\x63k\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x32\x96\x01\n\rGradientWatch\x12I\n\x08Register\x12\x1d.gradwatch.v1.RegisterRequest\x1a\x1e.gradwatch.v1.RegisterResponse\x12:\n\x06Report\x12\x19.gradwatch.v1.ReportBatch\x1a\x11.gradwatch.v1.Ack(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradwatch/proto/v1/gradwatch.proto\x12\x0cgradwatch.v1\"6\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xd8\x02\n\x0fRegisterRequest\x12\x14\n\x0ctraining_job\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x12\n\ntask_index\x18\x03 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x04 \x01(\r\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12=\n\x08versions\x18\x07 \x03(\x0b\x32+.gradwatch.v1.RegisterRequest.VersionsEntry\x12)\n\tvariables\x18\x08 \x03(\x0b\x32\x16.gradwatch.v1.Variable\x12\x10\n\x08hostname\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x13\n\x0bloss_scaled\x18\x0b \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_batch_steps\x18\x02 \x01(\r\"\x86\x01\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\twall_time\x18\x02 \x01(\x01\x12\x0f\n\x07present\x18\x03 \x01(\x0c\x12\x0f\n\x07l2_norm\x18\x04 \x01(\x0c\x12\x0f\n\x07max_abs\x18\x05 \x01(\x0c\x12\x11\n\tnan_count\x18\x06 \x01(\x0c\x12\x11\n\tinf_count\x18\x07 \x01(\x0c\"\x82\x01\n\x0bReportBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\'\n\x05steps\x18\x03 \x03(\x0b\x32\x18.gradwatch.v1.StepReport\x12\x15\n\rdropped_steps\x18\x04 \x01(\x04\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"+\n\x03\x41\x63k\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x32\x96\x01\n\rGradientWatch\x12I\n\x08Register\x12\x1d.gradwatch.v1.RegisterRequest\x1a\x1e.gradwatch.v1.RegisterResponse\x12:\n\x06Report\x12\x19.gradwatch.v1.ReportBatch\x1a\x11.gradwatch.v1.Ack(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VARIABLE']._serialized_start=52
   _globals['_VARIABLE']._serialized_end=106
   _globals['_REGISTERREQUEST']._serialized_start=109
-  _globals['_REGISTERREQUEST']._serialized_end=432
-  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_start=385
-  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_end=432
-  _globals['_REGISTERRESPONSE']._serialized_start=434
-  _globals['_REGISTERRESPONSE']._serialized_end=497
-  _globals['_STEPREPORT']._serialized_start=500
-  _globals['_STEPREPORT']._serialized_end=634
-  _globals['_REPORTBATCH']._serialized_start=637
-  _globals['_REPORTBATCH']._serialized_end=767
-  _globals['_ACK']._serialized_start=769
-  _globals['_ACK']._serialized_end=812
-  _globals['_GRADIENTWATCH']._serialized_start=815
-  _globals['_GRADIENTWATCH']._serialized_end=965
+  _globals['_REGISTERREQUEST']._serialized_end=453
+  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_start=406
+  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_end=453
+  _globals['_REGISTERRESPONSE']._serialized_start=455
+  _globals['_REGISTERRESPONSE']._serialized_end=518
+  _globals['_STEPREPORT']._serialized_start=521
+  _globals['_STEPREPORT']._serialized_end=655
+  _globals['_REPORTBATCH']._serialized_start=658
+  _globals['_REPORTBATCH']._serialized_end=788
+  _globals['_ACK']._serialized_start=790
+  _globals['_ACK']._serialized_end=833
+  _globals['_GRADIENTWATCH']._serialized_start=836
+  _globals['_GRADIENTWATCH']._serialized_end=986
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ class Variable(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid")
+    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid", "loss_scaled")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class RegisterRequest(_message.Message):
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALED_FIELD_NUMBER: _ClassVar[int]
     training_job: str
     task_type: str
     task_index: int
@@ -45,7 +46,8 @@ class RegisterRequest(_message.Message):
     variables: _containers.RepeatedCompositeFieldContainer[Variable]
     hostname: str
     pid: int
-    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    loss_scaled: bool
+    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., loss_scaled: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("session_id", "max_batch_steps")

@@ -289,3 +289,26 @@ def test_reports_wait_for_a_collector_that_starts_late(job_name):
         assert monitor.close(timeout_s=20)
         samples = parse_metrics(collector.scrape())
     assert list(select(samples, "gradwatch_steps_total", training_job=job_name).values()) == [5]
+
+
+def test_loss_scale_optimizer_reports_unscaled_norms_and_skipped_steps(collector, webhook,
+                                                                       job_name):
+    model = small_model()
+    variables = model.trainable_variables
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0),
+                                                    initial_scale=1024.0)
+    with monitor_for(collector, job_name) as monitor:
+        monitor.wrap(optimizer)
+        for step in range(4):
+            with tf.GradientTape() as tape:
+                scaled_loss = optimizer.scale_loss(tf.reduce_mean(tf.square(model(X) - Y)))
+            grads = tape.gradient(scaled_loss, variables)
+            if step == 1:  # float16-style overflow: the optimizer skips this step
+                grads[0] = grads[0] + np.inf
+            optimizer.apply(grads, variables)
+    assert float(optimizer.dynamic_scale) == 512.0  # it did skip and halve the scale
+    samples = scrape(collector, job_name)
+    assert_norms(samples, variables, [g.numpy() for g in mse_gradients(model)])
+    assert list(select(samples, "gradwatch_skipped_steps_total").values()) == [1.0]
+    assert list(select(samples, "gradwatch_nonfinite_steps_total").values()) == [0.0]
+    assert alerts_for(webhook, job_name) == []
