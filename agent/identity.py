@@ -1,8 +1,11 @@
 """Who is reporting: training job, task and process, from arguments and environment.
 
 Precedence for each field: explicit argument, ``GRADWATCH_*`` variable,
-``TF_CONFIG`` (task type and index), then a default that works on a laptop
-(task ``worker`` 0, job named after the script).
+``TF_CONFIG`` (task type and index), Kubernetes' ``JOB_COMPLETION_INDEX`` (set
+in Indexed Jobs, e.g. by JobSet), then a default that works on a laptop (task
+``worker`` 0, job named after the script). On Kubernetes, map the training
+operator's pod labels to ``GRADWATCH_*`` with the Downward API
+(deploy/kubernetes/agent-env.yaml); ``POD_NAME`` names the host if set.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def resolve_identity(
 ) -> Identity:
     tf_type, tf_index = _tf_config_task()
     env_index = os.environ.get("GRADWATCH_TASK_INDEX")
+    k8s_index = os.environ.get("JOB_COMPLETION_INDEX")
     return Identity(
         training_job=training_job
         or os.environ.get("GRADWATCH_TRAINING_JOB")
@@ -60,8 +64,9 @@ def resolve_identity(
             task_index if task_index is not None
             else int(env_index) if env_index
             else tf_index if tf_index is not None
+            else int(k8s_index) if k8s_index and k8s_index.isdigit()
             else 0
         ),
-        hostname=socket.gethostname(),
+        hostname=os.environ.get("POD_NAME") or socket.gethostname(),
         pid=os.getpid(),
     )

@@ -43,6 +43,18 @@ def _loss_scale(optimizer: Any) -> Any:
     return None if scale is None else tf.convert_to_tensor(scale)
 
 
+def _warn_if_known_broken(optimizer: Any) -> None:
+    """Says so when the combination cannot train, whatever gradwatch does."""
+    strategy = tf.distribute.get_strategy()
+    keras3 = type(optimizer).__module__.startswith("keras.")
+    if keras3 and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        log.warning(
+            "gradwatch: Keras 3 model.fit under MultiWorkerMirroredStrategy fails upstream "
+            "('unsupported type PerReplica', keras-team/keras#20585). Custom loops "
+            "(strategy.run + optimizer.apply or monitor.observe) and tf-keras model.fit work, "
+            "and gradwatch watches them.")
+
+
 def _versions() -> dict[str, str]:
     versions = {"gradwatch": __version__, "tensorflow": tf.__version__}
     try:
@@ -100,6 +112,7 @@ class GradientMonitor:
         (``None`` gradients included) before it is applied; returns the optimizer."""
         if not self.enabled:
             return optimizer
+        _warn_if_known_broken(optimizer)
         return wrap_optimizer(optimizer, self._on_optimizer_gradients, self._on_rejected,
                               self._on_optimizer_built)
 

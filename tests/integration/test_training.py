@@ -312,3 +312,49 @@ def test_loss_scale_optimizer_reports_unscaled_norms_and_skipped_steps(collector
     assert list(select(samples, "gradwatch_skipped_steps_total").values()) == [1.0]
     assert list(select(samples, "gradwatch_nonfinite_steps_total").values()) == [0.0]
     assert alerts_for(webhook, job_name) == []
+
+
+def test_two_optimizers_in_one_job_are_reported_separately(collector, job_name):
+    """A GAN-style step: generator and discriminator, each with its own optimizer."""
+    generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
+                                 name="generator")
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="d")],
+                                     name="discriminator")
+    with monitor_for(collector, job_name) as monitor:
+        g_opt = monitor.wrap(keras.optimizers.Adam(1e-3, name="generator_adam"))
+        d_opt = monitor.wrap(keras.optimizers.Adam(1e-3, name="discriminator_adam"))
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+                fake = generator(x)
+                d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
+                g_loss = -tf.reduce_mean(discriminator(fake))
+            d_opt.apply(d_tape.gradient(d_loss, discriminator.trainable_variables),
+                        discriminator.trainable_variables)
+            g_opt.apply(g_tape.gradient(g_loss, generator.trainable_variables),
+                        generator.trainable_variables)
+
+        for _ in range(3):
+            step(X)
+    samples = scrape(collector, job_name)
+    norms = {labels["optimizer"]: labels["variable"]
+             for labels, _ in samples["gradwatch_gradient_norm"]}
+    assert set(norms) == {"generator_adam", "discriminator_adam"}
+    assert select(samples, "gradwatch_gradient_norm", optimizer="generator_adam").keys() == {
+        "generator/g/kernel", "generator/g/bias"}
+    assert set(select(samples, "gradwatch_steps_total").values()) == {3.0}
+
+
+def test_model_fit_under_xla_keeps_every_step(collector, webhook, job_name):
+    """jit_compile and steps_per_execution: several steps per host call, each reported."""
+    model = small_model()
+    with monitor_for(collector, job_name) as monitor:
+        model.compile(optimizer=monitor.wrap(keras.optimizers.Adam(0.01)), loss="mse",
+                      jit_compile=True, steps_per_execution=4)
+        model.fit(X, Y, batch_size=4, epochs=2, verbose=0)
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_steps_total").values()) == [16.0]
+    assert list(select(samples, "gradwatch_last_step").values()) == [15.0]
+    assert list(select(samples, "gradwatch_dropped_steps_total").values()) == [0.0]
+    assert alerts_for(webhook, job_name) == []

@@ -34,3 +34,24 @@ def test_unparsable_tf_config_is_ignored(monkeypatch):
     monkeypatch.delenv("GRADWATCH_TASK_TYPE", raising=False)
     monkeypatch.delenv("GRADWATCH_TASK_INDEX", raising=False)
     assert (resolve_identity().task_type, resolve_identity().task_index) == ("worker", 0)
+
+
+def test_kubernetes_indexed_job_and_pod_name(monkeypatch):
+    for name in ("TF_CONFIG", "GRADWATCH_TASK_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "5")
+    monkeypatch.setenv("POD_NAME", "trainer-worker-5")
+    identity = resolve_identity()
+    assert (identity.task_index, identity.hostname) == (5, "trainer-worker-5")
+
+
+def test_downward_api_example_sets_the_agents_variables():
+    from pathlib import Path
+
+    import yaml
+
+    env = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" /
+                          "agent-env.yaml").read_text())
+    names = {e["name"] for e in env}
+    assert {"GRADWATCH_COLLECTOR", "GRADWATCH_TRAINING_JOB", "GRADWATCH_TASK_TYPE",
+            "GRADWATCH_TASK_INDEX", "POD_NAME"} <= names

@@ -89,3 +89,21 @@ def test_embedding_gradient_from_a_tape():
     stats = gradient_stats([grad]).numpy()
     np.testing.assert_allclose(stats[0], reference(tf.convert_to_tensor(grad).numpy()),
                                rtol=1e-5)
+
+
+def test_sparse_gradient_of_a_large_embedding_matches_dense_and_is_never_densified():
+    table = tf.Variable(tf.zeros([1_000_000, 64]))
+    ids = tf.constant([3, 999_999, 3, 123_456])
+    with tf.GradientTape() as tape:
+        rows = tf.nn.embedding_lookup(table, ids)
+        loss = tf.reduce_sum(rows * tf.range(64, dtype=tf.float32))
+    (grad,) = tape.gradient(loss, [table])
+    assert isinstance(grad, tf.IndexedSlices)
+    dense_norm = float(tf.norm(tf.convert_to_tensor(grad)))  # reference: 256 MB, once
+    stats = tf.function(gradient_stats)([grad]).numpy()
+    assert stats[0, NORM] == pytest.approx(dense_norm, rel=1e-6)
+
+    # The same rows under a 10^9-row dense shape: densifying would need 256 GB.
+    huge = tf.IndexedSlices(grad.values, grad.indices, tf.constant([10**9, 64], tf.int64))
+    assert tf.function(gradient_stats)([huge]).numpy()[0, NORM] == pytest.approx(dense_norm,
+                                                                                  rel=1e-6)
