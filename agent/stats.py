@@ -37,7 +37,7 @@ def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
 def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """Returns a float32 ``[len(grads), NUM_COLUMNS]`` matrix of statistics.
 
-    One sum of squares and one max-abs reduction per present gradient; NaN and
+    Three read-only reductions per present gradient (sum of squares, max, min); NaN and
     Inf elements are counted only when some sum of squares is non-finite (a
     single ``tf.cond`` per call), which also recomputes overflowed norms with
     scaling. Absent gradients get a row of zeros with ``present == 0``.
@@ -48,9 +48,12 @@ def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.T
     if not present_ids:
         return rows
     values = [_dense_values(grads[i]) for i in present_ids]
-    sum_squares = tf.stack([tf.reduce_sum(tf.square(v)) for v in values])
-    # tf.maximum(., 0) turns the -inf of an empty gradient into 0.
-    max_abs = tf.stack([tf.maximum(tf.reduce_max(tf.abs(v)), 0.0) for v in values])
+    # Each reduction reads the gradient once and writes no temporary (square or abs
+    # would): l2_loss is sum(g**2) / 2, and max|g| is max(max g, -min g). tf.maximum(., 0)
+    # turns the -inf of an empty gradient into 0.
+    sum_squares = tf.stack([2.0 * tf.nn.l2_loss(v) for v in values])
+    max_abs = tf.stack([tf.maximum(tf.maximum(tf.reduce_max(v), -tf.reduce_min(v)), 0.0)
+                        for v in values])
 
     def finite_case():
         zeros = tf.zeros_like(sum_squares)

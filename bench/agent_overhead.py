@@ -26,7 +26,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=2,
                         help="logical CPUs for the MirroredStrategy case")
     parser.add_argument("--cases", default="demo,demo-mirrored,cnn",
-                        help="comma-separated: demo, demo-mirrored, cnn")
+                        help="comma-separated: demo, demo-mirrored, cnn, resnet50, "
+                             "resnet50-mirrored")
     return parser.parse_args()
 
 
@@ -70,6 +71,17 @@ def cnn_case():
     y = np.arange(32) % 10
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return model, x, lambda logits: loss(y, logits)
+
+
+def resnet50_case():
+    """ResNet-50 as in keras.applications (25.6M parameters, 161 trainable variables), on
+    small images so a CPU step takes a fraction of a second."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+    x = np.random.default_rng(0).normal(size=(8, 64, 64, 3)).astype("float32")
+    y = np.arange(8) % 10
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    return model, x, lambda probabilities: loss(y, probabilities)
 
 
 def make_step(model, loss_fn, optimizer, strategy):
@@ -126,6 +138,9 @@ def main() -> None:
         "demo-mirrored": (demo_case, tf.distribute.MirroredStrategy(
             [f"/cpu:{i}" for i in range(ARGS.replicas)])),
         "cnn": (cnn_case, tf.distribute.get_strategy()),
+        "resnet50": (resnet50_case, tf.distribute.get_strategy()),
+        "resnet50-mirrored": (resnet50_case, tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(ARGS.replicas)])),
     }
     print(f"tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} CPUs; "
           f"{ARGS.rounds} rounds x {ARGS.steps} steps, interleaved")

@@ -34,5 +34,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "bootstrap: installing gradwatch[agent-cpu,collector,dev] into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[agent-cpu,collector,dev]"
+    # tf-keras (Keras 2) for its tests. It requires the `tensorflow` distribution, which
+    # tensorflow-cpu provides under another name; --no-deps avoids a second TensorFlow.
+    "$VENV/bin/python" -m pip install -q --no-deps "tf-keras>=2.21,<2.22"
     echo "$want" > "$stamp"
 fi

@@ -1,0 +1,68 @@
+"""tf-keras (Keras 2) optimizers: apply_gradients is hooked, None gradients included."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradwatch.agent import GradientMonitor
+
+from conftest import parse_metrics, select
+
+try:
+    import tf_keras
+except ImportError:  # scripts/bootstrap.sh installs it; CI must not skip silently
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("tf-keras not installed (make test installs it)", allow_module_level=True)
+pytestmark = pytest.mark.integration
+
+X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+Y = X.sum(axis=1, keepdims=True)
+
+
+def model_with_unused_layer() -> tf_keras.Model:
+    inputs = tf_keras.Input((4,))
+    hidden = tf_keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(1, name="out")(hidden))
+    model.unused = tf_keras.layers.Dense(3, name="unused")
+    model.unused.build((None, 8))  # tracked, trainable, never called
+    return model
+
+
+def test_tf_keras_fit_reports_missing_gradients(collector, webhook, job_name):
+    model = model_with_unused_layer()
+    with GradientMonitor(collector=collector.grpc_target, training_job=job_name) as monitor:
+        optimizer = monitor.wrap(tf_keras.optimizers.Adam(0.01))
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    alert = webhook.wait_for(lambda a: a["labels"]["training_job"] == job_name, 10)
+    assert alert["labels"]["alertname"] == "GradientMissing"
+    assert alert["annotations"]["variables"] == "kernel, bias"  # tf.Variable names, as TF has them
+    samples = parse_metrics(collector.scrape())
+    assert list(select(samples, "gradwatch_steps_total", training_job=job_name).values()) == [4]
+
+
+def test_tf_keras_custom_loop_norms(collector, job_name):
+    model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(4,), name="dense")])
+    with GradientMonitor(collector=collector.grpc_target, training_job=job_name) as monitor:
+        optimizer = monitor.wrap(tf_keras.optimizers.SGD(0.0))
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - 1.0))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return grads
+
+        for _ in range(2):
+            grads = step()
+    samples = parse_metrics(collector.scrape())
+    exported = select(samples, "gradwatch_gradient_norm", training_job=job_name)
+    assert exported == pytest.approx({v.name.removesuffix(":0"): float(np.linalg.norm(g))
+                                      for v, g in zip(model.trainable_variables, grads,
+                                                      strict=True)}, rel=1e-5)
