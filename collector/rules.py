@@ -62,6 +62,20 @@ def _names(group: Group, columns: np.ndarray) -> list[str]:
     return [group.names[i] for i in np.flatnonzero(columns)]
 
 
+def _flagged(group: Group, flags: Callable[[SessionState], np.ndarray | None]
+             ) -> tuple[np.ndarray, list[str]]:
+    """Group columns flagged by any reporting session (``flags`` gives a bool per session
+    variable, or None), and the tasks that flagged any."""
+    flagged = np.zeros(len(group.names), bool)
+    tasks = []
+    for s in _reporting(group):
+        mask = flags(s)
+        if mask is not None and mask.any():
+            flagged[s.columns[mask]] = True
+            tasks.append(s.task)
+    return flagged, tasks
+
+
 class Rule:
     name: ClassVar[str]
 
@@ -83,15 +97,10 @@ class GradientMissing(Rule):
     name = "GradientMissing"
 
     def evaluate(self, group: Group, params: Rule.Params, now: float) -> list[Alert]:
-        missing = np.zeros(len(group.names), bool)
-        tasks, all_missing = [], False
-        for s in _reporting(group):
-            if s.missing_in_last_batch.any():
-                missing[s.columns[s.missing_in_last_batch]] = True
-                tasks.append(s.task)
-                all_missing |= bool(s.missing_in_last_batch.all())
-        if not missing.any():
+        missing, tasks = _flagged(group, lambda s: s.missing_in_last_batch)
+        if not tasks:
             return []
+        all_missing = any(s.missing_in_last_batch.all() for s in _reporting(group))
         names = _names(group, missing)
         return [_alert(
             self.name, "critical" if all_missing else "warning", group,
@@ -106,13 +115,8 @@ class GradientNonFinite(Rule):
     name = "GradientNonFinite"
 
     def evaluate(self, group: Group, params: Rule.Params, now: float) -> list[Alert]:
-        bad = np.zeros(len(group.names), bool)
-        tasks = []
-        for s in _reporting(group):
-            if s.nonfinite_in_last_batch.any():
-                bad[s.columns[s.nonfinite_in_last_batch]] = True
-                tasks.append(s.task)
-        if not bad.any():
+        bad, tasks = _flagged(group, lambda s: s.nonfinite_in_last_batch)
+        if not tasks:
             return []
         names = _names(group, bad)
         return [_alert(self.name, "critical", group,
@@ -199,13 +203,11 @@ class GradientVanishing(Rule):
         session.rule_state[self.name] = streak
 
     def evaluate(self, group: Group, params: Params, now: float) -> list[Alert]:
-        vanished = np.zeros(len(group.names), bool)
-        tasks = []
-        for s in _reporting(group):
+        def long_streaks(s: SessionState) -> np.ndarray | None:
             streak = s.rule_state.get(self.name)
-            if streak is not None and (streak >= params.steps).any():
-                vanished[s.columns[streak >= params.steps]] = True
-                tasks.append(s.task)
+            return None if streak is None else streak >= params.steps
+
+        vanished, tasks = _flagged(group, long_streaks)
         if not tasks:
             return []
         return [_alert(self.name, "warning", group,
