@@ -6,7 +6,8 @@
     monitor.close()                       # flush; also a context manager
 
 Environment (arguments win): ``GRADWATCH_COLLECTOR``, ``GRADWATCH_TRAINING_JOB``,
-``GRADWATCH_TASK_TYPE``, ``GRADWATCH_TASK_INDEX``, ``GRADWATCH_DISABLED=1``.
+``GRADWATCH_TASK_TYPE``, ``GRADWATCH_TASK_INDEX``, ``GRADWATCH_DISABLED=1``,
+``GRADWATCH_DIAGNOSE=0``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import tensorflow as tf
 
 from gradwatch import __version__
+from gradwatch.agent import tape
+from gradwatch.agent.diagnosis import Diagnosis
 from gradwatch.agent.identity import Identity, resolve_identity
 from gradwatch.agent.optimizers import wrap_optimizer
 from gradwatch.agent.sender import Sender
@@ -82,14 +85,19 @@ class GradientMonitor:
       max_buffered_steps: host buffer across sessions while the collector is away.
       flush_interval_s: how often statistics leave the device.
       enabled: ``False`` (or ``GRADWATCH_DISABLED=1``) makes every method a no-op.
+      diagnose: explain missing gradients (``GRADWATCH_DIAGNOSE``, default on): patches
+        ``tf.GradientTape`` while the monitor is open; see `gradwatch.agent.tape`.
     """
 
     def __init__(self, collector: str | None = None, training_job: str | None = None, *,
                  task_type: str | None = None, task_index: int | None = None,
                  buffer_steps: int = 256, max_buffered_steps: int = 100_000,
-                 flush_interval_s: float = 0.1, enabled: bool | None = None) -> None:
+                 flush_interval_s: float = 0.1, enabled: bool | None = None,
+                 diagnose: bool | None = None) -> None:
         if enabled is None:
             enabled = os.environ.get("GRADWATCH_DISABLED", "").lower() not in _TRUE
+        if diagnose is None:
+            diagnose = os.environ.get("GRADWATCH_DIAGNOSE", "1").lower() in _TRUE
         self.enabled = enabled
         self.collector = collector or os.environ.get("GRADWATCH_COLLECTOR") or DEFAULT_COLLECTOR
         self.identity: Identity = resolve_identity(training_job, task_type, task_index)
@@ -100,7 +108,11 @@ class GradientMonitor:
         self._failed: set[tuple] = set()
         self._sender: Sender | None = None
         self._closed = False
+        self._diagnoses: dict[int, tuple[Any, Diagnosis]] = {}
+        self._stop_diagnosing = None
         if self.enabled:
+            if diagnose:
+                self._stop_diagnosing = tape.listen(self._on_diagnosis)
             self._sender = Sender(self.collector, flush_interval_s=flush_interval_s,
                                   max_buffered_steps=max_buffered_steps)
             atexit.register(self.close)
@@ -133,6 +145,8 @@ class GradientMonitor:
             return True
         self._closed = True
         atexit.unregister(self.close)
+        if self._stop_diagnosing is not None:
+            self._stop_diagnosing()
         return self._sender.close(timeout_s)
 
     def __enter__(self) -> GradientMonitor:
@@ -181,6 +195,14 @@ class GradientMonitor:
             session.record_on_host(step, grads)
             log.error("gradwatch: %s rejected the update: %s", session.optimizer, error)
 
+    def _on_diagnosis(self, variable: Any, diagnosis: Diagnosis) -> None:
+        """A variable got no gradient, and this is why (any thread, often while tracing)."""
+        with self._lock:
+            self._diagnoses[id(variable)] = (variable, diagnosis)
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.add_diagnosis(variable, diagnosis)
+
     @staticmethod
     def _session_key(name: str, variables: Sequence[Any]) -> tuple:
         return (name, *(id(v) for v in variables))
@@ -214,6 +236,8 @@ class GradientMonitor:
                     log.exception("gradwatch: cannot watch %s", name)
                     return None
                 self._sessions[key] = session
+                for variable, diagnosis in self._diagnoses.values():
+                    session.add_diagnosis(variable, diagnosis)
                 self._sender.add_session(session)
                 log.info("gradwatch: watching %d variables of %s x %d replicas (%s, %s:%d) "
                          "-> %s", len(variables), name, session.num_replicas,

@@ -39,6 +39,8 @@ class _Stream:
     dropped: int = 0
     max_batch_steps: int = 256
     final_sent: bool = False
+    #: Diagnoses sent since the session was (re-)registered, by variable id.
+    diagnoses_sent: dict = field(default_factory=dict)
     pending: collections.deque = field(default_factory=collections.deque)  # StepReports
     unacked: collections.deque = field(default_factory=collections.deque)  # ReportBatches
 
@@ -208,8 +210,11 @@ class Sender:
             self._drain_sessions()
 
     async def _send(self, call, stream: _Stream, acks, **fields) -> None:
+        diagnoses = [d for i, d in stream.session.diagnoses().items()
+                     if stream.diagnoses_sent.get(i) is not d]
+        stream.diagnoses_sent.update((d.variable_id, d) for d in diagnoses)
         batch = pb.ReportBatch(session_id=stream.session_id, sequence=stream.next_sequence,
-                               dropped_steps=stream.dropped, **fields)
+                               dropped_steps=stream.dropped, diagnoses=diagnoses, **fields)
         stream.next_sequence += 1
         stream.unacked.append(batch)
         await self._write(call, batch, acks)
@@ -226,6 +231,7 @@ class Sender:
                 response = await stub.Register(stream.session.registration(),
                                                timeout=self.rpc_timeout_s)
                 stream.session_id = response.session_id
+                stream.diagnoses_sent = {}
                 stream.max_batch_steps = response.max_batch_steps or stream.max_batch_steps
                 log.info("gradwatch: registered %s with %s as session %s",
                          stream.session.optimizer, self.target, stream.session_id)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradwatch.agent.diagnosis import Diagnosis
 from gradwatch.agent.identity import Identity
 from gradwatch.agent.recorder import StepRecorder
 from gradwatch.agent.stats import gradient_stats
@@ -61,6 +62,21 @@ def step_report(step: int, stats: np.ndarray, wall_time: float) -> pb.StepReport
     )
 
 
+def diagnosis_proto(variable_id: int, diagnosis: Diagnosis) -> pb.Diagnosis:
+    source = diagnosis.source
+    return pb.Diagnosis(
+        variable_id=variable_id,
+        cause=pb.Diagnosis.Cause.Value(diagnosis.cause.name),
+        op_name=diagnosis.op_name,
+        op_type=diagnosis.op_type,
+        source_file=source.file if source else "",
+        source_line=source.line if source else 0,
+        reason=diagnosis.reason,
+        hint=diagnosis.hint,
+        message=diagnosis.explanation(),
+    )
+
+
 class Session:
     """Records one optimizer's gradients; see the module docstring for threading."""
 
@@ -90,6 +106,12 @@ class Session:
         self._record = tf.function(functools.partial(self._record_step), autograph=False)
         self._lock = threading.Lock()
         self._host_reports: list[pb.StepReport] = []
+        self._ids_by_object = {}
+        self._ids_by_name = {}
+        for index, variable in enumerate(variables):
+            self._ids_by_object.setdefault(id(variable), index)
+            self._ids_by_name.setdefault(variable_name(variable), index)
+        self._diagnoses: dict[int, pb.Diagnosis] = {}
 
     @property
     def num_replicas(self) -> int:
@@ -119,6 +141,22 @@ class Session:
         stats[:, :, 0] = [g is not None for g in grads]
         with self._lock:
             self._host_reports.append(step_report(step, stats, time.time()))
+
+    def add_diagnosis(self, variable: Any, diagnosis: Diagnosis) -> bool:
+        """Keeps why ``variable`` gets no gradient, if it is one of ours (any thread)."""
+        index = self._ids_by_object.get(id(variable))
+        if index is None:
+            index = self._ids_by_name.get(variable_name(variable))
+        if index is None:
+            return False
+        with self._lock:
+            self._diagnoses[index] = diagnosis_proto(index, diagnosis)
+        return True
+
+    def diagnoses(self) -> dict[int, pb.Diagnosis]:
+        """The latest diagnosis per variable id (sender thread)."""
+        with self._lock:
+            return dict(self._diagnoses)
 
     def registration(self) -> pb.RegisterRequest:
         return self._request

@@ -14,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from gradwatch.collector.alerts import Alert
@@ -145,6 +150,10 @@ class StateCollector(Collector):
             "gradwatch_variable_series_folded",
             f"Variables beyond the per-job series cap, folded into variable=\"{OTHER_VARIABLES}\".",
             labels=["training_job", "optimizer"])
+        causes = InfoMetricFamily(
+            "gradwatch_gradient_missing_cause",
+            "Why a variable without gradient gets none, as diagnosed by the agent: cause, and "
+            "the op and source line that break the path to the loss.", labels=VARIABLE_LABELS)
         keep = self.max_variable_series
         for group in self.registry.groups.values():
             agg = _variable_aggregates(group)
@@ -166,7 +175,14 @@ class StateCollector(Collector):
             for family, values in columns:
                 for name, value in zip(names, values, strict=True):
                     family.add_metric([*prefix, name], value)
-        yield from (norm, present, missing, nan, inf, folded)
+            absent = [c for c in group.causes if c < agg["present"].size
+                      and agg["reported"][c] and not agg["present"][c]]
+            for column in absent[:keep]:
+                cause = group.causes[column]
+                causes.add_metric([*prefix, group.names[column]], {
+                    "cause": cause.cause, "op_type": cause.op_type, "op": cause.op_name,
+                    "source": cause.source})
+        yield from (norm, present, missing, nan, inf, folded, causes)
 
     def _collector_metrics(self) -> Iterator[Metric]:
         t = self.telemetry

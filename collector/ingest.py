@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from gradwatch.collector.state import StepBatch
+from gradwatch.collector.state import MissingCause, StepBatch
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 _LABEL_VALUE = re.compile(r"^[^\x00-\x1f]*$")
@@ -33,6 +33,7 @@ class Limits:
     max_sessions: int = 10_000         # per collector
     max_label_length: int = 256        # job, task type, optimizer, variable names
     max_batch_steps: int = 256
+    max_text_length: int = 4_096       # diagnosis file paths, op names and explanations
 
     def batch_steps_for(self, num_statistics: int) -> int:
         """Largest batch (in steps) that fits the message limit with 2x headroom."""
@@ -122,3 +123,29 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
         inf_count=arrays["inf_count"].astype(np.float32),
         dropped_steps=batch.dropped_steps,
     )
+
+
+def decode_diagnoses(batch: pb.ReportBatch, num_variables: int,
+                     limits: Limits) -> dict[int, MissingCause]:
+    """Checks a batch's diagnoses; returns them by session variable id."""
+    causes = {}
+    for i, diagnosis in enumerate(batch.diagnoses):
+        if diagnosis.variable_id >= num_variables:
+            raise _invalid(f"diagnoses[{i}].variable_id is {diagnosis.variable_id}; the session "
+                           f"has {num_variables} variables")
+        if diagnosis.cause not in pb.Diagnosis.Cause.values() or not diagnosis.cause:
+            raise _invalid(f"diagnoses[{i}].cause {diagnosis.cause} is not a known cause")
+        for name in ("op_name", "op_type", "source_file", "reason", "hint", "message"):
+            value = getattr(diagnosis, name)
+            if len(value) > limits.max_text_length:
+                raise _invalid(f"diagnoses[{i}].{name} is {len(value)} characters; the limit is "
+                               f"{limits.max_text_length}")
+            if not _LABEL_VALUE.match(value):
+                raise _invalid(f"diagnoses[{i}].{name} contains control characters")
+        source = (f"{diagnosis.source_file}:{diagnosis.source_line}"
+                  if diagnosis.source_file else "")
+        causes[diagnosis.variable_id] = MissingCause(
+            cause=pb.Diagnosis.Cause.Name(diagnosis.cause).lower(),
+            op_name=diagnosis.op_name, op_type=diagnosis.op_type, source=source,
+            explanation=diagnosis.message)
+    return causes

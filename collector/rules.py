@@ -76,6 +76,17 @@ def _flagged(group: Group, flags: Callable[[SessionState], np.ndarray | None]
     return flagged, tasks
 
 
+def _causes(group: Group, columns: np.ndarray) -> str:
+    """Agents' diagnoses of these columns, variables sharing a cause listed together."""
+    by_explanation: dict[str, list[str]] = {}
+    for column in np.flatnonzero(columns):
+        cause = group.causes.get(int(column))
+        if cause is not None:
+            by_explanation.setdefault(cause.explanation, []).append(group.names[column])
+    return " | ".join(f"{_listing(names)}: {explanation}"
+                    for explanation, names in list(by_explanation.items())[:MAX_LISTED])
+
+
 class Rule:
     name: ClassVar[str]
 
@@ -102,11 +113,14 @@ class GradientMissing(Rule):
             return []
         all_missing = any(s.missing_in_last_batch.all() for s in _reporting(group))
         names = _names(group, missing)
+        causes = _causes(group, missing)
         return [_alert(
             self.name, "critical" if all_missing else "warning", group,
             f"{len(names)} of {len(group.names)} variables of {group.training_job} "
             f"({group.optimizer}) get no gradient",
-            "These variables are not being trained.", names, tasks)]
+            "These variables are not being trained." + (f" Why: {causes}" if causes else ""),
+            names, tasks, causes=causes or "not diagnosed (gradwatch diagnoses "
+            "GradientTape-based training; see docs/diagnosis.md)")]
 
 
 class GradientNonFinite(Rule):

@@ -16,6 +16,7 @@ from gradwatch.collector.ingest import (
     InvalidReport,
     Limits,
     decode_batch,
+    decode_diagnoses,
     validate_registration,
 )
 from gradwatch.collector.rules import RuleEngine
@@ -81,10 +82,16 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                     continue
                 decoded = decode_batch(batch, session.num_replicas, session.num_variables,
                                        self.limits)
+                causes = decode_diagnoses(batch, session.num_variables, self.limits)
             except InvalidReport as error:
                 await self._reject(context, error)
                 return
             session.apply(batch.sequence, decoded)
+            for variable_id, cause in causes.items():
+                session.group.causes[int(session.columns[variable_id])] = cause
+                log.info("%s/%s %s: %s gets no gradient: %s", session.group.training_job,
+                         session.task, session.group.optimizer,
+                         session.group.names[session.columns[variable_id]], cause.explanation)
             session.closed = batch.final
             self.rules.on_batch(session, decoded)
             self.telemetry.batches += 1

@@ -31,6 +31,17 @@ class StepBatch:
     dropped_steps: int
 
 
+@dataclass(frozen=True)
+class MissingCause:
+    """An agent's diagnosis of why a variable gets no gradient."""
+
+    cause: str  # "unused", "broken_at_op", ... (lower-case proto enum name)
+    op_name: str
+    op_type: str
+    source: str  # "file:line", or "" when no op is involved
+    explanation: str  # cause and fix, in plain sentences
+
+
 @dataclass
 class SessionState:
     """One registered stream: a task's optimizer, with its latest step and totals."""
@@ -113,6 +124,8 @@ class Group:
     names: list[str] = field(default_factory=list)  # column → variable name
     column_of: dict[str, int] = field(default_factory=dict)
     sessions: dict[str, SessionState] = field(default_factory=dict)
+    #: Why a column gets no gradient, as the latest diagnosing task said.
+    causes: dict[int, MissingCause] = field(default_factory=dict)
 
     def columns_for(self, names: list[str]) -> np.ndarray:
         for name in names:

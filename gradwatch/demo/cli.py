@@ -42,6 +42,9 @@ def _show_alert(alert: dict) -> None:
     print(f"  summary:   {notes.get('summary')}")
     print(f"  variables: {notes.get('variables')}")
     print(f"  tasks:     {notes.get('tasks')}")
+    print("  causes:")
+    for cause in notes.get("causes", "").split(" | "):
+        print(f"    {cause}")
     print(f"  runbook:   {notes.get('runbook_url')}")
 
 
@@ -52,6 +55,7 @@ def _show_metrics(text: str) -> None:
         "gradwatch_variables_without_gradient": lambda v: True,
         "gradwatch_gradient_present": lambda v: v == 0,
         "gradwatch_gradient_missing_steps_total": lambda v: v > 0,
+        "gradwatch_gradient_missing_cause_info": lambda v: True,
     }
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -76,18 +77,58 @@ class StepReport(_message.Message):
     def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., present: _Optional[bytes] = ..., l2_norm: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., nan_count: _Optional[bytes] = ..., inf_count: _Optional[bytes] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
-    __slots__ = ("session_id", "sequence", "steps", "dropped_steps", "final")
+    __slots__ = ("session_id", "sequence", "steps", "dropped_steps", "final", "diagnoses")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
     dropped_steps: int
     final: bool
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    diagnoses: _containers.RepeatedCompositeFieldContainer[Diagnosis]
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ..., final: _Optional[bool] = ..., diagnoses: _Optional[_Iterable[_Union[Diagnosis, _Mapping]]] = ...) -> None: ...
+
+class Diagnosis(_message.Message):
+    __slots__ = ("variable_id", "cause", "op_name", "op_type", "source_file", "source_line", "reason", "hint", "message")
+    class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CAUSE_UNSPECIFIED: _ClassVar[Diagnosis.Cause]
+        UNUSED: _ClassVar[Diagnosis.Cause]
+        NOT_ON_LOSS_PATH: _ClassVar[Diagnosis.Cause]
+        BROKEN_AT_OP: _ClassVar[Diagnosis.Cause]
+        LEFT_TENSORFLOW: _ClassVar[Diagnosis.Cause]
+        OUTSIDE_TAPE: _ClassVar[Diagnosis.Cause]
+        UNKNOWN: _ClassVar[Diagnosis.Cause]
+    CAUSE_UNSPECIFIED: Diagnosis.Cause
+    UNUSED: Diagnosis.Cause
+    NOT_ON_LOSS_PATH: Diagnosis.Cause
+    BROKEN_AT_OP: Diagnosis.Cause
+    LEFT_TENSORFLOW: Diagnosis.Cause
+    OUTSIDE_TAPE: Diagnosis.Cause
+    UNKNOWN: Diagnosis.Cause
+    VARIABLE_ID_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    OP_NAME_FIELD_NUMBER: _ClassVar[int]
+    OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FILE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LINE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    variable_id: int
+    cause: Diagnosis.Cause
+    op_name: str
+    op_type: str
+    source_file: str
+    source_line: int
+    reason: str
+    hint: str
+    message: str
+    def __init__(self, variable_id: _Optional[int] = ..., cause: _Optional[_Union[Diagnosis.Cause, str]] = ..., op_name: _Optional[str] = ..., op_type: _Optional[str] = ..., source_file: _Optional[str] = ..., source_line: _Optional[int] = ..., reason: _Optional[str] = ..., hint: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("session_id", "sequence")

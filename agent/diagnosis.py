@@ -1,0 +1,233 @@
+"""Why did a variable get no gradient? One verdict per variable, from the forward graph.
+
+`diagnose` walks a `ForwardGraph` from the variable's resource handle towards
+the loss. The gradient registry decides which ops pass a gradient on:
+
+- **unused**: no op reads the variable (a layer that is never called);
+- **not_on_loss_path**: read, but nothing read from it reaches the loss (a metric);
+- **left_tensorflow**: (eager) a value derived from it became a host value
+  (``.numpy()``, ``float()``, NumPy) and came back as a constant;
+- **broken_at_op**: every path to the loss crosses an op that passes no gradient
+  (``StopGradient``, comparisons, ``Floor``/``Round``/``ArgMax``, a cast to an
+  integer, no registered gradient, a ``tf.custom_gradient`` returning None);
+- **outside_tape**: the path exists but ran before the ``GradientTape`` started;
+- **unknown**: none of the above explains it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import tensorflow as tf
+from tensorflow.python.framework import ops
+
+from gradwatch.agent.forward_graph import ForwardGraph, Node, Source
+
+
+class Cause(enum.Enum):
+    UNUSED = "unused"
+    NOT_ON_LOSS_PATH = "not_on_loss_path"
+    BROKEN_AT_OP = "broken_at_op"
+    LEFT_TENSORFLOW = "left_tensorflow"
+    OUTSIDE_TAPE = "outside_tape"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The verdict for one variable. ``op_*`` and ``source`` name the op to look at
+    (absent for ``unused``); ``reason`` says what that op does wrong."""
+
+    variable: str
+    cause: Cause
+    op_name: str = ""
+    op_type: str = ""
+    source: Source | None = None
+    reason: str = ""
+    hint: str = ""
+
+    def message(self) -> str:
+        """Plain sentences for logs and the doctor report."""
+        return f"{self.variable} gets no gradient: {self.explanation()}"
+
+    def explanation(self) -> str:
+        """The cause and the fix, without the variable's name (variables sharing a
+        cause are listed together in alerts)."""
+        where = f" at {self.source}" if self.source else ""
+        op = f"{self.op_type} op '{self.op_name}'{where}"
+        text = {
+            Cause.UNUSED: "it is never read by the computation of the loss",
+            Cause.NOT_ON_LOSS_PATH: f"it is read by {op}, but nothing computed from it "
+                                    "reaches the loss",
+            Cause.LEFT_TENSORFLOW: f"the output of {op} left TensorFlow ({self.reason}) and "
+                                   "came back as a constant",
+            Cause.BROKEN_AT_OP: f"the path to the loss crosses {op}, which {self.reason}",
+            Cause.OUTSIDE_TAPE: f"{op} ran before the GradientTape started recording",
+            Cause.UNKNOWN: "gradwatch found a differentiable path to the loss; "
+                           "the gradient was lost elsewhere",
+        }[self.cause]
+        return f"{text[0].upper()}{text[1:]}." + (f" Fix: {self.hint}" if self.hint else "")
+
+
+#: Ops whose registered gradient returns None for every input.
+NONE_GRADIENTS = frozenset({
+    "Floor", "Ceil", "Round", "Rint", "FloorDiv", "TruncateDiv", "ArgMax", "ArgMin",
+})
+
+HINTS = {
+    "Floor": "use a straight-through estimator, x + tf.stop_gradient(tf.floor(x) - x), "
+             "or a smooth surrogate.",
+    "Round": "use a straight-through estimator, x + tf.stop_gradient(tf.round(x) - x).",
+    "ArgMax": "use tf.nn.softmax (soft selection) instead of argmax inside the loss.",
+    "StopGradient": "remove tf.stop_gradient from the path to the loss, or make the "
+                    "variable non-trainable if freezing it is intended.",
+    "Cast": "keep the value in a floating-point dtype on the path to the loss.",
+    "comparison": "comparisons have no gradient; use a smooth relaxation "
+                  "(e.g. tf.sigmoid(k * (a - b))) instead of a boolean test.",
+    "custom_gradient": "make the tf.custom_gradient grad_fn return a tensor for this input.",
+    "no_gradient": "register a gradient for this op (tf.RegisterGradient) or avoid it on the "
+                   "path to the loss.",
+    Cause.UNUSED: "call the layer in the forward pass, or remove it (or set "
+                  "trainable=False) if it is not meant to train.",
+    Cause.NOT_ON_LOSS_PATH: "add its output to the loss, or exclude the variable from the "
+                            "optimizer (trainable=False).",
+    Cause.LEFT_TENSORFLOW: "keep the math in TensorFlow ops (tf.math instead of NumPy, no "
+                           ".numpy() or float() inside the loss).",
+    Cause.OUTSIDE_TAPE: "compute the forward pass inside the `with tf.GradientTape()` block.",
+}
+HINTS["Ceil"] = HINTS["Rint"] = HINTS["Floor"]
+HINTS["ArgMin"] = HINTS["ArgMax"]
+HINTS["FloorDiv"] = HINTS["TruncateDiv"] = "use tf.math.divide (true division)."
+
+_COMPARISONS = frozenset({"Less", "LessEqual", "Greater", "GreaterEqual", "Equal", "NotEqual"})
+
+
+def _carries_gradient(dtype: tf.DType) -> bool:
+    return dtype.is_floating or dtype.is_complex or dtype in (tf.resource, tf.variant)
+
+
+def _gradient_function(op_type: str) -> tuple[bool, object]:
+    try:
+        return True, ops._gradient_registry.lookup(op_type)
+    except LookupError:
+        return False, None
+
+
+def why_blocked(node: Node, index: int) -> str | None:
+    """Why ``node`` passes no gradient from input ``index`` to its outputs, or None."""
+    if node.link:
+        return None
+    if not _carries_gradient(node.input_dtypes[index]):
+        return f"takes a {node.input_dtypes[index].name} input"
+    if node.custom_gradient:
+        return None  # judged last, see `diagnose`
+    registered, function = _gradient_function(node.type)
+    if not registered:
+        return "has no registered gradient"
+    if function is None:
+        return "is not differentiable"
+    if node.type in NONE_GRADIENTS:
+        return "has a gradient defined as None"
+    if node.output_dtypes and not any(_carries_gradient(d) for d in node.output_dtypes):
+        dtypes = ", ".join(sorted({d.name for d in node.output_dtypes}))
+        source = node.input_dtypes[index].name
+        return (f"casts {source} to {dtypes}" if node.type == "Cast"
+                else f"outputs {dtypes}, which carries no gradient")
+    return None
+
+
+def _hint(node: Node, why: str) -> str:
+    if node.custom_gradient:
+        return HINTS["custom_gradient"]
+    if node.type in HINTS:
+        return HINTS[node.type]
+    if node.type in _COMPARISONS or "bool" in why:
+        return HINTS["comparison"]
+    if why == "has no registered gradient":
+        return HINTS["no_gradient"]
+    if "int" in why:
+        return HINTS["Cast"]
+    return ""
+
+
+def _at(variable: str, cause: Cause, node: Node, reason: str = "", hint: str = "") -> Diagnosis:
+    return Diagnosis(variable, cause, node.name, node.type, node.source, reason,
+                     hint or HINTS.get(cause, ""))
+
+
+def diagnose(graph: ForwardGraph, variable: str, handles: list[int],
+             targets: list[int]) -> Diagnosis:
+    """The verdict for ``variable``, whose resource handles (eager ids) are ``handles``,
+    given that its gradient of ``targets`` (the loss tensors) was None."""
+    start = [graph.handles.get(h, h) for h in handles]
+    readers = _readers(graph, start)
+    if not readers:
+        return Diagnosis(variable, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
+    upstream = graph.ancestors(targets)
+    everything = set(graph.producer) | set(start)
+    downstream, _ = graph.flow(start, everything, lambda node, index: None)
+    if not downstream & upstream:
+        conversion = _round_trip(graph, downstream, upstream)
+        if conversion is not None:
+            node, how, source = conversion
+            return Diagnosis(variable, Cause.LEFT_TENSORFLOW, node.name, node.type, source, how,
+                             HINTS[Cause.LEFT_TENSORFLOW])
+        return _at(variable, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers, downstream,
+                                                                      graph))
+    targets_set = set(targets)
+    reached, stopped = graph.flow(start, upstream, why_blocked)
+    if not reached & targets_set:
+        node, why = min(stopped, key=lambda s: s[0].order)
+        return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+
+    def outside_tape(node: Node, index: int) -> str | None:
+        return why_blocked(node, index) or (None if node.recorded else "outside")
+
+    reached, stopped = graph.flow(start, upstream, outside_tape)
+    if not reached & targets_set:
+        node = min((n for n, why in stopped if why == "outside"), key=lambda n: n.order)
+        return _at(variable, Cause.OUTSIDE_TAPE, node)
+
+    def custom(node: Node, index: int) -> str | None:
+        return why_blocked(node, index) or (
+            f"has a custom gradient ({node.custom_gradient}) that returns None"
+            if node.custom_gradient else None)
+
+    reached, stopped = graph.flow(start, upstream, custom)
+    if not reached & targets_set:
+        node, why = min(stopped, key=lambda s: s[0].order)
+        return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+    return Diagnosis(variable, Cause.UNKNOWN)
+
+
+def _readers(graph: ForwardGraph, handles: list[int]) -> list[Node]:
+    """Ops that read a value from the handles (through function boundaries), not the
+    ones that only check or assign (``VarIsInitializedOp``, ``AssignVariableOp``)."""
+    def passes_handle(node: Node, index: int) -> str | None:
+        return None if node.link or set(node.output_dtypes) == {tf.resource} else "reads"
+
+    _, readers = graph.flow(handles, set(graph.producer), passes_handle)
+    return sorted((node for node, _ in readers
+                   if any(_carries_gradient(d) and d != tf.resource for d in node.output_dtypes)),
+                  key=lambda n: n.order)
+
+
+def _first_user_node(readers: list[Node], downstream: set[int], graph: ForwardGraph) -> Node:
+    """The reader of the variable to point at: the first with a user source line."""
+    for node in readers:
+        if node.source is not None:
+            return node
+    return readers[0]
+
+
+def _round_trip(graph: ForwardGraph, downstream: set[int], upstream: set[int]
+                ) -> tuple[Node, str, Source | None] | None:
+    """A conversion of a tensor computed from the variable, followed by a host-made
+    tensor that the loss depends on: the value left TensorFlow and came back."""
+    host_made = [graph.first_seen.get(k, 1 << 62) for k in upstream if k not in graph.producer]
+    for conversion in graph.conversions:
+        if conversion.tensor in downstream and any(t > conversion.order for t in host_made):
+            node = graph.producer[conversion.tensor]
+            return node, f"via {conversion.how}", conversion.source
+    return None
