@@ -8,7 +8,7 @@ Two builders produce the same `ForwardGraph`:
   calls, ``tf.cond`` branches and ``tf.while_loop`` bodies inlined through
   *link* nodes, so a call is followed, never treated as a break;
 - `EagerRecorder`: eager ops recorded through an op callback, plus the tensors
-  that left TensorFlow (``.numpy()``, ``float()``, ``np.asarray``).
+  that left TensorFlow (``.numpy()``, ``float()``, NumPy functions called as ``np.*``).
 
 Tensors are identified by ``id()``; the graph (or the recorder) keeps them
 alive, so ids are never reused while it exists. Built at trace time or during
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record
 from tensorflow.python.framework import op_callbacks, ops
@@ -267,6 +268,28 @@ def _link(op: tf.Operation, source: Any, target: Any, order: int, recorded: bool
 # -- from eager execution -------------------------------------------------------------------
 
 _CONVERSIONS = ("numpy", "__array__", "__float__", "__int__", "__index__", "__complex__")
+#: NumPy reads eager tensors through the buffer protocol, which Python cannot intercept;
+#: while recording, these NumPy entry points (and every ufunc) note tensor arguments.
+_NUMPY_FUNCTIONS = ("array", "asarray", "asanyarray", "mean", "sum", "prod", "max", "min",
+                    "amax", "amin", "round", "around", "clip", "std", "var", "average",
+                    "argmax", "argmin", "where", "dot", "matmul", "stack", "concatenate")
+
+
+class _NumpyWatch:
+    """Stands in for a NumPy function or ufunc: notes eager tensor arguments, then calls
+    it; attributes (``np.add.reduce``) pass through."""
+
+    def __init__(self, function: Any, name: str, note: Callable[[Any, str], None]) -> None:
+        self._function, self._name, self._note = function, name, note
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, ops.EagerTensor):
+                self._note(arg, f"numpy.{self._name}")
+        return self._function(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)
 
 
 class EagerRecorder:
@@ -303,6 +326,11 @@ class EagerRecorder:
                 setattr(base, name, self._conversion(name, original))
         self._originals["record_operation"] = record.record_operation
         record.record_operation = self._on_record_operation
+        self._numpy_originals = {}
+        for name, value in vars(np).items():
+            if isinstance(value, np.ufunc) or name in _NUMPY_FUNCTIONS:
+                self._numpy_originals[name] = value
+                setattr(np, name, _NumpyWatch(value, name, self._note_conversion))
         self.active = True
 
     def stop(self) -> ForwardGraph:
@@ -312,6 +340,8 @@ class EagerRecorder:
             for name, original in self._originals.items():
                 setattr(ops._EagerTensorBase, name, original)
             self._originals.clear()
+            for name, original in self._numpy_originals.items():
+                setattr(np, name, original)
             self.active = False
         return self.graph
 
@@ -347,14 +377,17 @@ class EagerRecorder:
                     node.custom_gradient = op_type
         return self._originals["record_operation"](op_type, outputs, inputs, *args, **kwargs)
 
+    def _note_conversion(self, tensor: Any, how: str) -> None:
+        if self.active and id(tensor) in self.graph.producer:
+            with self._lock:
+                self.graph.conversions.append(
+                    Conversion(id(tensor), how, self._next(), caller_source()))
+
     def _conversion(self, how: str, original: Callable[..., Any]) -> Callable[..., Any]:
         recorder = self
 
         def convert(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-            if recorder.active and id(tensor) in recorder.graph.producer:
-                with recorder._lock:
-                    recorder.graph.conversions.append(
-                        Conversion(id(tensor), how, recorder._next(), caller_source()))
+            recorder._note_conversion(tensor, how)
             return original(tensor, *args, **kwargs)
 
         return convert

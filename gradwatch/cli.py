@@ -1,4 +1,4 @@
-"""The ``gradwatch`` command: ``collector``, ``demo``.
+"""The ``gradwatch`` command: ``collector``, ``demo``, ``doctor``.
 
 Subcommands import their side lazily, so ``gradwatch collector`` runs without
 TensorFlow installed.
@@ -18,11 +18,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="logging level (env GRADWATCH_LOG_LEVEL); default %(default)s")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from gradwatch import doctor_cli
     from gradwatch.collector import cli as collector_cli
     from gradwatch.demo import cli as demo_cli
 
     collector_cli.add_parser(subparsers)
     demo_cli.add_parser(subparsers)
+    doctor_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,339 @@
+"""The catalogue of broken gradients: each pattern's verdict, op type and source line,
+in eager custom loops, ``tf.function`` custom loops and Keras 3 ``model.fit``.
+
+Every pattern model computes ``healthy(trunk(x)) + broken(trunk(x))``: only the
+``head`` layer (used by the broken part) loses its gradient, the rest trains, as
+in the silent failures gradwatch exists for. ``# line:NAME`` comments mark the
+source line each diagnosis must point at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradwatch.agent import diagnose_missing_gradients
+from gradwatch.agent.diagnosis import Cause
+
+pytestmark = pytest.mark.timeout(120)
+
+_SOURCE = Path(__file__).read_text().splitlines()
+
+
+def lines(marker: str) -> set[int]:
+    """The lines of this file carrying ``# line:marker``."""
+    pattern = re.compile(rf"# line:{marker}\b")
+    return {i for i, text in enumerate(_SOURCE, 1) if pattern.search(text)}
+
+
+@tf.custom_gradient
+def quantize(t):
+    def grad(dy):
+        return None  # "quantization has no gradient": the classic custom-gradient bug
+
+    return tf.identity(t), grad
+
+
+class Pattern(keras.Model):
+    """A trunk, a healthy head, and ``broken(h)`` using the ``head`` layer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.trunk = keras.layers.Dense(8, activation="tanh", name="trunk")
+        self.healthy = keras.layers.Dense(1, name="healthy")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def build(self, input_shape):
+        self.trunk.build(input_shape)
+        for layer in (self.healthy, self.head):
+            layer.build((None, 8))
+
+    def call(self, x):
+        h = self.trunk(x)
+        return self.healthy(h) + self.broken(h, x)
+
+    def broken(self, h, x):
+        raise NotImplementedError
+
+
+class Floor(Pattern):
+    def broken(self, h, x):
+        return tf.math.floor(self.head(h))  # line:floor
+
+
+class Round(Pattern):
+    def broken(self, h, x):
+        return tf.round(self.head(h))  # line:round
+
+
+class ArgMax(Pattern):
+    def broken(self, h, x):
+        scores = tf.concat([self.head(h), -self.head(h)], axis=1)
+        return tf.cast(tf.argmax(scores, axis=1), tf.float32)[:, None]  # line:argmax
+
+
+class IntegerCast(Pattern):
+    def broken(self, h, x):
+        return tf.cast(tf.cast(self.head(h) * 10, tf.int32), tf.float32)  # line:cast
+
+
+class StopGradient(Pattern):
+    def broken(self, h, x):
+        return tf.stop_gradient(self.head(h))  # line:stop
+
+
+class Comparison(Pattern):
+    def broken(self, h, x):
+        return tf.cast(self.head(h) > 0, tf.float32)  # line:compare
+
+
+class CondBothBranchesBroken(Pattern):
+    def broken(self, h, x):
+        return tf.cond(tf.reduce_mean(x) > 0,
+                       lambda: tf.math.floor(self.head(h)),  # line:cond
+                       lambda: tf.math.floor(self.head(h) * 2))  # line:cond
+
+
+class IntegerEmbeddingIds(Pattern):
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.embedding = keras.layers.Embedding(16, 1, name="embedding")
+        self.embedding.build((None,))
+
+    def broken(self, h, x):
+        ids = tf.cast(tf.abs(self.head(h)[:, 0]) * 4, tf.int32) % 16  # line:ids
+        return self.embedding(ids)  # the embedding itself trains
+
+
+class CustomGradientNone(Pattern):
+    def broken(self, h, x):
+        return quantize(self.head(h))  # line:custom
+
+
+class UnusedLayer(Pattern):
+    def broken(self, h, x):
+        return 0.0 * tf.reduce_mean(h, axis=1, keepdims=True)  # ``head`` is never called
+
+
+class MetricOnly(Pattern):
+    def broken(self, h, x):
+        self.last_confidence = tf.reduce_mean(self.head(h))  # line:metric
+        return 0.0 * tf.reduce_mean(h, axis=1, keepdims=True)
+
+
+class PythonIf(Pattern):
+    """A Python ``if`` on a tensor picks one layer per step; eagerly the other one is
+    never read in that step. (Inside a traced Keras ``call`` TensorFlow refuses the
+    ``if`` with OperatorNotAllowedInGraphError: loud, nothing to diagnose.)"""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.other = keras.layers.Dense(1, name="other")
+        self.other.build((None, 8))
+
+    def broken(self, h, x):
+        if tf.reduce_mean(x) > 100.0:  # never true for this data
+            return self.head(h)
+        return self.other(h)
+
+
+class LeftTensorFlow(Pattern):
+    """Only meaningful eagerly (inside tf.function .numpy() raises)."""
+
+    def broken(self, h, x):
+        host = np.floor(self.head(h))  # line:numpy
+        return tf.constant(host)
+
+
+class DotNumpy(Pattern):
+    def broken(self, h, x):
+        return tf.constant(self.head(h).numpy() ** 2)  # line:dotnumpy
+
+
+# Healthy-looking patterns that must *not* be diagnosed.
+
+class WhereIsFine(Pattern):
+    def broken(self, h, x):
+        value = self.head(h)
+        return tf.where(value > 0, value, 0.1 * value)
+
+
+class FrozenHead(Pattern):
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.head.trainable = False
+
+    def broken(self, h, x):
+        return tf.stop_gradient(self.head(h))  # frozen on purpose: not trainable, not flagged
+
+
+@dataclass(frozen=True)
+class Expected:
+    cause: Cause
+    op_type: str | tuple[str, ...] = ""
+    marker: str = ""
+    layer: str = "head"
+
+
+CATALOGUE = {
+    Floor: Expected(Cause.BROKEN_AT_OP, "Floor", "floor"),
+    Round: Expected(Cause.BROKEN_AT_OP, "Round", "round"),
+    ArgMax: Expected(Cause.BROKEN_AT_OP, "ArgMax", "argmax"),
+    IntegerCast: Expected(Cause.BROKEN_AT_OP, "Cast", "cast"),
+    StopGradient: Expected(Cause.BROKEN_AT_OP, "StopGradient", "stop"),
+    Comparison: Expected(Cause.BROKEN_AT_OP, "Greater", "compare"),
+    CondBothBranchesBroken: Expected(Cause.BROKEN_AT_OP, "Floor", "cond"),
+    IntegerEmbeddingIds: Expected(Cause.BROKEN_AT_OP, "Cast", "ids"),
+    CustomGradientNone: Expected(Cause.BROKEN_AT_OP, ("IdentityN", "Identity"), "custom"),
+    UnusedLayer: Expected(Cause.UNUSED),
+    MetricOnly: Expected(Cause.NOT_ON_LOSS_PATH, "ReadVariableOp", "metric"),
+}
+MODES = ("eager", "function", "fit")
+EAGER_ONLY = {
+    PythonIf: Expected(Cause.UNUSED),
+    LeftTensorFlow: Expected(Cause.LEFT_TENSORFLOW, "AddV2", "numpy"),
+    DotNumpy: Expected(Cause.LEFT_TENSORFLOW, "AddV2", "dotnumpy"),
+}
+HEALTHY = (WhereIsFine, FrozenHead)
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(32, 4)).astype("float32"),
+            rng.normal(size=(32, 1)).astype("float32"))
+
+
+def train(model_class: type[Pattern], mode: str, steps: int = 2) -> dict:
+    """Trains a fresh model for ``steps`` steps in ``mode``; returns the diagnoses."""
+    keras.utils.set_random_seed(0)
+    model = model_class()
+    model.build((None, 4))
+    x, y = _data()
+    optimizer = keras.optimizers.SGD(0.01)
+    with diagnose_missing_gradients() as report:
+        if mode == "fit":
+            model.compile(optimizer=optimizer, loss="mse")
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        else:
+            def step(x, y):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(model(x) - y))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply(grads, model.trainable_variables)
+
+            step = tf.function(step) if mode == "function" else step
+            for i in range(steps):
+                step(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16])
+    return report.diagnoses
+
+
+def check(diagnoses: dict, expected: Expected) -> None:
+    suffixes = (f"/{expected.layer}/kernel", f"/{expected.layer}/bias")
+    assert sorted(v.endswith(suffixes) for v in diagnoses) == [True, True], \
+        f"exactly {expected.layer}'s kernel and bias are diagnosed: {diagnoses}"
+    layer_vars = set(diagnoses)
+    for name in layer_vars:
+        d = diagnoses[name]
+        assert d.cause is expected.cause, d.message()
+        op_types = (expected.op_type,) if isinstance(expected.op_type, str) else expected.op_type
+        assert d.op_type in op_types, d.message()
+        if expected.marker:
+            assert d.source is not None and d.source.file == __file__, d.message()
+            assert d.source.line in lines(expected.marker), d.message()
+        else:
+            assert d.source is None
+        assert d.hint, d.message()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model_class", list(CATALOGUE), ids=lambda c: c.__name__)
+def test_catalogue(model_class, mode):
+    check(train(model_class, mode), CATALOGUE[model_class])
+
+
+@pytest.mark.parametrize("model_class", list(EAGER_ONLY), ids=lambda c: c.__name__)
+def test_eager_only_patterns(model_class):
+    check(train(model_class, "eager"), EAGER_ONLY[model_class])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model_class", HEALTHY, ids=lambda c: c.__name__)
+def test_healthy_patterns_are_not_flagged(model_class, mode):
+    assert train(model_class, mode) == {}
+
+
+def test_forward_pass_outside_the_tape():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="late")])
+    x, y = _data()
+    for compiled in (False, True):
+        def step(x, y):
+            prediction = model(x)  # line:outside
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(prediction - y))
+            return tape.gradient(loss, model.trainable_variables)
+
+        with diagnose_missing_gradients() as report:
+            (tf.function(step) if compiled else step)(x, y)
+        assert {d.cause for d in report.diagnoses.values()} == {Cause.OUTSIDE_TAPE}, report
+        assert {d.source.line for d in report.diagnoses.values()} == lines("outside")
+
+
+def cnn() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.BatchNormalization(), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dropout(0.1), keras.layers.Dense(1)])
+
+
+def transformer_block() -> keras.Model:
+    inputs = keras.Input((6, 8))
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
+    h = keras.layers.LayerNormalization()(inputs + attended)
+    h = keras.layers.LayerNormalization()(h + keras.layers.Dense(8)(
+        keras.layers.Dense(16, activation="gelu")(h)))
+    return keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h)))
+
+
+def embedding_model() -> keras.Model:
+    ids = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(50, 8)(ids)
+    return keras.Model(ids, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h)))
+
+
+HEALTHY_MODELS = {
+    cnn: lambda rng: rng.normal(size=(16, 8, 8, 1)).astype("float32"),
+    transformer_block: lambda rng: rng.normal(size=(16, 6, 8)).astype("float32"),
+    embedding_model: lambda rng: rng.integers(0, 50, size=(16, 5)).astype("int32"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make_model", list(HEALTHY_MODELS), ids=lambda f: f.__name__)
+def test_healthy_models_get_no_diagnosis(make_model, mode):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    model, x = make_model(), HEALTHY_MODELS[make_model](rng)
+    y = rng.normal(size=(16, 1)).astype("float32")
+    optimizer = keras.optimizers.Adam(1e-3)
+    with diagnose_missing_gradients() as report:
+        if mode == "fit":
+            model.compile(optimizer=optimizer, loss="mse")
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        else:
+            def step():
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+                grads = tape.gradient(loss, model.trainable_variables)
+                assert all(g is not None for g in grads)
+                optimizer.apply(grads, model.trainable_variables)
+
+            for _ in range(2):
+                (tf.function(step) if mode == "function" else step)()
+    assert report.diagnoses == {}
