@@ -25,6 +25,7 @@ from typing import Any
 
 from gradwatch.agent import tape
 from gradwatch.agent.diagnosis import Diagnosis
+from gradwatch.agent.forward_graph import Source, user_source
 
 
 @dataclass
@@ -50,8 +51,9 @@ class Report:
             groups: dict[str, list[str]] = {}
             for d in self.diagnoses.values():
                 groups.setdefault(d.explanation(), []).append(d.variable)
+            causes = "1 cause" if len(groups) == 1 else f"{len(groups)} causes"
             lines = [f"gradwatch doctor: {len(self.diagnoses)} variables get no gradient "
-                     f"({len(groups)} causes)."]
+                     f"({causes})."]
             for n, (explanation, variables) in enumerate(groups.items(), 1):
                 lines.append(f"\n{n}. {', '.join(variables)}")
                 lines.append(f"   {explanation}")
@@ -92,9 +94,10 @@ def run_script(path: str, args: list[str]) -> Report:
                 if stop.code not in (None, 0):
                     report.error = f"the script exited with {stop.code}"
             except Exception as error:  # the classic: "No gradients provided for any variable"
-                frame = traceback.extract_tb(error.__traceback__)[-1]
-                report.error = (f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-                                f" ({os.path.basename(frame.filename)}:{frame.lineno})")
+                frames = traceback.extract_tb(error.__traceback__)
+                where = user_source(frames) or Source(frames[-1].filename, frames[-1].lineno)
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                report.error = f"{type(error).__name__}: {first_line} (at {where})"
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         if saved_disabled is None:

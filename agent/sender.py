@@ -5,9 +5,10 @@ it drains each session's new steps into a bounded host buffer, registers
 sessions the collector does not know yet, and writes batches on one ordered
 ``Report`` stream. Batches stay buffered until acknowledged; after a
 reconnect the unacknowledged ones are sent again with the same sequence
-numbers, and the collector drops duplicates. When the buffer is full the
-oldest steps are dropped and counted. Nothing here ever blocks the training
-thread: it only appends sessions under a lock.
+numbers, and the collector drops duplicates. Diagnoses of missing gradients
+ride on the next batch (one without steps if need be), once per registration.
+When the buffer is full the oldest steps are dropped and counted. Nothing here
+ever blocks the training thread: it only appends sessions under a lock.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class _Stream:
     diagnoses_sent: dict = field(default_factory=dict)
     pending: collections.deque = field(default_factory=collections.deque)  # StepReports
     unacked: collections.deque = field(default_factory=collections.deque)  # ReportBatches
+
+    def unsent_diagnoses(self) -> list[pb.Diagnosis]:
+        return [d for i, d in self.session.diagnoses().items()
+                if self.diagnoses_sent.get(i) is not d]
 
     def buffered_steps(self) -> int:
         return len(self.pending) + sum(len(b.steps) for b in self.unacked)
@@ -183,7 +188,7 @@ class Sender:
         while True:
             await self._register_new(stub)
             for stream in self._streams:
-                while stream.session_id and stream.pending:
+                while stream.session_id and (stream.pending or stream.unsent_diagnoses()):
                     steps = [stream.pending.popleft()
                              for _ in range(min(len(stream.pending), stream.max_batch_steps))]
                     await self._send(call, stream, acks, steps=steps)
@@ -210,8 +215,7 @@ class Sender:
             self._drain_sessions()
 
     async def _send(self, call, stream: _Stream, acks, **fields) -> None:
-        diagnoses = [d for i, d in stream.session.diagnoses().items()
-                     if stream.diagnoses_sent.get(i) is not d]
+        diagnoses = stream.unsent_diagnoses()
         stream.diagnoses_sent.update((d.variable_id, d) for d in diagnoses)
         batch = pb.ReportBatch(session_id=stream.session_id, sequence=stream.next_sequence,
                                dropped_steps=stream.dropped, diagnoses=diagnoses, **fields)

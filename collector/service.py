@@ -87,8 +87,8 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                 await self._reject(context, error)
                 return
             session.apply(batch.sequence, decoded)
+            session.set_causes(causes)
             for variable_id, cause in causes.items():
-                session.group.causes[int(session.columns[variable_id])] = cause
                 log.info("%s/%s %s: %s gets no gradient: %s", session.group.training_job,
                          session.task, session.group.optimizer,
                          session.group.names[session.columns[variable_id]], cause.explanation)

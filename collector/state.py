@@ -115,6 +115,12 @@ class SessionState:
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
 
 
+    def set_causes(self, causes: dict[int, MissingCause]) -> None:
+        """Records the agent's diagnoses, by this session's variable ids."""
+        for variable_id, cause in causes.items():
+            self.group.causes[int(self.columns[variable_id])] = cause
+
+
 @dataclass
 class Group:
     """All sessions of one training job and optimizer."""

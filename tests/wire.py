@@ -31,3 +31,13 @@ def step(step: int, present, norm=None, nan=None, inf=None, max_abs=None) -> pb.
 
 def batch(session_id: str, sequence: int, *steps: pb.StepReport) -> pb.ReportBatch:
     return pb.ReportBatch(session_id=session_id, sequence=sequence, steps=list(steps))
+
+
+def diagnosis(variable_id: int, cause: str = "BROKEN_AT_OP", **fields) -> pb.Diagnosis:
+    defaults = {"op_name": "model/Floor", "op_type": "Floor", "source_file": "/app/train.py",
+                "source_line": 42, "reason": "has a gradient defined as None",
+                "hint": "use a straight-through estimator",
+                "message": "The path to the loss crosses Floor op 'model/Floor' at "
+                           "/app/train.py:42. Fix: use a straight-through estimator."}
+    return pb.Diagnosis(variable_id=variable_id, cause=pb.Diagnosis.Cause.Value(cause),
+                        **{**defaults, **fields})

@@ -114,6 +114,23 @@ def test_malformed_batch_is_rejected_and_others_keep_being_served(stub, collecto
         "optimizer=sgd,task_index=0,task_type=worker,training_job=bad": 0.0}
 
 
+def test_diagnoses_reach_metrics_and_a_bad_one_is_rejected_whole(stub, collector):
+    session = stub.Register(wire.registration(job="diagnosed"), timeout=5).session_id
+    stream = Stream(stub)
+    batch = wire.batch(session, 1, wire.step(0, [1, 0, 1]))
+    batch.diagnoses.append(wire.diagnosis(1))
+    assert stream.send(batch).sequence == 1
+    bad = wire.batch(session, 2, wire.step(1, [1, 0, 0]))
+    bad.diagnoses.extend([wire.diagnosis(2, "UNUSED"), wire.diagnosis(7)])
+    assert stream.send(bad) is None
+    assert stream.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "diagnoses[1].variable_id is 7" in stream.error.details()
+    info = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    assert [(labels["variable"], labels["op_type"], labels["source"]) for labels, _ in info
+            if labels["training_job"] == "diagnosed"] == [
+        ("dense/v1", "Floor", "/app/train.py:42")]  # nothing of the rejected batch
+
+
 def test_unknown_session_is_not_found(stub):
     stream = Stream(stub)
     assert stream.send(wire.batch("no-such-session", 1, wire.step(0, [1, 1, 1]))) is None

@@ -1,9 +1,12 @@
 """``gradwatch demo`` end to end: collector, distributed training, alert, metrics."""
 
+import inspect
 import subprocess
 import sys
 
 import pytest
+
+from gradwatch.demo import training
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +21,16 @@ def test_demo_shows_the_alert_and_metrics():
             "broken_model/unused_projection/kernel, broken_model/unused_projection/bias") in out
     assert 'gradwatch_gradient_present{optimizer="adam",training_job="gradwatch-demo",' \
            'variable="broken_model/unused_projection/bias"} 0' in out
+    # Why: the op and the line that break the chain, and the unused layer.
+    floor_line = next(i for i, text in enumerate(inspect.getsource(training).splitlines(), 1)
+                      if "tf.math.floor(self.price(h))" in text)
+    assert (f"broken_model/price/kernel, broken_model/price/bias: The path to the loss crosses "
+            f"Floor op 'broken_model_1/Floor' at {training.__file__}:{floor_line}") in out
+    assert ("broken_model/unused_projection/kernel, broken_model/unused_projection/bias: It is "
+            "never read") in out
+    assert (f'gradwatch_gradient_missing_cause_info{{cause="broken_at_op",'
+            f'op="broken_model_1/Floor",op_type="Floor",optimizer="adam",'
+            f'source="{training.__file__}:{floor_line}"') in out
     for replica in ("0", "1"):  # MirroredStrategy: both replicas reported
         assert (f'gradwatch_variables_without_gradient{{optimizer="adam",replica="{replica}"'
                 in out)

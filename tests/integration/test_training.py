@@ -6,6 +6,9 @@ asserts on the scraped ``/metrics`` and on alerts the webhook received.
 
 from __future__ import annotations
 
+import inspect
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -175,10 +178,11 @@ def numpy_loss(model, x, y):
     return tf.constant(np.mean((model(x).numpy() - y) ** 2))
 
 
-@pytest.mark.parametrize("loss_fn, compiled", [
-    (floor_loss, True), (argmax_loss, True), (numpy_loss, False)])
+@pytest.mark.parametrize("loss_fn, compiled, cause, op_type", [
+    (floor_loss, True, "broken_at_op", "Floor"), (argmax_loss, True, "broken_at_op", "ArgMax"),
+    (numpy_loss, False, "left_tensorflow", "AddV2")])
 def test_broken_loss_leaves_every_variable_without_gradient(collector, webhook, job_name,
-                                                            loss_fn, compiled):
+                                                            loss_fn, compiled, cause, op_type):
     model = small_model()
 
     def step(x, y):
@@ -199,6 +203,12 @@ def test_broken_loss_leaves_every_variable_without_gradient(collector, webhook, 
     samples = scrape(collector, job_name)
     assert set(select(samples, "gradwatch_gradient_present").values()) == {0.0}
     assert list(select(samples, "gradwatch_variables_without_gradient").values()) == [4.0]
+    # Why, down to the line of the loss function (eagerly: diagnosed on the second step).
+    line = inspect.getsourcelines(loss_fn)[1] + 1
+    causes = samples["gradwatch_gradient_missing_cause_info"]
+    assert len(causes) == 4
+    assert {(c["cause"], c["op_type"], c["source"]) for c, _ in causes} == {
+        (cause, op_type, f"{__file__}:{line}")}
 
 
 def test_model_fit_that_keras_rejects_still_reports(collector, webhook, job_name):
@@ -212,6 +222,9 @@ def test_model_fit_that_keras_rejects_still_reports(collector, webhook, job_name
     assert monitor.close()
     alert = wait_for_alert(webhook, job_name)
     assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["causes"].startswith(
+        "model/hidden/kernel, model/hidden/bias, model/out/kernel, model/out/bias: The path to "
+        "the loss crosses Floor op")
 
 
 def test_nan_in_one_gradient_is_counted(collector, webhook, job_name):
@@ -358,3 +371,32 @@ def test_model_fit_under_xla_keeps_every_step(collector, webhook, job_name):
     assert list(select(samples, "gradwatch_last_step").values()) == [15.0]
     assert list(select(samples, "gradwatch_dropped_steps_total").values()) == [0.0]
     assert alerts_for(webhook, job_name) == []
+
+
+def test_diagnoses_are_sent_again_to_a_restarted_collector(job_name):
+    """A collector that restarts lost everything: the agent registers again and re-sends
+    the diagnoses with its next batch (there will be no new trace to re-diagnose)."""
+    from gradwatch.testing import CollectorProcess
+
+    from services import free_port
+
+    port = free_port()
+    model = ModelWithUnusedLayer()
+    model.build((None, 4))
+    monitor = GradientMonitor(collector=f"127.0.0.1:{port}", training_job=job_name,
+                              flush_interval_s=0.05)
+    step = tf.function(lambda: monitor.observe(mse_gradients(model), model.trainable_variables))
+    for collector_run in range(2):
+        with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
+            for _ in range(3):
+                step()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                causes = scrape(collector, job_name).get("gradwatch_gradient_missing_cause_info")
+                if causes:
+                    break
+                time.sleep(0.1)
+            assert {(c["variable"], c["cause"]) for c, _ in causes or []} == {
+                ("partly_unused/unused/kernel", "unused"), ("partly_unused/unused/bias", "unused")
+            }, f"collector run {collector_run}: {scrape(collector, job_name)}\n{collector.log()}"
+    monitor.close(timeout_s=1)

@@ -61,3 +61,17 @@ def test_variable_series_are_capped_and_folded():
     assert select(samples, "gradwatch_gradient_present")[OTHER_VARIABLES] == 0.0
     assert select(samples, "gradwatch_variable_series_folded") == {
         "optimizer=adam,training_job=job": 6.0}
+
+
+def test_missing_cause_info_for_variables_without_gradient():
+    from gradwatch.collector.state import MissingCause
+
+    registry = Registry()
+    w0 = registry.register("job", "adam", "worker", 0, 1, ["a", "b", "c"])
+    floor = MissingCause("broken_at_op", "model/Floor", "Floor", "/app/train.py:42", "...")
+    w0.set_causes({1: floor, 2: MissingCause("unused", "", "", "", "...")})
+    feed(w0, [1, 0, 1], [1.0, 0.0, 2.0])  # c has a gradient again: its cause is stale
+    info = render(registry)["gradwatch_gradient_missing_cause_info"]
+    assert info == [({"training_job": "job", "optimizer": "adam", "variable": "b",
+                      "cause": "broken_at_op", "op_type": "Floor", "op": "model/Floor",
+                      "source": "/app/train.py:42"}, 1.0)]

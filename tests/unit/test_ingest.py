@@ -77,3 +77,36 @@ def test_a_step_larger_than_half_the_message_limit_is_refused_at_registration():
         validate_registration(request, limits)
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "message limit is 1000000" in raised.value.message
+
+
+def test_diagnoses_decode_by_variable_id():
+    from gradwatch.collector.ingest import decode_diagnoses
+
+    batch = wire.batch("s", 1, wire.step(0, [1, 0, 0]))
+    batch.diagnoses.extend([wire.diagnosis(1), wire.diagnosis(2, "UNUSED", op_name="",
+                                                               op_type="", source_file="")])
+    causes = decode_diagnoses(batch, 3, LIMITS)
+    assert causes[1].cause == "broken_at_op" and causes[1].source == "/app/train.py:42"
+    assert causes[1].op_type == "Floor" and "straight-through" in causes[1].explanation
+    assert causes[2].cause == "unused" and causes[2].source == ""
+
+
+@pytest.mark.parametrize("diagnosis, message", [
+    (wire.diagnosis(3), "diagnoses[0].variable_id is 3; the session has 3 variables"),
+    (wire.diagnosis(0, "CAUSE_UNSPECIFIED"), "diagnoses[0].cause 0 is not a known cause"),
+    (wire.diagnosis(0), None),
+    (wire.diagnosis(0, message="x" * 5000), "diagnoses[0].message is 5000 characters"),
+    (wire.diagnosis(0, op_name="a\x00b"), "diagnoses[0].op_name contains control"),
+])
+def test_invalid_diagnoses_are_rejected(diagnosis, message):
+    from gradwatch.collector.ingest import decode_diagnoses
+
+    batch = wire.batch("s", 1)
+    if message is None:  # an unknown enum number (a newer agent): rejected, not guessed
+        diagnosis.cause = 99
+        message = "diagnoses[0].cause 99 is not a known cause"
+    batch.diagnoses.append(diagnosis)
+    with pytest.raises(InvalidReport) as raised:
+        decode_diagnoses(batch, 3, LIMITS)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.message

@@ -340,3 +340,27 @@ def test_dispatcher_resends_only_to_sinks_that_want_them():
     am_got, hook_got, outcomes = asyncio.run(scenario())
     assert len(am_got) == 2 and len(hook_got) == 1
     assert outcomes == {("am", "sent"): 2, ("hook", "sent"): 1}
+
+
+def test_missing_gradient_alert_explains_why_grouped_by_cause():
+    from gradwatch.collector.state import MissingCause
+
+    h = Harness()
+    s = h.register(names=("trunk", "head/kernel", "head/bias", "unused/kernel"))
+    floor = MissingCause("broken_at_op", "m/Floor", "Floor", "train.py:42",
+                         "The path to the loss crosses Floor op 'm/Floor' at train.py:42.")
+    unused = MissingCause("unused", "", "", "", "It is never read.")
+    s.set_causes({1: floor, 2: floor, 3: unused})
+    h.feed(s, [1, 0, 0, 0])
+    (alert,) = h.active("GradientMissing")
+    assert alert.annotations["causes"] == (
+        "head/kernel, head/bias: The path to the loss crosses Floor op 'm/Floor' at "
+        "train.py:42. | unused/kernel: It is never read.")
+    assert "Why: head/kernel, head/bias: The path" in alert.annotations["description"]
+
+
+def test_undiagnosed_missing_gradient_says_so():
+    h = Harness()
+    h.feed(h.register(), [1, 0, 1])
+    (alert,) = h.active("GradientMissing")
+    assert alert.annotations["causes"].startswith("not diagnosed")
