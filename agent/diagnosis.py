@@ -1,6 +1,6 @@
 """Why did a variable get no gradient? One verdict per variable, from the forward graph.
 
-`diagnose` walks a `ForwardGraph` from the variable's resource handle towards
+`Diagnoser` walks a `ForwardGraph` from the variable's resource handle towards
 the loss. The gradient registry decides which ops pass a gradient on:
 
 - **unused**: no op reads the variable (a layer that is never called);
@@ -156,49 +156,62 @@ def _at(variable: str, cause: Cause, node: Node, reason: str = "", hint: str = "
                      hint or HINTS.get(cause, ""))
 
 
-def diagnose(graph: ForwardGraph, variable: str, handles: list[int],
-             targets: list[int]) -> Diagnosis:
-    """The verdict for ``variable``, whose resource handles (eager ids) are ``handles``,
-    given that its gradient of ``targets`` (the loss tensors) was None."""
-    start = [graph.handles.get(h, h) for h in handles]
-    readers = _readers(graph, start)
-    if not readers:
-        return Diagnosis(variable, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
-    upstream = graph.ancestors(targets)
-    everything = set(graph.producer) | set(start)
-    downstream, _ = graph.flow(start, everything, lambda node, index: None)
-    if not downstream & upstream:
-        conversion = _round_trip(graph, downstream, upstream)
-        if conversion is not None:
-            node, how, source = conversion
-            return Diagnosis(variable, Cause.LEFT_TENSORFLOW, node.name, node.type, source, how,
-                             HINTS[Cause.LEFT_TENSORFLOW])
-        return _at(variable, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers, downstream,
-                                                                      graph))
-    targets_set = set(targets)
-    reached, stopped = graph.flow(start, upstream, why_blocked)
-    if not reached & targets_set:
-        node, why = min(stopped, key=lambda s: s[0].order)
-        return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+class Diagnoser:
+    """Diagnoses the variables of one gradient call: ``targets`` are the loss tensors'
+    keys in ``graph``. What depends only on the loss is computed once for all variables."""
 
-    def outside_tape(node: Node, index: int) -> str | None:
-        return why_blocked(node, index) or (None if node.recorded else "outside")
+    def __init__(self, graph: ForwardGraph, targets: list[int]) -> None:
+        self.graph = graph
+        self.targets = set(targets)
+        self.upstream = graph.ancestors(targets)
+        #: Where a gradient of the loss would arrive: behind a stopping op on this set
+        #: lies the break (not behind one on a side branch, e.g. batch norm's moments).
+        self.live = graph.gradient_reachable(targets, why_blocked)
+        self._everything = set(graph.producer)
 
-    reached, stopped = graph.flow(start, upstream, outside_tape)
-    if not reached & targets_set:
-        node = min((n for n, why in stopped if why == "outside"), key=lambda n: n.order)
-        return _at(variable, Cause.OUTSIDE_TAPE, node)
+    def _break(self, stopped: list[tuple[Node, str]]) -> tuple[Node, str]:
+        on_path = [s for s in stopped if any(out in self.live for out in s[0].outputs)]
+        return min(on_path or stopped, key=lambda s: s[0].order)
 
-    def custom(node: Node, index: int) -> str | None:
-        return why_blocked(node, index) or (
-            f"has a custom gradient ({node.custom_gradient}) that returns None"
-            if node.custom_gradient else None)
+    def diagnose(self, variable: str, handles: list[int]) -> Diagnosis:
+        """The verdict for ``variable``, whose resource handles (eager ids) are ``handles``,
+        given that its gradient was None."""
+        graph, upstream, targets = self.graph, self.upstream, self.targets
+        start = [graph.handles.get(h, h) for h in handles]
+        readers = _readers(graph, start)
+        if not readers:
+            return Diagnosis(variable, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
+        downstream, _ = graph.flow(start, self._everything, lambda node, index: None)
+        if not downstream & upstream:
+            conversion = _round_trip(graph, downstream, upstream)
+            if conversion is not None:
+                node, how, source = conversion
+                return Diagnosis(variable, Cause.LEFT_TENSORFLOW, node.name, node.type, source,
+                                 how, HINTS[Cause.LEFT_TENSORFLOW])
+            return _at(variable, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers))
+        reached, stopped = graph.flow(start, upstream, why_blocked)
+        if not reached & targets:
+            node, why = self._break(stopped)
+            return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
 
-    reached, stopped = graph.flow(start, upstream, custom)
-    if not reached & targets_set:
-        node, why = min(stopped, key=lambda s: s[0].order)
-        return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
-    return Diagnosis(variable, Cause.UNKNOWN)
+        def outside_tape(node: Node, index: int) -> str | None:
+            return why_blocked(node, index) or (None if node.recorded else "outside")
+
+        reached, stopped = graph.flow(start, upstream, outside_tape)
+        if not reached & targets:
+            node = min((n for n, why in stopped if why == "outside"), key=lambda n: n.order)
+            return _at(variable, Cause.OUTSIDE_TAPE, node)
+
+        def custom(node: Node, index: int) -> str | None:
+            return why_blocked(node, index) or (
+                f"has a custom gradient ({node.custom_gradient}) that returns None"
+                if node.custom_gradient else None)
+
+        reached, stopped = graph.flow(start, upstream, custom)
+        if not reached & targets:
+            node, why = self._break(stopped)
+            return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+        return Diagnosis(variable, Cause.UNKNOWN)
 
 
 def _readers(graph: ForwardGraph, handles: list[int]) -> list[Node]:
@@ -213,7 +226,7 @@ def _readers(graph: ForwardGraph, handles: list[int]) -> list[Node]:
                   key=lambda n: n.order)
 
 
-def _first_user_node(readers: list[Node], downstream: set[int], graph: ForwardGraph) -> Node:
+def _first_user_node(readers: list[Node]) -> Node:
     """The reader of the variable to point at: the first with a user source line."""
     for node in readers:
         if node.source is not None:

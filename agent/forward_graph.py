@@ -17,6 +17,7 @@ one recorded eager step, never on the training hot path.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -56,6 +57,7 @@ def _library_roots() -> tuple[str, ...]:
 _LIBRARY_ROOTS: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=8192)
 def is_user_file(filename: str) -> bool:
     """False for TensorFlow, Keras, the standard library, gradwatch's agent and
     generated code: the frames a user cannot act on."""
@@ -151,6 +153,22 @@ class ForwardGraph:
                     if key not in seen:
                         seen.add(key)
                         queue.append(key)
+        return seen
+
+    def gradient_reachable(self, targets: Iterable[int],
+                           stops: Callable[[Node, int], str | None]) -> set[int]:
+        """Tensors from which a gradient of ``targets`` flows back (``targets`` included):
+        backward reachability through the inputs that ``stops`` lets pass."""
+        seen = set(targets)
+        queue = deque(seen)
+        while queue:
+            node = self.producer.get(queue.popleft())
+            if node is None:
+                continue
+            for index, key in enumerate(node.inputs):
+                if key not in seen and stops(node, index) is None:
+                    seen.add(key)
+                    queue.append(key)
         return seen
 
     def flow(self, start: Iterable[int], within: set[int],

@@ -70,6 +70,7 @@ class Sender:
         self._stopping = asyncio.Event()
         self._drained = threading.Event()
         self._last_error = ""
+        self._connected = False  # the current connection got as far as streaming
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="gradwatch-sender", daemon=True)
         self._thread.start()
@@ -150,6 +151,7 @@ class Sender:
     async def _main(self) -> None:
         backoff = self.flush_interval_s
         while True:
+            self._connected = False
             try:
                 async with grpc.aio.insecure_channel(self.target) as channel:
                     await self._serve(pb_grpc.GradientWatchStub(channel))
@@ -164,6 +166,8 @@ class Sender:
                 self._report_error(f"collector {self.target}: {error}")
             if self._stopping.is_set() and self._drained.is_set():
                 return
+            if self._connected:  # it worked until now: retry soon, back off from scratch
+                backoff = self.flush_interval_s
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 5.0)
             self._drain_sessions()
@@ -172,6 +176,7 @@ class Sender:
         """One connection: register, then stream until stopped and flushed, or an error."""
         self._drain_sessions()
         await self._register_new(stub)
+        self._connected = True
         call = stub.Report()
         acks = asyncio.ensure_future(self._read_acks(call))
         try:

@@ -27,7 +27,7 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.framework import ops
 
 from gradwatch.agent import forward_graph
-from gradwatch.agent.diagnosis import Diagnosis, diagnose
+from gradwatch.agent.diagnosis import Diagnoser, Diagnosis
 from gradwatch.agent.forward_graph import EagerRecorder, ForwardGraph
 
 log = logging.getLogger(__name__)
@@ -194,11 +194,10 @@ class _GradientCalls:
 
     def _diagnose(self, forward: ForwardGraph, target: Any, missing: list[Any],
                   scope: Any) -> None:
-        targets = [id(t) for t in tf.nest.flatten(target) if t is not None]
+        diagnoser = Diagnoser(forward, [id(t) for t in tf.nest.flatten(target) if t is not None])
         for variable in missing:
             self._seen.add((scope, id(variable)))
-            verdict = diagnose(forward, _variable_name(variable), variable_handles(variable),
-                               targets)
+            verdict = diagnoser.diagnose(_variable_name(variable), variable_handles(variable))
             if verdict not in self._logged:
                 self._logged.add(verdict)
                 log.warning("gradwatch: %s", verdict.message())

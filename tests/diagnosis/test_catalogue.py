@@ -337,3 +337,26 @@ def test_healthy_models_get_no_diagnosis(make_model, mode):
             for _ in range(2):
                 (tf.function(step) if mode == "function" else step)()
     assert report.diagnoses == {}
+
+
+@pytest.mark.parametrize("mode", ("eager", "function"))
+def test_the_break_is_the_op_on_the_path_not_a_side_branch(mode):
+    """Batch norm's moments go through StopGradient on a side branch; the break that
+    matters is the floor every path crosses."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    x, y = _data()
+
+    def step():
+        with tf.GradientTape() as tape:
+            prediction = tf.math.floor(model(x, training=True))  # line:bn
+            loss = tf.reduce_mean(tf.square(prediction - y))
+        return tape.gradient(loss, model.trainable_variables)
+
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            (tf.function(step) if mode == "function" else step)()
+    assert len(report.diagnoses) == len(model.trainable_variables) == 6
+    assert {(d.op_type, d.source.line) for d in report.diagnoses.values()} == {
+        ("Floor", min(lines("bn")))}
