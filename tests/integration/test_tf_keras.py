@@ -42,6 +42,7 @@ def test_tf_keras_fit_reports_missing_gradients(collector, webhook, job_name):
     alert = webhook.wait_for(lambda a: a["labels"]["training_job"] == job_name, 10)
     assert alert["labels"]["alertname"] == "GradientMissing"
     assert alert["annotations"]["variables"] == "kernel, bias"  # tf.Variable names, as TF has them
+    assert alert["annotations"]["causes"].startswith("kernel, bias: It is never read")
     samples = parse_metrics(collector.scrape())
     assert list(select(samples, "gradwatch_steps_total", training_job=job_name).values()) == [4]
 
