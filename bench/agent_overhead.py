@@ -25,6 +25,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="steps per block")
     parser.add_argument("--replicas", type=int, default=2,
                         help="logical CPUs for the MirroredStrategy case")
+    parser.add_argument("--image-size", type=int, default=64,
+                        help="ResNet-50 input height and width (224 is the standard)")
+    parser.add_argument("--batch", type=int, default=8, help="ResNet-50 batch size")
     parser.add_argument("--cases", default="demo,demo-mirrored,cnn",
                         help="comma-separated: demo, demo-mirrored, cnn, resnet50, "
                              "resnet50-mirrored")
@@ -74,12 +77,14 @@ def cnn_case():
 
 
 def resnet50_case():
-    """ResNet-50 as in keras.applications (25.6M parameters, 161 trainable variables), on
-    small images so a CPU step takes a fraction of a second."""
+    """ResNet-50 as in keras.applications (25.6M parameters, 214 trainable variables);
+    ``--image-size`` and ``--batch`` set the input (default 64x64, batch 8, so a CPU step
+    takes a fraction of a second)."""
     keras.utils.set_random_seed(0)
-    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
-    x = np.random.default_rng(0).normal(size=(8, 64, 64, 3)).astype("float32")
-    y = np.arange(8) % 10
+    size, batch = ARGS.image_size, ARGS.batch
+    model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classes=10)
+    x = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype("float32")
+    y = np.arange(batch) % 10
     loss = keras.losses.SparseCategoricalCrossentropy()
     return model, x, lambda probabilities: loss(y, probabilities)
 

@@ -30,23 +30,23 @@ def test_mirrored_custom_loop_reports_each_replica(collector, webhook, job_name)
     assert not [a for a in webhook.alerts if a["labels"]["training_job"] == job_name]
 
 
-def test_multi_worker_job_reports_every_task_as_one_job(collector, webhook, job_name):
-    """Two real worker processes under MultiWorkerMirroredStrategy (TF_CONFIG on loopback)."""
+def run_workers(script: str, job_name: str, collector, **env_extra: str) -> list[str]:
+    """Runs two worker processes of ``script`` under MultiWorkerMirroredStrategy (TF_CONFIG
+    on loopback); returns their outputs once both finished (bounded, killed on timeout)."""
     from services import free_port
 
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    script = Path(__file__).with_name("multiworker_job.py")
     workers = []
     for index in range(2):
         env = {**os.environ, "PYTHONWARNINGS": "ignore",
                "TF_CONFIG": json.dumps({"cluster": cluster,
                                         "task": {"type": "worker", "index": index}}),
                "GRADWATCH_COLLECTOR": collector.grpc_target,
-               "GRADWATCH_TRAINING_JOB": job_name}
-        workers.append(subprocess.Popen([sys.executable, str(script), "3"], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True))
+               "GRADWATCH_TRAINING_JOB": job_name, **env_extra}
+        workers.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name(script)), "3"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [w.communicate(timeout=180)[0] for w in workers]
     finally:
@@ -56,6 +56,12 @@ def test_multi_worker_job_reports_every_task_as_one_job(collector, webhook, job_
                 w.wait()
     for index, (worker, output) in enumerate(zip(workers, outputs, strict=True)):
         assert worker.returncode == 0 and f"done {index}" in output, output[-3000:]
+    return outputs
+
+
+def test_multi_worker_job_reports_every_task_as_one_job(collector, webhook, job_name):
+    """Two real worker processes, custom loop with ``observe`` in replica context."""
+    for output in run_workers("multiworker_job.py", job_name, collector):
         assert "warned" in output  # Keras 3 fit + MWMS is broken upstream; the agent says so
     samples = parse_metrics(collector.scrape())
     steps = select(samples, "gradwatch_steps_total", training_job=job_name)
@@ -70,3 +76,20 @@ def test_multi_worker_job_reports_every_task_as_one_job(collector, webhook, job_
                                if a["labels"]["training_job"] == job_name]
     assert alert["labels"]["alertname"] == "GradientMissing"
     assert alert["annotations"]["variables"] == "sequential/unused/kernel, sequential/unused/bias"
+
+
+def test_multi_worker_tf_keras_fit(collector, webhook, job_name):
+    """tf-keras ``model.fit`` (TF_USE_LEGACY_KERAS=1) under MultiWorkerMirroredStrategy,
+    the wrapped optimizer's ``apply_gradients`` seen on both workers."""
+    run_workers("multiworker_tf_keras_fit.py", job_name, collector, TF_USE_LEGACY_KERAS="1")
+    samples = parse_metrics(collector.scrape())
+    steps = select(samples, "gradwatch_steps_total", training_job=job_name)
+    assert sorted(steps.values()) == [3.0, 3.0], steps
+    assert {k.split(",")[1] for k in steps} == {"task_index=0", "task_index=1"}
+    alert = webhook.wait_for(lambda a: a["labels"]["training_job"] == job_name and
+                             a["annotations"]["tasks"] in ("worker/0, worker/1",
+                                                           "worker/1, worker/0"), 10)
+    assert alert is not None, [a for a in webhook.alerts
+                               if a["labels"]["training_job"] == job_name]
+    assert alert["annotations"]["variables"] == "kernel, bias"  # the unused layer's
+    assert alert["annotations"]["causes"].startswith("kernel, bias: It is never read")
