@@ -1,7 +1,7 @@
 """Prometheus exposition of the collector state, built at scrape time.
 
-`StateCollector` is a custom ``prometheus_client`` collector: no metric
-objects live between scrapes, each scrape walks the columnar state once.
+`StateCollector` keeps no metric objects between scrapes: each scrape walks the
+columnar state once and formats whole columns (`gradwatch.collector.exposition`).
 Label contract (DESIGN.md): ``training_job``, ``task_type``, ``task_index``,
 ``replica``, ``variable``, ``optimizer`` — never ``job`` or ``instance``.
 Per-task and per-replica series carry job-level aggregates only; per-variable
@@ -11,18 +11,12 @@ rest folded into ``variable="__other__"``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
 from gradwatch.collector.alerts import Alert
+from gradwatch.collector.exposition import Family, escape, labels, render
 from gradwatch.collector.state import Group, Registry
 from gradwatch.collector.telemetry import Telemetry
 
@@ -61,8 +55,9 @@ def _fold(values: np.ndarray, keep: int, how: Callable[[np.ndarray], float]) -> 
     return [*head, float(how(values[keep:]))] if values.size > keep else head
 
 
-class StateCollector(Collector):
-    """Renders `Registry` and `Telemetry` as metric families on every scrape."""
+class StateCollector:
+    """Renders `Registry` and `Telemetry` as metric families on every scrape
+    (event-loop thread, like all state access)."""
 
     def __init__(self, registry: Registry, telemetry: Telemetry,
                  active_alerts: Callable[[], list[Alert]],
@@ -74,149 +69,156 @@ class StateCollector(Collector):
         self.notification_outcomes = notification_outcomes
         self.max_variable_series = max_variable_series
 
-    def collect(self) -> Iterator[Metric]:
-        yield from self._task_metrics()
-        yield from self._variable_metrics()
-        yield from self._collector_metrics()
+    def families(self, names: set[str] | None = None) -> list[Family]:
+        """All families, or those whose sample name is in ``names``."""
+        sections = (self._task_metrics, self._variable_metrics, self._collector_metrics)
+        families = []
+        for section, sample_names in zip(sections, SECTION_NAMES, strict=True):
+            if names is None or names & sample_names:
+                families += section()
+        return [f for f in families if names is None or f.sample_name in names]
 
-    def _task_metrics(self) -> Iterator[Metric]:
-        steps = CounterMetricFamily("gradwatch_steps", "Training steps reported.",
-                                    labels=TASK_LABELS)
-        nonfinite = CounterMetricFamily(
-            "gradwatch_nonfinite_steps", "Steps with a NaN or Inf in any gradient (skipped "
-            "steps of loss-scale optimizers not included).",
-            labels=TASK_LABELS)
-        skipped = CounterMetricFamily(
-            "gradwatch_skipped_steps", "Steps a loss-scale optimizer skipped (NaN/Inf "
-            "gradients from loss-scale overflow).", labels=TASK_LABELS)
-        dropped = CounterMetricFamily(
-            "gradwatch_dropped_steps", "Steps the agent recorded but could not deliver.",
-            labels=TASK_LABELS)
-        last_step = GaugeMetricFamily("gradwatch_last_step", "Latest reported step.",
-                                      labels=TASK_LABELS)
-        last_report = GaugeMetricFamily(
-            "gradwatch_last_report_timestamp_seconds",
-            "Unix time of the latest report from a task still running.", labels=TASK_LABELS)
-        variables = GaugeMetricFamily("gradwatch_variables",
-                                      "Trainable variables the optimizer updates.",
-                                      labels=TASK_LABELS)
-        without = GaugeMetricFamily(
-            "gradwatch_variables_without_gradient",
-            "Variables with no gradient at the latest step.", labels=REPLICA_LABELS)
-        global_norm = GaugeMetricFamily(
-            "gradwatch_global_gradient_norm",
-            "L2 norm of all gradients together at the latest step.", labels=REPLICA_LABELS)
+    def _task_metrics(self) -> list[Family]:
+        steps = Family("gradwatch_steps", "counter", "Training steps reported.")
+        nonfinite = Family(
+            "gradwatch_nonfinite_steps", "counter", "Steps with a NaN or Inf in any gradient "
+            "(skipped steps of loss-scale optimizers not included).")
+        skipped = Family(
+            "gradwatch_skipped_steps", "counter", "Steps a loss-scale optimizer skipped "
+            "(NaN/Inf gradients from loss-scale overflow).")
+        dropped = Family("gradwatch_dropped_steps", "counter",
+                         "Steps the agent recorded but could not deliver.")
+        last_step = Family("gradwatch_last_step", "gauge", "Latest reported step.")
+        last_report = Family("gradwatch_last_report_timestamp_seconds", "gauge",
+                             "Unix time of the latest report from a task still running.")
+        variables = Family("gradwatch_variables", "gauge",
+                           "Trainable variables the optimizer updates.")
+        without = Family("gradwatch_variables_without_gradient", "gauge",
+                         "Variables with no gradient at the latest step.")
+        global_norm = Family("gradwatch_global_gradient_norm", "gauge",
+                             "L2 norm of all gradients together at the latest step.")
         for group in self.registry.groups.values():
             for s in group.sessions.values():
-                task = [group.training_job, s.task_type, str(s.task_index), group.optimizer]
-                steps.add_metric(task, s.steps_total)
-                nonfinite.add_metric(task, s.nonfinite_steps_total)
-                skipped.add_metric(task, s.skipped_steps_total)
-                dropped.add_metric(task, s.dropped_steps)
-                variables.add_metric(task, s.num_variables)
+                task = [group.training_job, s.task_type, s.task_index, group.optimizer]
+                task_labels = labels(TASK_LABELS, task)
+                steps.add(task_labels, s.steps_total)
+                nonfinite.add(task_labels, s.nonfinite_steps_total)
+                skipped.add(task_labels, s.skipped_steps_total)
+                dropped.add(task_labels, s.dropped_steps)
+                variables.add(task_labels, s.num_variables)
                 if not s.steps_total:
                     continue
-                last_step.add_metric(task, s.last_step)
+                last_step.add(task_labels, s.last_step)
                 if not s.closed:  # a finished task is not "not reporting"
-                    last_report.add_metric(task, s.last_report_time)
-                missing = (~s.present).sum(axis=1)
-                norms = np.sqrt(np.square(s.l2_norm.astype(np.float64)).sum(axis=1))
-                for replica in range(s.num_replicas):
-                    labels = [*task, str(replica)]
-                    without.add_metric(labels, int(missing[replica]))
-                    global_norm.add_metric(labels, float(norms[replica]))
-        yield from (steps, nonfinite, skipped, dropped, last_step, last_report, variables, without,
-                    global_norm)
+                    last_report.add(task_labels, s.last_report_time)
+                replicas = [labels(REPLICA_LABELS, [*task, r]) for r in range(s.num_replicas)]
+                without.add_column(replicas, (~s.present).sum(axis=1))
+                global_norm.add_column(
+                    replicas, np.sqrt(np.square(s.l2_norm.astype(np.float64)).sum(axis=1)))
+        return [steps, nonfinite, skipped, dropped, last_step, last_report, variables, without,
+                global_norm]
 
-    def _variable_metrics(self) -> Iterator[Metric]:
-        norm = GaugeMetricFamily(
-            "gradwatch_gradient_norm",
-            "L2 norm of the variable's gradient at the latest step (max over tasks and "
-            "replicas).", labels=VARIABLE_LABELS)
-        present = GaugeMetricFamily(
-            "gradwatch_gradient_present",
-            "1 if every task and replica had a gradient for the variable at its latest step.",
-            labels=VARIABLE_LABELS)
-        missing = CounterMetricFamily(
-            "gradwatch_gradient_missing_steps",
-            "Task-replica steps in which the variable had no gradient.", labels=VARIABLE_LABELS)
-        nan = CounterMetricFamily("gradwatch_gradient_nan_values",
-                                  "NaN elements seen in the variable's gradients.",
-                                  labels=VARIABLE_LABELS)
-        inf = CounterMetricFamily("gradwatch_gradient_inf_values",
-                                  "Inf elements seen in the variable's gradients.",
-                                  labels=VARIABLE_LABELS)
-        folded = GaugeMetricFamily(
-            "gradwatch_variable_series_folded",
-            f"Variables beyond the per-job series cap, folded into variable=\"{OTHER_VARIABLES}\".",
-            labels=["training_job", "optimizer"])
-        causes = InfoMetricFamily(
-            "gradwatch_gradient_missing_cause",
-            "Why a variable without gradient gets none, as diagnosed by the agent: cause, and "
-            "the op and source line that break the path to the loss.", labels=VARIABLE_LABELS)
+    def _variable_metrics(self) -> list[Family]:
+        norm = Family("gradwatch_gradient_norm", "gauge",
+                      "L2 norm of the variable's gradient at the latest step (max over tasks "
+                      "and replicas).")
+        present = Family("gradwatch_gradient_present", "gauge",
+                         "1 if every task and replica had a gradient for the variable at its "
+                         "latest step.")
+        missing = Family("gradwatch_gradient_missing_steps", "counter",
+                         "Task-replica steps in which the variable had no gradient.")
+        nan = Family("gradwatch_gradient_nan_values", "counter",
+                     "NaN elements seen in the variable's gradients.")
+        inf = Family("gradwatch_gradient_inf_values", "counter",
+                     "Inf elements seen in the variable's gradients.")
+        folded = Family("gradwatch_variable_series_folded", "gauge",
+                        "Variables beyond the per-job series cap, folded into "
+                        f"variable=\"{OTHER_VARIABLES}\".")
+        causes = Family("gradwatch_gradient_missing_cause", "info",
+                        "Why a variable without gradient gets none, as diagnosed by the agent: "
+                        "cause, and the op and source line that break the path to the loss.")
         keep = self.max_variable_series
         for group in self.registry.groups.values():
             agg = _variable_aggregates(group)
             reported = np.flatnonzero(agg["reported"])
             if reported.size == 0:
                 continue
+            prefix = labels(VARIABLE_LABELS[:2], [group.training_job, group.optimizer])
             names = [group.names[i] for i in reported[:keep]]
             if reported.size > keep:
                 names.append(OTHER_VARIABLES)
-            folded.add_metric([group.training_job, group.optimizer], max(0, reported.size - keep))
-            columns = (
-                (norm, _fold(agg["norm"][reported], keep, np.max)),
-                (present, _fold(agg["present"][reported].astype(np.float64), keep, np.min)),
-                (missing, _fold(agg["missing_steps"][reported], keep, np.sum)),
-                (nan, _fold(agg["nan"][reported], keep, np.sum)),
-                (inf, _fold(agg["inf"][reported], keep, np.sum)),
-            )
-            prefix = [group.training_job, group.optimizer]
-            for family, values in columns:
-                for name, value in zip(names, values, strict=True):
-                    family.add_metric([*prefix, name], value)
+            series = [f'{prefix},variable="{escape(name)}"' for name in names]
+            folded.add(prefix, max(0, reported.size - keep))
+            norm.add_column(series, _fold(agg["norm"][reported], keep, np.max))
+            present.add_column(series, _fold(agg["present"][reported].astype(np.float64), keep,
+                                             np.min))
+            missing.add_column(series, _fold(agg["missing_steps"][reported], keep, np.sum))
+            nan.add_column(series, _fold(agg["nan"][reported], keep, np.sum))
+            inf.add_column(series, _fold(agg["inf"][reported], keep, np.sum))
             absent = [c for c in group.causes if c < agg["present"].size
                       and agg["reported"][c] and not agg["present"][c]]
             for column in absent[:keep]:
                 cause = group.causes[column]
-                causes.add_metric([*prefix, group.names[column]], {
-                    "cause": cause.cause, "op_type": cause.op_type, "op": cause.op_name,
-                    "source": cause.source})
-        yield from (norm, present, missing, nan, inf, folded, causes)
+                causes.add(labels([*VARIABLE_LABELS, "cause", "op_type", "op", "source"], [
+                    group.training_job, group.optimizer, group.names[column], cause.cause,
+                    cause.op_type, cause.op_name, cause.source]), 1)
+        return [norm, present, missing, nan, inf, folded, causes]
 
-    def _collector_metrics(self) -> Iterator[Metric]:
+    def _collector_metrics(self) -> list[Family]:
         t = self.telemetry
-        yield GaugeMetricFamily("gradwatch_collector_sessions", "Registered sessions.",
-                                value=len(self.registry.sessions))
-        yield GaugeMetricFamily("gradwatch_collector_training_jobs", "Known training jobs.",
-                                value=len(self.registry.jobs()))
-        for name, doc, value in (
-            ("registrations", "Sessions registered.", t.registrations),
-            ("batches", "Report batches applied.", t.batches),
-            ("duplicate_batches", "Report batches ignored as already applied.",
+        families = []
+        for name, kind, doc, value in (
+            ("sessions", "gauge", "Registered sessions.", len(self.registry.sessions)),
+            ("training_jobs", "gauge", "Known training jobs.", len(self.registry.jobs())),
+            ("registrations", "counter", "Sessions registered.", t.registrations),
+            ("batches", "counter", "Report batches applied.", t.batches),
+            ("duplicate_batches", "counter", "Report batches ignored as already applied.",
              t.duplicate_batches),
-            ("step_reports", "Step reports applied.", t.step_reports),
-            ("variable_statistics", "Per-variable statistics applied.", t.variable_statistics),
+            ("step_reports", "counter", "Step reports applied.", t.step_reports),
+            ("variable_statistics", "counter", "Per-variable statistics applied.",
+             t.variable_statistics),
         ):
-            yield CounterMetricFamily(f"gradwatch_collector_{name}", doc, value=value)
-        rejected = CounterMetricFamily("gradwatch_collector_rejected_messages",
-                                       "Messages rejected, by gRPC status code.",
-                                       labels=["code"])
+            family = Family(f"gradwatch_collector_{name}", kind, doc)
+            family.add("", value)
+            families.append(family)
+        rejected = Family("gradwatch_collector_rejected_messages", "counter",
+                          "Messages rejected, by gRPC status code.")
         for code, count in sorted(t.rejected.items()):
-            rejected.add_metric([code], count)
-        yield rejected
-        alerts = GaugeMetricFamily("gradwatch_alerts_active", "Alerts currently firing.",
-                                   labels=["alertname", "severity"])
+            rejected.add(labels(["code"], [code]), count)
+        alerts = Family("gradwatch_alerts_active", "gauge", "Alerts currently firing.")
         counts: dict[tuple[str, str], int] = {}
         for alert in self.active_alerts():
             key = (alert.name, alert.labels.get("severity", ""))
             counts[key] = counts.get(key, 0) + 1
         for key, count in sorted(counts.items()):
-            alerts.add_metric(list(key), count)
-        yield alerts
-        notifications = CounterMetricFamily(
-            "gradwatch_collector_notifications", "Alert notifications by sink and outcome.",
-            labels=["sink", "outcome"])
+            alerts.add(labels(["alertname", "severity"], key), count)
+        notifications = Family("gradwatch_collector_notifications", "counter",
+                               "Alert notifications by sink and outcome.")
         for (sink, outcome), count in sorted(self.notification_outcomes().items()):
-            notifications.add_metric([sink, outcome], count)
-        yield notifications
+            notifications.add(labels(["sink", "outcome"], [sink, outcome]), count)
+        return [*families, rejected, alerts, notifications]
+
+
+#: Sample names of each section, so a filtered scrape builds only what it needs.
+SECTION_NAMES = (
+    {"gradwatch_steps_total", "gradwatch_nonfinite_steps_total", "gradwatch_skipped_steps_total",
+     "gradwatch_dropped_steps_total", "gradwatch_last_step",
+     "gradwatch_last_report_timestamp_seconds", "gradwatch_variables",
+     "gradwatch_variables_without_gradient", "gradwatch_global_gradient_norm"},
+    {"gradwatch_gradient_norm", "gradwatch_gradient_present",
+     "gradwatch_gradient_missing_steps_total", "gradwatch_gradient_nan_values_total",
+     "gradwatch_gradient_inf_values_total", "gradwatch_variable_series_folded",
+     "gradwatch_gradient_missing_cause_info"},
+    {"gradwatch_collector_sessions", "gradwatch_collector_training_jobs",
+     "gradwatch_collector_registrations_total", "gradwatch_collector_batches_total",
+     "gradwatch_collector_duplicate_batches_total", "gradwatch_collector_step_reports_total",
+     "gradwatch_collector_variable_statistics_total",
+     "gradwatch_collector_rejected_messages_total", "gradwatch_alerts_active",
+     "gradwatch_collector_notifications_total"},
+)
+
+
+def render_metrics(collector: StateCollector, names: Iterable[str] = ()) -> bytes:
+    """The ``/metrics`` body (Prometheus text format 0.0.4) for ``collector``; only the
+    samples named in ``names`` if any (``/metrics?name[]=...``, as client_python does)."""
+    return render(collector.families(set(names) or None))

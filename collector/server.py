@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.config import CollectorConfig, split_host_port
-from gradwatch.collector.exporter import StateCollector
+from gradwatch.collector.exporter import StateCollector, render_metrics
 from gradwatch.collector.rules import RuleEngine
 from gradwatch.collector.service import GradientWatchService
 from gradwatch.collector.sinks import AlertmanagerSink, Dispatcher, LogSink, Sink, WebhookSink
@@ -51,10 +51,9 @@ class Collector:
         self.rules = RuleEngine(config.rules, self.alerts)
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits)
-        self.metrics = CollectorRegistry(auto_describe=False)
-        self.metrics.register(StateCollector(
+        self.exporter = StateCollector(
             self.registry, self.telemetry, self.alerts.active,
-            lambda: dict(self.dispatcher.outcomes), config.max_variable_series))
+            lambda: dict(self.dispatcher.outcomes), config.max_variable_series)
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -119,7 +118,7 @@ class Collector:
             self.dispatcher.submit(notification, resend=True)
 
     async def _serve_metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics)
+        body = render_metrics(self.exporter, request.query.getall("name[]", []))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _serve_health(self, request: web.Request) -> web.Response:

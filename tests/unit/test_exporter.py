@@ -1,8 +1,7 @@
 """The metric contract rendered at scrape time."""
 
-from prometheus_client import CollectorRegistry, generate_latest
 
-from gradwatch.collector.exporter import OTHER_VARIABLES, StateCollector
+from gradwatch.collector.exporter import OTHER_VARIABLES, StateCollector, render_metrics
 from gradwatch.collector.ingest import Limits, decode_batch
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
@@ -12,9 +11,8 @@ from conftest import parse_metrics, select
 
 
 def render(registry: Registry, cap: int = 500) -> dict:
-    metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(StateCollector(registry, Telemetry(), list, dict, cap))
-    return parse_metrics(generate_latest(metrics).decode())
+    text = render_metrics(StateCollector(registry, Telemetry(), list, dict, cap)).decode()
+    return parse_metrics(text)
 
 
 def feed(session, present, norm, nan=None):
@@ -75,3 +73,23 @@ def test_missing_cause_info_for_variables_without_gradient():
     assert info == [({"training_job": "job", "optimizer": "adam", "variable": "b",
                       "cause": "broken_at_op", "op_type": "Floor", "op": "model/Floor",
                       "source": "/app/train.py:42"}, 1.0)]
+
+
+def test_text_matches_client_python_and_escapes_label_values():
+    """The column writer's output parses as client_python's own, odd names included."""
+    registry = Registry()
+    odd = 'scope/"quoted"\\back\nslash'
+    w0 = registry.register('job "x"', "adam", "worker", 0, 1, [odd, "b"])
+    feed(w0, [0, 1], [float("nan"), float("inf")])
+    samples = render(registry)
+    assert select(samples, "gradwatch_gradient_present") == {odd: 0.0, "b": 1.0}
+    norms = select(samples, "gradwatch_gradient_norm")
+    assert norms["b"] == float("inf") and norms[odd] != norms[odd]  # +Inf and NaN
+
+
+def test_filtered_scrape_renders_only_the_named_samples():
+    registry = Registry()
+    feed(registry.register("job", "adam", "worker", 0, 1, ["a"]), [1], [1.0])
+    collector = StateCollector(registry, Telemetry(), list, dict)
+    text = render_metrics(collector, ["gradwatch_last_step", "gradwatch_steps_total"]).decode()
+    assert set(parse_metrics(text)) == {"gradwatch_last_step", "gradwatch_steps_total"}
