@@ -69,7 +69,6 @@ def agent(target: str, job: str, args: argparse.Namespace, start_at: float,
     template = step_reports(args.batch_steps, width, seed=hash(job) % 1000)
     outgoing: queue.Queue = queue.Queue()
     in_flight = {s: threading.Semaphore(args.window) for s in sessions}
-    stop = threading.Event()
 
     def requests():
         while True:
@@ -82,11 +81,15 @@ def agent(target: str, job: str, args: argparse.Namespace, start_at: float,
     acked = {s: 0 for s in sessions}
 
     def read_acks():
-        for ack in call:
-            delta = ack.sequence - acked[ack.session_id]
-            acked[ack.session_id] = ack.sequence
-            for _ in range(delta):
-                in_flight[ack.session_id].release()
+        try:
+            for ack in call:
+                delta = ack.sequence - acked[ack.session_id]
+                acked[ack.session_id] = ack.sequence
+                for _ in range(delta):
+                    in_flight[ack.session_id].release()
+        except grpc.RpcError as error:  # the stream ends with the channel
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise
 
     reader = threading.Thread(target=read_acks, daemon=True)
     reader.start()
@@ -95,7 +98,7 @@ def agent(target: str, job: str, args: argparse.Namespace, start_at: float,
     deadline = start_at + args.seconds
     sequence = dict.fromkeys(sessions, 0)
     step = 0
-    while time.time() < deadline and not stop.is_set():
+    while time.time() < deadline:
         for session in sessions:
             if not in_flight[session].acquire(timeout=1.0):
                 continue

@@ -40,6 +40,9 @@ class CollectorConfig:
     resend_interval_s: float = 30.0
     #: Timer-driven rule pass (WorkerSilent, pending resolutions).
     evaluation_interval_s: float = 1.0
+    #: A job's rules run after a batch at most this often; batches arriving sooner are
+    #: evaluated together by a timer (bounds rule cost per job, not per task).
+    batch_evaluation_interval_s: float = 0.05
     #: A finished (closed) session's state, series and alerts are kept this long.
     closed_retention_s: float = 3600.0
     rules: RuleSettings = field(default_factory=RuleSettings)
@@ -70,6 +73,7 @@ _SCALARS = {  # file key -> (CollectorConfig field, type)
     "resolve_after_seconds": ("resolve_after_s", float),
     "resend_interval_seconds": ("resend_interval_s", float),
     "evaluation_interval_seconds": ("evaluation_interval_s", float),
+    "batch_evaluation_interval_seconds": ("batch_evaluation_interval_s", float),
     "closed_retention_seconds": ("closed_retention_s", float),
 }
 _LISTS = {"webhook_urls": "webhook_urls", "alertmanager_urls": "alertmanager_urls"}

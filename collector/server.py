@@ -48,7 +48,8 @@ class Collector:
         ]
         self.dispatcher = Dispatcher(sinks)
         self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_s)
-        self.rules = RuleEngine(config.rules, self.alerts)
+        self.rules = RuleEngine(config.rules, self.alerts,
+                                min_interval_s=config.batch_evaluation_interval_s)
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits)
         self.exporter = StateCollector(
@@ -89,6 +90,8 @@ class Collector:
         self._timers = [
             asyncio.create_task(self._every(self.config.evaluation_interval_s, self._evaluate)),
             asyncio.create_task(self._every(self.config.resend_interval_s, self._resend)),
+            asyncio.create_task(self._every(self.config.batch_evaluation_interval_s,
+                                            self.rules.evaluate_pending)),
         ]
         grpc_host = split_host_port(self.config.grpc_address)[0]
         log.info("gradwatch collector serving gRPC on %s:%d, metrics on http://%s:%d/metrics",

@@ -1,8 +1,9 @@
 """The ``gradwatch.v1.GradientWatch`` gRPC service: registration and report streams.
 
 Runs on the collector's event loop (grpc.aio), which owns all state: a batch
-is validated, applied, and its group's rules evaluated before the next
-message is read, so an Ack means "applied and evaluated".
+is validated, applied and observed by the rules before the next message is
+read, so an Ack means "applied"; the job's rules are evaluated at once or,
+under load, within ``batch_evaluation_interval_s`` (see `RuleEngine`).
 """
 
 from __future__ import annotations

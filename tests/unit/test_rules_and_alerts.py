@@ -364,3 +364,20 @@ def test_undiagnosed_missing_gradient_says_so():
     h.feed(h.register(), [1, 0, 1])
     (alert,) = h.active("GradientMissing")
     assert alert.annotations["causes"].startswith("not diagnosed")
+
+
+def test_batches_of_a_busy_job_are_evaluated_together():
+    """Within min_interval_s of an evaluation, a batch is observed but the job's rules
+    wait for evaluate_pending (the server's timer): one evaluation, not one per task."""
+    h = Harness()
+    h.engine.min_interval_s = 0.05
+    w0, w1 = h.register(0), h.register(1)
+    h.feed(w0, [1, 1, 1])  # evaluated at once: nothing wrong
+    h.feed(w1, [1, 0, 1])  # same instant: deferred
+    assert h.active("GradientMissing") == []
+    h.engine.evaluate_pending()
+    (alert,) = h.active("GradientMissing")
+    assert alert.annotations["tasks"] == "worker/1"
+    h.clock.now += 0.06
+    h.feed(w1, [1, 1, 1])  # the interval has passed: evaluated at once
+    assert h.active("GradientMissing") == []
