@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
+
+#: Gradients of at most this many elements (statically known) are reduced together:
+#: concatenated, then three segment reductions, because for small tensors the cost of
+#: running an op dominates. Larger ones get three read-only reductions each.
+SMALL_GRADIENT_ELEMENTS = 4096
 
 #: Columns of the per-variable statistics matrix returned by `gradient_stats`.
 COLUMNS = ("present", "l2_norm", "max_abs", "nan_count", "inf_count")
@@ -34,10 +40,42 @@ def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     return values
 
 
+def _reductions(values: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sum of squares and max |g| of each tensor, as two vectors in ``values`` order.
+
+    Large tensors: ``l2_loss``, max and min, each reading the tensor once and writing no
+    temporary (max |g| is max(max g, -min g)). Small tensors: one concatenation and one
+    segment reduction per statistic for all of them, so a model with hundreds of biases
+    and norm scales adds a handful of ops, not hundreds.
+    """
+    sizes = [v.shape.num_elements() if v.shape.is_fully_defined() else None for v in values]
+    small = [k for k, n in enumerate(sizes) if n is not None and n <= SMALL_GRADIENT_ELEMENTS]
+    large = [k for k, n in enumerate(sizes) if n is None or n > SMALL_GRADIENT_ELEMENTS]
+    squares, maxima, minima = [], [], []
+    if small:
+        flat = tf.concat([tf.reshape(values[k], [-1]) for k in small], 0)
+        segments = tf.constant(np.repeat(np.arange(len(small), dtype=np.int32),
+                                         [sizes[k] for k in small]))
+        squares.append(tf.math.unsorted_segment_sum(tf.square(flat), segments, len(small)))
+        maxima.append(tf.math.unsorted_segment_max(flat, segments, len(small)))
+        minima.append(tf.math.unsorted_segment_min(flat, segments, len(small)))
+    if large:
+        squares.append(2.0 * tf.stack([tf.nn.l2_loss(values[k]) for k in large]))
+        maxima.append(tf.stack([tf.reduce_max(values[k]) for k in large]))
+        minima.append(tf.stack([tf.reduce_min(values[k]) for k in large]))
+    # Back to ``values`` order; tf.maximum(., 0) turns the -inf (or lowest float) of an
+    # empty gradient into 0.
+    inverse = np.argsort(small + large)
+    sum_squares = tf.gather(tf.concat(squares, 0), inverse)
+    max_abs = tf.maximum(tf.maximum(tf.gather(tf.concat(maxima, 0), inverse),
+                                    -tf.gather(tf.concat(minima, 0), inverse)), 0.0)
+    return sum_squares, max_abs
+
+
 def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """Returns a float32 ``[len(grads), NUM_COLUMNS]`` matrix of statistics.
 
-    Three read-only reductions per present gradient (sum of squares, max, min); NaN and
+    Sum of squares and max |g| per present gradient (see `_reductions`); NaN and
     Inf elements are counted only when some sum of squares is non-finite (a
     single ``tf.cond`` per call), which also recomputes overflowed norms with
     scaling. Absent gradients get a row of zeros with ``present == 0``.
@@ -48,12 +86,7 @@ def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.T
     if not present_ids:
         return rows
     values = [_dense_values(grads[i]) for i in present_ids]
-    # Each reduction reads the gradient once and writes no temporary (square or abs
-    # would): l2_loss is sum(g**2) / 2, and max|g| is max(max g, -min g). tf.maximum(., 0)
-    # turns the -inf of an empty gradient into 0.
-    sum_squares = tf.stack([2.0 * tf.nn.l2_loss(v) for v in values])
-    max_abs = tf.stack([tf.maximum(tf.maximum(tf.reduce_max(v), -tf.reduce_min(v)), 0.0)
-                        for v in values])
+    sum_squares, max_abs = _reductions(values)
 
     def finite_case():
         zeros = tf.zeros_like(sum_squares)

@@ -1,12 +1,19 @@
 """Agent overhead: median training-step time with the agent / without, interleaved.
 
-Two identical models train side by side in one process; blocks of steps
-alternate A (plain optimizer) and B (optimizer wrapped by GradientMonitor,
-every variable reported every step), so machine noise hits both alike. The
-collector is a real subprocess on loopback. Prints one line per case and the
-ratio of medians (budget: <= 1.02).
+Identical models train side by side in one process; blocks of steps rotate
+between variants, so machine noise hits all alike:
 
-    .venv/bin/python bench/agent_overhead.py [--rounds 15] [--steps 20]
+- plain: the optimizer as is;
+- gradwatch: optimizer wrapped by GradientMonitor, every variable reported every
+  step to a real collector subprocess on loopback (budget: <= 1.02 x plain);
+- check_numerics: ``tf.debugging.enable_check_numerics()`` while the step is traced
+  (what users reach for today to find NaNs);
+- host_norms: every variable's gradient norm pulled to the host every step and
+  looked at in Python (the other thing users write).
+
+Prints one line per case and variant: median step time and ratio to plain.
+
+    .venv/bin/python bench/agent_overhead.py [--rounds 15] [--steps 20] [--cases ...]
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ def parse_args() -> argparse.Namespace:
                         help="ResNet-50 input height and width (224 is the standard)")
     parser.add_argument("--batch", type=int, default=8, help="ResNet-50 batch size")
     parser.add_argument("--cases", default="demo,demo-mirrored,cnn",
-                        help="comma-separated: demo, demo-mirrored, cnn, resnet50, "
-                             "resnet50-mirrored")
+                        help="comma-separated: demo, demo-mirrored, cnn, transformer, "
+                             "transformer-mirrored, recommender, resnet50, resnet50-mirrored")
+    parser.add_argument("--variants", default="plain,gradwatch",
+                        help="comma-separated: plain, gradwatch, check_numerics, host_norms")
     return parser.parse_args()
 
 
@@ -89,19 +98,70 @@ def resnet50_case():
     return model, x, lambda probabilities: loss(y, probabilities)
 
 
-def make_step(model, loss_fn, optimizer, strategy):
+def transformer_case():
+    """A 4-layer transformer encoder (d=128, 4 heads, feed-forward 512), sequences of 64
+    tokens from a 10,000-word vocabulary, batch 16, mean-pooled classifier."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((64,), dtype="int32")
+    h = keras.layers.Embedding(10_000, 128)(tokens)
+    for _ in range(4):
+        attended = keras.layers.MultiHeadAttention(num_heads=4, key_dim=32)(h, h)
+        h = keras.layers.LayerNormalization()(h + attended)
+        ff = keras.layers.Dense(128)(keras.layers.Dense(512, activation="gelu")(h))
+        h = keras.layers.LayerNormalization()(h + ff)
+    model = keras.Model(tokens, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(h)))
+    x = np.random.default_rng(0).integers(0, 10_000, size=(16, 64)).astype("int32")
+    y = np.arange(16) % 2
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return model, x, lambda logits: loss(y, logits)
+
+
+def recommender_case():
+    """Embedding-heavy: user (1M x 32) and item (200k x 32) tables, 8 sparse categorical
+    features (1,000 x 16 each), an MLP on top; batch 256. Gradients of the tables are
+    IndexedSlices (never densified by gradwatch)."""
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((10,), dtype="int32")
+    user = keras.layers.Embedding(1_000_000, 32)(ids[:, 0])
+    item = keras.layers.Embedding(200_000, 32)(ids[:, 1])
+    features = [keras.layers.Embedding(1_000, 16)(ids[:, 2 + i]) for i in range(8)]
+    h = keras.layers.Concatenate()([user, item, *features])
+    for width in (256, 128, 64):
+        h = keras.layers.Dense(width, activation="relu")(h)
+    model = keras.Model(ids, keras.layers.Dense(1)(h))
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.integers(0, 1_000_000, 256), rng.integers(0, 200_000, 256),
+                  *[rng.integers(0, 1_000, 256) for _ in range(8)]], axis=1).astype("int32")
+    y = rng.random((256, 1)).astype("float32")
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    return model, x, lambda logits: loss(y, logits)
+
+
+def make_step(model, loss_fn, optimizer, strategy, host_norms: bool = False):
     def replica_step(x):
         with tf.GradientTape() as tape:
             loss = loss_fn(model(x, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
+        if host_norms:
+            return [tf.norm(tf.convert_to_tensor(g)) if g is not None else tf.constant(0.0)
+                    for g in grads]
         return loss
 
     @tf.function
     def step(x):
         return strategy.run(replica_step, args=(x,))
 
-    return step
+    if not host_norms:
+        return step
+
+    def step_and_look(x):  # what a user writes: norms to the host, checked in Python
+        norms = strategy.experimental_local_results(step(x))
+        values = [float(n) for replica in norms for n in tf.nest.flatten(replica)]
+        if not all(np.isfinite(values)):
+            print("non-finite gradient")
+
+    return step_and_look
 
 
 def time_block(step, x, n: int) -> list[float]:
@@ -113,28 +173,34 @@ def time_block(step, x, n: int) -> list[float]:
     return times
 
 
-def run_case(name: str, build, strategy, monitor: GradientMonitor) -> float:
+def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
+    variants = ARGS.variants.split(",")
+    steps = {}
     with strategy.scope():
-        plain_model, x, loss_a = build()
-        watched_model, _, loss_b = build()
-        plain_opt = keras.optimizers.Adam(1e-3)
-        watched_opt = monitor.wrap(keras.optimizers.Adam(1e-3))
-        plain_opt.build(plain_model.trainable_variables)
-        watched_opt.build(watched_model.trainable_variables)
-    plain = make_step(plain_model, loss_a, plain_opt, strategy)
-    watched = make_step(watched_model, loss_b, watched_opt, strategy)
-    time_block(plain, x, 5)  # trace and warm up
-    time_block(watched, x, 5)
-    a, b = [], []
+        for variant in variants:
+            model, x, loss = build()
+            optimizer = keras.optimizers.Adam(1e-3)
+            if variant == "gradwatch":
+                monitor.wrap(optimizer)
+            optimizer.build(model.trainable_variables)
+            steps[variant] = make_step(model, loss, optimizer, strategy,
+                                       host_norms=variant == "host_norms")
+    for variant, step in steps.items():  # trace and warm up
+        if variant == "check_numerics":
+            tf.debugging.enable_check_numerics()
+        time_block(step, x, 5)
+        if variant == "check_numerics":
+            tf.debugging.disable_check_numerics()
+    times = {variant: [] for variant in variants}
     for _ in range(ARGS.rounds):
-        a += time_block(plain, x, ARGS.steps)
-        b += time_block(watched, x, ARGS.steps)
-    ratio = statistics.median(b) / statistics.median(a)
-    print(f"{name:<16} vars={len(watched_model.trainable_variables):<4} "
-          f"median step: without {statistics.median(a) * 1e3:8.3f} ms, "
-          f"with {statistics.median(b) * 1e3:8.3f} ms, ratio {ratio:.3f} "
-          f"({len(a)} steps each)", flush=True)
-    return ratio
+        for variant, step in steps.items():
+            times[variant] += time_block(step, x, ARGS.steps)
+    base = statistics.median(times[variants[0]])
+    for variant in variants:
+        median = statistics.median(times[variant])
+        print(f"{name:<20} {variant:<15} vars={len(model.trainable_variables):<4} median step "
+              f"{median * 1e3:9.3f} ms, ratio to {variants[0]} {median / base:.3f} "
+              f"({len(times[variant])} steps)", flush=True)
 
 
 def main() -> None:
@@ -143,12 +209,16 @@ def main() -> None:
         "demo-mirrored": (demo_case, tf.distribute.MirroredStrategy(
             [f"/cpu:{i}" for i in range(ARGS.replicas)])),
         "cnn": (cnn_case, tf.distribute.get_strategy()),
+        "transformer": (transformer_case, tf.distribute.get_strategy()),
+        "transformer-mirrored": (transformer_case, tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(ARGS.replicas)])),
+        "recommender": (recommender_case, tf.distribute.get_strategy()),
         "resnet50": (resnet50_case, tf.distribute.get_strategy()),
         "resnet50-mirrored": (resnet50_case, tf.distribute.MirroredStrategy(
             [f"/cpu:{i}" for i in range(ARGS.replicas)])),
     }
     print(f"tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} CPUs; "
-          f"{ARGS.rounds} rounds x {ARGS.steps} steps, interleaved")
+          f"{ARGS.rounds} rounds x {ARGS.steps} steps per variant, interleaved")
     with CollectorProcess() as collector:
         monitor = GradientMonitor(collector=collector.grpc_target, training_job="bench")
         for name in ARGS.cases.split(","):

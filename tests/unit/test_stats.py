@@ -107,3 +107,25 @@ def test_sparse_gradient_of_a_large_embedding_matches_dense_and_is_never_densifi
     huge = tf.IndexedSlices(grad.values, grad.indices, tf.constant([10**9, 64], tf.int64))
     assert tf.function(gradient_stats)([huge]).numpy()[0, NORM] == pytest.approx(dense_norm,
                                                                                   rel=1e-6)
+
+
+def test_small_and_large_gradients_keep_their_order():
+    """Small tensors are reduced together (concat + segment reductions), large ones one
+    by one; the rows must still line up with the gradients, empty ones included."""
+    from gradwatch.agent.stats import SMALL_GRADIENT_ELEMENTS
+
+    rng = np.random.default_rng(3)
+    shapes = [(0,), (SMALL_GRADIENT_ELEMENTS + 1,), (3,), None, (SMALL_GRADIENT_ELEMENTS,),
+              (400, 300), (7, 5), (1,)]
+    grads = [None if s is None else tf.constant(rng.normal(size=s).astype("float32") * (i + 1))
+             for i, s in enumerate(shapes)]
+    rows = tf.function(gradient_stats)(grads).numpy()
+    for row, grad in zip(rows, grads, strict=True):
+        if grad is None:
+            assert row.tolist() == [0, 0, 0, 0, 0]
+            continue
+        values = grad.numpy().astype(np.float64)
+        assert row[0] == 1
+        assert row[1] == pytest.approx(np.sqrt(np.square(values).sum()), rel=1e-5)
+        assert row[2] == pytest.approx(np.abs(values).max() if values.size else 0.0, rel=1e-6)
+        assert row[3] == row[4] == 0
