@@ -204,18 +204,19 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
 
 
 def main() -> None:
+    # One MirroredStrategy for every mirrored case: several in one process can mix up
+    # their collectives' instance keys (a TensorFlow limitation, not the agent's).
+    mirrored = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(ARGS.replicas)])
+    default = tf.distribute.get_strategy()
     cases = {
-        "demo": (demo_case, tf.distribute.get_strategy()),
-        "demo-mirrored": (demo_case, tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(ARGS.replicas)])),
-        "cnn": (cnn_case, tf.distribute.get_strategy()),
-        "transformer": (transformer_case, tf.distribute.get_strategy()),
-        "transformer-mirrored": (transformer_case, tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(ARGS.replicas)])),
-        "recommender": (recommender_case, tf.distribute.get_strategy()),
-        "resnet50": (resnet50_case, tf.distribute.get_strategy()),
-        "resnet50-mirrored": (resnet50_case, tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(ARGS.replicas)])),
+        "demo": (demo_case, default),
+        "demo-mirrored": (demo_case, mirrored),
+        "cnn": (cnn_case, default),
+        "transformer": (transformer_case, default),
+        "transformer-mirrored": (transformer_case, mirrored),
+        "recommender": (recommender_case, default),
+        "resnet50": (resnet50_case, default),
+        "resnet50-mirrored": (resnet50_case, mirrored),
     }
     print(f"tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} CPUs; "
           f"{ARGS.rounds} rounds x {ARGS.steps} steps per variant, interleaved")
