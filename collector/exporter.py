@@ -143,6 +143,7 @@ class StateCollector:
             reported = np.flatnonzero(agg["reported"])
             if reported.size == 0:
                 continue
+            # Sorted label names, like every series: optimizer, training_job, variable.
             prefix = labels(VARIABLE_LABELS[:2], [group.training_job, group.optimizer])
             names = [group.names[i] for i in reported[:keep]]
             if reported.size > keep:

@@ -22,8 +22,10 @@ def escape(value: str) -> str:
 
 
 def labels(names: Sequence[str], values: Sequence[object]) -> str:
-    """``name="value",...`` with values escaped, ready to go between braces."""
-    return ",".join(f'{n}="{escape(str(v))}"' for n, v in zip(names, values, strict=True))
+    """``name="value",...`` sorted by name (as client_python writes them), values escaped,
+    ready to go between braces."""
+    pairs = sorted(zip(names, values, strict=True))
+    return ",".join(f'{n}="{escape(str(v))}"' for n, v in pairs)
 
 
 def _value(value: float) -> str:
