@@ -37,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="ResNet-50 batch size")
     parser.add_argument("--cases", default="demo,demo-mirrored,cnn",
                         help="comma-separated: demo, demo-mirrored, cnn, transformer, "
-                             "transformer-mirrored, recommender, resnet50, resnet50-mirrored")
+                             "transformer-mirrored, recommender, recommender-mirrored, "
+                             "resnet50, resnet50-mirrored")
     parser.add_argument("--variants", default="plain,gradwatch",
                         help="comma-separated: plain, gradwatch, check_numerics, host_norms")
     return parser.parse_args()
@@ -215,6 +216,7 @@ def main() -> None:
         "transformer": (transformer_case, default),
         "transformer-mirrored": (transformer_case, mirrored),
         "recommender": (recommender_case, default),
+        "recommender-mirrored": (recommender_case, mirrored),
         "resnet50": (resnet50_case, default),
         "resnet50-mirrored": (resnet50_case, mirrored),
     }
