@@ -1,0 +1,121 @@
+"""The Grafana dashboards: regenerating them reproduces the committed JSON, and every
+panel query and template variable returns data from a real Prometheus scraping a
+collector that watches a real training run. A renamed metric or label breaks this."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from gradwatch.agent import GradientMonitor
+from gradwatch.testing import PrometheusProcess
+
+from services import require_binary
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
+
+
+def test_regenerating_reproduces_the_committed_files():
+    result = subprocess.run([sys.executable, str(ROOT / "dashboards" / "generate.py"), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"]
+            for target in panel.get("targets", [])]
+
+
+def variable_queries(dashboard: dict) -> list[tuple[str, str]]:
+    return [(v["name"], v["query"]) for v in dashboard["templating"]["list"]
+            if v["type"] == "query"]
+
+
+def test_dashboards_are_complete():
+    """Two dashboards; every panel has a description and a unit where it shows numbers;
+    the data source is a template variable everywhere."""
+    assert [p.name for p in DASHBOARDS] == ["gradwatch-job.json", "gradwatch-overview.json"]
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        for panel in dashboard["panels"]:
+            if panel["type"] == "row":
+                continue
+            assert panel["description"], panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            if panel["type"] in ("timeseries", "stat"):
+                assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+    job = json.loads((ROOT / "dashboards" / "gradwatch-job.json").read_text())
+    assert {"training_job", "variable"} <= {name for name, _ in variable_queries(job)}
+
+
+class PartlyUnused(keras.Model):
+    def __init__(self) -> None:
+        super().__init__(name="dash")
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+        self.unused = keras.layers.Dense(2, name="unused")
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        self.out.build((None, 8))
+        self.unused.build((None, 8))
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def substitute(expr: str, job: str) -> str:
+    """What Grafana sends for job ``job``, variable "All" and a 1 s scrape interval."""
+    return (expr.replace("$training_job", job).replace("$variable", ".*")
+            .replace("$__rate_interval", "1m"))
+
+
+def test_every_panel_query_and_variable_returns_data(collector, job_name):
+    require_binary("prometheus")
+    target = collector.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    model = PartlyUnused()
+    model.build((None, 4))
+    # The monitor stays open while Prometheus is queried: running tasks have a
+    # last-report timestamp, finished ones do not.
+    monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                              flush_interval_s=0.05)
+    try:
+        with PrometheusProcess([target], scrape_interval="300ms") as prometheus:
+            model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
+            model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+            prometheus.wait_for(f'count_over_time(gradwatch_steps_total{{training_job='
+                                f'"{job_name}"}}[1m]) >= 3', timeout_s=30)
+            prometheus.wait_for(f'gradwatch_gradient_missing_cause_info{{training_job='
+                                f'"{job_name}"}}', timeout_s=15)
+            empty = []
+            for path in DASHBOARDS:
+                dashboard = json.loads(path.read_text())
+                for title, expr in panel_queries(dashboard):
+                    if not prometheus.query(substitute(expr, job_name)):
+                        empty.append(f"{path.name}: {title}: {expr}")
+                for name, definition in variable_queries(dashboard):
+                    metric, label = re.fullmatch(r"label_values\((.+), (\w+)\)",
+                                                 definition).groups()
+                    values = {r["metric"].get(label) for r in prometheus.query(
+                        f"group by ({label}) ({substitute(metric, job_name)})")}
+                    if not values - {None}:
+                        empty.append(f"{path.name}: variable {name}: {definition}")
+                    if name == "training_job":
+                        assert job_name in values
+            assert not empty, "queries without data:\n" + "\n".join(empty)
+    finally:
+        monitor.close()
