@@ -119,3 +119,13 @@ def test_every_panel_query_and_variable_returns_data(collector, job_name):
             assert not empty, "queries without data:\n" + "\n".join(empty)
     finally:
         monitor.close()
+
+
+def test_every_panel_is_described_in_the_docs():
+    docs = (ROOT / "docs" / "dashboards.md").read_text()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        assert f"`uid: {dashboard['uid']}`" in docs
+        for panel in dashboard["panels"]:
+            if panel["type"] != "row":
+                assert f"**{panel['title']}**" in docs, panel["title"]
