@@ -43,6 +43,8 @@ class CollectorConfig:
     #: A job's rules run after a batch at most this often; batches arriving sooner are
     #: evaluated together by a timer (bounds rule cost per job, not per task).
     batch_evaluation_interval_s: float = 0.05
+    #: Where alerts' runbook_url annotations point (each alert appends #its-name).
+    runbook_url: str = "docs/runbook.md"
     #: A finished (closed) session's state, series and alerts are kept this long.
     closed_retention_s: float = 3600.0
     rules: RuleSettings = field(default_factory=RuleSettings)
@@ -75,6 +77,7 @@ _SCALARS = {  # file key -> (CollectorConfig field, type)
     "evaluation_interval_seconds": ("evaluation_interval_s", float),
     "batch_evaluation_interval_seconds": ("batch_evaluation_interval_s", float),
     "closed_retention_seconds": ("closed_retention_s", float),
+    "runbook_url": ("runbook_url", str),
 }
 _LISTS = {"webhook_urls": "webhook_urls", "alertmanager_urls": "alertmanager_urls"}
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Longest list of variables or tasks written into one annotation.
 MAX_LISTED = 10
-#: Runbook location inside the repository; prefix it with your docs host if you have one.
+#: Default runbook location (inside the repository); ``runbook_url`` in the collector's
+#: YAML points alerts at a page your on-call can open.
 RUNBOOK = "docs/runbook.md"
 
 
@@ -48,7 +49,6 @@ def _alert(name: str, severity: str, group: Group, summary: str, detail: str,
                 f" Tasks: {_listing(tasks)}." if tasks else ""),
             "variables": _listing(variables),
             "tasks": _listing(tasks),
-            "runbook_url": f"{RUNBOOK}#{name.lower()}",
             **extra,
         },
     )
@@ -357,8 +357,10 @@ class RuleEngine:
     """
 
     def __init__(self, settings: RuleSettings, tracker: AlertTracker,
-                 clock: Callable[[], float] = time.time, min_interval_s: float = 0.0) -> None:
+                 clock: Callable[[], float] = time.time, min_interval_s: float = 0.0,
+                 runbook_url: str = RUNBOOK) -> None:
         self.settings = settings
+        self.runbook_url = runbook_url
         self.tracker = tracker
         self.clock = clock
         self.min_interval_s = min_interval_s
@@ -395,6 +397,8 @@ class RuleEngine:
             if params[rule.name].enabled:
                 with _contained(rule):
                     alerts += rule.evaluate(group, params[rule.name], now)
+        for alert in alerts:
+            alert.annotations["runbook_url"] = f"{self.runbook_url}#{alert.name.lower()}"
         self.tracker.update((group.training_job, group.optimizer), alerts, now)
 
     def tick(self, groups: Iterable[Group]) -> None:

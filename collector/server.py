@@ -49,7 +49,8 @@ class Collector:
         self.dispatcher = Dispatcher(sinks)
         self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_s)
         self.rules = RuleEngine(config.rules, self.alerts,
-                                min_interval_s=config.batch_evaluation_interval_s)
+                                min_interval_s=config.batch_evaluation_interval_s,
+                                runbook_url=config.runbook_url)
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits)
         self.exporter = StateCollector(

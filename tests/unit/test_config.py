@@ -87,3 +87,22 @@ def test_the_shipped_example_is_valid_and_documents_the_defaults():
         assert getattr(loaded, field) == getattr(defaults, field), field
     assert loaded.rules.base == defaults.rules.base
     assert loaded.rules.for_job("bert-base")["GradientVanishing"].steps == 500
+
+
+def test_runbook_url_reaches_the_alerts(tmp_path):
+    from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.rules import RuleEngine
+    from gradwatch.collector.state import Registry
+
+    path = tmp_path / "collector.yaml"
+    path.write_text("runbook_url: https://wiki.example/gradwatch\n")
+    settings = config.load_file(str(path), config.CollectorConfig())
+    tracker = AlertTracker(lambda notification: None, 0.0)
+    engine = RuleEngine(settings.rules, tracker, runbook_url=settings.runbook_url)
+    registry = Registry()
+    session = registry.register("job", "adam", "worker", 0, 1, ["a"])
+    session.missing_in_last_batch[:] = True
+    session.steps_total = 1
+    engine.evaluate(session.group)
+    (alert,) = tracker.active()
+    assert alert.annotations["runbook_url"] == "https://wiki.example/gradwatch#gradientmissing"
