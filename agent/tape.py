@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,35 @@ def _variable_name(variable: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def _ref(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # None, or an object without weak references: keep it
+        return lambda: obj
+
+
+class _Seen:
+    """(graph, variable) pairs already diagnosed; graph None means eager. Held weakly, so a
+    new graph or variable that reuses a dead one's id() is not taken for it."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[int, int], tuple[Callable[[], Any], Callable[[], Any]]] = {}
+
+    def __contains__(self, pair: tuple[Any, Any]) -> bool:
+        graph, variable = pair
+        refs = self._pairs.get((id(graph), id(variable)))
+        return refs is not None and refs[0]() is graph and refs[1]() is variable
+
+    def add(self, graph: Any, variable: Any) -> None:
+        if len(self._pairs) > 10_000:  # forget the dead
+            self._pairs = {k: r for k, r in self._pairs.items()
+                           if r[1]() is not None and (k[0] == id(None) or r[0]() is not None)}
+        self._pairs[(id(graph), id(variable))] = (_ref(graph), _ref(variable))
+
+    def clear(self) -> None:
+        self._pairs.clear()
+
+
 class _GradientCalls:
     """Process-wide: the patch, the listeners, and what was already diagnosed."""
 
@@ -71,7 +101,7 @@ class _GradientCalls:
         self.record_eagerly_always = 0
         self._lock = threading.RLock()
         self._originals: dict[str, Any] = {}
-        self._seen: set[tuple] = set()
+        self._seen = _Seen()
         self._logged: set[Diagnosis] = set()
         self._recorder = EagerRecorder()
         self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
@@ -95,6 +125,7 @@ class _GradientCalls:
                 if not self.listeners:
                     self._recorder.stop()
                     self._awaiting.clear()
+                    self._seen.clear()
                     self._unpatch()
 
         return stop
@@ -153,9 +184,8 @@ class _GradientCalls:
         if len(flat_sources) != len(flat_grads) or before is None:
             return
         graph, position = before
-        scope = id(graph) if graph is not None else "eager"
         missing = [v for v, g in zip(flat_sources, flat_grads, strict=True)
-                   if g is None and (scope, id(v)) not in self._seen and variable_handles(v)]
+                   if g is None and (graph, v) not in self._seen and variable_handles(v)]
         with self._lock:
             if graph is None:
                 self._after_eager_gradient(tape, target, missing)
@@ -165,7 +195,7 @@ class _GradientCalls:
             start = getattr(tape, "_gradwatch_start", None)
             tape_start = start[1] if start and start[0] is graph else None
             forward = forward_graph.from_func_graph(graph, position, tape_start)
-            self._diagnose(forward, target, missing, scope)
+            self._diagnose(forward, target, missing, graph)
 
     def _after_eager_gradient(self, tape: Any, target: Any, missing: list[Any]) -> None:
         """Diagnoses from the recording of this step if there is one, else records the
@@ -174,15 +204,16 @@ class _GradientCalls:
         if missing and recorder.active and recorder.overflowed:
             log.warning("gradwatch: an eager step has more than %d ops; its missing gradients "
                         "are not diagnosed", recorder.max_ops)
-            self._seen.update(("eager", id(v)) for v in missing)
+            for variable in missing:
+                self._seen.add(None, variable)
         elif missing and recorder.active:
             forward = recorder.stop()
             start = getattr(tape, "_gradwatch_start", None)
             self._mark_outside_tape(forward, start[1] if start and start[0] is None else 0)
-            self._diagnose(forward, target, missing, "eager")
+            self._diagnose(forward, target, missing, None)
         elif missing:
             self._awaiting.update(id(v) for v in missing)
-        self._awaiting.difference_update(id(v) for v in missing if ("eager", id(v)) in self._seen)
+        self._awaiting.difference_update(id(v) for v in missing if (None, v) in self._seen)
         recorder.stop()
         if self.record_eagerly_always or self._awaiting:
             recorder.start()
@@ -193,10 +224,10 @@ class _GradientCalls:
             node.recorded = node.order > tape_start
 
     def _diagnose(self, forward: ForwardGraph, target: Any, missing: list[Any],
-                  scope: Any) -> None:
+                  graph: Any) -> None:
         diagnoser = Diagnoser(forward, [id(t) for t in tf.nest.flatten(target) if t is not None])
         for variable in missing:
-            self._seen.add((scope, id(variable)))
+            self._seen.add(graph, variable)
             verdict = diagnoser.diagnose(_variable_name(variable), variable_handles(variable))
             if verdict not in self._logged:
                 self._logged.add(verdict)

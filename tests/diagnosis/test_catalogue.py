@@ -360,3 +360,23 @@ def test_the_break_is_the_op_on_the_path_not_a_side_branch(mode):
     assert len(report.diagnoses) == len(model.trainable_variables) == 6
     assert {(d.op_type, d.source.line) for d in report.diagnoses.values()} == {
         ("Floor", min(lines("bn")))}
+
+
+def test_a_variable_reusing_a_dead_ones_id_is_not_taken_for_it():
+    """CPython hands a freed object's id() to the next object of its size; a rebuilt
+    model's variables must still be diagnosed (this made the catalogue flaky once)."""
+    import gc
+
+    from gradwatch.agent.tape import _Seen
+
+    class Variable:
+        pass
+
+    seen, old = _Seen(), Variable()
+    seen.add(None, old)
+    assert (None, old) in seen
+    old_id = id(old)
+    del old
+    gc.collect()
+    new = Variable()
+    assert (None, new) not in seen, f"id reused: {id(new) == old_id}"
