@@ -144,16 +144,7 @@ class ForwardGraph:
 
     def ancestors(self, keys: Iterable[int]) -> set[int]:
         """Tensors that ``keys`` depend on (``keys`` included)."""
-        seen = set(keys)
-        queue = deque(seen)
-        while queue:
-            node = self.producer.get(queue.popleft())
-            if node is not None:
-                for key in node.inputs:
-                    if key not in seen:
-                        seen.add(key)
-                        queue.append(key)
-        return seen
+        return self.gradient_reachable(keys, lambda node, index: None)
 
     def gradient_reachable(self, targets: Iterable[int],
                            stops: Callable[[Node, int], str | None]) -> set[int]:
@@ -203,13 +194,9 @@ class ForwardGraph:
 
 # -- from a tf.function graph ---------------------------------------------------------------
 
-def _max_op_id(graph: tf.Graph) -> int:
-    return max(graph._nodes_by_id, default=0)
-
-
 def graph_position(graph: tf.Graph) -> int:
-    """A marker for "ops created so far" in ``graph``."""
-    return _max_op_id(graph)
+    """A marker for "ops created so far" in ``graph``: the highest op id."""
+    return max(graph._nodes_by_id, default=0)
 
 
 def _function_graphs(op: tf.Operation) -> list[Any]:
