@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from gradwatch.collector import web_config
 from gradwatch.collector.ingest import Limits
 from gradwatch.collector.rules import RULES, RuleSettings
 
@@ -52,6 +53,9 @@ class CollectorConfig:
     #: If set, the bound addresses are written here as JSON once serving (for tests,
     #: scripts and port 0).
     ready_file: str | None = None
+    #: Prometheus web-config file (TLS, client certificates, basic auth) for /metrics and
+    #: /healthz; None serves plain HTTP to anyone (see docs/operations.md).
+    web_config_file: str | None = None
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -78,6 +82,7 @@ _SCALARS = {  # file key -> (CollectorConfig field, type)
     "batch_evaluation_interval_seconds": ("batch_evaluation_interval_s", float),
     "closed_retention_seconds": ("closed_retention_s", float),
     "runbook_url": ("runbook_url", str),
+    "web_config_file": ("web_config_file", str),
 }
 _LISTS = {"webhook_urls": "webhook_urls", "alertmanager_urls": "alertmanager_urls"}
 
@@ -129,6 +134,8 @@ def load_file(path: str, config: CollectorConfig) -> CollectorConfig:
     for key, (attr, kind) in _SCALARS.items():
         if key in data:
             setattr(config, attr, _check_type(key, data[key], kind))
+    if "web_config_file" in data:  # relative to this file's folder, as in Prometheus
+        config.web_config_file = str(Path(path).parent / config.web_config_file)
     for key, attr in _LISTS.items():
         urls = data.get(key, [])
         if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
@@ -171,6 +178,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolve-after", type=float, dest="resolve_after_s", metavar="SECONDS",
                         help="an alert resolves after its condition stayed away this long "
                              "(env GRADWATCH_RESOLVE_AFTER); default 10")
+    parser.add_argument("--web-config-file", metavar="FILE",
+                        help="Prometheus web-config file: TLS, client certificates and basic "
+                             "auth for /metrics and /healthz (env GRADWATCH_WEB_CONFIG_FILE); "
+                             "default: plain HTTP, no authentication")
     parser.add_argument("--ready-file", default=os.environ.get("GRADWATCH_READY_FILE"),
                         help="write the bound addresses here as JSON once serving")
 
@@ -191,6 +202,7 @@ def from_arguments(args: argparse.Namespace) -> CollectorConfig:
         ("max_variable_series", args.max_variable_series,
          env("GRADWATCH_MAX_VARIABLE_SERIES"), int),
         ("resolve_after_s", args.resolve_after_s, env("GRADWATCH_RESOLVE_AFTER"), float),
+        ("web_config_file", args.web_config_file, env("GRADWATCH_WEB_CONFIG_FILE"), str),
     )
     for attr, flag, environment, kind in overrides:
         value = flag if flag is not None else environment
@@ -209,5 +221,10 @@ def from_arguments(args: argparse.Namespace) -> CollectorConfig:
     for url in config.webhook_urls + config.alertmanager_urls:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{url!r}: sink URLs must start with http:// or https://")
+    if config.web_config_file:
+        try:
+            web_config.load(config.web_config_file)
+        except web_config.WebConfigError as error:
+            raise ConfigError(f"web_config_file: {config.web_config_file}: {error}") from error
     config.ready_file = args.ready_file
     return config
