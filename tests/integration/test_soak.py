@@ -1,0 +1,69 @@
+"""Load and soak: 500 concurrent agent streams for 60 s against one collector process.
+
+Drives ``bench/soak.py`` (raw gRPC, no TensorFlow; see its docstring). Asserts what
+must hold at any speed — no lost acks, no stream errors, the collector's own
+counters agree with what was sent, RSS flat (±10 %) after warm-up — and reports the
+ack latency without asserting on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SOAK_PATH = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+
+
+def _load_soak():
+    spec = importlib.util.spec_from_file_location("gradwatch_bench_soak", SOAK_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+# 60 s of load, registration and drain take ~65 s on an idle 2-core machine; the limit
+# leaves room for a busy one. run_soak stops its collector and generators on any error.
+@pytest.mark.timeout(240)
+def test_500_streams_for_60_seconds(record_property):
+    soak = _load_soak()
+    result = soak.run_soak(streams=500, duration_s=60.0)
+
+    print()
+    print(result.summary())
+    latency = result.ack_latency_ms
+    record_property("ack_latency_p50_ms", round(latency.get("p50", float("nan")), 2))
+    record_property("ack_latency_p99_ms", round(latency.get("p99", float("nan")), 2))
+    record_property("ack_latency_max_ms", round(latency.get("max", float("nan")), 2))
+    record_property("batches_sent", result.batches_sent)
+    record_property("batches_acked", result.batches_acked)
+    record_property("rss_mb", json.dumps({k: round(v, 1) for k, v in result.rss_mb.items()}))
+    record_property("rss_drift_pct", round(result.rss_drift_pct, 2))
+    record_property("collector_cpu_s", round(result.collector_cpu_s, 1))
+
+    assert result.streams == 500 and result.duration_s == 60.0
+    # Every stream sent one batch per second for the whole minute.
+    assert result.batches_sent >= 500 * 59, result.summary()
+    assert result.lost_acks == 0, result.summary()
+    assert result.acks_out_of_order == 0, result.summary()
+    assert result.stream_errors == [], result.stream_errors[:5]
+    counters = result.collector_counters
+    assert counters["gradwatch_collector_registrations_total"] == 500
+    assert counters["gradwatch_collector_sessions"] == 500
+    assert counters["gradwatch_collector_batches_total"] == result.batches_sent
+    assert counters["gradwatch_collector_duplicate_batches_total"] == 0
+    assert counters["gradwatch_collector_rejected_messages_total"] == 0
+    assert counters["gradwatch_collector_step_reports_total"] == (
+        result.batches_sent * result.steps_per_batch)
+    assert counters["gradwatch_collector_variable_statistics_total"] == (
+        result.batches_sent * result.steps_per_batch * result.variables)
+    rss = result.rss_mb
+    assert rss["min"] >= 0.9 * rss["median"] and rss["max"] <= 1.1 * rss["median"], (
+        result.summary())
+    assert result.ok, result.summary()
