@@ -27,6 +27,7 @@ from gradwatch.collector.service import GradientWatchService
 from gradwatch.collector.sinks import AlertmanagerSink, Dispatcher, LogSink, Sink, WebhookSink
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
+from gradwatch.collector.web_config import RELOAD_INTERVAL_S, WebSecurity
 from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,14 @@ class Collector:
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self.web_security: WebSecurity | None = None
         self._timers: list[asyncio.Task] = []
 
     async def start(self) -> None:
+        """Binds and serves; raises WebConfigError if the web-config file is invalid."""
+        if self.config.web_config_file:
+            self.web_security = WebSecurity(self.config.web_config_file)
+        security = self.web_security
         limits = self.config.limits
         self._grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -78,14 +84,16 @@ class Collector:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-        app = web.Application()
+        app = web.Application(middlewares=[security.middleware] if security else [])
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/healthz", self._serve_health)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = split_host_port(self.config.metrics_address)
-        site = web.TCPSite(self._http, host, port)
+        site = web.TCPSite(self._http, host, port,
+                           ssl_context=security.ssl_context if security else None)
         await site.start()
+        scheme = security.scheme if security else "http"
         self.metrics_port = site._server.sockets[0].getsockname()[1]
         self.dispatcher.start()
         self._timers = [
@@ -94,12 +102,16 @@ class Collector:
             asyncio.create_task(self._every(self.config.batch_evaluation_interval_s,
                                             self.rules.evaluate_pending)),
         ]
+        if security:
+            self._timers.append(asyncio.create_task(
+                self._every(RELOAD_INTERVAL_S, security.reload_if_changed)))
         grpc_host = split_host_port(self.config.grpc_address)[0]
-        log.info("gradwatch collector serving gRPC on %s:%d, metrics on http://%s:%d/metrics",
-                 grpc_host, self.grpc_port, host, self.metrics_port)
+        log.info("gradwatch collector serving gRPC on %s:%d, metrics on %s://%s:%d/metrics",
+                 grpc_host, self.grpc_port, scheme, host, self.metrics_port)
         if self.config.ready_file:
             ready = {"grpc": f"{grpc_host}:{self.grpc_port}",
-                     "metrics": f"{host}:{self.metrics_port}", "pid": os.getpid()}
+                     "metrics": f"{host}:{self.metrics_port}", "metrics_scheme": scheme,
+                     "pid": os.getpid()}
             tmp = Path(self.config.ready_file + ".tmp")
             tmp.write_text(json.dumps(ready))
             tmp.replace(self.config.ready_file)

@@ -7,11 +7,13 @@ No TensorFlow needed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,7 +29,8 @@ from pathlib import Path
 
 class CollectorProcess:
     """``gradwatch collector`` on free loopback ports; `grpc_target` and `metrics_url`
-    are valid once the context is entered."""
+    (``https://`` when its web-config file turns TLS on) are valid once the context is
+    entered."""
 
     def __init__(self, *extra_args: str, startup_timeout_s: float = 30.0,
                  log_path: str | os.PathLike | None = None) -> None:
@@ -55,11 +58,18 @@ class CollectorProcess:
             time.sleep(0.05)
         addresses = json.loads(ready.read_text())
         self.grpc_target = addresses["grpc"]
-        self.metrics_url = f"http://{addresses['metrics']}/metrics"
+        self.metrics_url = f"{addresses['metrics_scheme']}://{addresses['metrics']}/metrics"
         return self
 
-    def scrape(self, timeout_s: float = 5.0) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=timeout_s) as response:
+    def scrape(self, timeout_s: float = 5.0, *, context: ssl.SSLContext | None = None,
+               auth: tuple[str, str] | None = None) -> str:
+        """GET `metrics_url`, with ``context`` for HTTPS and ``auth`` as (user, password)
+        for basic auth; raises urllib.error.HTTPError on 401."""
+        request = urllib.request.Request(self.metrics_url)
+        if auth is not None:
+            token = base64.b64encode(":".join(auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             return response.read().decode()
 
     def log(self) -> str:
@@ -202,20 +212,24 @@ class _ServiceProcess:
 
 class PrometheusProcess(_ServiceProcess):
     """``prometheus`` scraping ``targets`` (job ``gradwatch``), optionally evaluating
-    ``rule_files`` and sending alerts to an Alertmanager."""
+    ``rule_files`` and sending alerts to an Alertmanager. ``scrape_options`` are added to
+    the scrape config as they are, in Prometheus' names: e.g. ``{"scheme": "https",
+    "tls_config": {"ca_file": ...}, "basic_auth": {"username": ..., "password": ...}}``."""
 
     binary_name = "prometheus"
 
     def __init__(self, targets: list[str], scrape_interval: str = "500ms",
                  rule_files: list[str] = (), alertmanager_url: str | None = None,
-                 evaluation_interval: str = "1s") -> None:
+                 evaluation_interval: str = "1s",
+                 scrape_options: Mapping[str, object] | None = None) -> None:
         super().__init__()
         config = {  # JSON is YAML
             "global": {"scrape_interval": scrape_interval,
                        "evaluation_interval": evaluation_interval},
             "rule_files": [str(Path(f).resolve()) for f in rule_files],
             "scrape_configs": [{"job_name": "gradwatch",
-                                "static_configs": [{"targets": targets}]}],
+                                "static_configs": [{"targets": targets}],
+                                **(scrape_options or {})}],
         }
         if alertmanager_url:
             config["alerting"] = {"alertmanagers": [{"static_configs": [
