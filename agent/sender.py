@@ -1,14 +1,24 @@
-"""The agent's only background thread: drains sessions and streams them to the collector.
+"""The agent's only background thread: drains sessions and streams them to a collector.
 
-It runs its own asyncio loop with a ``grpc.aio`` channel. Every flush interval
+It runs its own asyncio loop with ``grpc.aio`` channels. Every flush interval
 it drains each session's new steps into a bounded host buffer, registers
 sessions the collector does not know yet, and writes batches on one ordered
 ``Report`` stream. Batches stay buffered until acknowledged; after a
 reconnect the unacknowledged ones are sent again with the same sequence
 numbers, and the collector drops duplicates. Diagnoses of missing gradients
 ride on the next batch (one without steps if need be), once per registration.
-When the buffer is full the oldest steps are dropped and counted. Nothing here
-ever blocks the training thread: it only appends sessions under a lock.
+
+Faults: a collector that refuses, breaks the stream, ends it (draining), or
+stops acknowledging for ``ack_timeout_s`` is left for the next replica in the
+job's ranking (`gradwatch.agent.endpoints`); when every replica failed, the
+sender waits with exponential backoff and jitter, then starts over from the
+preferred one. While on a fallback it checks the preferred replicas' health
+every ``failback_interval_s`` and moves back (closing its sessions on the
+fallback first), so all tasks of a job converge on one collector.
+
+When the buffer is full (``max_buffer_bytes``) the oldest steps are dropped
+and counted; the count reaches the collector with the next batch. Nothing
+here ever blocks the training thread: it only appends sessions under a lock.
 """
 
 from __future__ import annotations
@@ -18,16 +28,30 @@ import collections
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradwatch.agent.channel import ChannelSettings
+from gradwatch.agent.endpoints import Endpoint, rank, resolve
 from gradwatch.agent.session import Session
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientWatch"].full_name
+
+
+#: Bytes a buffered step takes per statistic (5 packed arrays), plus per-step overhead.
+_BYTES_PER_STATISTIC = 17
+_BYTES_PER_STEP = 48
+
+
+class _Failback(Exception):
+    """A preferred collector is healthy again: leave the fallback."""
 
 
 @dataclass
@@ -35,7 +59,10 @@ class _Stream:
     """Sender-side state of one session."""
 
     session: Session
-    session_id: str = ""
+    session_id: str = ""  # on the current connection's collector
+    #: Session ids by collector address: a reconnect to the same collector resumes the
+    #: session, so batches it applied but never acknowledged are recognised as duplicates.
+    registrations: dict = field(default_factory=dict)
     next_sequence: int = 1
     dropped: int = 0
     max_batch_steps: int = 256
@@ -45,6 +72,10 @@ class _Stream:
     pending: collections.deque = field(default_factory=collections.deque)  # StepReports
     unacked: collections.deque = field(default_factory=collections.deque)  # ReportBatches
 
+    def __post_init__(self) -> None:
+        statistics = self.session.num_replicas * self.session.num_variables
+        self.step_bytes = statistics * _BYTES_PER_STATISTIC + _BYTES_PER_STEP
+
     def unsent_diagnoses(self) -> list[pb.Diagnosis]:
         return [d for i, d in self.session.diagnoses().items()
                 if self.diagnoses_sent.get(i) is not d]
@@ -52,17 +83,34 @@ class _Stream:
     def buffered_steps(self) -> int:
         return len(self.pending) + sum(len(b.steps) for b in self.unacked)
 
+    def connect(self, endpoint: Endpoint) -> None:
+        self.session_id = self.registrations.get(endpoint.address, "")
+        self.final_sent = False
+
 
 class Sender:
-    """Background thread shipping all sessions of one monitor to one collector."""
+    """Background thread shipping all sessions of one monitor to the job's collector.
 
-    def __init__(self, target: str, *, flush_interval_s: float = 0.1,
-                 max_buffered_steps: int = 10_000, rpc_timeout_s: float = 5.0,
+    ``targets``: collector addresses (see `gradwatch.agent.endpoints`), ranked by
+    ``training_job``. ``max_buffer_bytes``: host memory for steps not yet
+    acknowledged, across sessions.
+    """
+
+    def __init__(self, targets: list[str], training_job: str, *,
+                 channel: ChannelSettings | None = None, flush_interval_s: float = 0.1,
+                 max_buffer_bytes: int = 128 * 2**20, rpc_timeout_s: float = 5.0,
+                 ack_timeout_s: float = 10.0, failback_interval_s: float = 30.0,
                  on_error: Callable[[str], None] | None = None) -> None:
-        self.target = target
+        self.targets = targets
+        self.training_job = training_job
+        self.channel = channel or ChannelSettings()
         self.flush_interval_s = flush_interval_s
-        self.max_buffered_steps = max_buffered_steps
+        self.max_buffer_bytes = max_buffer_bytes
         self.rpc_timeout_s = rpc_timeout_s
+        self.ack_timeout_s = ack_timeout_s
+        self.failback_interval_s = failback_interval_s
+        #: The collector currently streamed to (None while disconnected).
+        self.endpoint: Endpoint | None = None
         self._lock = threading.Lock()
         self._new_sessions: list[Session] = []
         self._streams: list[_Stream] = []
@@ -70,6 +118,7 @@ class Sender:
         self._stopping = asyncio.Event()
         self._drained = threading.Event()
         self._last_error = ""
+        self._waiting_since = 0.0  # monotonic time since which an ack is awaited
         self._connected = False  # the current connection got as far as streaming
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="gradwatch-sender", daemon=True)
@@ -134,16 +183,22 @@ class Sender:
             stream.pending.extend(reports)
         self._enforce_buffer_limit()
 
+    def buffered_bytes(self) -> int:
+        """Host memory held by steps not yet acknowledged (sender thread)."""
+        return sum(s.buffered_steps() * s.step_bytes for s in self._streams)
+
     def _enforce_buffer_limit(self) -> None:
-        excess = sum(s.buffered_steps() for s in self._streams) - self.max_buffered_steps
-        for stream in sorted(self._streams, key=lambda s: -s.buffered_steps()):
+        """Drops the oldest steps of the largest buffers until the rest fits."""
+        excess = self.buffered_bytes() - self.max_buffer_bytes
+        for stream in sorted(self._streams, key=lambda s: -s.buffered_steps() * s.step_bytes):
             while excess > 0 and stream.unacked:
-                excess -= len(stream.unacked[0].steps)
-                stream.dropped += len(stream.unacked.popleft().steps)
+                steps = len(stream.unacked.popleft().steps)
+                stream.dropped += steps
+                excess -= steps * stream.step_bytes
             while excess > 0 and stream.pending:
                 stream.pending.popleft()
                 stream.dropped += 1
-                excess -= 1
+                excess -= stream.step_bytes
 
     def _all_acked(self) -> bool:
         return all(not s.pending and not s.unacked for s in self._streams)
@@ -151,41 +206,72 @@ class Sender:
     async def _main(self) -> None:
         backoff = self.flush_interval_s
         while True:
-            self._connected = False
-            try:
-                async with grpc.aio.insecure_channel(self.target) as channel:
-                    await self._serve(pb_grpc.GradientWatchStub(channel))
-                return  # stopping and flushed
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:  # collector lost our sessions
-                    for stream in self._streams:
-                        stream.session_id = ""
-                self._report_error(f"collector {self.target}: {error.code().name} "
-                                   f"{error.details()}")
-            except (ConnectionError, asyncio.TimeoutError) as error:
-                self._report_error(f"collector {self.target}: {error}")
-            if self._stopping.is_set() and self._drained.is_set():
-                return
-            if self._connected:  # it worked until now: retry soon, back off from scratch
-                backoff = self.flush_interval_s
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 5.0)
-            self._drain_sessions()
+            endpoints = rank(resolve(self.targets), self.training_job)
+            for preference, endpoint in enumerate(endpoints):
+                outcome = await self._attempt(endpoint, endpoints[:preference])
+                if outcome == "lost":  # the collector restarted: register again at once
+                    outcome = await self._attempt(endpoint, endpoints[:preference])
+                if outcome == "done" or (self._stopping.is_set() and self._drained.is_set()):
+                    return
+                if outcome == "failback":
+                    break
+                if self._connected:  # it worked until now: back off from scratch
+                    backoff = self.flush_interval_s
+                self._drain_sessions()
+            else:  # every replica failed
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 5.0)
+                self._drain_sessions()
 
-    async def _serve(self, stub: pb_grpc.GradientWatchStub) -> None:
-        """One connection: register, then stream until stopped and flushed, or an error."""
+    async def _attempt(self, endpoint: Endpoint, preferred: list[Endpoint]) -> str:
+        """Streams to ``endpoint`` until done ("done"), a preferred replica is back
+        ("failback"), the collector lost our sessions ("lost") or another error ("failed")."""
+        self.endpoint = endpoint
+        self._connected = False
+        try:
+            async with self.channel.open(endpoint) as channel:
+                await self._serve(channel, preferred)
+            return "done"
+        except _Failback:
+            return "failback"
+        except grpc.aio.AioRpcError as error:
+            self._report_error(f"collector {endpoint}: {error.code().name} {error.details()}")
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                for stream in self._streams:
+                    stream.registrations.pop(endpoint.address, None)
+                return "lost"
+        except (ConnectionError, asyncio.TimeoutError, OSError) as error:
+            self._report_error(f"collector {endpoint}: {error or type(error).__name__}")
+        except Exception:  # never let the sender thread die: it would lose everything
+            log.exception("gradwatch: unexpected error talking to collector %s", endpoint)
+        finally:
+            self.endpoint = None
+        return "failed"
+
+    async def _serve(self, channel: grpc.aio.Channel, preferred: list[Endpoint]) -> None:
+        """One connection: register, then stream until stopped and flushed, or an error.
+        ``preferred``: replicas ranked above this one (checked for failback)."""
+        stub = pb_grpc.GradientWatchStub(channel)
         self._drain_sessions()
+        for stream in self._streams:
+            stream.connect(self.endpoint)
         await self._register_new(stub)
         self._connected = True
-        call = stub.Report()
+        call = stub.Report(metadata=self.channel.metadata())
         acks = asyncio.ensure_future(self._read_acks(call))
+        failback = (asyncio.ensure_future(self._watch_preferred(preferred))
+                    if preferred else None)
         try:
-            await self._stream(call, stub, acks)
+            await self._stream(call, stub, acks, failback)
         finally:
             acks.cancel()
+            if failback is not None:
+                failback.cancel()
             call.cancel()
 
-    async def _stream(self, call, stub: pb_grpc.GradientWatchStub, acks: asyncio.Future) -> None:
+    async def _stream(self, call, stub: pb_grpc.GradientWatchStub, acks: asyncio.Future,
+                      failback: asyncio.Future | None) -> None:
+        self._waiting_since = time.monotonic()
         for stream in self._streams:  # replay what the previous connection left unacked
             for batch in stream.unacked:
                 batch.session_id = stream.session_id
@@ -197,16 +283,22 @@ class Sender:
                     steps = [stream.pending.popleft()
                              for _ in range(min(len(stream.pending), stream.max_batch_steps))]
                     await self._send(call, stream, acks, steps=steps)
-            if self._stopping.is_set() and self._all_acked():
-                # Say goodbye, so the collector knows these tasks finished, not hung.
+            leaving = failback is not None and failback.done() and self._all_acked()
+            if (self._stopping.is_set() or leaving) and self._all_acked():
+                # Say goodbye, so the collector knows these tasks finished (or moved), not hung.
                 goodbyes = [s for s in self._streams if s.session_id and not s.final_sent]
                 for stream in goodbyes:
                     stream.final_sent = True
                     await self._send(call, stream, acks, final=True)
                 if not goodbyes:
-                    self._drained.set()
                     await call.done_writing()
+                    if leaving:
+                        raise _Failback
+                    self._drained.set()
                     return
+            if leaving:  # wait for the last acks; new steps go to the next collector
+                await asyncio.sleep(0.01)
+                continue
             if self._stopping.is_set():  # flushing: wait for the last acks
                 await asyncio.sleep(0.01)
             else:
@@ -216,8 +308,31 @@ class Sender:
                     pass
             if acks.done():
                 acks.result()  # raises the stream's error
-                raise ConnectionError("collector closed the report stream")
+                raise ConnectionError("collector ended the report stream")
+            self._check_acks_arrive()
             self._drain_sessions()
+
+    def _check_acks_arrive(self) -> None:
+        if not any(s.unacked for s in self._streams):
+            self._waiting_since = time.monotonic()
+        elif time.monotonic() - self._waiting_since > self.ack_timeout_s:
+            raise ConnectionError(f"no acknowledgement for {self.ack_timeout_s:g} s")
+
+    async def _watch_preferred(self, preferred: list[Endpoint]) -> None:
+        """Returns once a replica ranked above the current one reports SERVING."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        while True:
+            await asyncio.sleep(self.failback_interval_s * random.uniform(0.8, 1.2))
+            for endpoint in preferred:
+                try:
+                    async with self.channel.open(endpoint) as channel:
+                        response = await health_pb2_grpc.HealthStub(channel).Check(
+                            request, timeout=self.rpc_timeout_s)
+                except (grpc.aio.AioRpcError, OSError):
+                    continue
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    log.info("gradwatch: collector %s is back; moving there", endpoint)
+                    return
 
     async def _send(self, call, stream: _Stream, acks, **fields) -> None:
         diagnoses = stream.unsent_diagnoses()
@@ -225,25 +340,38 @@ class Sender:
         batch = pb.ReportBatch(session_id=stream.session_id, sequence=stream.next_sequence,
                                dropped_steps=stream.dropped, diagnoses=diagnoses, **fields)
         stream.next_sequence += 1
+        if not any(s.unacked for s in self._streams):
+            self._waiting_since = time.monotonic()
         stream.unacked.append(batch)
         await self._write(call, batch, acks)
 
     async def _write(self, call, batch: pb.ReportBatch, acks) -> None:
+        try:
+            if not acks.done():
+                # A collector that stops reading fills the flow-control window: don't
+                # wait for it forever.
+                await asyncio.wait_for(call.write(batch), self.ack_timeout_s)
+                return
+        except asyncio.InvalidStateError:  # the RPC ended; its status says why
+            await asyncio.wait([acks], timeout=self.rpc_timeout_s)
         if acks.done():
-            acks.result()
-            raise ConnectionError("collector closed the report stream")
-        await call.write(batch)
+            acks.result()  # raises the stream's error
+        raise ConnectionError("collector ended the report stream")
 
     async def _register_new(self, stub: pb_grpc.GradientWatchStub) -> None:
         for stream in self._streams:
             if not stream.session_id:
+                stream.connect(self.endpoint)  # adopted since the connection opened
+            if not stream.session_id:
                 response = await stub.Register(stream.session.registration(),
-                                               timeout=self.rpc_timeout_s)
+                                               timeout=self.rpc_timeout_s,
+                                               metadata=self.channel.metadata())
                 stream.session_id = response.session_id
+                stream.registrations[self.endpoint.address] = response.session_id
                 stream.diagnoses_sent = {}
                 stream.max_batch_steps = response.max_batch_steps or stream.max_batch_steps
                 log.info("gradwatch: registered %s with %s as session %s",
-                         stream.session.optimizer, self.target, stream.session_id)
+                         stream.session.optimizer, self.endpoint, stream.session_id)
 
     async def _read_acks(self, call) -> None:
         by_id = {}
@@ -254,6 +382,7 @@ class Sender:
                 stream = by_id.get(ack.session_id)
             while stream and stream.unacked and stream.unacked[0].sequence <= ack.sequence:
                 stream.unacked.popleft()
+            self._waiting_since = time.monotonic()
 
     def _report_error(self, message: str) -> None:
         if message != self._last_error:

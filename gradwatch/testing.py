@@ -1,12 +1,14 @@
 """Real processes for tests, demos and benchmarks, on loopback ports, cleaned up on exit.
 
 `CollectorProcess` (``gradwatch collector``), `WebhookReceiver` (records POSTed
-JSON), and the Debian-packaged `PrometheusProcess` and `AlertmanagerProcess`.
-No TensorFlow needed.
+JSON), the Debian-packaged `PrometheusProcess` and `AlertmanagerProcess`, a
+`TcpProxy` for network faults, and `make_certificates` for TLS. No TensorFlow
+needed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -368,3 +370,98 @@ def make_certificates(folder: str | os.PathLike, client_name: str = "gradwatch-a
         client_cert=write(folder / "client.pem", client_cert),
         client_key=write(folder / "client-key.pem", client_key),
     )
+
+
+class TcpProxy:
+    """A loopback TCP forwarder standing in for a stable Service address (what
+    kube-proxy gives a Kubernetes Service) in front of a collector that moves.
+
+    `retarget` points it at another backend and cuts the open connections (as
+    when a pod dies); `blackhole_responses` makes the open connections swallow
+    whatever the backend sends (acks lost in the network). Runs its own thread.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._connections: list[dict] = []
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self._thread.start()
+        started.wait(10)
+        self.address = f"127.0.0.1:{self._port}"
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self._port = self._server.sockets[0].getsockname()[1]
+        started.set()
+        self._loop.run_forever()
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        host, _, port = self.target.rpartition(":")
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            client_writer.close()
+            return
+        connection = {"writers": (client_writer, backend_writer), "blackhole": False}
+        self._connections.append(connection)
+
+        async def pump(reader, writer, responses: bool) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if not (responses and connection["blackhole"]):
+                        writer.write(data)
+                        await writer.drain()
+            except OSError:
+                pass
+            finally:
+                for w in connection["writers"]:
+                    w.close()
+
+        await asyncio.gather(pump(client_reader, backend_writer, False),
+                             pump(backend_reader, client_writer, True))
+        self._connections.remove(connection)
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        done = threading.Event()
+
+        def run() -> None:
+            action()
+            done.set()
+
+        self._loop.call_soon_threadsafe(run)
+        done.wait(5)
+
+    def retarget(self, target: str) -> None:
+        def action() -> None:
+            self.target = target
+            for connection in self._connections:
+                for writer in connection["writers"]:
+                    writer.close()
+
+        self._on_loop(action)
+
+    def blackhole_responses(self) -> None:
+        def action() -> None:
+            for connection in self._connections:
+                connection["blackhole"] = True
+
+        self._on_loop(action)
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
+        self._thread.join(5)

@@ -1,0 +1,162 @@
+"""Faults between a training job and its collector: a collector that hangs, dies (kill -9),
+comes back on another port behind the same address, loses acks, or is away so long that the
+agent's buffer overflows. Training runs in this process; collectors are real processes.
+
+The stable address in front of a moving collector is a loopback TCP proxy standing in for a
+Kubernetes Service (what kube-proxy does), the one part that cannot run here for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradwatch.agent import GradientMonitor
+from gradwatch.testing import CollectorProcess, TcpProxy, free_port
+
+from conftest import parse_metrics, select
+
+pytestmark = pytest.mark.integration
+
+X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+Y = X.sum(axis=1, keepdims=True)
+#: A stalled agent would block a step for its ack timeout (10 s) or forever; a healthy
+#: eager step of this model takes a few milliseconds.
+NO_STALL_S = 2.0
+
+
+class Trainer:
+    """A small Keras model trained eagerly step by step, watched by ``monitor``."""
+
+    def __init__(self, monitor: GradientMonitor) -> None:
+        keras.utils.set_random_seed(1)
+        self.model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+                                       keras.layers.Dense(1)])
+        self.optimizer = monitor.wrap(keras.optimizers.SGD(0.01))
+        self.steps = 0
+        self.slowest_s = 0.0
+
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            start = time.perf_counter()
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self.model(X) - Y))
+            grads = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply(grads, self.model.trainable_variables)
+            self.slowest_s = max(self.slowest_s, time.perf_counter() - start)
+            self.steps += 1
+
+
+def acked_all(collector: CollectorProcess, job: str, trainer: Trainer) -> bool:
+    """The collector has the latest step (optimizer iterations count from 0)."""
+    return job_metrics(collector, job)["gradwatch_last_step"] == trainer.steps - 1
+
+
+def job_metrics(collector: CollectorProcess, job: str) -> dict[str, float]:
+    samples = parse_metrics(collector.scrape())
+    return {name: sum(select(samples, name, training_job=job).values())
+            for name in ("gradwatch_steps_total", "gradwatch_dropped_steps_total",
+                         "gradwatch_last_step")}
+
+
+def wait_until(predicate, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_collector_hung_then_killed_and_replaced_behind_the_same_address(job_name):
+    """Steps sent to a hung collector that then dies (kill -9) are replayed to its
+    replacement, which listens on another port behind the same address."""
+    with CollectorProcess() as first, TcpProxy(first.grpc_target) as service:
+        monitor = GradientMonitor(collector=service.address, training_job=job_name,
+                                  flush_interval_s=0.05)
+        trainer = Trainer(monitor)
+        trainer.train(20)
+        wait_until(lambda: acked_all(first, job_name, trainer))
+
+        os.kill(first.process.pid, signal.SIGSTOP)  # hung: accepts bytes, applies nothing
+        trainer.train(20)
+        time.sleep(0.5)  # steps 20-39 are on the wire, unacknowledged
+        first.process.kill()
+        first.process.wait()
+        trainer.train(20)  # no collector at all
+
+        with CollectorProcess() as second:
+            service.retarget(second.grpc_target)
+            trainer.train(20)
+            assert monitor.close(timeout_s=30)
+            after = job_metrics(second, job_name)
+    assert after == {"gradwatch_steps_total": 60, "gradwatch_dropped_steps_total": 0,
+                     "gradwatch_last_step": 79}, "steps 20-79 arrive, each once"
+    assert trainer.slowest_s < NO_STALL_S
+
+
+def test_lost_acks_are_replayed_and_counted_once(job_name, monkeypatch):
+    """The network swallows the collector's acks: the agent gives up on the connection
+    after its ack timeout, replays, and the collector drops what it already applied."""
+    monkeypatch.setenv("GRADWATCH_ACK_TIMEOUT", "1")
+    with CollectorProcess() as collector, TcpProxy(collector.grpc_target) as service:
+        monitor = GradientMonitor(collector=service.address, training_job=job_name,
+                                  flush_interval_s=0.05)
+        trainer = Trainer(monitor)
+        trainer.train(10)
+        wait_until(lambda: acked_all(collector, job_name, trainer))
+        service.blackhole_responses()
+        trainer.train(10)
+        wait_until(lambda: acked_all(collector, job_name, trainer))
+        assert monitor.close(timeout_s=30)
+        metrics = job_metrics(collector, job_name)
+        samples = parse_metrics(collector.scrape())
+    duplicates = select(samples, "gradwatch_collector_duplicate_batches_total")
+    assert sum(duplicates.values()) >= 1, "the replay reached the collector"
+    assert metrics["gradwatch_steps_total"] == 20, "and nothing was counted twice"
+    assert trainer.slowest_s < NO_STALL_S
+
+
+def test_overflowing_buffer_drops_the_oldest_steps_and_reports_how_many(job_name):
+    port = free_port()
+    # 4 variables x 1 replica: 4 x 17 + 48 = 116 bytes per buffered step; room for 30.
+    monitor = GradientMonitor(collector=f"127.0.0.1:{port}", training_job=job_name,
+                              flush_interval_s=0.05, max_buffer_bytes=30 * 116)
+    trainer = Trainer(monitor)
+    trainer.train(100)
+    time.sleep(0.3)  # the sender drains the device buffer into its host buffer
+    with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
+        assert monitor.close(timeout_s=30)
+        metrics = job_metrics(collector, job_name)
+    assert metrics["gradwatch_steps_total"] == 30
+    assert metrics["gradwatch_dropped_steps_total"] == 70
+    assert metrics["gradwatch_last_step"] == 99, "the oldest steps went, the newest stayed"
+
+
+def test_agent_flushes_when_the_process_exits_without_close(job_name):
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        from gradwatch.agent import GradientMonitor
+        monitor = GradientMonitor(training_job={job_name!r}, flush_interval_s=1.0)
+        v = tf.Variable(np.ones(3, np.float32))
+        for _ in range(7):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(v * v)
+            monitor.observe(tape.gradient(loss, [v]), [v])
+        # no close(): the interpreter exits with statistics still buffered
+    """)
+    with CollectorProcess() as collector:
+        env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target}
+        result = subprocess.run([sys.executable, "-c", script], env=env, timeout=120,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        metrics = job_metrics(collector, job_name)
+    # With a 1 s flush interval, only the exit hook can have sent them this soon.
+    assert metrics["gradwatch_steps_total"] == 7
