@@ -1,0 +1,96 @@
+"""Collector addresses, DNS expansion and rendezvous ranking (agent side, no network).
+
+DNS is the one thing faked here (``socket.getaddrinfo``): a name with several
+addresses, as a Kubernetes headless Service gives, cannot be created on loopback.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+
+import pytest
+
+from gradwatch.agent.channel import ChannelSettings
+from gradwatch.agent.endpoints import Endpoint, parse_targets, rank, resolve
+
+
+def test_parse_accepts_one_address_a_list_and_a_dns_name():
+    assert parse_targets("c:8470") == ["c:8470"]
+    assert parse_targets("a:1, b:2,") == ["a:1", "b:2"]
+    assert parse_targets("dns:///collector.ns.svc:8470") == ["dns:///collector.ns.svc:8470"]
+
+
+@pytest.mark.parametrize("bad", ["", "c", "c:", ":8470", "c:http", "a:1,b"])
+def test_parse_rejects_what_is_not_host_port(bad):
+    with pytest.raises(ValueError, match="collector address"):
+        parse_targets(bad)
+
+
+def test_dns_name_expands_into_one_endpoint_per_address(monkeypatch):
+    def getaddrinfo(host, port, type=0):
+        assert (host, port) == ("collector-headless", 8470)
+        return [(socket.AF_INET, type, 6, "", (ip, port))
+                for ip in ("10.0.0.7", "10.0.0.5", "10.0.0.7")] + [
+                (socket.AF_INET6, type, 6, "", ("fd00::1", port, 0, 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    endpoints = resolve(["dns:///collector-headless:8470", "static:1"])
+    assert endpoints == [Endpoint("10.0.0.5:8470", "collector-headless:8470"),
+                         Endpoint("10.0.0.7:8470", "collector-headless:8470"),
+                         Endpoint("[fd00::1]:8470", "collector-headless:8470"),
+                         Endpoint("static:1", "static:1")]
+
+
+def test_unresolvable_dns_name_is_kept_so_grpc_can_say_why(monkeypatch):
+    def getaddrinfo(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert resolve(["dns:///nowhere:1"]) == [Endpoint("nowhere:1", "nowhere:1")]
+
+
+REPLICAS = [Endpoint(f"10.0.0.{i}:8470", "c:8470") for i in range(1, 4)]
+
+
+def test_every_task_of_a_job_ranks_replicas_the_same_whatever_their_order():
+    for job in ("run-a", "run-b", "run-c"):
+        assert rank(REPLICAS, job) == rank(list(reversed(REPLICAS)), job)
+
+
+def test_jobs_spread_over_replicas():
+    first = Counter(rank(REPLICAS, f"run-{i}")[0] for i in range(3000))
+    assert set(first) == set(REPLICAS)
+    assert min(first.values()) > 800  # ~1000 each
+
+
+def test_losing_a_replica_moves_only_its_own_jobs_to_their_next_choice():
+    jobs = [f"run-{i}" for i in range(300)]
+    before = {job: rank(REPLICAS, job) for job in jobs}
+    survivors = REPLICAS[:2]
+    for job in jobs:
+        after = rank(survivors, job)
+        if before[job][0] in survivors:
+            assert after[0] == before[job][0], "a job on a surviving replica stays"
+        else:
+            assert after[0] == before[job][1], "a moved job goes to its second choice"
+
+
+def test_token_file_is_read_for_every_connection(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    settings = ChannelSettings(token_file=str(token))
+    assert settings.metadata() == (("authorization", "Bearer first"),)
+    token.write_text("second")
+    assert settings.metadata() == (("authorization", "Bearer second"),)
+    assert ChannelSettings().metadata() == ()
+
+
+def test_channel_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADWATCH_TLS_CA_FILE", "/ca.pem")
+    monkeypatch.setenv("GRADWATCH_TOKEN", "env-token")
+    settings = ChannelSettings.from_environment(token="argument-token")
+    assert settings.secure and settings.ca_file == "/ca.pem"
+    assert settings.token == "argument-token", "arguments win"
+    with pytest.raises(ValueError, match="both"):
+        ChannelSettings.from_environment(cert_file="/client.pem")
