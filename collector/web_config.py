@@ -203,6 +203,11 @@ def load_certificate(context: ssl.SSLContext, tls: TLSSettings) -> None:
                              f"{tls.cert_file} with {tls.key_file}: {_reason(error)}") from error
 
 
+def _auth_summary(config: WebConfig) -> str:
+    count = len(config.users)
+    return f"on ({count} user{'' if count == 1 else 's'})" if count else "off"
+
+
 def _reason(error: OSError) -> str:
     return getattr(error, "reason", None) or error.strerror or str(error)
 
@@ -299,7 +304,7 @@ class WebSecurity:
         log.info("web config %s: TLS %s%s, basic auth %s", self.path,
                  f"on (min {tls.min_version})" if tls else "off",
                  f", client certificates {tls.client_auth_type}" if tls else "",
-                 f"on ({len(config.users)} users)" if config.users else "off")
+                 _auth_summary(config))
         if config.users and not tls:
             log.warning("web config %s: basic auth without TLS sends passwords in clear text",
                         self.path)
@@ -349,7 +354,7 @@ class WebSecurity:
             self._watched = self._files(config)
             self._signature = self._stat(self._watched)
         log.info("web config %s reloaded: basic auth %s", self.path,
-                 f"on ({len(config.users)} users)" if config.users else "off")
+                 _auth_summary(config))
         return True
 
     def _reload_tls(self, tls: TLSSettings) -> None:
@@ -363,8 +368,10 @@ class WebSecurity:
                       "the running values", self.path, ", ".join(fixed))
         try:
             load_certificate(self.ssl_context, tls)
-        except WebConfigError as error:  # changed again since load() checked it
-            log.error("web config %s: %s; keeping the previous certificate", self.path, error)
+        except WebConfigError as error:  # changed again since load() checked them: the next
+            # look sees the change and retries; OpenSSL may have taken the new certificate
+            log.error("web config %s: %s; handshakes may fail until the files agree again",
+                      self.path, error)
             return
         self._tls = replace(self._tls, cert_file=tls.cert_file, key_file=tls.key_file)
 

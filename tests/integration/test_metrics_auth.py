@@ -159,7 +159,7 @@ def test_prometheus_scrapes_with_tls_and_basic_auth(guarded, certs):
 
 def test_no_password_or_hash_in_the_log(guarded, password_hash):
     log = guarded.log()
-    assert "DEBUG" in log and "basic auth on (1 users)" in log
+    assert "DEBUG" in log and "basic auth on (1 user)" in log
     assert_no_secret_in(log, PASSWORD, WRONG_PASSWORD, password_hash, password_hash[7:])
 
 
@@ -232,6 +232,11 @@ def test_client_certificates_required(tmp_path, certs):
     with CollectorProcess("--web-config-file", path) as collector:
         with pytest.raises(CONNECTION_FAILED):
             collector.scrape(context=client_context(certs.ca))
+        tls12 = client_context(certs.ca)  # where the handshake itself carries the refusal
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(urllib.error.URLError) as error:
+            collector.scrape(context=tls12)
+        assert isinstance(error.value.reason, ssl.SSLError), error.value
         with pytest.raises(CONNECTION_FAILED):
             collector.scrape(context=client_context(certs.ca, client=strangers))
         assert "gradwatch_collector_sessions" in collector.scrape(
