@@ -246,6 +246,13 @@ class PrometheusProcess(_ServiceProcess):
         assert body["status"] == "success", body
         return body["data"]["result"]
 
+    def query_range(self, promql: str, start: float, end: float, step: float) -> list[dict]:
+        """``/api/v1/query_range``: a matrix (``values`` are ``[time, "value"]`` pairs)."""
+        body = self.get_json("/api/v1/query_range", query=promql, start=f"{start:.3f}",
+                             end=f"{end:.3f}", step=f"{step}")
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
     def wait_for(self, promql: str, timeout_s: float = 30.0) -> list[dict]:
         """The first non-empty result of ``promql``."""
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,125 @@
+"""Three collector replicas on loopback, scraped by a real Prometheus; training jobs pick one
+each by rendezvous hashing. One replica is killed (kill -9) mid-run: its jobs move to their
+second choice within seconds, their buffers replay, and Prometheus sees their steps go on.
+When it comes back on the same address, they return to it (failback).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from gradwatch.agent import GradientMonitor
+from gradwatch.agent.endpoints import rank, resolve
+from gradwatch.testing import CollectorProcess, PrometheusProcess, free_port
+
+from conftest import parse_metrics
+from services import require_binary
+from trainers import Trainer
+
+pytestmark = pytest.mark.integration
+
+JOBS = [f"scale-out-{i}" for i in range(6)]
+
+
+def last_steps(collector: CollectorProcess) -> dict[str, float]:
+    """Latest step per training job this collector has (empty if it is down)."""
+    try:
+        samples = parse_metrics(collector.scrape(timeout_s=2))
+    except OSError:
+        return {}
+    return {labels["training_job"]: value
+            for labels, value in samples.get("gradwatch_last_step", [])}
+
+
+def owner(collectors: list[CollectorProcess], job: str, trainer: Trainer) -> int | None:
+    """Index of the collector that has the job's latest step."""
+    for i, collector in enumerate(collectors):
+        if last_steps(collector).get(job) == trainer.steps - 1:
+            return i
+    return None
+
+
+def test_replicas_share_jobs_and_take_over_a_killed_ones(monkeypatch):
+    require_binary("prometheus")
+    monkeypatch.setenv("GRADWATCH_FAILBACK_INTERVAL", "1")
+    ports = [(free_port(), free_port()) for _ in range(3)]
+
+    def start(i: int) -> CollectorProcess:
+        grpc_port, metrics_port = ports[i]
+        return CollectorProcess("--grpc-address", f"127.0.0.1:{grpc_port}",
+                                "--metrics-address", f"127.0.0.1:{metrics_port}").__enter__()
+
+    collectors = [start(i) for i in range(3)]
+    targets = ",".join(c.grpc_target for c in collectors)
+    preferred = {job: [[c.grpc_target for c in collectors].index(e.address)
+                       for e in rank(resolve(targets.split(",")), job)] for job in JOBS}
+    victim = preferred[JOBS[0]][0]
+    moved = [job for job in JOBS if preferred[job][0] == victim]
+    stayed = [job for job in JOBS if preferred[job][0] != victim]
+    assert stayed, "the jobs spread over more than one replica"
+    monitors = {job: GradientMonitor(collector=targets, training_job=job,
+                                     flush_interval_s=0.05) for job in JOBS}
+    trainers = {job: Trainer(monitors[job]) for job in JOBS}
+
+    def train(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for trainer in trainers.values():
+                trainer.train(1)
+            time.sleep(0.02)
+
+    def wait_for_owners(expected: dict[str, int], timeout_s: float = 15.0) -> float:
+        start_time = time.monotonic()
+        while True:
+            train(0.2)
+            if all(owner(collectors, job, trainers[job]) == i for job, i in expected.items()):
+                return time.monotonic() - start_time
+            assert time.monotonic() - start_time < timeout_s, {
+                job: owner(collectors, job, trainers[job]) for job in expected}
+
+    targets_http = [c.metrics_url.removeprefix("http://").removesuffix("/metrics")
+                    for c in collectors]
+    try:
+        with PrometheusProcess(targets_http, scrape_interval="250ms") as prometheus:
+            started = time.time()
+            wait_for_owners({job: preferred[job][0] for job in JOBS})
+
+            collectors[victim].process.kill()  # kill -9
+            collectors[victim].process.wait()
+            killed = time.time()
+            move_s = wait_for_owners({job: preferred[job][1] for job in moved}
+                                     | {job: preferred[job][0] for job in stayed})
+            train(2)
+
+            collectors[victim] = start(victim)  # back on the same address
+            back_s = wait_for_owners({job: preferred[job][0] for job in JOBS})
+            train(1)
+            for monitor in monitors.values():
+                assert monitor.close(timeout_s=30)
+            final = {job: trainers[job].steps - 1 for job in JOBS}
+            time.sleep(1.0)  # two more scrapes
+            series = {job: prometheus.query_range(
+                f'max by (training_job) (gradwatch_last_step{{training_job="{job}"}})',
+                started, time.time(), step=0.25) for job in JOBS}
+            dropped = prometheus.query("sum(gradwatch_dropped_steps_total)")
+    finally:
+        for collector in collectors:
+            collector.__exit__(None, None, None)
+
+    print(f"killed replica's {len(moved)} jobs moved in {move_s:.2f} s, "
+          f"returned in {back_s:.2f} s after it restarted")
+    assert move_s < 10 and back_s < 10
+    assert float(dropped[0]["value"][1]) == 0
+    for job, result in series.items():
+        points = [(float(t), float(v)) for t, v in result[0]["values"]]
+        times = [t for t, _ in points]
+        steps = [v for _, v in points]
+        assert steps == sorted(steps), f"{job}: the step never goes back"
+        assert steps[-1] == final[job], f"{job}: Prometheus has the last step"
+        largest_gap = max(b - a for a, b in itertools.pairwise(times))
+        # Prometheus marks the dead replica's series stale at its first failed scrape;
+        # the survivor's are there by its next scrape: a gap of at most a scrape or two.
+        assert largest_gap <= 1.0, f"{job}: no data for {largest_gap:.2f} s after {killed}"
