@@ -90,21 +90,26 @@ class SoakResult:
     collector_counters: dict[str, float] = field(default_factory=dict)
     variable_statistics_per_s: float = 0.0
     ack_latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, max
+    #: The same over the batches in flight during no scrape of /metrics.
+    ack_latency_outside_scrapes_ms: dict[str, float] = field(default_factory=dict)
+    acks_during_scrapes: int = 0
     send_lag_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max
     #: idle, start (sessions registered), min/median/max (after warm-up, under load),
     #: end (last sample under load), closed (after the streams ended), peak (VmHWM).
     rss_mb: dict[str, float] = field(default_factory=dict)
     rss_drift_pct: float = 0.0  # fitted change over the post-warm-up window / its median
     rss_max_deviation_pct: float = 0.0  # worst post-warm-up sample vs. the median
-    collector_cpu_s: float = 0.0  # during the load (first send → last ack)
+    collector_cpu_s: float = 0.0  # from the first send until every stream has ended
     collector_cpu_pct: float = 0.0
     generator_cpu_s: float = 0.0
     generator_cpu_pct: float = 0.0  # of one core, per generator process (mean)
     load_wall_s: float = 0.0
     scrapes: int = 0
     scrape_ms: dict[str, float] = field(default_factory=dict)  # median, max
-    collector_errors: list[str] = field(default_factory=list)  # ERROR lines in its log
-    timeline: list[dict[str, float]] = field(default_factory=list)  # per-second samples
+    collector_warnings: list[str] = field(default_factory=list)  # its log's first 20
+    #: Per second: collector RSS and CPU, p99/max ack latency of the batches sent in that
+    #: second; and one entry per scrape (its duration).
+    timeline: list[dict[str, float]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -120,7 +125,7 @@ class SoakResult:
         lat, lag, rss = self.ack_latency_ms, self.send_lag_ms, self.rss_mb
         counters = self.collector_counters
         lines = [
-            f"soak: {self.streams} streams ({self.streams // max(1, self.tasks_per_job)} jobs x "
+            f"soak: {self.streams} streams ({-(-self.streams // self.tasks_per_job)} jobs x "
             f"{self.tasks_per_job} tasks) x {self.variables} variables x 1 replica, one batch of "
             f"{self.steps_per_batch} steps per {self.interval_s:g} s per stream, "
             f"{self.duration_s:g} s, {self.processes} generator process(es)",
@@ -134,23 +139,27 @@ class SoakResult:
             f"({self.batches_acked / max(self.load_wall_s, 1e-9):,.0f} batches/s)",
             f"ack latency: p50 {lat.get('p50', float('nan')):.1f} ms, p90 "
             f"{lat.get('p90', float('nan')):.1f} ms, p99 {lat.get('p99', float('nan')):.1f} ms, "
-            f"max {lat.get('max', float('nan')):.1f} ms",
+            f"max {lat.get('max', float('nan')):.1f} ms; without the {self.acks_during_scrapes:,} "
+            f"batches in flight during a scrape: p99 "
+            f"{self.ack_latency_outside_scrapes_ms.get('p99', float('nan')):.1f} ms, max "
+            f"{self.ack_latency_outside_scrapes_ms.get('max', float('nan')):.1f} ms",
             f"collector RSS: idle {rss.get('idle', 0):.1f} MB, after registration "
-            f"{rss.get('start', 0):.1f} MB, after warm-up ({self.warmup_s:g} s) min "
+            f"{rss.get('start', 0):.1f} MB, after warm-up ({self.warmup_s:.0f} s) min "
             f"{rss.get('min', 0):.1f} / median {rss.get('median', 0):.1f} / max "
             f"{rss.get('max', 0):.1f} MB (max deviation {self.rss_max_deviation_pct:+.1f} %, "
             f"drift {self.rss_drift_pct:+.1f} %), end of load {rss.get('end', 0):.1f} MB, "
             f"streams closed {rss.get('closed', 0):.1f} MB, peak {rss.get('peak', 0):.1f} MB",
             f"collector CPU: {self.collector_cpu_s:.1f} s in {self.load_wall_s:.1f} s "
             f"({self.collector_cpu_pct:.0f} % of one core); {self.scrapes} full scrapes of "
-            f"/metrics, median {self.scrape_ms.get('median', 0):.0f} ms",
+            f"/metrics, median {self.scrape_ms.get('median', 0):.0f} ms, max "
+            f"{self.scrape_ms.get('max', 0):.0f} ms",
             f"generator: {self.generator_cpu_s:.1f} CPU s ({self.generator_cpu_pct:.0f} % of "
             f"one core per process), send lag p50 {lag.get('p50', 0):.1f} ms, p99 "
             f"{lag.get('p99', 0):.1f} ms, max {lag.get('max', 0):.1f} ms",
         ]
-        if self.collector_errors:
-            lines.append(f"collector log: {len(self.collector_errors)} ERROR lines, first: "
-                         f"{self.collector_errors[0]}")
+        if self.collector_warnings:
+            lines.append(f"collector log: {len(self.collector_warnings)} warnings or errors, "
+                         f"first: {self.collector_warnings[0]}")
         lines.append("result: OK" if self.ok else "result: FAILED\n  " + "\n  ".join(
             self.failures))
         return "\n".join(lines)
@@ -294,6 +303,7 @@ async def _generate(config: dict, ready) -> dict:
     end = start + config["duration_s"]
     interval, steps = config["interval_s"], config["steps_per_batch"]
     latencies: list[float] = []
+    sent_times: list[float] = []  # seconds after the start, parallel to latencies
     lags: list[float] = []
     cpu_before = os.times()
 
@@ -310,6 +320,7 @@ async def _generate(config: dict, ready) -> dict:
                 continue
             stream.acked += 1
             latencies.append(now - sent_at)
+            sent_times.append(sent_at - start)
 
     async def run(stream: _Stream) -> None:
         """Sends on schedule until the end, half-closes like an agent's ``close()``, and
@@ -353,7 +364,7 @@ async def _generate(config: dict, ready) -> dict:
         "out_of_order": sum(s.out_of_order for s in streams),
         "errors": [f"stream {s.index} ({s.job}/{s.task}): {s.error}" for s in streams
                    if s.error],
-        "latencies": latencies, "lags": lags,
+        "latencies": latencies, "sent_times": sent_times, "lags": lags,
         "cpu_s": (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system),
         "max_rss_mb": usage.ru_maxrss / 1024,
     }
@@ -479,7 +490,7 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                 time.sleep(0.005)
             cpu_start, wall_start = _collector_cpu_s(pid), time.perf_counter()
             next_sample, next_scrape = wall_start, wall_start + scrape_interval_s
-            scrape_times: list[float] = []
+            scrapes: list[tuple[float, float]] = []  # (begin, end) seconds after the start
             give_up = wall_start + duration_s + drain_timeout_s + 30
             while any(w.poll() is None for w in workers):
                 now = time.perf_counter()
@@ -493,15 +504,17 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                 if now >= next_scrape and now - wall_start < duration_s:
                     began = time.perf_counter()
                     _scrape(collector.metrics_url)
-                    scrape_times.append(time.perf_counter() - began)
+                    scrapes.append((began - wall_start, time.perf_counter() - wall_start))
                     next_scrape += scrape_interval_s
                 time.sleep(0.02)
             result.load_wall_s = time.perf_counter() - wall_start
             result.collector_cpu_s = _collector_cpu_s(pid) - cpu_start
             memory = _memory_mb(pid)
             result.collector_counters = _collector_counters(collector.metrics_url)
-            result.collector_errors = [line for line in collector.log().splitlines()
-                                       if " ERROR " in line or "Traceback" in line][:20]
+            result.collector_warnings = [
+                line for line in collector.log().splitlines()
+                if any(word in line for word in (" WARNING ", " ERROR ", " CRITICAL ",
+                                                 "Traceback"))][:20]
             if collector.process.poll() is not None:
                 result.failures.append(f"collector exited with {collector.process.returncode}")
         finally:
@@ -511,7 +524,7 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                 worker.wait()
                 worker.stdin.close()
                 worker.stdout.close()
-        latencies, lags = [], []
+        latencies, sent_times, lags = [], [], []
         for p, worker in enumerate(workers):
             if worker.returncode != 0:
                 result.failures.append(f"generator process {p} exited with "
@@ -524,14 +537,33 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
             result.stream_errors += part["errors"]
             result.generator_cpu_s += part["cpu_s"]
             latencies += part["latencies"]
+            sent_times += part["sent_times"]
             lags += part["lags"]
     result.ack_latency_ms = _quantiles(latencies)
+    # The scrape renders /metrics on the collector's event loop, so acks wait meanwhile:
+    # the latency of the batches whose send → ack interval overlaps no scrape, separately.
+    sent, waited = np.asarray(sent_times), np.asarray(latencies)
+    during = np.zeros(sent.size, bool)
+    for begin, end in scrapes:
+        during |= (sent < end) & (sent + waited > begin)
+    result.acks_during_scrapes = int(during.sum())
+    second = np.floor(sent).astype(np.int64)
+    for sample in result.timeline:  # the latency of the batches sent in each second
+        mask = second == int(sample["t"])
+        if mask.any():
+            sample["ack_p99_ms"] = round(1e3 * float(np.percentile(waited[mask], 99)), 2)
+            sample["ack_max_ms"] = round(1e3 * float(waited[mask].max()), 2)
+    for begin, end in scrapes:
+        result.timeline.append({"t": round(begin, 3), "scrape_ms": round(1e3 * (end - begin))})
+    result.timeline.sort(key=lambda sample: sample["t"])
+    result.ack_latency_outside_scrapes_ms = _quantiles(waited[~during])
     result.send_lag_ms = _quantiles(lags)
     result.collector_cpu_pct = 100 * result.collector_cpu_s / max(result.load_wall_s, 1e-9)
     result.generator_cpu_pct = 100 * result.generator_cpu_s / max(
         result.load_wall_s * processes, 1e-9)
-    result.scrapes = len(scrape_times)
-    if scrape_times:
+    result.scrapes = len(scrapes)
+    if scrapes:
+        scrape_times = [end - begin for begin, end in scrapes]
         result.scrape_ms = {"median": 1e3 * float(np.median(scrape_times)),
                             "max": 1e3 * max(scrape_times)}
     statistics = result.collector_counters["gradwatch_collector_variable_statistics_total"]
@@ -567,7 +599,8 @@ def _check(result: SoakResult, idle_mb: float, start_mb: float, memory: dict[str
             fail(f"{name} is {c.get(name)}, expected {value}")
     # The load runs from t = 0 to duration_s; afterwards the streams close and their
     # connections' memory is freed, which is not what "flat under load" asks about.
-    samples = [s for s in result.timeline if result.warmup_s <= s["t"] <= result.duration_s]
+    samples = [s for s in result.timeline
+               if "rss_mb" in s and result.warmup_s <= s["t"] <= result.duration_s]
     rss = np.array([s["rss_mb"] for s in samples])
     result.rss_mb = {"idle": idle_mb, "start": start_mb, "closed": memory["VmRSS"],
                      "peak": memory["VmHWM"]}
