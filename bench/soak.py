@@ -101,6 +101,10 @@ class SoakResult:
     rss_max_deviation_pct: float = 0.0  # worst post-warm-up sample vs. the median
     collector_cpu_s: float = 0.0  # from the first send until every stream has ended
     collector_cpu_pct: float = 0.0
+    #: Time the collector's event loop waited for a CPU while runnable, and the machine's
+    #: 1-minute load average at the start and end: how much other work disturbed the run.
+    collector_runqueue_wait_s: float = 0.0
+    load_average: tuple[float, float] = (0.0, 0.0)
     generator_cpu_s: float = 0.0
     generator_cpu_pct: float = 0.0  # of one core, per generator process (mean)
     load_wall_s: float = 0.0
@@ -153,6 +157,9 @@ class SoakResult:
             f"({self.collector_cpu_pct:.0f} % of one core); {self.scrapes} full scrapes of "
             f"/metrics, median {self.scrape_ms.get('median', 0):.0f} ms, max "
             f"{self.scrape_ms.get('max', 0):.0f} ms",
+            f"machine: {os.cpu_count()} CPUs, load average {self.load_average[0]:.1f} at the "
+            f"start, {self.load_average[1]:.1f} at the end; the collector's event loop waited "
+            f"{self.collector_runqueue_wait_s:.1f} s for a CPU",
             f"generator: {self.generator_cpu_s:.1f} CPU s ({self.generator_cpu_pct:.0f} % of "
             f"one core per process), send lag p50 {lag.get('p50', 0):.1f} ms, p99 "
             f"{lag.get('p99', 0):.1f} ms, max {lag.get('max', 0):.1f} ms",
@@ -400,6 +407,19 @@ def _collector_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def _runqueue_wait_s(pid: int) -> float:
+    """Seconds the process' main thread (the collector's event loop) was runnable but
+    waiting for a CPU (``/proc/PID/schedstat``): how much the machine's other work
+    delayed it."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+def _load_average() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def _memory_mb(pid: int) -> dict[str, float]:
     values = {}
     with open(f"/proc/{pid}/status") as f:
@@ -489,6 +509,7 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
             while time.time() < start_at:
                 time.sleep(0.005)
             cpu_start, wall_start = _collector_cpu_s(pid), time.perf_counter()
+            wait_start, load_start = _runqueue_wait_s(pid), _load_average()
             next_sample, next_scrape = wall_start, wall_start + scrape_interval_s
             scrapes: list[tuple[float, float]] = []  # (begin, end) seconds after the start
             give_up = wall_start + duration_s + drain_timeout_s + 30
@@ -509,6 +530,8 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                 time.sleep(0.02)
             result.load_wall_s = time.perf_counter() - wall_start
             result.collector_cpu_s = _collector_cpu_s(pid) - cpu_start
+            result.collector_runqueue_wait_s = _runqueue_wait_s(pid) - wait_start
+            result.load_average = (load_start, _load_average())
             memory = _memory_mb(pid)
             result.collector_counters = _collector_counters(collector.metrics_url)
             result.collector_warnings = [
@@ -646,7 +669,6 @@ def main() -> None:
                       steps_per_batch=args.steps_per_batch, tasks_per_job=args.tasks_per_job,
                       processes=args.processes, warmup_s=args.warmup,
                       scrape_interval_s=args.scrape_interval)
-    print(f"{os.cpu_count()} CPUs; collector is one process (one event loop)")
     print(result.summary())
     if args.json:
         args.json.write_text(json.dumps({**asdict(result), "ok": result.ok,
