@@ -159,6 +159,8 @@ class Sender:
             for task in leftovers:
                 task.cancel()
             self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            # gRPC's poller thread may still deliver the cancelled calls' last events.
+            self._loop.run_until_complete(asyncio.sleep(0.1))
             self._loop.close()
 
     def _cancel_all(self) -> None:

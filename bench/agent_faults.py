@@ -1,0 +1,134 @@
+"""Training step time while the collector is healthy, absent, hung or flapping.
+
+Identical CNNs (13 trainable layers, batch 32 of 32x32 images, a compiled step)
+train side by side in one process, in rotating blocks of steps, each with its
+own monitor and collector situation:
+
+- plain: no gradwatch;
+- healthy: a real collector subprocess acknowledging everything;
+- absent: nothing listens at the address (connection refused, backoff);
+- hung: a collector process stopped with SIGSTOP (accepts TCP, never answers:
+  the agent's ack and RPC timeouts fire, its buffer fills);
+- flapping: a collector killed (SIGKILL) and restarted every 2 s.
+
+Prints the median step time of each and its ratio to plain (the agent's budget
+is 1.02), plus what each monitor's buffer held at the end (the healthy one: nothing).
+
+    .venv/bin/python bench/agent_faults.py [--rounds 15] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradwatch.agent import GradientMonitor
+from gradwatch.testing import CollectorProcess, free_port
+
+VARIANTS = ("plain", "healthy", "absent", "hung", "flapping")
+
+
+def cnn():
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((32, 32, 3))]
+    for width in (32, 32, 64, 64, 128, 128):
+        layers += [keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+                   keras.layers.BatchNormalization()]
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    return keras.Sequential(layers)
+
+
+def make_step(monitor: GradientMonitor | None):
+    model = cnn()
+    optimizer = keras.optimizers.Adam(1e-3)
+    if monitor is not None:
+        monitor.wrap(optimizer)
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    y = np.arange(32) % 10
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    return step
+
+
+class Flapper:
+    """Kills and restarts a collector on a fixed port every ``period_s``."""
+
+    def __init__(self, port: int, period_s: float = 2.0) -> None:
+        self.port, self.period_s = port, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with CollectorProcess("--grpc-address", f"127.0.0.1:{self.port}") as collector:
+                self._stop.wait(self.period_s)
+                collector.process.kill()
+            self._stop.wait(self.period_s / 4)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+
+    with CollectorProcess() as healthy, CollectorProcess() as hung:
+        os.kill(hung.process.pid, signal.SIGSTOP)
+        flapping_port = free_port()
+        flapper = Flapper(flapping_port)
+        addresses = {"healthy": healthy.grpc_target, "absent": f"127.0.0.1:{free_port()}",
+                     "hung": hung.grpc_target, "flapping": f"127.0.0.1:{flapping_port}"}
+        monitors = {name: GradientMonitor(collector=address, training_job=f"faults-{name}")
+                    for name, address in addresses.items()}
+        steps = {name: make_step(monitors.get(name)) for name in VARIANTS}
+        x = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype("float32")
+        for step in steps.values():  # trace and warm up
+            for _ in range(5):
+                step(x)
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                for _ in range(args.steps):
+                    start = time.perf_counter()
+                    step(x)
+                    times[name].append(time.perf_counter() - start)
+        flapper.stop()
+        for monitor in monitors.values():  # stops the sender threads (the hung ones time out)
+            monitor.close(timeout_s=1.0)
+        base = statistics.median(times["plain"])
+        for name in VARIANTS:
+            median = statistics.median(times[name])
+            line = (f"{name:<9} median step {median * 1e3:8.3f} ms  ratio to plain "
+                    f"{median / base:.3f}  slowest {max(times[name]) * 1e3:8.1f} ms")
+            sender = getattr(monitors.get(name), "_sender", None)
+            if sender is not None:
+                line += f"  buffered {sender.buffered_bytes() / 1e3:8.1f} kB"
+            print(line, flush=True)
+        os.kill(hung.process.pid, signal.SIGCONT)
+
+
+if __name__ == "__main__":
+    main()
