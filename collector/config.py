@@ -119,6 +119,21 @@ def _rule_params(path: str, data: Any, defaults: dict[str, Any]) -> dict[str, An
     return params
 
 
+def _limits(data: Any, defaults: Limits) -> Limits:
+    """The ``limits:`` mapping: `Limits` field names, positive integers."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"limits: expected a mapping, got {data!r}")
+    names = [f.name for f in dataclasses.fields(Limits)]
+    checked = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"limits.{key}: unknown limit; known: {', '.join(names)}")
+        checked[key] = _check_type(f"limits.{key}", value, int)
+        if not checked[key]:
+            raise ConfigError(f"limits.{key}: must be at least 1")
+    return dataclasses.replace(defaults, **checked)
+
+
 def load_file(path: str, config: CollectorConfig) -> CollectorConfig:
     """Applies a YAML file (see deploy/collector.example.yaml) to ``config``."""
     try:
@@ -127,7 +142,7 @@ def load_file(path: str, config: CollectorConfig) -> CollectorConfig:
         raise ConfigError(f"{path}: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    known = {*_SCALARS, *_LISTS, "rules", "jobs"}
+    known = {*_SCALARS, *_LISTS, "rules", "jobs", "limits"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown setting; known: {', '.join(sorted(known))}")
@@ -141,6 +156,7 @@ def load_file(path: str, config: CollectorConfig) -> CollectorConfig:
         if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
             raise ConfigError(f"{key}: expected a list of URLs")
         getattr(config, attr).extend(urls)
+    config.limits = _limits(data.get("limits", {}), config.limits)
     base = _rule_params("rules", data.get("rules", {}), config.rules.base)
     jobs = data.get("jobs", {})
     if not isinstance(jobs, dict):

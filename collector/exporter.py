@@ -183,9 +183,9 @@ class StateCollector:
             family.add("", value)
             families.append(family)
         rejected = Family("gradwatch_collector_rejected_messages", "counter",
-                          "Messages rejected, by gRPC status code.")
-        for code, count in sorted(t.rejected.items()):
-            rejected.add(labels(["code"], [code]), count)
+                          "Messages rejected, by gRPC status code and reason.")
+        for (code, reason), count in sorted(t.rejected.items()):
+            rejected.add(labels(["code", "reason"], [code, reason]), count)
         alerts = Family("gradwatch_alerts_active", "gauge", "Alerts currently firing.")
         counts: dict[tuple[str, str], int] = {}
         for alert in self.active_alerts():

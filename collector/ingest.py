@@ -1,19 +1,21 @@
 """Validation and decoding of what agents send; the only place that trusts no input.
 
-Each check that fails raises `InvalidReport` with the gRPC status code and a
-message naming the offending field; nothing is applied from a rejected
-message, so one bad client cannot corrupt another's state.
+Each check that fails raises `InvalidReport` with the gRPC status code, a
+message naming the offending field and a `Reason` (the bounded ``reason`` label
+of ``gradwatch_collector_rejected_messages_total``); nothing is applied from a
+rejected message, so one bad client cannot corrupt another's state.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from gradwatch.collector.state import MissingCause, StepBatch
+from gradwatch.collector.state import MissingCause, Registry, SessionState, StepBatch
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 _LABEL_VALUE = re.compile(r"^[^\x00-\x1f]*$")
@@ -31,7 +33,13 @@ class Limits:
     max_variables: int = 100_000       # per session
     max_replicas: int = 4_096          # per session
     max_sessions: int = 10_000         # per collector
-    max_label_length: int = 256        # job, task type, optimizer, variable names
+    max_jobs: int = 1_000              # training jobs per collector
+    max_sessions_per_job: int = 4_096  # over all of a job's tasks and optimizers
+    #: Distinct variable names per training job x optimizer (a `Group`'s columns: the
+    #: union of its tasks' tables, kept until the group's last session expires).
+    max_variables_per_job: int = 200_000
+    max_label_length: int = 256        # job, task type, optimizer, variable and host names
+    max_versions: int = 32             # entries of RegisterRequest.versions
     max_batch_steps: int = 256
     max_text_length: int = 4_096       # diagnosis file paths, op names and explanations
 
@@ -41,61 +49,152 @@ class Limits:
         return max(1, min(self.max_batch_steps, self.max_message_bytes // (2 * per_step)))
 
 
+class Reason(enum.Enum):
+    """Why a message was rejected: the ``reason`` label of
+    ``gradwatch_collector_rejected_messages_total`` (docs/limits.md lists them)."""
+
+    EMPTY = "empty"  # a required field is empty
+    LABEL_LENGTH = "label_length"
+    CONTROL_CHARACTERS = "control_characters"
+    REPLICAS = "replicas"  # num_replicas out of range
+    DUPLICATE_VARIABLE = "duplicate_variable"
+    VERSIONS = "versions"  # too many RegisterRequest.versions entries
+    VARIABLES_PER_SESSION = "variables_per_session"
+    STEP_SIZE = "step_size"  # one step would not fit in half a message
+    VARIABLES_PER_JOB = "variables_per_job"
+    JOBS = "jobs"
+    SESSIONS = "sessions"
+    SESSIONS_PER_JOB = "sessions_per_job"
+    ALREADY_REPORTING = "already_reporting"  # the task streams from another process
+    UNKNOWN_SESSION = "unknown_session"
+    BATCH_STEPS = "batch_steps"
+    ARRAY_LENGTH = "array_length"
+    STEP = "step"  # a negative step number
+    WALL_TIME = "wall_time"
+    STATISTIC = "statistic"  # a negative norm or max |g|
+    COUNT = "count"  # a NaN/Inf count that is negative, NaN or infinite
+    DIAGNOSIS = "diagnosis"  # a variable id outside the table, or an unknown cause
+    TEXT_LENGTH = "text_length"
+
+
 class InvalidReport(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A message the collector refuses: gRPC ``code``, precise ``message``, and ``reason``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
 
-def _invalid(message: str) -> InvalidReport:
-    return InvalidReport(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str, reason: Reason) -> InvalidReport:
+    return InvalidReport(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+
+
+def _exhausted(message: str, reason: Reason) -> InvalidReport:
+    return InvalidReport(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason)
 
 
 def _check_label(field: str, value: str, limits: Limits, required: bool = True) -> None:
     if required and not value:
-        raise _invalid(f"{field} must not be empty")
+        raise _invalid(f"{field} must not be empty", Reason.EMPTY)
     if len(value) > limits.max_label_length:
         raise _invalid(f"{field} is {len(value)} characters; the limit is "
-                       f"{limits.max_label_length}")
+                       f"{limits.max_label_length}", Reason.LABEL_LENGTH)
     if not _LABEL_VALUE.match(value):
-        raise _invalid(f"{field} contains control characters")
+        raise _invalid(f"{field} contains control characters", Reason.CONTROL_CHARACTERS)
 
 
 def validate_registration(request: pb.RegisterRequest, limits: Limits) -> list[str]:
-    """Checks a RegisterRequest; returns its variable names."""
+    """Checks a RegisterRequest on its own; returns its variable names."""
     _check_label("training_job", request.training_job, limits)
     _check_label("task_type", request.task_type, limits)
     _check_label("optimizer", request.optimizer, limits)
+    _check_label("strategy", request.strategy, limits, required=False)
+    _check_label("hostname", request.hostname, limits, required=False)
+    if len(request.versions) > limits.max_versions:
+        raise _invalid(f"versions has {len(request.versions)} entries; the limit is "
+                       f"{limits.max_versions}", Reason.VERSIONS)
+    for key, value in sorted(request.versions.items()):
+        _check_label("versions key", key, limits)
+        _check_label(f"versions[{key!r}]", value, limits, required=False)
     if not 1 <= request.num_replicas <= limits.max_replicas:
         raise _invalid(f"num_replicas must be in [1, {limits.max_replicas}], "
-                       f"got {request.num_replicas}")
+                       f"got {request.num_replicas}", Reason.REPLICAS)
     if not request.variables:
-        raise _invalid("variables must not be empty")
+        raise _invalid("variables must not be empty", Reason.EMPTY)
     if len(request.variables) > limits.max_variables:
-        raise InvalidReport(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{len(request.variables)} variables; the limit per session is "
-                            f"{limits.max_variables}")
+        raise _exhausted(f"{len(request.variables)} variables; the limit per session is "
+                         f"{limits.max_variables}", Reason.VARIABLES_PER_SESSION)
     per_step = len(request.variables) * request.num_replicas * BYTES_PER_STATISTIC
     if 2 * per_step > limits.max_message_bytes:
-        raise InvalidReport(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"one step of {len(request.variables)} variables x "
-                            f"{request.num_replicas} replicas is {per_step} bytes; the message "
-                            f"limit is {limits.max_message_bytes} (half of it per step)")
+        raise _exhausted(f"one step of {len(request.variables)} variables x "
+                         f"{request.num_replicas} replicas is {per_step} bytes; the message "
+                         f"limit is {limits.max_message_bytes} (half of it per step)",
+                         Reason.STEP_SIZE)
     names = [v.name for v in request.variables]
     for i, name in enumerate(names):
         _check_label(f"variables[{i}].name", name, limits)
     if len(set(names)) != len(names):
-        raise _invalid("variables[].name must be unique")
+        raise _invalid("variables[].name must be unique", Reason.DUPLICATE_VARIABLE)
     return names
+
+
+def admit_registration(request: pb.RegisterRequest, names: list[str], registry: Registry,
+                       limits: Limits) -> None:
+    """Checks that registering a validated ``request`` keeps the collector within its
+    limits and that its task is not streaming from another process. Changes nothing, so
+    a refused registration leaves no trace (event loop only, like `Registry`)."""
+    job, optimizer = request.training_job, request.optimizer
+    previous = registry.find_task(job, optimizer, request.task_type, request.task_index)
+    if (previous is not None and previous.open_streams
+            and (previous.hostname, previous.pid) != (request.hostname, request.pid)):
+        raise InvalidReport(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"task {previous.task} of job {job!r} (optimizer {optimizer!r}) is already "
+            f"reporting from {previous.hostname}:{previous.pid}", Reason.ALREADY_REPORTING)
+    jobs = registry.jobs()
+    if job not in jobs and len(jobs) >= limits.max_jobs:
+        raise _exhausted(f"collector serves {len(jobs)} training jobs, its limit "
+                         f"(max_jobs); job {job!r} would be one more", Reason.JOBS)
+    if previous is None:  # a task registering again replaces its session
+        if len(registry.sessions) >= limits.max_sessions:
+            raise _exhausted(f"collector holds {len(registry.sessions)} sessions, its limit "
+                             "(max_sessions)", Reason.SESSIONS)
+        in_job = registry.sessions_in_job(job)
+        if in_job >= limits.max_sessions_per_job:
+            raise _exhausted(f"job {job!r} has {in_job} sessions, the limit per job "
+                             "(max_sessions_per_job)", Reason.SESSIONS_PER_JOB)
+    group = registry.groups.get((job, optimizer))
+    known = group.column_of if group is not None else {}
+    columns = len(known) + sum(name not in known for name in names)
+    if columns > limits.max_variables_per_job:
+        raise _exhausted(f"job {job!r} (optimizer {optimizer!r}) would have {columns} distinct "
+                         f"variables over its tasks; the limit is {limits.max_variables_per_job} "
+                         "(max_variables_per_job)", Reason.VARIABLES_PER_JOB)
+
+
+def find_session(batch: pb.ReportBatch, registry: Registry) -> SessionState:
+    """The batch's session, or NOT_FOUND (the agent registers again)."""
+    session = registry.sessions.get(batch.session_id)
+    if session is None:
+        shown = batch.session_id[:64] + ("..." if len(batch.session_id) > 64 else "")
+        raise InvalidReport(grpc.StatusCode.NOT_FOUND,
+                            f"unknown session_id {shown!r}; register again",
+                            Reason.UNKNOWN_SESSION)
+    return session
 
 
 def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
                  limits: Limits) -> StepBatch:
-    """Checks a ReportBatch against its session's table and decodes the packed arrays."""
+    """Checks a ReportBatch against its session's table and decodes the packed arrays.
+
+    Norms and max |g| may be NaN or +Inf (that is what a non-finite gradient gives),
+    never negative; NaN/Inf counts must be finite and non-negative."""
     num_steps = len(batch.steps)
     if num_steps > limits.max_batch_steps:
-        raise _invalid(f"batch has {num_steps} steps; the limit is {limits.max_batch_steps}")
+        raise _invalid(f"batch has {num_steps} steps; the limit is {limits.max_batch_steps}",
+                       Reason.BATCH_STEPS)
     width = num_replicas * num_variables
     arrays = {}
     for name, dtype in _ARRAYS:
@@ -104,18 +203,38 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
         for i, chunk in enumerate(chunks):
             if len(chunk) != expected:
                 raise _invalid(f"steps[{i}].{name} has {len(chunk)} bytes; expected {expected} "
-                               f"({num_replicas} replicas x {num_variables} variables)")
+                               f"({num_replicas} replicas x {num_variables} variables)",
+                               Reason.ARRAY_LENGTH)
         flat = np.frombuffer(b"".join(chunks), dtype=dtype)
         arrays[name] = flat.reshape(num_steps, num_replicas, num_variables)
+    for name in ("l2_norm", "max_abs"):
+        negative = np.flatnonzero((arrays[name] < 0).any(axis=(1, 2)))
+        if negative.size:
+            raise _invalid(f"steps[{negative[0]}].{name} has a negative value",
+                           Reason.STATISTIC)
     for name in ("nan_count", "inf_count"):
-        if (arrays[name] < 0).any() or np.isnan(arrays[name]).any():
-            raise _invalid(f"steps[].{name} must be non-negative counts")
+        bad = np.flatnonzero((~np.isfinite(arrays[name]) | (arrays[name] < 0)).any(axis=(1, 2)))
+        if bad.size:
+            raise _invalid(f"steps[{bad[0]}].{name} must hold finite, non-negative counts",
+                           Reason.COUNT)
+    wall_time = np.fromiter((s.wall_time for s in batch.steps), np.float64, num_steps)
+    bad = np.flatnonzero(~np.isfinite(wall_time) | (wall_time < 0))
+    if bad.size:
+        raise _invalid(f"steps[{bad[0]}].wall_time is {wall_time[bad[0]]}; expected seconds "
+                       "since the epoch", Reason.WALL_TIME)
     steps = np.fromiter((s.step for s in batch.steps), np.int64, num_steps)
-    if (steps < 0).any() or (np.diff(steps) < 0).any():
-        raise _invalid("steps[].step must be non-negative and non-decreasing")
+    bad = np.flatnonzero(steps < 0)
+    if bad.size:
+        raise _invalid(f"steps[{bad[0]}].step is {steps[bad[0]]}; steps are non-negative",
+                       Reason.STEP)
+    back = np.flatnonzero(np.diff(steps) < 0)
+    if back.size:
+        raise _invalid(f"steps[{back[0] + 1}].step is {steps[back[0] + 1]}, after "
+                       f"steps[{back[0]}].step {steps[back[0]]}; steps must not decrease",
+                       Reason.STEP)
     return StepBatch(
         steps=steps,
-        wall_time=np.fromiter((s.wall_time for s in batch.steps), np.float64, num_steps),
+        wall_time=wall_time,
         present=arrays["present"] != 0,
         l2_norm=arrays["l2_norm"].astype(np.float32),
         max_abs=arrays["max_abs"].astype(np.float32),
@@ -132,16 +251,18 @@ def decode_diagnoses(batch: pb.ReportBatch, num_variables: int,
     for i, diagnosis in enumerate(batch.diagnoses):
         if diagnosis.variable_id >= num_variables:
             raise _invalid(f"diagnoses[{i}].variable_id is {diagnosis.variable_id}; the session "
-                           f"has {num_variables} variables")
+                           f"has {num_variables} variables", Reason.DIAGNOSIS)
         if diagnosis.cause not in pb.Diagnosis.Cause.values() or not diagnosis.cause:
-            raise _invalid(f"diagnoses[{i}].cause {diagnosis.cause} is not a known cause")
+            raise _invalid(f"diagnoses[{i}].cause {diagnosis.cause} is not a known cause",
+                           Reason.DIAGNOSIS)
         for name in ("op_name", "op_type", "source_file", "reason", "hint", "message"):
             value = getattr(diagnosis, name)
             if len(value) > limits.max_text_length:
                 raise _invalid(f"diagnoses[{i}].{name} is {len(value)} characters; the limit is "
-                               f"{limits.max_text_length}")
+                               f"{limits.max_text_length}", Reason.TEXT_LENGTH)
             if not _LABEL_VALUE.match(value):
-                raise _invalid(f"diagnoses[{i}].{name} contains control characters")
+                raise _invalid(f"diagnoses[{i}].{name} contains control characters",
+                               Reason.CONTROL_CHARACTERS)
         source = (f"{diagnosis.source_file}:{diagnosis.source_line}"
                   if diagnosis.source_file else "")
         causes[diagnosis.variable_id] = MissingCause(

@@ -73,6 +73,11 @@ class Collector:
         self._grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Ping idle agents, so that the stream of one whose host vanished (no FIN) ends
+            # within ~40 s: an open stream keeps its session alive and its task registered.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ])
         gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)
         health_servicer = health.aio.HealthServicer()
@@ -126,7 +131,7 @@ class Collector:
                 log.exception("periodic %s failed", action.__name__)
 
     def _evaluate(self) -> None:
-        expired = self.registry.expire_closed(time.time() - self.config.closed_retention_s)
+        expired = self.registry.expire_inactive(time.time() - self.config.closed_retention_s)
         self.rules.tick([*self.registry.groups.values(), *expired])
 
     def _resend(self) -> None:

@@ -54,6 +54,7 @@ class SessionState:
     columns: np.ndarray  # int64 [N]: this session's variable ids → group columns
     strategy: str = ""
     hostname: str = ""
+    pid: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     registered_at: float = field(default_factory=time.time)
     last_sequence: int = 0
@@ -63,6 +64,9 @@ class SessionState:
     nonfinite_steps_total: int = 0
     dropped_steps: int = 0
     closed: bool = False  # the agent said it will send no more
+    #: Report streams that carried a batch of this session and are still open (kept by
+    #: the service): a task whose stream is open is alive, however long it stays quiet.
+    open_streams: int = 0
     #: Dynamic loss scaling: steps with NaN/Inf are skipped by the optimizer, not applied.
     loss_scaled: bool = False
     skipped_steps_total: int = 0
@@ -114,7 +118,6 @@ class SessionState:
         self.nonfinite_in_last_batch = nonfinite.any(axis=(0, 1))
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
 
-
     def set_causes(self, causes: dict[int, MissingCause]) -> None:
         """Records the agent's diagnoses, by this session's variable ids."""
         for variable_id, cause in causes.items():
@@ -159,24 +162,39 @@ class Registry:
         )
         # A task that registers again (restarted, or reconnected to a collector that
         # lost it) replaces its previous session, so stale state cannot linger.
-        for old in [s for s in group.sessions.values()
-                    if (s.task_type, s.task_index) == (task_type, task_index)]:
-            self.remove(old.id)
+        previous = self.find_task(training_job, optimizer, task_type, task_index)
+        if previous is not None:
+            self.remove(previous.id)
         group.sessions[session.id] = session
         self.sessions[session.id] = session
         return session
+
+    def find_task(self, training_job: str, optimizer: str, task_type: str,
+                  task_index: int) -> SessionState | None:
+        """The session of this task and optimizer, if it has one."""
+        group = self.groups.get((training_job, optimizer))
+        if group is None:
+            return None
+        return next((s for s in group.sessions.values()
+                     if (s.task_type, s.task_index) == (task_type, task_index)), None)
+
+    def sessions_in_job(self, training_job: str) -> int:
+        return sum(len(g.sessions) for (job, _), g in self.groups.items() if job == training_job)
 
     def remove(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.group.sessions.pop(session_id, None)
 
-    def expire_closed(self, older_than: float) -> list[Group]:
-        """Forgets sessions closed before ``older_than`` (Unix time) and groups left
-        empty; returns the groups that lost sessions (for a last rule pass)."""
+    def expire_inactive(self, older_than: float) -> list[Group]:
+        """Forgets sessions last heard of before ``older_than`` (Unix time) that said
+        goodbye or have no open Report stream (their process crashed or lost the
+        collector: a task that hangs keeps its stream, and its WorkerSilent alert), and
+        groups left empty. Returns the groups that lost sessions (for a last rule pass)."""
         touched = {}
         for session in list(self.sessions.values()):
-            if session.closed and session.last_report_time < older_than:
+            heard = session.last_report_time or session.registered_at
+            if heard < older_than and (session.closed or not session.open_streams):
                 self.remove(session.id)
                 touched[id(session.group)] = session.group
         for key, group in list(self.groups.items()):

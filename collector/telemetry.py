@@ -15,5 +15,6 @@ class Telemetry:
     duplicate_batches: int = 0
     step_reports: int = 0
     variable_statistics: int = 0
-    #: gRPC status code name → rejected messages (registrations and batches).
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: (gRPC status code name, `Reason` value) → rejected messages (registrations and
+    #: batches).
+    rejected: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)

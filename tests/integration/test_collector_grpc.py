@@ -53,6 +53,12 @@ class Stream:
     def close(self) -> None:
         self._requests.put(None)
 
+    def finish(self) -> None:
+        """Closes the stream and waits until the collector has ended it."""
+        self.close()
+        while self._acks.get(timeout=10) is not None:
+            pass
+
 
 def test_health_service_reports_serving(channel):
     health = health_pb2_grpc.HealthStub(channel)
@@ -109,7 +115,7 @@ def test_malformed_batch_is_rejected_and_others_keep_being_served(stub, collecto
     good.close()
     samples = parse_metrics(collector.scrape())
     assert select(samples, "gradwatch_collector_rejected_messages_total",
-                  code="INVALID_ARGUMENT")
+                  code="INVALID_ARGUMENT", reason="array_length")
     assert select(samples, "gradwatch_steps_total", training_job="bad") == {
         "optimizer=sgd,task_index=0,task_type=worker,training_job=bad": 0.0}
 
@@ -129,6 +135,31 @@ def test_diagnoses_reach_metrics_and_a_bad_one_is_rejected_whole(stub, collector
     assert [(labels["variable"], labels["op_type"], labels["source"]) for labels, _ in info
             if labels["training_job"] == "diagnosed"] == [
         ("dense/v1", "Floor", "/app/train.py:42")]  # nothing of the rejected batch
+
+
+def test_a_task_streaming_from_another_process_cannot_be_taken_over(stub, collector):
+    def registration(hostname: str, pid: int):
+        request = wire.registration(job="taken")
+        request.hostname, request.pid = hostname, pid
+        return request
+
+    session = stub.Register(registration("host-a", 11), timeout=5).session_id
+    stream = Stream(stub)
+    assert stream.send(wire.batch(session, 1, wire.step(0, [1, 1, 1]))).sequence == 1
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Register(registration("host-b", 22), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert raised.value.details() == ("task worker/0 of job 'taken' (optimizer 'sgd') is "
+                                      "already reporting from host-a:11")
+    # The same process may register again (it reconnected) ...
+    session = stub.Register(registration("host-a", 11), timeout=5).session_id
+    assert stream.send(wire.batch(session, 1, wire.step(1, [1, 1, 1]))).sequence == 1
+    # ... and another one once no stream of the task is open (host-a crashed).
+    stream.finish()
+    stub.Register(registration("host-b", 22), timeout=5)
+    samples = parse_metrics(collector.scrape())
+    assert select(samples, "gradwatch_collector_rejected_messages_total",
+                  code="ALREADY_EXISTS", reason="already_reporting")
 
 
 def test_unknown_session_is_not_found(stub):

@@ -59,12 +59,24 @@ def test_file_then_environment_then_flag(tmp_path, monkeypatch):
     ({"jobs": {"a*": {"GradientExploding": {"limit": 1}}}},
      "jobs.a*.GradientExploding.limit: unknown setting"),
     ({"alertmanager_urls": ["alertmanager:9093"]}, "must start with http://"),
+    ({"limits": {"max_jobs": 0}}, "limits.max_jobs: must be at least 1"),
+    ({"limits": {"max_jobs": "many"}}, "limits.max_jobs: expected int"),
+    ({"limits": {"max_job": 5}}, "limits.max_job: unknown limit; known: max_message_bytes"),
+    ({"limits": [1]}, "limits: expected a mapping"),
     ("rules: [unclosed", "collector.yaml"),
 ])
 def test_invalid_settings_name_the_field(tmp_path, data, message):
     with pytest.raises(config.ConfigError, match=message.replace("*", r"\*").replace(
             "[", r"\[")):
         parse("--config", write(tmp_path, data))
+
+
+def test_limits_from_the_file_override_defaults_one_by_one(tmp_path):
+    from gradwatch.collector.ingest import Limits
+
+    settings = parse("--config", write(tmp_path, {"limits": {"max_jobs": 3,
+                                                             "max_sessions_per_job": 64}}))
+    assert settings.limits == Limits(max_jobs=3, max_sessions_per_job=64)
 
 
 def test_collector_refuses_to_start_with_invalid_config(tmp_path):
@@ -86,6 +98,7 @@ def test_the_shipped_example_is_valid_and_documents_the_defaults():
                   "evaluation_interval_s", "closed_retention_s"):
         assert getattr(loaded, field) == getattr(defaults, field), field
     assert loaded.rules.base == defaults.rules.base
+    assert loaded.limits == defaults.limits
     assert loaded.rules.for_job("bert-base")["GradientVanishing"].steps == 500
 
 

@@ -93,3 +93,13 @@ def test_filtered_scrape_renders_only_the_named_samples():
     collector = StateCollector(registry, Telemetry(), list, dict)
     text = render_metrics(collector, ["gradwatch_last_step", "gradwatch_steps_total"]).decode()
     assert set(parse_metrics(text)) == {"gradwatch_last_step", "gradwatch_steps_total"}
+
+
+def test_rejected_messages_carry_code_and_reason():
+    telemetry = Telemetry()
+    telemetry.rejected[("INVALID_ARGUMENT", "array_length")] += 2
+    telemetry.rejected[("RESOURCE_EXHAUSTED", "jobs")] += 1
+    text = render_metrics(StateCollector(Registry(), telemetry, list, dict)).decode()
+    assert select(parse_metrics(text), "gradwatch_collector_rejected_messages_total") == {
+        "code=INVALID_ARGUMENT,reason=array_length": 2.0,
+        "code=RESOURCE_EXHAUSTED,reason=jobs": 1.0}

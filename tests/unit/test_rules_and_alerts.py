@@ -306,8 +306,8 @@ def test_closed_sessions_expire_and_their_alerts_resolve():
     s = h.register()
     h.feed(s, [1, 0, 1])
     s.closed, s.last_report_time = True, h.clock.now
-    assert h.registry.expire_closed(older_than=h.clock.now - 1) == []  # still retained
-    expired = h.registry.expire_closed(older_than=h.clock.now + 1)
+    assert h.registry.expire_inactive(older_than=h.clock.now - 1) == []  # still retained
+    expired = h.registry.expire_inactive(older_than=h.clock.now + 1)
     assert [g.training_job for g in expired] == ["job"] and h.registry.groups == {}
     h.engine.tick(expired)
     assert h.active() == [] and h.sent[-1].status == "resolved"

@@ -1,0 +1,46 @@
+"""Registry bookkeeping: which sessions are forgotten, and when."""
+
+import pytest
+
+from gradwatch.collector.ingest import InvalidReport, Limits, admit_registration
+from gradwatch.collector.state import Registry
+
+import wire
+
+
+def register(registry: Registry, job: str, task_index: int = 0):
+    session = registry.register(job, "sgd", "worker", task_index, 1, ["a"])
+    session.registered_at = 50.0
+    return session
+
+
+def test_silent_sessions_without_an_open_stream_expire_like_closed_ones():
+    registry = Registry()
+    closed = register(registry, "done")
+    closed.closed, closed.last_report_time = True, 100.0
+    crashed = register(registry, "crashed")
+    crashed.last_report_time = 100.0  # its process died: no goodbye, no open stream
+    hung = register(registry, "hung")
+    hung.last_report_time, hung.open_streams = 100.0, 1  # quiet, but still connected
+    never = register(registry, "never")
+    never.registered_at = 100.0  # registered, then nothing at all
+    recent = register(registry, "recent")
+    recent.last_report_time = 300.0
+
+    touched = registry.expire_inactive(older_than=200.0)
+
+    assert sorted(g.training_job for g in touched) == ["crashed", "done", "never"]
+    assert list(registry.sessions) == [hung.id, recent.id]
+    assert registry.jobs() == {"hung", "recent"}  # groups left empty are gone
+
+
+def test_crashed_tasks_stop_counting_against_the_session_limit():
+    registry, limits = Registry(), Limits(max_sessions=3)
+    for index in range(3):  # three tasks that crashed an hour ago
+        register(registry, "flaky", index).last_report_time = 60.0
+    request = wire.registration(job="next-run")
+    with pytest.raises(InvalidReport, match="max_sessions"):
+        admit_registration(request, ["dense/v0"], registry, limits)
+    registry.expire_inactive(older_than=70.0)
+    assert not registry.sessions and not registry.groups
+    admit_registration(request, ["dense/v0"], registry, limits)
