@@ -190,7 +190,11 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
     """Checks a ReportBatch against its session's table and decodes the packed arrays.
 
     Norms and max |g| may be NaN or +Inf (that is what a non-finite gradient gives),
-    never negative; NaN/Inf counts must be finite and non-negative."""
+    never negative; NaN/Inf counts must be finite and non-negative. Steps must not be
+    negative, but may go back, within a batch and from one to the next: the agent reports
+    the optimizer's counter, which a checkpoint restored into it sets back, and puts a step
+    the optimizer refused while tracing (reported from the host) before the device steps
+    it drains with it. They are applied in the order received."""
     num_steps = len(batch.steps)
     if num_steps > limits.max_batch_steps:
         raise _invalid(f"batch has {num_steps} steps; the limit is {limits.max_batch_steps}",
@@ -226,11 +230,6 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
     bad = np.flatnonzero(steps < 0)
     if bad.size:
         raise _invalid(f"steps[{bad[0]}].step is {steps[bad[0]]}; steps are non-negative",
-                       Reason.STEP)
-    back = np.flatnonzero(np.diff(steps) < 0)
-    if back.size:
-        raise _invalid(f"steps[{back[0] + 1}].step is {steps[back[0] + 1]}, after "
-                       f"steps[{back[0]}].step {steps[back[0]]}; steps must not decrease",
                        Reason.STEP)
     return StepBatch(
         steps=steps,

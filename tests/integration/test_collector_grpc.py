@@ -101,6 +101,19 @@ def test_duplicate_batches_are_acked_and_applied_once(stub, collector):
     assert select(samples, "gradwatch_collector_duplicate_batches_total")
 
 
+def test_a_step_counter_that_goes_back_is_applied(stub, collector):
+    """A checkpoint restored into the running optimizer: steps 4-7, then 4-7 again."""
+    session = stub.Register(wire.registration(job="restored"), timeout=5).session_id
+    stream = Stream(stub)
+    for sequence in (1, 2):
+        steps = [wire.step(n, [1, 1, 1]) for n in range(4, 8)]
+        assert stream.send(wire.batch(session, sequence, *steps)).sequence == sequence
+    stream.close()
+    samples = parse_metrics(collector.scrape())
+    assert list(select(samples, "gradwatch_steps_total", training_job="restored").values()) == [8]
+    assert list(select(samples, "gradwatch_last_step", training_job="restored").values()) == [7]
+
+
 def test_malformed_batch_is_rejected_and_others_keep_being_served(stub, collector):
     bad_session = stub.Register(wire.registration(job="bad"), timeout=5).session_id
     good_session = stub.Register(wire.registration(job="good"), timeout=5).session_id
