@@ -17,8 +17,10 @@ from typing import Any
 import yaml
 
 from gradwatch.collector import web_config
+from gradwatch.collector.auth import TokensFileError, load_tokens
 from gradwatch.collector.ingest import Limits
 from gradwatch.collector.rules import RULES, RuleSettings
+from gradwatch.collector.tls import ServerCertificates
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:8470"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:8471"
@@ -56,6 +58,14 @@ class CollectorConfig:
     #: Prometheus web-config file (TLS, client certificates, basic auth) for /metrics and
     #: /healthz; None serves plain HTTP to anyone (see docs/operations.md).
     web_config_file: str | None = None
+    #: TLS on the gRPC port (agents): certificate and key files; with a client CA file,
+    #: agents must present a certificate it signed (mutual TLS). Reloaded on change.
+    grpc_tls_cert_file: str | None = None
+    grpc_tls_key_file: str | None = None
+    grpc_tls_client_ca_file: str | None = None
+    #: Bearer tokens scoped to training jobs (see gradwatch.collector.auth); None lets
+    #: any agent report any job.
+    tokens_file: str | None = None
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -83,7 +93,13 @@ _SCALARS = {  # file key -> (CollectorConfig field, type)
     "closed_retention_seconds": ("closed_retention_s", float),
     "runbook_url": ("runbook_url", str),
     "web_config_file": ("web_config_file", str),
+    "grpc_tls_cert_file": ("grpc_tls_cert_file", str),
+    "grpc_tls_key_file": ("grpc_tls_key_file", str),
+    "grpc_tls_client_ca_file": ("grpc_tls_client_ca_file", str),
+    "tokens_file": ("tokens_file", str),
 }
+_FILES = ("web_config_file", "grpc_tls_cert_file", "grpc_tls_key_file",
+          "grpc_tls_client_ca_file", "tokens_file")
 _LISTS = {"webhook_urls": "webhook_urls", "alertmanager_urls": "alertmanager_urls"}
 
 
@@ -149,8 +165,9 @@ def load_file(path: str, config: CollectorConfig) -> CollectorConfig:
     for key, (attr, kind) in _SCALARS.items():
         if key in data:
             setattr(config, attr, _check_type(key, data[key], kind))
-    if "web_config_file" in data:  # relative to this file's folder, as in Prometheus
-        config.web_config_file = str(Path(path).parent / config.web_config_file)
+    for key in _FILES:  # relative to this file's folder, as in Prometheus
+        if key in data:
+            setattr(config, key, str(Path(path).parent / getattr(config, key)))
     for key, attr in _LISTS.items():
         urls = data.get(key, [])
         if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
@@ -198,6 +215,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus web-config file: TLS, client certificates and basic "
                              "auth for /metrics and /healthz (env GRADWATCH_WEB_CONFIG_FILE); "
                              "default: plain HTTP, no authentication")
+    parser.add_argument("--grpc-tls-cert-file", metavar="FILE",
+                        help="serve gRPC over TLS with this certificate (PEM; env "
+                             "GRADWATCH_GRPC_TLS_CERT_FILE); needs --grpc-tls-key-file")
+    parser.add_argument("--grpc-tls-key-file", metavar="FILE",
+                        help="the certificate's private key (env GRADWATCH_GRPC_TLS_KEY_FILE)")
+    parser.add_argument("--grpc-tls-client-ca-file", metavar="FILE",
+                        help="require agents to present a certificate signed by this CA "
+                             "(mutual TLS; env GRADWATCH_GRPC_TLS_CLIENT_CA_FILE)")
+    parser.add_argument("--tokens-file", metavar="FILE",
+                        help="bearer tokens scoped to training jobs, re-read when it changes "
+                             "(env GRADWATCH_TOKENS_FILE); default: no authentication")
     parser.add_argument("--ready-file", default=os.environ.get("GRADWATCH_READY_FILE"),
                         help="write the bound addresses here as JSON once serving")
 
@@ -219,6 +247,12 @@ def from_arguments(args: argparse.Namespace) -> CollectorConfig:
          env("GRADWATCH_MAX_VARIABLE_SERIES"), int),
         ("resolve_after_s", args.resolve_after_s, env("GRADWATCH_RESOLVE_AFTER"), float),
         ("web_config_file", args.web_config_file, env("GRADWATCH_WEB_CONFIG_FILE"), str),
+        ("grpc_tls_cert_file", args.grpc_tls_cert_file, env("GRADWATCH_GRPC_TLS_CERT_FILE"),
+         str),
+        ("grpc_tls_key_file", args.grpc_tls_key_file, env("GRADWATCH_GRPC_TLS_KEY_FILE"), str),
+        ("grpc_tls_client_ca_file", args.grpc_tls_client_ca_file,
+         env("GRADWATCH_GRPC_TLS_CLIENT_CA_FILE"), str),
+        ("tokens_file", args.tokens_file, env("GRADWATCH_TOKENS_FILE"), str),
     )
     for attr, flag, environment, kind in overrides:
         value = flag if flag is not None else environment
@@ -242,5 +276,26 @@ def from_arguments(args: argparse.Namespace) -> CollectorConfig:
             web_config.load(config.web_config_file)
         except web_config.WebConfigError as error:
             raise ConfigError(f"web_config_file: {config.web_config_file}: {error}") from error
+    _check_grpc_security(config)
     config.ready_file = args.ready_file
     return config
+
+
+def _check_grpc_security(config: CollectorConfig) -> None:
+    """Loads the TLS and tokens files once, so a bad one stops the collector at start."""
+    if bool(config.grpc_tls_cert_file) != bool(config.grpc_tls_key_file):
+        raise ConfigError("grpc_tls_cert_file and grpc_tls_key_file go together")
+    if config.grpc_tls_client_ca_file and not config.grpc_tls_cert_file:
+        raise ConfigError("grpc_tls_client_ca_file: mutual TLS needs grpc_tls_cert_file and "
+                          "grpc_tls_key_file")
+    if config.grpc_tls_cert_file:
+        try:
+            ServerCertificates(config.grpc_tls_cert_file, config.grpc_tls_key_file,
+                               config.grpc_tls_client_ca_file)
+        except OSError as error:
+            raise ConfigError(f"grpc_tls: {error}") from error
+    if config.tokens_file:
+        try:
+            load_tokens(config.tokens_file)
+        except TokensFileError as error:
+            raise ConfigError(f"tokens_file: {error}") from error

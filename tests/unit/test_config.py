@@ -119,3 +119,30 @@ def test_runbook_url_reaches_the_alerts(tmp_path):
     engine.evaluate(session.group)
     (alert,) = tracker.active()
     assert alert.annotations["runbook_url"] == "https://wiki.example/gradwatch#gradientmissing"
+
+
+def test_grpc_security_files_are_relative_to_the_config_file_and_checked(tmp_path):
+    from gradwatch.testing import make_certificates
+
+    certificates = make_certificates(tmp_path)
+    (tmp_path / "tokens.yaml").write_text(
+        "tokens:\n  - name: a\n    token: aaaaaaaaaaaaaaaa\n    training_jobs: ['*']\n")
+    path = write(tmp_path, {"grpc_tls_cert_file": "server.pem",
+                            "grpc_tls_key_file": "server-key.pem",
+                            "grpc_tls_client_ca_file": "ca.pem", "tokens_file": "tokens.yaml"})
+    settings = parse("--config", path)
+    assert settings.grpc_tls_cert_file == str(certificates.server_cert)
+    assert settings.grpc_tls_client_ca_file == str(certificates.ca)
+    assert settings.tokens_file == str(tmp_path / "tokens.yaml")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grpc-tls-cert-file", "server.pem"], "go together"),
+    (["--grpc-tls-client-ca-file", "ca.pem"], "mutual TLS needs"),
+    (["--grpc-tls-cert-file", "/nowhere.pem", "--grpc-tls-key-file", "/nowhere-key.pem"],
+     "grpc_tls: .*nowhere.pem"),
+    (["--tokens-file", "/nowhere.yaml"], "tokens_file: /nowhere.yaml"),
+])
+def test_invalid_grpc_security_settings_name_the_field(argv, message):
+    with pytest.raises(config.ConfigError, match=message):
+        parse(*argv)
