@@ -60,6 +60,7 @@ class Collector:
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
         self._http: web.AppRunner | None = None
         self.web_security: WebSecurity | None = None
         self._timers: list[asyncio.Task] = []
@@ -80,7 +81,7 @@ class Collector:
             ("grpc.http2.max_pings_without_data", 0),
         ])
         gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)
-        health_servicer = health.aio.HealthServicer()
+        self._health = health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_address)
         if not self.grpc_port:
@@ -146,14 +147,27 @@ class Collector:
         return web.Response(text="ok\n")
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Graceful shutdown, within ``grace_s`` (event loop): gRPC health NOT_SERVING and
+        new calls refused (UNAVAILABLE); open Report streams ack what their agents had
+        sent, then end with OK; a last rule pass, so that what the last batches showed is
+        decided; the alert sinks flushed; the HTTP endpoints (``/metrics``) last."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        self.service.drain()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if not await self.service.streams_ended(grace_s / 2):
+            log.warning("report streams still open after %.1f s; cancelling them", grace_s / 2)
         for timer in self._timers:
             timer.cancel()
         if self._grpc is not None:
-            await self._grpc.stop(grace_s)
-        await self.dispatcher.flush(grace_s)
+            await self._grpc.stop(max(0.0, min(1.0, deadline - loop.time())))
+        self.rules.tick(self.registry.groups.values())
+        await self.dispatcher.flush(max(0.0, deadline - loop.time()))
         await self.dispatcher.close()
         if self._http is not None:
             await self._http.cleanup()
+        log.info("stopped in %.2f s", grace_s - (deadline - loop.time()))
 
 
 async def serve(config: CollectorConfig) -> None:

@@ -4,10 +4,16 @@ Runs on the collector's event loop (grpc.aio), which owns all state: a batch
 is validated, applied and observed by the rules before the next message is
 read, so an Ack means "applied"; the job's rules are evaluated at once or,
 under load, within ``batch_evaluation_interval_s`` (see `RuleEngine`).
+
+Graceful shutdown (`GradientWatchService.drain`): new calls get UNAVAILABLE;
+each open Report stream applies and acks the batches already on their way,
+then ends with status OK, so its agent reconnects (elsewhere) at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -29,15 +35,42 @@ from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+SHUTTING_DOWN = "collector is shutting down"
 
 
 class GradientWatchService(pb_grpc.GradientWatchServicer):
+    """Registration and Report streams (event loop only).
+
+    Once draining, an open stream keeps applying batches that arrive less than
+    ``drain_gap_s`` apart (those the agent sent before the drain began) for at most
+    ``drain_window_s``, then ends with OK.
+    """
+
     def __init__(self, registry: Registry, rules: RuleEngine, telemetry: Telemetry,
-                 limits: Limits) -> None:
+                 limits: Limits, drain_gap_s: float = 0.25, drain_window_s: float = 1.0) -> None:
         self.registry = registry
         self.rules = rules
         self.telemetry = telemetry
         self.limits = limits
+        self.drain_gap_s = drain_gap_s
+        self.drain_window_s = drain_window_s
+        self._draining = asyncio.Event()
+        self._open_streams = 0
+        self._no_open_streams = asyncio.Event()
+        self._no_open_streams.set()
+
+    def drain(self) -> None:
+        """Starts a graceful shutdown: refuses new calls, winds down open streams."""
+        self._draining.set()
+        log.info("draining %d report streams", self._open_streams)
+
+    async def streams_ended(self, timeout_s: float) -> bool:
+        """Waits until no Report stream is open (at most ``timeout_s``); False on timeout."""
+        try:
+            await asyncio.wait_for(self._no_open_streams.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def _reject(self, context: grpc.aio.ServicerContext, error: InvalidReport) -> None:
         """Counts and logs ``error``, then ends the call with its status (raises)."""
@@ -48,6 +81,8 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
 
     async def Register(self, request: pb.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+        if self._draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             names = validate_registration(request, self.limits)
             admit_registration(request, names, self.registry, self.limits)
@@ -70,29 +105,68 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
 
     async def Report(self, request_iterator: AsyncIterator[pb.ReportBatch],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Ack]:
+        if self._draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         carried: dict[str, SessionState] = {}  # sessions this stream has reported for
+        self._open_streams += 1
+        self._no_open_streams.clear()
         try:
-            async for batch in request_iterator:
-                try:
-                    session = find_session(batch, self.registry)
-                    if session.id not in carried:
-                        carried[session.id] = session
-                        session.open_streams += 1
-                    if batch.sequence <= session.last_sequence:
-                        self.telemetry.duplicate_batches += 1
-                        yield pb.Ack(session_id=session.id, sequence=session.last_sequence)
-                        continue
-                    decoded = decode_batch(batch, session.num_replicas, session.num_variables,
-                                           self.limits)
-                    causes = decode_diagnoses(batch, session.num_variables, self.limits)
-                except InvalidReport as error:
-                    await self._reject(context, error)
-                    return
-                self._apply(session, batch, decoded, causes)
-                yield pb.Ack(session_id=session.id, sequence=batch.sequence)
+            async with contextlib.aclosing(self._until_drained(request_iterator)) as batches:
+                async for batch in batches:
+                    try:
+                        session = find_session(batch, self.registry)
+                        if session.id not in carried:
+                            carried[session.id] = session
+                            session.open_streams += 1
+                        if batch.sequence <= session.last_sequence:
+                            self.telemetry.duplicate_batches += 1
+                            yield pb.Ack(session_id=session.id, sequence=session.last_sequence)
+                            continue
+                        decoded = decode_batch(batch, session.num_replicas, session.num_variables,
+                                               self.limits)
+                        causes = decode_diagnoses(batch, session.num_variables, self.limits)
+                    except InvalidReport as error:
+                        await self._reject(context, error)
+                        return
+                    self._apply(session, batch, decoded, causes)
+                    yield pb.Ack(session_id=session.id, sequence=batch.sequence)
         finally:
             for session in carried.values():
                 session.open_streams -= 1
+            self._open_streams -= 1
+            if not self._open_streams:
+                self._no_open_streams.set()
+
+    async def _until_drained(self, requests: AsyncIterator[pb.ReportBatch]
+                             ) -> AsyncIterator[pb.ReportBatch]:
+        """The stream's batches, until the agent closes it or, once draining, until
+        none arrived for ``drain_gap_s`` or ``drain_window_s`` has passed."""
+        loop = asyncio.get_running_loop()
+        iterator = aiter(requests)
+        draining = asyncio.ensure_future(self._draining.wait())
+        deadline = None
+        read: asyncio.Future | None = None
+        try:
+            while True:
+                read = asyncio.ensure_future(anext(iterator))
+                if not draining.done():
+                    await asyncio.wait((read, draining), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():  # draining: only what is already on its way
+                    if deadline is None:
+                        deadline = loop.time() + self.drain_window_s
+                    timeout = max(0.0, min(self.drain_gap_s, deadline - loop.time()))
+                    await asyncio.wait((read,), timeout=timeout)
+                    if not read.done():
+                        return
+                try:
+                    batch = read.result()
+                except StopAsyncIteration:
+                    return
+                yield batch
+        finally:
+            draining.cancel()
+            if read is not None:
+                read.cancel()
 
     def _apply(self, session: SessionState, batch: pb.ReportBatch, decoded: StepBatch,
                causes: dict[int, MissingCause]) -> None:
