@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import threading
@@ -160,7 +161,8 @@ class Sender:
                 task.cancel()
             self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             # gRPC's poller thread may still deliver the cancelled calls' last events.
-            self._loop.run_until_complete(asyncio.sleep(0.1))
+            with contextlib.suppress(asyncio.CancelledError):
+                self._loop.run_until_complete(asyncio.sleep(0.1))
             self._loop.close()
 
     def _cancel_all(self) -> None:

@@ -32,6 +32,8 @@ from pathlib import Path
 import grpc
 import yaml
 
+from gradwatch.collector.ingest import InvalidReport, Reason
+
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -48,13 +50,6 @@ class Grant:
 
     def allows(self, training_job: str) -> bool:
         return any(fnmatch.fnmatchcase(training_job, p) for p in self.training_jobs)
-
-
-class Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def digest(token: str) -> str:
@@ -148,15 +143,24 @@ class TokenAuthority:
 
     def authorize(self, token_digest: str | None, training_job: str) -> str:
         """The grant's name if the token (by `digest`) may write ``training_job``;
-        raises `Denied` otherwise."""
+        raises `InvalidReport` (UNAUTHENTICATED or PERMISSION_DENIED) otherwise."""
         self._maybe_reload()
         if token_digest is None:
-            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                         "missing token: send 'authorization: Bearer <token>' metadata")
+            raise InvalidReport(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing token: send 'authorization: Bearer <token>' metadata",
+                                Reason.UNAUTHENTICATED)
         grant = self._grants.get(token_digest)
         if grant is None:
-            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
+            raise InvalidReport(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token",
+                                Reason.UNAUTHENTICATED)
         if not grant.allows(training_job):
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                         f"token {grant.name!r} may not report training job {training_job!r}")
+            raise InvalidReport(grpc.StatusCode.PERMISSION_DENIED,
+                                f"token {grant.name!r} may not report training job "
+                                f"{training_job!r}", Reason.NOT_PERMITTED)
         return grant.name
+
+    @staticmethod
+    def caller(context: grpc.aio.ServicerContext) -> str | None:
+        """The digest of the call's bearer token, if it sent one."""
+        token = bearer_token(context.invocation_metadata())
+        return None if token is None else digest(token)

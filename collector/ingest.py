@@ -75,6 +75,8 @@ class Reason(enum.Enum):
     COUNT = "count"  # a NaN/Inf count that is negative, NaN or infinite
     DIAGNOSIS = "diagnosis"  # a variable id outside the table, or an unknown cause
     TEXT_LENGTH = "text_length"
+    UNAUTHENTICATED = "unauthenticated"  # no, an unknown or a revoked token
+    NOT_PERMITTED = "not_permitted"  # the token does not cover the training job
 
 
 class InvalidReport(Exception):

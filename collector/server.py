@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gradwatch.collector.alerts import AlertTracker
+from gradwatch.collector.auth import TokenAuthority
 from gradwatch.collector.config import CollectorConfig, split_host_port
 from gradwatch.collector.exporter import StateCollector, render_metrics
 from gradwatch.collector.rules import RuleEngine
@@ -27,6 +28,7 @@ from gradwatch.collector.service import GradientWatchService
 from gradwatch.collector.sinks import AlertmanagerSink, Dispatcher, LogSink, Sink, WebhookSink
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
+from gradwatch.collector.tls import ServerCertificates
 from gradwatch.collector.web_config import RELOAD_INTERVAL_S, WebSecurity
 from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
 
@@ -52,8 +54,9 @@ class Collector:
         self.rules = RuleEngine(config.rules, self.alerts,
                                 min_interval_s=config.batch_evaluation_interval_s,
                                 runbook_url=config.runbook_url)
+        tokens = TokenAuthority(config.tokens_file) if config.tokens_file else None
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
-                                            config.limits)
+                                            config.limits, tokens=tokens)
         self.exporter = StateCollector(
             self.registry, self.telemetry, self.alerts.active,
             lambda: dict(self.dispatcher.outcomes), config.max_variable_series)
@@ -83,7 +86,14 @@ class Collector:
         gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)
         self._health = health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_address)
+        if self.config.grpc_tls_cert_file:
+            certificates = ServerCertificates(self.config.grpc_tls_cert_file,
+                                              self.config.grpc_tls_key_file,
+                                              self.config.grpc_tls_client_ca_file)
+            self.grpc_port = self._grpc.add_secure_port(self.config.grpc_address,
+                                                        certificates.credentials())
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_address)
         if not self.grpc_port:
             raise OSError(f"cannot bind gRPC address {self.config.grpc_address}")
         await self._grpc.start()

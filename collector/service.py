@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gradwatch.collector.auth import TokenAuthority
 from gradwatch.collector.ingest import (
     InvalidReport,
     Limits,
@@ -44,11 +45,16 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
     Once draining, an open stream keeps applying batches that arrive less than
     ``drain_gap_s`` apart (those the agent sent before the drain began) for at most
     ``drain_window_s``, then ends with OK.
+
+    With ``tokens``, every registration and every batch needs a bearer token that
+    covers its training job (checked per batch, so a revoked token ends its streams).
     """
 
     def __init__(self, registry: Registry, rules: RuleEngine, telemetry: Telemetry,
-                 limits: Limits, drain_gap_s: float = 0.25, drain_window_s: float = 1.0) -> None:
+                 limits: Limits, drain_gap_s: float = 0.25, drain_window_s: float = 1.0,
+                 tokens: TokenAuthority | None = None) -> None:
         self.registry = registry
+        self.tokens = tokens
         self.rules = rules
         self.telemetry = telemetry
         self.limits = limits
@@ -84,6 +90,8 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
         if self._draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
+            if self.tokens is not None:
+                self.tokens.authorize(self.tokens.caller(context), request.training_job)
             names = validate_registration(request, self.limits)
             admit_registration(request, names, self.registry, self.limits)
         except InvalidReport as error:
@@ -108,6 +116,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
         if self._draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         carried: dict[str, SessionState] = {}  # sessions this stream has reported for
+        caller = None if self.tokens is None else self.tokens.caller(context)
         self._open_streams += 1
         self._no_open_streams.clear()
         try:
@@ -115,6 +124,8 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                 async for batch in batches:
                     try:
                         session = find_session(batch, self.registry)
+                        if self.tokens is not None:
+                            self.tokens.authorize(caller, session.group.training_job)
                         if session.id not in carried:
                             carried[session.id] = session
                             session.open_streams += 1

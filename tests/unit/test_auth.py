@@ -8,13 +8,13 @@ import grpc
 import pytest
 
 from gradwatch.collector.auth import (
-    Denied,
     TokenAuthority,
     TokensFileError,
     bearer_token,
     digest,
     load_tokens,
 )
+from gradwatch.collector.ingest import InvalidReport
 
 VISION = "vision-token-0123456789"
 NLP = "nlp-token-0123456789ab"
@@ -45,7 +45,7 @@ def test_a_token_writes_only_its_jobs(tokens_file):
     authority = TokenAuthority(tokens_file)
     assert authority.authorize(digest(VISION), "vision-resnet") == "vision"
     assert authority.authorize(digest(NLP), "nlp-t5") == "nlp"
-    with pytest.raises(Denied) as denied:
+    with pytest.raises(InvalidReport) as denied:
         authority.authorize(digest(VISION), "nlp-t5")
     assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert "'vision' may not report training job 'nlp-t5'" in denied.value.message
@@ -54,7 +54,7 @@ def test_a_token_writes_only_its_jobs(tokens_file):
 
 @pytest.mark.parametrize("token", [None, "not-a-known-token-at-all"])
 def test_missing_or_unknown_token_is_unauthenticated(tokens_file, token):
-    with pytest.raises(Denied) as denied:
+    with pytest.raises(InvalidReport) as denied:
         TokenAuthority(tokens_file).authorize(token and digest(token), "vision-a")
     assert denied.value.code == grpc.StatusCode.UNAUTHENTICATED
 
@@ -69,7 +69,7 @@ tokens:
     training_jobs: ["vision-*"]
 """)
     assert authority.authorize(digest(rotated), "vision-a") == "vision"
-    with pytest.raises(Denied, match="unknown or revoked"):
+    with pytest.raises(InvalidReport, match="unknown or revoked"):
         authority.authorize(digest(VISION), "vision-a")
 
 
