@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gradwatch.agent.endpoints import parse_targets
 from gradwatch.collector import config
 
 from services import free_port, require_binary
@@ -397,10 +398,12 @@ def test_networkpolicy_admits_agents_and_prometheus_only():
     assert urls and all((urlsplit(url).port, "TCP") in egress for url in urls)
 
 
-def test_agents_are_pointed_at_the_collector_service():
-    grpc = next(p for p in services()["gradwatch-collector"]["spec"]["ports"]
+def test_agents_are_pointed_at_every_collector_replica():
+    grpc = next(p for p in services()["gradwatch-collector-headless"]["spec"]["ports"]
                 if p["name"] == "grpc")
-    address = f"gradwatch-collector.{kustomization()['namespace']}.svc:{grpc['port']}"
+    address = (f"dns:///gradwatch-collector-headless.{kustomization()['namespace']}.svc:"
+               f"{grpc['port']}")
+    assert parse_targets(address) == [address]
     agent_source = "\n".join(p.read_text() for p in (ROOT / "agent").glob("*.py"))
     snippet = yaml.safe_load((KUBERNETES / "agent-env.yaml").read_text())
     (tfjob,) = load_all(KUBERNETES / "examples" / "tfjob.yaml")
