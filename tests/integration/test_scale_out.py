@@ -27,9 +27,12 @@ JOBS = [f"scale-out-{i}" for i in range(6)]
 def last_steps(collector: CollectorProcess) -> dict[str, float]:
     """Latest step per training job this collector has (empty if it is down)."""
     try:
-        samples = parse_metrics(collector.scrape(timeout_s=2))
+        return last_steps_of(parse_metrics(collector.scrape(timeout_s=2)))
     except OSError:
         return {}
+
+
+def last_steps_of(samples) -> dict[str, float]:
     return {labels["training_job"]: value
             for labels, value in samples.get("gradwatch_last_step", [])}
 
@@ -123,3 +126,29 @@ def test_replicas_share_jobs_and_take_over_a_killed_ones(monkeypatch):
         # Prometheus marks the dead replica's series stale at its first failed scrape;
         # the survivor's are there by its next scrape: a gap of at most a scrape or two.
         assert largest_gap <= 1.0, f"{job}: no data for {largest_gap:.2f} s after {killed}"
+
+
+def test_a_draining_replica_hands_its_jobs_to_the_next_without_losing_steps():
+    """SIGTERM: the replica acks what is on its way and ends the streams; the agents move on
+    at once and the next replica gets every later step, each once."""
+    job = JOBS[0]
+    with CollectorProcess() as first, CollectorProcess() as second:
+        targets = f"{first.grpc_target},{second.grpc_target}"
+        order = [e.address for e in rank(resolve(targets.split(",")), job)]
+        preferred, fallback = ((first, second) if order[0] == first.grpc_target
+                               else (second, first))
+        monitor = GradientMonitor(collector=targets, training_job=job, flush_interval_s=0.05)
+        trainer = Trainer(monitor)
+        trainer.train(20)
+        deadline = time.monotonic() + 15
+        while last_steps(preferred).get(job) != 19:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert preferred.stop(timeout_s=10) == 0  # SIGTERM, graceful
+        trainer.train(20)
+        assert monitor.close(timeout_s=30)
+        samples = parse_metrics(fallback.scrape())
+    steps = {labels["training_job"]: value
+             for labels, value in samples["gradwatch_steps_total"]}
+    assert steps[job] == 20 and last_steps_of(samples)[job] == 39
+    assert trainer.slowest_s < 2.0
