@@ -170,4 +170,6 @@ class Session:
                    for s, stats in zip(recorded.steps, recorded.stats, strict=True)]
         with self._lock:
             host, self._host_reports = self._host_reports, []
-        return host + reports, recorded.dropped
+        if host:  # a step refused while tracing is reported ahead of the device's steps
+            reports = sorted(host + reports, key=lambda r: r.step)
+        return reports, recorded.dropped

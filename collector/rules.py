@@ -397,6 +397,8 @@ class RuleEngine:
             if params[rule.name].enabled:
                 with _contained(rule):
                     alerts += rule.evaluate(group, params[rule.name], now)
+        for session in group.sessions.values():
+            session.rules_pending = False
         for alert in alerts:
             alert.annotations["runbook_url"] = f"{self.runbook_url}#{alert.name.lower()}"
         self.tracker.update((group.training_job, group.optimizer), alerts, now)

@@ -70,6 +70,9 @@ class SessionState:
     #: Dynamic loss scaling: steps with NaN/Inf are skipped by the optimizer, not applied.
     loss_scaled: bool = False
     skipped_steps_total: int = 0
+    #: Batches arrived since the rules last evaluated this session's group: the
+    #: ``*_in_last_batch`` flags then cover all of them (set by `RuleEngine.evaluate`).
+    rules_pending: bool = False
     #: Per-rule history (streaks, rolling windows), owned by `gradwatch.collector.rules`.
     rule_state: dict = field(default_factory=dict)
 
@@ -106,7 +109,7 @@ class SessionState:
         self.l2_norm = batch.l2_norm[-1]
         self.max_abs = batch.max_abs[-1]
         absent = ~batch.present
-        self.missing_in_last_batch = absent.any(axis=(0, 1))
+        missing = absent.any(axis=(0, 1))
         self.missing_steps_total += absent.sum(axis=(0, 1))
         self.nan_total += batch.nan_count.sum(axis=(0, 1))
         self.inf_total += batch.inf_count.sum(axis=(0, 1))
@@ -115,7 +118,14 @@ class SessionState:
             self.skipped_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
             nonfinite = np.zeros_like(nonfinite)
         self.nonfinite = nonfinite[-1]
-        self.nonfinite_in_last_batch = nonfinite.any(axis=(0, 1))
+        nonfinite_any = nonfinite.any(axis=(0, 1))
+        # The flags cover every batch the rules have not looked at yet (evaluation is
+        # coalesced under load), so a bad batch followed at once by a good one still alerts.
+        if self.rules_pending:
+            missing |= self.missing_in_last_batch
+            nonfinite_any |= self.nonfinite_in_last_batch
+        self.missing_in_last_batch, self.nonfinite_in_last_batch = missing, nonfinite_any
+        self.rules_pending = True
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
 
     def set_causes(self, causes: dict[int, MissingCause]) -> None:

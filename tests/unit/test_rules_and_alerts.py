@@ -381,3 +381,19 @@ def test_batches_of_a_busy_job_are_evaluated_together():
     h.clock.now += 0.06
     h.feed(w1, [1, 1, 1])  # the interval has passed: evaluated at once
     assert h.active("GradientMissing") == []
+
+
+def test_a_bad_batch_followed_at_once_by_a_good_one_still_alerts():
+    """Deferred evaluation sees every batch since the last one, not only the latest."""
+    h = Harness()
+    h.engine.min_interval_s = 0.05
+    w0 = h.register(0)
+    h.feed(w0, [1, 1, 1])  # evaluated at once
+    h.feed(w0, {"present": [1, 1, 1], "nan": [0, 4, 0]})  # deferred: a NaN gradient,
+    h.feed(w0, [1, 0, 1])  # a missing one,
+    h.feed(w0, [1, 1, 1])  # and a healthy batch last
+    h.engine.evaluate_pending()
+    assert sorted(a.name for a in h.active()) == ["GradientMissing", "GradientNonFinite"]
+    h.clock.now += 0.06
+    h.feed(w0, [1, 1, 1])  # evaluated alone: the flags start afresh
+    assert w0.missing_in_last_batch.sum() == 0 and w0.nonfinite_in_last_batch.sum() == 0
