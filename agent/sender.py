@@ -287,8 +287,11 @@ class Sender:
                     steps = [stream.pending.popleft()
                              for _ in range(min(len(stream.pending), stream.max_batch_steps))]
                     await self._send(call, stream, acks, steps=steps)
-            leaving = failback is not None and failback.done() and self._all_acked()
-            if (self._stopping.is_set() or leaving) and self._all_acked():
+            # Moving back to a preferred replica: no new steps here; once everything sent is
+            # acknowledged, close the sessions here and go.
+            moving = (failback is not None and failback.done()
+                      and not self._stopping.is_set())
+            if (self._stopping.is_set() or moving) and self._all_acked():
                 # Say goodbye, so the collector knows these tasks finished (or moved), not hung.
                 goodbyes = [s for s in self._streams if s.session_id and not s.final_sent]
                 for stream in goodbyes:
@@ -296,14 +299,11 @@ class Sender:
                     await self._send(call, stream, acks, final=True)
                 if not goodbyes:
                     await call.done_writing()
-                    if leaving:
+                    if moving:
                         raise _Failback
                     self._drained.set()
                     return
-            if leaving:  # wait for the last acks; new steps go to the next collector
-                await asyncio.sleep(0.01)
-                continue
-            if self._stopping.is_set():  # flushing: wait for the last acks
+            if self._stopping.is_set() or moving:  # wait for the last acks
                 await asyncio.sleep(0.01)
             else:
                 try:
@@ -314,7 +314,8 @@ class Sender:
                 acks.result()  # raises the stream's error
                 raise ConnectionError("collector ended the report stream")
             self._check_acks_arrive()
-            self._drain_sessions()
+            if not moving:
+                self._drain_sessions()
 
     def _check_acks_arrive(self) -> None:
         if not any(s.unacked for s in self._streams):
