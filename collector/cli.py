@@ -27,5 +27,12 @@ def run(args: argparse.Namespace) -> int:
     except config.ConfigError as error:
         print(f"gradwatch collector: invalid configuration: {error}", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ValueError as error:  # a security file that broke between the check and the start
+        print(f"gradwatch collector: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. an address already in use
+        print(f"gradwatch collector: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -183,7 +183,11 @@ class Collector:
 async def serve(config: CollectorConfig) -> None:
     """Runs until SIGINT or SIGTERM, then drains streams and flushes sinks."""
     collector = Collector(config)
-    await collector.start()
+    try:
+        await collector.start()
+    except BaseException:  # e.g. a port in use: release what did start, then report
+        await collector.stop(grace_s=0)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -72,6 +72,8 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
 
     async def streams_ended(self, timeout_s: float) -> bool:
         """Waits until no Report stream is open (at most ``timeout_s``); False on timeout."""
+        if self._no_open_streams.is_set():
+            return True
         try:
             await asyncio.wait_for(self._no_open_streams.wait(), timeout_s)
         except asyncio.TimeoutError:

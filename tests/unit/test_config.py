@@ -146,3 +146,19 @@ def test_grpc_security_files_are_relative_to_the_config_file_and_checked(tmp_pat
 def test_invalid_grpc_security_settings_name_the_field(argv, message):
     with pytest.raises(config.ConfigError, match=message):
         parse(*argv)
+
+
+def test_collector_says_why_it_cannot_start_when_its_port_is_taken():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "gradwatch", "collector", "--grpc-address", "127.0.0.1:0",
+             "--metrics-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
