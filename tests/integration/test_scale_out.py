@@ -152,3 +152,43 @@ def test_a_draining_replica_hands_its_jobs_to_the_next_without_losing_steps():
              for labels, value in samples["gradwatch_steps_total"]}
     assert steps[job] == 20 and last_steps_of(samples)[job] == 39
     assert trainer.slowest_s < 2.0
+
+
+def test_a_fast_job_moves_back_to_its_preferred_replica(monkeypatch):
+    """A job stepping without pause moves back once its preferred replica serves again:
+    everything sent to the fallback is acknowledged there first, so no step counts twice."""
+    monkeypatch.setenv("GRADWATCH_FAILBACK_INTERVAL", "0.5")
+    job = JOBS[1]
+    port = free_port()
+    with CollectorProcess() as other:
+        preferred = CollectorProcess("--grpc-address", f"127.0.0.1:{port}").__enter__()
+        try:
+            targets = [preferred.grpc_target, other.grpc_target]
+            if rank(resolve(targets), job)[0].address != preferred.grpc_target:
+                targets.reverse()  # name the replicas so that the job prefers `preferred`
+                job = next(j for j in (f"fast-{i}" for i in range(100))
+                           if rank(resolve(targets), j)[0].address == preferred.grpc_target)
+            monitor = GradientMonitor(collector=",".join(targets), training_job=job,
+                                      flush_interval_s=0.05)
+            trainer = Trainer(monitor)
+            trainer.train(50)
+            preferred.process.kill()
+            preferred.process.wait()
+            trainer.train(100)
+            preferred = CollectorProcess("--grpc-address", f"127.0.0.1:{port}").__enter__()
+            deadline = time.monotonic() + 20
+            while job not in last_steps(preferred):  # no pause between steps
+                assert time.monotonic() < deadline, "the job never moved back"
+                trainer.train(5)
+            trainer.train(50)
+            assert monitor.close(timeout_s=30)
+            back, away = last_steps(preferred)[job], last_steps(other)[job]
+            total = sum(sum(v for labels, v in parse_metrics(c.scrape())[
+                "gradwatch_steps_total"] if labels["training_job"] == job)
+                for c in (preferred, other))
+        finally:
+            preferred.__exit__(None, None, None)
+    assert back == trainer.steps - 1 and away < back
+    # The killed replica took what it had acked of the first 50 steps with it; nothing else
+    # was lost, and nothing counted on both.
+    assert trainer.steps - 50 <= total <= trainer.steps
