@@ -50,6 +50,8 @@ class CollectorConfig:
     runbook_url: str = "docs/runbook.md"
     #: A finished (closed) session's state, series and alerts are kept this long.
     closed_retention_s: float = 3600.0
+    #: SIGTERM: streams drained, last rules run and sinks flushed within this long.
+    shutdown_grace_s: float = 5.0
     rules: RuleSettings = field(default_factory=RuleSettings)
     limits: Limits = field(default_factory=Limits)
     #: If set, the bound addresses are written here as JSON once serving (for tests,
@@ -91,6 +93,7 @@ _SCALARS = {  # file key -> (CollectorConfig field, type)
     "evaluation_interval_seconds": ("evaluation_interval_s", float),
     "batch_evaluation_interval_seconds": ("batch_evaluation_interval_s", float),
     "closed_retention_seconds": ("closed_retention_s", float),
+    "shutdown_grace_seconds": ("shutdown_grace_s", float),
     "runbook_url": ("runbook_url", str),
     "web_config_file": ("web_config_file", str),
     "grpc_tls_cert_file": ("grpc_tls_cert_file", str),

@@ -194,4 +194,4 @@ async def serve(config: CollectorConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    await collector.stop()
+    await collector.stop(config.shutdown_grace_s)
