@@ -29,43 +29,33 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
 from gradwatch.testing import CollectorProcess, free_port
 
+from bench_models import cnn_case
+
 VARIANTS = ("plain", "healthy", "absent", "hung", "flapping")
 
 
-def cnn():
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((32, 32, 3))]
-    for width in (32, 32, 64, 64, 128, 128):
-        layers += [keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
-                   keras.layers.BatchNormalization()]
-    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
-    return keras.Sequential(layers)
-
-
 def make_step(monitor: GradientMonitor | None):
-    model = cnn()
+    """A compiled training step of a fresh CNN, and its input batch."""
+    model, images, loss_fn = cnn_case()
     optimizer = keras.optimizers.Adam(1e-3)
     if monitor is not None:
         monitor.wrap(optimizer)
     optimizer.build(model.trainable_variables)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    y = np.arange(32) % 10
 
     @tf.function
     def step(x):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
+            loss = loss_fn(model(x, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss
 
-    return step
+    return step, images
 
 
 class Flapper:
@@ -103,8 +93,9 @@ def main() -> None:
                      "hung": hung.grpc_target, "flapping": f"127.0.0.1:{flapping_port}"}
         monitors = {name: GradientMonitor(collector=address, training_job=f"faults-{name}")
                     for name, address in addresses.items()}
-        steps = {name: make_step(monitors.get(name)) for name in VARIANTS}
-        x = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype("float32")
+        steps = {}
+        for name in VARIANTS:
+            steps[name], x = make_step(monitors.get(name))
         for step in steps.values():  # trace and warm up
             for _ in range(5):
                 step(x)

@@ -58,6 +58,8 @@ from gradwatch.agent import GradientMonitor  # noqa: E402
 from gradwatch.demo.training import BrokenModel, make_data  # noqa: E402
 from gradwatch.testing import CollectorProcess  # noqa: E402
 
+from bench_models import cnn_case  # noqa: E402
+
 
 def demo_case():
     model = BrokenModel()
@@ -70,20 +72,6 @@ def demo_case():
         return loss_c(category, outputs[0]) + loss_p(price, outputs[1])
 
     return model, x, loss_fn
-
-
-def cnn_case():
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((32, 32, 3))]
-    for width in (32, 32, 64, 64, 128, 128):
-        layers += [keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
-                   keras.layers.BatchNormalization()]
-    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
-    model = keras.Sequential(layers)
-    x = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype("float32")
-    y = np.arange(32) % 10
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return model, x, lambda logits: loss(y, logits)
 
 
 def resnet50_case():

@@ -21,6 +21,7 @@ polled through ``/metrics?name[]=gradwatch_last_step``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -34,9 +35,7 @@ import numpy as np
 
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from gradwatch.testing import CollectorProcess, process_cpu_seconds, process_memory_mb
 
 
 def registration(job: str, task: int, variables: int, replicas: int) -> pb.RegisterRequest:
@@ -114,22 +113,6 @@ def agent(target: str, job: str, args: argparse.Namespace, start_at: float,
     channel.close()
 
 
-def collector_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def collector_memory_mb(pid: int) -> tuple[float, float]:
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(value.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
-
-
 def probe(collector: CollectorProcess, args: argparse.Namespace, until: float) -> list[float]:
     """Sends one-step batches of a small probe job; measures send -> visible in /metrics."""
     url = collector.metrics_url + "?name[]=gradwatch_last_step"
@@ -139,7 +122,13 @@ def probe(collector: CollectorProcess, args: argparse.Namespace, until: float) -
         session = stub.Register(registration("probe", 0, 10, 1), timeout=30).session_id
         outgoing: queue.Queue = queue.Queue()
         call = stub.Report(iter(outgoing.get, None))
-        threading.Thread(target=lambda: [None for _ in call], daemon=True).start()
+
+        def read_acks() -> None:
+            with contextlib.suppress(grpc.RpcError):  # cancelled when the channel closes
+                for _ in call:
+                    pass
+
+        threading.Thread(target=read_acks, daemon=True).start()
         report = step_reports(1, 10, seed=1)[0]
         sequence = 0
         while time.time() < until - 1.0:
@@ -172,14 +161,15 @@ def run(args: argparse.Namespace) -> dict:
             w.start()
         while time.time() < start_at:
             time.sleep(0.01)
-        cpu_before, wall_before = collector_cpu_seconds(pid), time.perf_counter()
+        cpu_before, wall_before = process_cpu_seconds(pid), time.perf_counter()
         latencies = probe(collector, args, start_at + args.seconds)
         for w in workers:
             w.join(timeout=args.seconds + 60)
         wall = time.perf_counter() - wall_before
-        cpu = collector_cpu_seconds(pid) - cpu_before
+        cpu = process_cpu_seconds(pid) - cpu_before
         statistics_total = sum(results.get(timeout=10) for _ in workers)
-        rss, peak = collector_memory_mb(pid)
+        memory = process_memory_mb(pid)
+        rss, peak = memory["VmRSS"], memory["VmHWM"]
     latencies.sort()
     return {
         "statistics": statistics_total, "wall": wall, "cpu": cpu, "rss": rss, "peak": peak,

@@ -59,7 +59,6 @@ import numpy as np
 
 log = logging.getLogger("soak")
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REPORT_METHOD = "/gradwatch.v1.GradientWatch/Report"
 #: ``gradwatch_collector_*`` samples compared with what the generator sent.
 COUNTERS = ("gradwatch_collector_registrations_total", "gradwatch_collector_batches_total",
@@ -406,12 +405,6 @@ def _worker_main(config_json: str) -> None:
 
 # --------------------------------------------------------------------------- orchestrator
 
-def _collector_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def _runqueue_wait_s(pid: int) -> float:
     """Seconds the process' main thread (the collector's event loop) was runnable but
     waiting for a CPU (``/proc/PID/schedstat``): how much the machine's other work
@@ -423,16 +416,6 @@ def _runqueue_wait_s(pid: int) -> float:
 def _load_average() -> float:
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
-
-
-def _memory_mb(pid: int) -> dict[str, float]:
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(value.split()[0]) / 1024
-    return values
 
 
 def _scrape(url: str, timeout_s: float = 30.0) -> str:
@@ -478,7 +461,7 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
     Blocks for about ``duration_s`` plus setup (registration) and drain; every process
     it started (collector, generators) is stopped before it returns or raises. The
     warm-up (default ``duration_s / 3``) is excluded from the RSS check."""
-    from gradwatch.testing import CollectorProcess
+    from gradwatch.testing import CollectorProcess, process_cpu_seconds, process_memory_mb
 
     warmup_s = duration_s / 3 if warmup_s is None else warmup_s
     result = SoakResult(streams=streams, duration_s=duration_s, interval_s=interval_s,
@@ -488,7 +471,7 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
     with tempfile.TemporaryDirectory(prefix="gradwatch-soak-") as tmp, \
             CollectorProcess(*collector_args) as collector:
         pid = collector.process.pid
-        idle = _memory_mb(pid)["VmRSS"]
+        idle = process_memory_mb(pid)["VmRSS"]
         try:
             for p in range(processes):
                 config = {
@@ -506,14 +489,14 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                 info = _read_ready(worker, deadline)
                 log.info("generator %d: %d sessions registered in %.1f s", worker.pid,
                          info["registered"], info["registration_s"])
-            start_rss = _memory_mb(pid)["VmRSS"]
+            start_rss = process_memory_mb(pid)["VmRSS"]
             start_at = time.time() + 1.0
             for worker in workers:
                 worker.stdin.write(f"{start_at}\n")
                 worker.stdin.flush()
             while time.time() < start_at:
                 time.sleep(0.005)
-            cpu_start, wall_start = _collector_cpu_s(pid), time.perf_counter()
+            cpu_start, wall_start = process_cpu_seconds(pid), time.perf_counter()
             wait_start, load_start = _runqueue_wait_s(pid), _load_average()
             next_sample, next_scrape = wall_start, wall_start + scrape_interval_s
             scrapes: list[tuple[float, float]] = []  # (begin, end) seconds after the start
@@ -527,8 +510,8 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                     continue
                 if now >= next_sample:
                     result.timeline.append({"t": round(now - wall_start, 3),
-                                            "rss_mb": _memory_mb(pid)["VmRSS"],
-                                            "cpu_s": _collector_cpu_s(pid) - cpu_start})
+                                            "rss_mb": process_memory_mb(pid)["VmRSS"],
+                                            "cpu_s": process_cpu_seconds(pid) - cpu_start})
                     next_sample += 1.0
                 if now >= next_scrape and now - wall_start < duration_s:
                     began = time.perf_counter()
@@ -543,9 +526,9 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
                 if any(word in line for word in (" WARNING ", " ERROR ", " CRITICAL ",
                                                  "Traceback"))][:20]
             if collector.process.poll() is None:
-                result.collector_cpu_s = _collector_cpu_s(pid) - cpu_start
+                result.collector_cpu_s = process_cpu_seconds(pid) - cpu_start
                 result.collector_runqueue_wait_s = _runqueue_wait_s(pid) - wait_start
-                memory = _memory_mb(pid)
+                memory = process_memory_mb(pid)
                 result.collector_counters = _collector_counters(collector.metrics_url)
             else:
                 memory = {"VmRSS": float("nan"), "VmHWM": float("nan")}

@@ -14,7 +14,6 @@ import json
 import queue
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,7 +25,7 @@ from hypothesis import strategies as st
 from gradwatch.collector.ingest import Reason
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess
+from gradwatch.testing import CollectorProcess, process_memory_mb
 
 import wire
 from conftest import parse_metrics
@@ -79,10 +78,7 @@ messages = st.one_of(registrations, st.tuples(_targets, wire.batches),
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    return int(process_memory_mb(pid)["VmRSS"] * 1024 * 1024)
 
 
 class HealthyAgent:
