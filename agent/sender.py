@@ -8,13 +8,19 @@ reconnect the unacknowledged ones are sent again with the same sequence
 numbers, and the collector drops duplicates. Diagnoses of missing gradients
 ride on the next batch (one without steps if need be), once per registration.
 
-Faults: a collector that refuses, breaks the stream, ends it (draining), or
-stops acknowledging for ``ack_timeout_s`` is left for the next replica in the
-job's ranking (`gradwatch.agent.endpoints`); when every replica failed, the
-sender waits with exponential backoff and jitter, then starts over from the
-preferred one. While on a fallback it checks the preferred replicas' health
-every ``failback_interval_s`` and moves back (closing its sessions on the
-fallback first), so all tasks of a job converge on one collector.
+A batch the collector refuses (``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``: it would
+be refused again) is dropped and its steps counted as dropped; the rest goes on.
+Steps lower than the one before them are marked ``rewound`` (a checkpoint
+restored into the optimizer), which the collector requires.
+
+Faults: a collector that is unreachable, refuses a registration, breaks the
+stream, ends it (draining), or stops acknowledging for ``ack_timeout_s`` is
+left for the next replica in the job's ranking (`gradwatch.agent.endpoints`);
+when every replica failed, the sender waits with exponential backoff and
+jitter, then starts over from the preferred one. While on a fallback it checks
+the preferred replicas' health every ``failback_interval_s`` and moves back
+(closing its sessions on the fallback first), so all tasks of a job converge
+on one collector.
 
 When the buffer is full (``max_buffer_bytes``) the oldest steps are dropped
 and counted; the count reaches the collector with the next batch. Nothing
@@ -51,8 +57,16 @@ _BYTES_PER_STATISTIC = 17
 _BYTES_PER_STEP = 48
 
 
+#: Report stream statuses that refuse a batch itself: sent again, it would be refused again.
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 class _Failback(Exception):
     """A preferred collector is healthy again: leave the fallback."""
+
+
+class _Refused(Exception):
+    """The collector refused a batch, which was dropped: reconnect and go on."""
 
 
 @dataclass
@@ -65,6 +79,7 @@ class _Stream:
     #: session, so batches it applied but never acknowledged are recognised as duplicates.
     registrations: dict = field(default_factory=dict)
     next_sequence: int = 1
+    last_step: int = -1  # of the last step put in a batch
     dropped: int = 0
     max_batch_steps: int = 256
     final_sent: bool = False
@@ -83,6 +98,16 @@ class _Stream:
 
     def buffered_steps(self) -> int:
         return len(self.pending) + sum(len(b.steps) for b in self.unacked)
+
+    def next_steps(self) -> list[pb.StepReport]:
+        """The oldest pending steps, as many as a batch may hold; a step lower than the
+        one before it (the optimizer's counter was set back) is marked ``rewound``."""
+        steps = [self.pending.popleft()
+                 for _ in range(min(len(self.pending), self.max_batch_steps))]
+        for step in steps:
+            step.rewound = step.step < self.last_step
+            self.last_step = step.step
+        return steps
 
     def connect(self, endpoint: Endpoint) -> None:
         self.session_id = self.registrations.get(endpoint.address, "")
@@ -120,6 +145,9 @@ class Sender:
         self._drained = threading.Event()
         self._last_error = ""
         self._waiting_since = 0.0  # monotonic time since which an ack is awaited
+        #: (stream, sequence) of the batches written on the current call and not yet
+        #: acknowledged, in the order written (the collector applies them in that order).
+        self._in_flight: collections.deque = collections.deque()
         self._connected = False  # the current connection got as far as streaming
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name="gradwatch-sender", daemon=True)
@@ -212,9 +240,12 @@ class Sender:
         while True:
             endpoints = rank(resolve(self.targets), self.training_job)
             for preference, endpoint in enumerate(endpoints):
-                outcome = await self._attempt(endpoint, endpoints[:preference])
+                preferred = endpoints[:preference]
+                outcome = await self._attempt(endpoint, preferred)
                 if outcome == "lost":  # the collector restarted: register again at once
-                    outcome = await self._attempt(endpoint, endpoints[:preference])
+                    outcome = await self._attempt(endpoint, preferred)
+                while outcome == "refused":  # a batch was refused and dropped: the rest
+                    outcome = await self._attempt(endpoint, preferred)
                 if outcome == "done" or (self._stopping.is_set() and self._drained.is_set()):
                     return
                 if outcome == "failback":
@@ -238,6 +269,8 @@ class Sender:
             return "done"
         except _Failback:
             return "failback"
+        except _Refused:
+            return "refused"
         except grpc.aio.AioRpcError as error:
             self._report_error(f"collector {endpoint}: {error.code().name} {error.details()}")
             if error.code() == grpc.StatusCode.NOT_FOUND:
@@ -262,11 +295,18 @@ class Sender:
         await self._register_new(stub)
         self._connected = True
         call = stub.Report(metadata=self.channel.metadata())
+        self._in_flight.clear()
         acks = asyncio.ensure_future(self._read_acks(call))
         failback = (asyncio.ensure_future(self._watch_preferred(preferred))
                     if preferred else None)
         try:
             await self._stream(call, stub, acks, failback)
+        except grpc.aio.AioRpcError as error:
+            if call.done() and await call.code() in _REFUSED:
+                await asyncio.wait([acks], timeout=self.rpc_timeout_s)  # acks before it
+                self._drop_refused_batch(error)
+                raise _Refused from error
+            raise
         finally:
             acks.cancel()
             if failback is not None:
@@ -279,14 +319,12 @@ class Sender:
         for stream in self._streams:  # replay what the previous connection left unacked
             for batch in stream.unacked:
                 batch.session_id = stream.session_id
-                await self._write(call, batch, acks)
+                await self._write(call, stream, batch, acks)
         while True:
             await self._register_new(stub)
             for stream in self._streams:
                 while stream.session_id and (stream.pending or stream.unsent_diagnoses()):
-                    steps = [stream.pending.popleft()
-                             for _ in range(min(len(stream.pending), stream.max_batch_steps))]
-                    await self._send(call, stream, acks, steps=steps)
+                    await self._send(call, stream, acks, steps=stream.next_steps())
             # Moving back to a preferred replica: no new steps here; once everything sent is
             # acknowledged, close the sessions here and go.
             moving = (failback is not None and failback.done()
@@ -348,11 +386,12 @@ class Sender:
         if not any(s.unacked for s in self._streams):
             self._waiting_since = time.monotonic()
         stream.unacked.append(batch)
-        await self._write(call, batch, acks)
+        await self._write(call, stream, batch, acks)
 
-    async def _write(self, call, batch: pb.ReportBatch, acks) -> None:
+    async def _write(self, call, stream: _Stream, batch: pb.ReportBatch, acks) -> None:
         try:
             if not acks.done():
+                self._in_flight.append((stream, batch.sequence))
                 # A collector that stops reading fills the flow-control window: don't
                 # wait for it forever.
                 await asyncio.wait_for(call.write(batch), self.ack_timeout_s)
@@ -387,7 +426,26 @@ class Sender:
                 stream = by_id.get(ack.session_id)
             while stream and stream.unacked and stream.unacked[0].sequence <= ack.sequence:
                 stream.unacked.popleft()
+            while self._in_flight and not self._is_unacked(*self._in_flight[0]):
+                self._in_flight.popleft()
             self._waiting_since = time.monotonic()
+
+    @staticmethod
+    def _is_unacked(stream: _Stream, sequence: int) -> bool:
+        return bool(stream.unacked) and stream.unacked[0].sequence <= sequence
+
+    def _drop_refused_batch(self, error: grpc.aio.AioRpcError) -> None:
+        """Drops the batch the collector refused: the first written on this call that is
+        still unacknowledged. Its steps count as dropped; its diagnoses are not resent."""
+        for stream, sequence in self._in_flight:
+            batch = next((b for b in stream.unacked if b.sequence == sequence), None)
+            if batch is not None:
+                stream.unacked.remove(batch)
+                stream.dropped += len(batch.steps)
+                log.error("gradwatch: collector %s refused a batch of %s (%d steps): %s %s; "
+                          "dropped it", self.endpoint, stream.session.optimizer,
+                          len(batch.steps), error.code().name, error.details())
+                return
 
     def _report_error(self, message: str) -> None:
         if message != self._last_error:

@@ -70,6 +70,7 @@ class Reason(enum.Enum):
     BATCH_STEPS = "batch_steps"
     ARRAY_LENGTH = "array_length"
     STEP = "step"  # a negative step number
+    STEP_ORDER = "step_order"  # a step lower than the one before it, not marked rewound
     WALL_TIME = "wall_time"
     STATISTIC = "statistic"  # a negative norm or max |g|
     COUNT = "count"  # a NaN/Inf count that is negative, NaN or infinite
@@ -188,15 +189,15 @@ def find_session(batch: pb.ReportBatch, registry: Registry) -> SessionState:
 
 
 def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
-                 limits: Limits) -> StepBatch:
-    """Checks a ReportBatch against its session's table and decodes the packed arrays.
+                 limits: Limits, last_step: int = -1) -> StepBatch:
+    """Checks a ReportBatch against its session's table and its ``last_step`` (-1: none
+    yet), and decodes the packed arrays.
 
     Norms and max |g| may be NaN or +Inf (that is what a non-finite gradient gives),
-    never negative; NaN/Inf counts must be finite and non-negative. Steps must not be
-    negative, but may go back, within a batch and from one to the next: the agent reports
-    the optimizer's counter, which a checkpoint restored into it sets back, and puts a step
-    the optimizer refused while tracing (reported from the host) before the device steps
-    it drains with it. They are applied in the order received."""
+    never negative; NaN/Inf counts must be finite and non-negative. Steps are
+    non-negative and never lower than the step before them (in the batch, or the
+    session's last), unless marked ``rewound``: the agent reports the optimizer's
+    counter, which a checkpoint restored into it sets back on purpose."""
     num_steps = len(batch.steps)
     if num_steps > limits.max_batch_steps:
         raise _invalid(f"batch has {num_steps} steps; the limit is {limits.max_batch_steps}",
@@ -233,6 +234,14 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
     if bad.size:
         raise _invalid(f"steps[{bad[0]}].step is {steps[bad[0]]}; steps are non-negative",
                        Reason.STEP)
+    before = np.concatenate(([last_step], steps[:-1]))
+    rewound = np.fromiter((s.rewound for s in batch.steps), bool, num_steps)
+    bad = np.flatnonzero((steps < before) & ~rewound)
+    if bad.size:
+        i = bad[0]
+        raise _invalid(f"steps[{i}].step is {steps[i]}, lower than the step before it "
+                       f"({before[i]}); mark it rewound if the counter was set back on purpose",
+                       Reason.STEP_ORDER)
     return StepBatch(
         steps=steps,
         wall_time=wall_time,
@@ -242,6 +251,7 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
         nan_count=arrays["nan_count"].astype(np.float32),
         inf_count=arrays["inf_count"].astype(np.float32),
         dropped_steps=batch.dropped_steps,
+        rewound_to=tuple(steps[rewound].tolist()),
     )
 
 

@@ -136,7 +136,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                             yield pb.Ack(session_id=session.id, sequence=session.last_sequence)
                             continue
                         decoded = decode_batch(batch, session.num_replicas, session.num_variables,
-                                               self.limits)
+                                               self.limits, session.last_step)
                         causes = decode_diagnoses(batch, session.num_variables, self.limits)
                     except InvalidReport as error:
                         await self._reject(context, error)
@@ -184,6 +184,10 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
     def _apply(self, session: SessionState, batch: pb.ReportBatch, decoded: StepBatch,
                causes: dict[int, MissingCause]) -> None:
         """Folds a validated batch into state and lets the rules see it."""
+        if decoded.rewound_to:
+            log.info("%s/%s %s: step counter set back to %s (a checkpoint restored?)",
+                     session.group.training_job, session.task, session.group.optimizer,
+                     ", then ".join(map(str, decoded.rewound_to)))
         session.apply(batch.sequence, decoded)
         session.set_causes(causes)
         for variable_id, cause in causes.items():

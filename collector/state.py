@@ -29,6 +29,7 @@ class StepBatch:
     nan_count: np.ndarray  # float32
     inf_count: np.ndarray  # float32
     dropped_steps: int
+    rewound_to: tuple[int, ...] = ()  # steps marked rewound (counter set back on purpose)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,8 @@ class HealthyAgent:
 
 class Fuzzer:
     """Sends each generated message on its own call (a refused batch ends its stream)
-    and records the outcome."""
+    and records the outcome. Nine batches in ten to a registered session get its next
+    sequence number, so they are validated rather than dropped as duplicates."""
 
     def __init__(self, target: str) -> None:
         # The client must not refuse to send what is too large: the collector has to.
@@ -139,6 +140,7 @@ class Fuzzer:
             ("grpc.max_send_message_length", -1)])
         self.stub = pb_grpc.GradientWatchStub(self.channel)
         self.sessions: collections.deque[str] = collections.deque(maxlen=64)
+        self.next_sequence: collections.Counter[str] = collections.Counter()
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.unexpected: list[str] = []
 
@@ -151,6 +153,9 @@ class Fuzzer:
                 target, batch = message
                 batch.session_id = (self.sessions[target % len(self.sessions)]
                                     if isinstance(target, int) and self.sessions else str(target))
+                if batch.session_id in self.sessions and batch.sequence % 10:
+                    self.next_sequence[batch.session_id] += 1
+                    batch.sequence = self.next_sequence[batch.session_id]
                 acks = list(self.stub.Report(iter([batch]), timeout=10))
                 assert len(acks) == 1 and acks[0].session_id == batch.session_id
                 self.outcomes["acked"] += 1

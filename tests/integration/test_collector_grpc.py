@@ -101,17 +101,30 @@ def test_duplicate_batches_are_acked_and_applied_once(stub, collector):
     assert select(samples, "gradwatch_collector_duplicate_batches_total")
 
 
-def test_a_step_counter_that_goes_back_is_applied(stub, collector):
-    """A checkpoint restored into the running optimizer: steps 4-7, then 4-7 again."""
+def test_a_step_counter_set_back_is_applied_when_marked_rewound(stub, collector):
+    """A checkpoint restored into the running optimizer: steps 4-7, then 4-7 again. Not
+    marked, the second batch is refused, naming the step; marked, it is applied."""
     session = stub.Register(wire.registration(job="restored"), timeout=5).session_id
+
+    def steps(rewound: bool) -> list:
+        reports = [wire.step(n, [1, 1, 1]) for n in range(4, 8)]
+        reports[0].rewound = rewound
+        return reports
+
     stream = Stream(stub)
-    for sequence in (1, 2):
-        steps = [wire.step(n, [1, 1, 1]) for n in range(4, 8)]
-        assert stream.send(wire.batch(session, sequence, *steps)).sequence == sequence
+    assert stream.send(wire.batch(session, 1, *steps(False))).sequence == 1
+    assert stream.send(wire.batch(session, 2, *steps(False))) is None
+    assert stream.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "steps[0].step is 4, lower than the step before it (7)" in stream.error.details()
+
+    stream = Stream(stub)
+    assert stream.send(wire.batch(session, 2, *steps(True))).sequence == 2
     stream.close()
     samples = parse_metrics(collector.scrape())
     assert list(select(samples, "gradwatch_steps_total", training_job="restored").values()) == [8]
     assert list(select(samples, "gradwatch_last_step", training_job="restored").values()) == [7]
+    assert select(samples, "gradwatch_collector_rejected_messages_total",
+                  code="INVALID_ARGUMENT", reason="step_order")
 
 
 def test_malformed_batch_is_rejected_and_others_keep_being_served(stub, collector):

@@ -15,13 +15,15 @@ import sys
 import textwrap
 import time
 
+import keras
 import pytest
+import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
 from gradwatch.testing import CollectorProcess, TcpProxy, free_port
 
 from conftest import parse_metrics, select
-from trainers import Trainer
+from trainers import Trainer, X, Y
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +121,38 @@ def test_overflowing_buffer_drops_the_oldest_steps_and_reports_how_many(job_name
     assert metrics["gradwatch_steps_total"] == 30
     assert metrics["gradwatch_dropped_steps_total"] == 70
     assert metrics["gradwatch_last_step"] == 99, "the oldest steps went, the newest stayed"
+
+
+def test_a_batch_the_collector_refuses_is_dropped_alone(job_name, tmp_path, caplog):
+    """A collector stricter than the agent (here: diagnosis texts of at most 64 characters)
+    refuses the batch carrying the diagnosis of an unused layer. The agent drops that batch
+    alone, counts its steps as dropped and goes on; sent again, it would be refused again,
+    forever, and nothing after it would arrive."""
+    config = tmp_path / "collector.yaml"
+    config.write_text("limits:\n  max_text_length: 64\n")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    unused = keras.layers.Dense(2)
+    unused.build((None, 4))
+    variables = model.trainable_variables + unused.trainable_variables
+    with CollectorProcess("--config", str(config)) as collector:
+        monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                                  flush_interval_s=0.05)
+        for _ in range(30):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            monitor.observe(tape.gradient(loss, variables), variables)
+            time.sleep(0.01)
+        assert monitor.close(timeout_s=30)
+        metrics = job_metrics(collector, job_name)
+        refused = select(parse_metrics(collector.scrape()),
+                         "gradwatch_collector_rejected_messages_total")
+    assert refused == {"code=INVALID_ARGUMENT,reason=text_length": 1.0}, "refused once"
+    assert any("refused a batch" in r.message and "the limit is 64; dropped it" in r.message
+               for r in caplog.records if r.levelname == "ERROR")
+    assert metrics["gradwatch_last_step"] == 30, "the steps after it arrived"
+    assert metrics["gradwatch_steps_total"] + metrics["gradwatch_dropped_steps_total"] == 30
+    print(f"{metrics['gradwatch_dropped_steps_total']:.0f} steps dropped with the refused "
+          f"batch, {metrics['gradwatch_steps_total']:.0f} delivered")
 
 
 def test_agent_flushes_when_the_process_exits_without_close(job_name):

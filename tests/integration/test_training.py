@@ -400,3 +400,40 @@ def test_diagnoses_are_sent_again_to_a_restarted_collector(job_name):
                 ("partly_unused/unused/kernel", "unused"), ("partly_unused/unused/bias", "unused")
             }, f"collector run {collector_run}: {scrape(collector, job_name)}\n{collector.log()}"
     monitor.close(timeout_s=1)
+
+
+def test_checkpoint_restored_mid_run_reports_every_step(collector, job_name, tmp_path):
+    """Restoring a checkpoint sets the optimizer's step counter back (6 -> 3). The agent
+    marks the lower step ``rewound``; the collector, which refuses an unmarked step lower
+    than the one before it, applies all 10 steps in the order trained."""
+    model, monitor = small_model(), monitor_for(collector, job_name)
+    optimizer = monitor.wrap(keras.optimizers.SGD(0.01))
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            optimizer.apply(mse_gradients(model), model.trainable_variables)
+
+    def last_step() -> float | None:
+        values = select(parse_metrics(collector.scrape()), "gradwatch_last_step",
+                        training_job=job_name)
+        return next(iter(values.values()), None)
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    train(3)  # steps 0-2
+    saved = checkpoint.save(str(tmp_path / "ckpt"))
+    train(3)  # steps 3-5
+    deadline = time.monotonic() + 20
+    while last_step() != 5.0:  # delivered: the rewind crosses batches
+        assert time.monotonic() < deadline, "steps 0-5 not delivered"
+        time.sleep(0.05)
+    checkpoint.restore(saved)
+    assert int(optimizer.iterations) == 3
+    train(4)  # steps 3-6 again
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert [v for _, v in samples["gradwatch_steps_total"]] == [10.0]
+    assert [v for _, v in samples["gradwatch_last_step"]] == [6.0]
+    assert [v for _, v in samples["gradwatch_dropped_steps_total"]] == [0.0]
+    assert not select(parse_metrics(collector.scrape()),
+                      "gradwatch_collector_rejected_messages_total", reason="step_order")
+    assert "step counter set back to 3 (a checkpoint restored?)" in collector.log()

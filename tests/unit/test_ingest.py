@@ -200,18 +200,36 @@ def test_invalid_batches(build, message, reason):
     assert raised.value.reason == Reason(reason)
 
 
-@pytest.mark.parametrize("steps", [
-    [4, 5, 6, 7, 4, 5, 6, 7],  # a checkpoint restored into the optimizer within one flush
-    [5, 0, 1, 2, 3, 4],  # step 5 refused while tracing (host report) before device steps 0-4
+def batch_of_steps(steps: list[int], rewound: tuple[int, ...] = ()):
+    reports = [wire.step(n, [1, 1, 1]) for n in steps]
+    for i in rewound:
+        reports[i].rewound = True
+    return wire.batch("s", 1, *reports)
+
+
+@pytest.mark.parametrize("steps, last_step, message", [
+    ([4, 5, 6, 7, 4, 5], -1, "steps[4].step is 4, lower than the step before it (7)"),
+    ([3, 4], 7, "steps[0].step is 3, lower than the step before it (7)"),
 ])
-def test_steps_that_go_back_as_an_agent_sends_them_are_accepted(steps):
-    """Both orders come from a real agent (agent/monitor.py reports optimizer.iterations;
-    Session.drain returns host reports first); refusing them would make it resend the
-    batch forever."""
-    b = wire.batch("s", 1, *[wire.step(n, [1, 1, 1]) for n in steps])
-    decoded = decode_batch(b, num_replicas=1, num_variables=3,
-                           limits=Limits(max_batch_steps=8))
+def test_a_step_lower_than_the_one_before_it_is_refused(steps, last_step, message):
+    with pytest.raises(InvalidReport) as raised:
+        decode_batch(batch_of_steps(steps), num_replicas=1, num_variables=3,
+                     limits=Limits(max_batch_steps=8), last_step=last_step)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.message and "rewound" in raised.value.message
+    assert raised.value.reason == Reason.STEP_ORDER
+
+
+@pytest.mark.parametrize("steps, last_step, rewound", [
+    ([4, 5, 6, 7, 4, 5, 6, 7], -1, (4,)),  # a checkpoint restored within one flush
+    ([3, 4], 7, (0,)),  # ... between two batches
+    ([7, 7, 8], 7, ()),  # a step repeated (nothing applied in between) is not lower
+])
+def test_steps_marked_rewound_or_repeated_are_accepted(steps, last_step, rewound):
+    decoded = decode_batch(batch_of_steps(steps, rewound), num_replicas=1, num_variables=3,
+                           limits=Limits(max_batch_steps=8), last_step=last_step)
     assert decoded.steps.tolist() == steps
+    assert decoded.rewound_to == tuple(steps[i] for i in rewound)
 
 
 def test_non_finite_norms_are_what_a_non_finite_gradient_gives_and_are_accepted():
