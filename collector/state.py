@@ -161,6 +161,8 @@ class Registry:
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str], Group] = {}
         self.sessions: dict[str, SessionState] = {}
+        #: Replicas x variables summed over sessions: what one step of each carries.
+        self.statistics = 0
 
     def register(self, training_job: str, optimizer: str, task_type: str, task_index: int,
                  num_replicas: int, variable_names: list[str], **details) -> SessionState:
@@ -178,6 +180,7 @@ class Registry:
             self.remove(previous.id)
         group.sessions[session.id] = session
         self.sessions[session.id] = session
+        self.statistics += num_replicas * session.num_variables
         return session
 
     def find_task(self, training_job: str, optimizer: str, task_type: str,
@@ -196,6 +199,7 @@ class Registry:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.group.sessions.pop(session_id, None)
+            self.statistics -= session.num_replicas * session.num_variables
 
     def expire_inactive(self, older_than: float) -> list[Group]:
         """Forgets sessions last heard of before ``older_than`` (Unix time) that said

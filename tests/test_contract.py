@@ -76,3 +76,19 @@ def test_generated_proto_code_is_up_to_date():
     result = subprocess.run([sys.executable, "-m", "gradwatch.proto.generate", "--check"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_rejection_reason_and_limit_is_documented():
+    """The ``reason`` label's values are listed in docs/metrics.md, and every collector
+    limit (a config key) in docs/limits.md and the example config."""
+    from dataclasses import fields
+
+    from gradwatch.collector.ingest import Limits, Reason
+
+    metrics = (ROOT / "docs" / "metrics.md").read_text()
+    assert [r.value for r in Reason if f"`{r.value}`" not in metrics] == []
+    limits = (ROOT / "docs" / "limits.md").read_text()
+    example = (ROOT / "deploy" / "collector.example.yaml").read_text()
+    names = [f.name for f in fields(Limits)]
+    assert [n for n in names if f"`{n}`" not in limits] == []
+    assert [n for n in names if f"  {n}:" not in example] == []

@@ -111,6 +111,28 @@ def test_sessions_are_limited_but_a_task_registering_again_replaces_its_own():
     assert len(registry.sessions) == 2
 
 
+def test_statistics_over_all_sessions_are_limited_and_expiry_or_replacement_frees_them():
+    """max_statistics bounds the collector's memory: replicas x variables over sessions."""
+    registry, limits = Registry(), Limits(max_statistics=20)
+    register(registry, wire.registration(job="a", num_variables=3, num_replicas=4), limits)
+    register(registry, wire.registration(job="b", num_variables=2, num_replicas=2), limits)
+    assert registry.statistics == 16
+    error = refused(registry, wire.registration(job="c", num_variables=5), limits)
+    assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.STATISTICS)
+    assert error.message == ("this session's 1 replicas x 5 variables would bring the "
+                             "collector to 21 statistics per step over its sessions; the limit "
+                             "is 20 (max_statistics)")
+    assert registry.statistics == 16 and registry.jobs() == {"a", "b"}
+    # Task a/0 restarting with 4 x 4 replaces its 4 x 3: 16 + 4 = 20, admitted.
+    register(registry, wire.registration(job="a", num_variables=4, num_replicas=4), limits)
+    assert registry.statistics == 20
+    registry.remove(next(s.id for s in registry.sessions.values()
+                         if s.group.training_job == "b"))
+    assert registry.statistics == 16
+    register(registry, wire.registration(job="c", num_variables=4), limits)
+    assert registry.statistics == 20
+
+
 def test_variables_per_job_count_the_union_of_tables_and_a_refusal_adds_no_column():
     registry, limits = Registry(), Limits(max_variables_per_job=5)
     register(registry, wire.registration(job="j", num_variables=3), limits)
