@@ -52,6 +52,10 @@ class CollectorConfig:
     closed_retention_s: float = 3600.0
     #: SIGTERM: streams drained, last rules run and sinks flushed within this long.
     shutdown_grace_s: float = 5.0
+    #: Each agent connection is pinged this often; one that does not answer within the
+    #: timeout (its host vanished without closing it) is closed, ending its streams.
+    grpc_keepalive_s: float = 30.0
+    grpc_keepalive_timeout_s: float = 10.0
     rules: RuleSettings = field(default_factory=RuleSettings)
     limits: Limits = field(default_factory=Limits)
     #: If set, the bound addresses are written here as JSON once serving (for tests,
@@ -94,6 +98,8 @@ _SCALARS = {  # file key -> (CollectorConfig field, type)
     "batch_evaluation_interval_seconds": ("batch_evaluation_interval_s", float),
     "closed_retention_seconds": ("closed_retention_s", float),
     "shutdown_grace_seconds": ("shutdown_grace_s", float),
+    "grpc_keepalive_seconds": ("grpc_keepalive_s", float),
+    "grpc_keepalive_timeout_seconds": ("grpc_keepalive_timeout_s", float),
     "runbook_url": ("runbook_url", str),
     "web_config_file": ("web_config_file", str),
     "grpc_tls_cert_file": ("grpc_tls_cert_file", str),
@@ -168,6 +174,9 @@ def load_file(path: str, config: CollectorConfig) -> CollectorConfig:
     for key, (attr, kind) in _SCALARS.items():
         if key in data:
             setattr(config, attr, _check_type(key, data[key], kind))
+    for key in ("grpc_keepalive_seconds", "grpc_keepalive_timeout_seconds"):
+        if data.get(key) == 0:
+            raise ConfigError(f"{key}: must be positive")
     for key in _FILES:  # relative to this file's folder, as in Prometheus
         if key in data:
             setattr(config, key, str(Path(path).parent / getattr(config, key)))

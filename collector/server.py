@@ -77,10 +77,12 @@ class Collector:
         self._grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
-            # Ping idle agents, so that the stream of one whose host vanished (no FIN) ends
-            # within ~40 s: an open stream keeps its session alive and its task registered.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # Ping agents, so that the stream of one whose host vanished (no FIN) ends within
+            # keepalive + timeout (40 s): an open stream keeps its session alive and its task
+            # registered. gRPC waits ping_timeout_ms (default 60 s) for any unanswered ping.
+            ("grpc.keepalive_time_ms", int(self.config.grpc_keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.config.grpc_keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(self.config.grpc_keepalive_timeout_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
         ])
         gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)

@@ -403,7 +403,9 @@ class TcpProxy:
 
     `retarget` points it at another backend and cuts the open connections (as
     when a pod dies); `blackhole_responses` makes the open connections swallow
-    whatever the backend sends (acks lost in the network). Runs its own thread.
+    whatever the backend sends (acks lost in the network); `blackhole` swallows
+    both ways without closing anything (the client's host vanished). Runs its own
+    thread.
     """
 
     def __init__(self, target: str) -> None:
@@ -431,13 +433,14 @@ class TcpProxy:
         except OSError:
             client_writer.close()
             return
-        connection = {"writers": (client_writer, backend_writer), "blackhole": False}
+        connection = {"writers": (client_writer, backend_writer),
+                      "blackhole": {"requests": False, "responses": False}}
         self._connections.append(connection)
 
-        async def pump(reader, writer, responses: bool) -> None:
+        async def pump(reader, writer, direction: str) -> None:
             try:
                 while data := await reader.read(65536):
-                    if not (responses and connection["blackhole"]):
+                    if not connection["blackhole"][direction]:
                         writer.write(data)
                         await writer.drain()
             except OSError:
@@ -446,8 +449,8 @@ class TcpProxy:
                 for w in connection["writers"]:
                     w.close()
 
-        await asyncio.gather(pump(client_reader, backend_writer, False),
-                             pump(backend_reader, client_writer, True))
+        await asyncio.gather(pump(client_reader, backend_writer, "requests"),
+                             pump(backend_reader, client_writer, "responses"))
         self._connections.remove(connection)
 
     def _on_loop(self, action: Callable[[], None]) -> None:
@@ -470,9 +473,15 @@ class TcpProxy:
         self._on_loop(action)
 
     def blackhole_responses(self) -> None:
+        self._blackhole("responses")
+
+    def blackhole(self) -> None:
+        self._blackhole("requests", "responses")
+
+    def _blackhole(self, *directions: str) -> None:
         def action() -> None:
             for connection in self._connections:
-                connection["blackhole"] = True
+                connection["blackhole"].update(dict.fromkeys(directions, True))
 
         self._on_loop(action)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
+from gradwatch.testing import CollectorProcess, TcpProxy
 
 import wire
 from conftest import parse_metrics, select
@@ -202,3 +204,41 @@ def test_collector_exits_cleanly_on_sigterm():
         assert process.stop() == 0
         assert "shutting down" in process.log()
 
+
+
+def test_the_stream_of_a_vanished_host_ends_on_keepalive_and_an_idle_one_stays(tmp_path):
+    """An agent's host vanishes (no FIN, nothing gets through): the collector's keepalive
+    ping goes unanswered, the connection is closed, and the session, now without an open
+    stream, expires. An agent that is merely idle answers the pings and keeps its session.
+    Without keepalive the vanished stream would stay open, and its session, for ever."""
+    config = tmp_path / "collector.yaml"
+    config.write_text("grpc_keepalive_seconds: 0.5\ngrpc_keepalive_timeout_seconds: 1\n"
+                      "closed_retention_seconds: 1\n")
+
+    def jobs_in(collector) -> set[str]:
+        samples = parse_metrics(collector.scrape())
+        return {labels.split("training_job=")[1] for labels in
+                select(samples, "gradwatch_steps_total")}
+
+    with CollectorProcess("--config", str(config)) as collector, \
+            TcpProxy(collector.grpc_target) as network, \
+            grpc.insecure_channel(network.address) as far, \
+            grpc.insecure_channel(collector.grpc_target) as near:
+        streams = []
+        for job, channel in (("vanished", far), ("idle", near)):
+            stub = pb_grpc.GradientWatchStub(channel)
+            session = stub.Register(wire.registration(job=job), timeout=5).session_id
+            streams.append(Stream(stub))
+            assert streams[-1].send(wire.batch(session, 1, wire.step(0, [1, 1, 1]))).sequence == 1
+        network.blackhole()
+        vanished_at = time.monotonic()
+        while "vanished" in jobs_in(collector):
+            assert time.monotonic() - vanished_at < 15, "the vanished session stayed"
+            time.sleep(0.1)
+        gone_s = time.monotonic() - vanished_at
+        time.sleep(3)
+        assert jobs_in(collector) == {"idle"}, "the idle agent answered the pings"
+        assert streams[1].error is None
+        for stream in streams:
+            stream.close()
+    print(f"vanished host's session gone {gone_s:.1f} s after it vanished")

@@ -51,6 +51,7 @@ def test_file_then_environment_then_flag(tmp_path, monkeypatch):
 @pytest.mark.parametrize("data, message", [
     ({"resolve_after_seconds": "soon"}, "resolve_after_seconds: expected float"),
     ({"resolve_after_seconds": -1}, "resolve_after_seconds: must not be negative"),
+    ({"grpc_keepalive_seconds": 0}, "grpc_keepalive_seconds: must be positive"),
     ({"colour": "blue"}, "colour: unknown setting"),
     ({"rules": {"GradientMisssing": {}}}, "rules.GradientMisssing: unknown alert"),
     ({"rules": {"GradientVanishing": {"steps": 1.5}}},
@@ -95,7 +96,8 @@ def test_the_shipped_example_is_valid_and_documents_the_defaults():
     loaded = config.load_file(str(example), config.CollectorConfig())
     defaults = config.CollectorConfig()
     for field in ("max_variable_series", "resolve_after_s", "resend_interval_s",
-                  "evaluation_interval_s", "closed_retention_s"):
+                  "evaluation_interval_s", "closed_retention_s", "grpc_keepalive_s",
+                  "grpc_keepalive_timeout_s"):
         assert getattr(loaded, field) == getattr(defaults, field), field
     assert loaded.rules.base == defaults.rules.base
     assert loaded.limits == defaults.limits
