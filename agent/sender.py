@@ -297,6 +297,9 @@ class Sender:
         call = stub.Report(metadata=self.channel.metadata())
         self._in_flight.clear()
         acks = asyncio.ensure_future(self._read_acks(call))
+        # Its error is raised where the stream is used, or moot once the connection is
+        # left: either way retrieved, so asyncio does not log it as lost.
+        acks.add_done_callback(lambda task: task.cancelled() or task.exception())
         failback = (asyncio.ensure_future(self._watch_preferred(preferred))
                     if preferred else None)
         try:
@@ -317,7 +320,7 @@ class Sender:
                       failback: asyncio.Future | None) -> None:
         self._waiting_since = time.monotonic()
         for stream in self._streams:  # replay what the previous connection left unacked
-            for batch in stream.unacked:
+            for batch in list(stream.unacked):  # acks arriving meanwhile remove from it
                 batch.session_id = stream.session_id
                 await self._write(call, stream, batch, acks)
         while True:

@@ -1,4 +1,4 @@
-"""Training step time while the collector is healthy, absent, hung or flapping.
+"""Training step time while the collector is healthy, slow, absent, hung or flapping.
 
 Identical CNNs (13 trainable layers, batch 32 of 32x32 images, a compiled step)
 train side by side in one process, in rotating blocks of steps, each with its
@@ -6,6 +6,8 @@ own monitor and collector situation:
 
 - plain: no gradwatch;
 - healthy: a real collector subprocess acknowledging everything;
+- slow: the same behind a link holding every byte back 250 ms each way (a
+  `TcpProxy` in its own process, so that forwarding costs this one nothing);
 - absent: nothing listens at the address (connection refused, backoff);
 - hung: a collector process stopped with SIGSTOP (accepts TCP, never answers:
   the agent's ack and RPC timeouts fire, its buffer fills);
@@ -20,9 +22,12 @@ is 1.02), plus what each monitor's buffer held at the end (the healthy one: noth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -36,7 +41,7 @@ from gradwatch.testing import CollectorProcess, free_port
 
 from bench_models import cnn_case
 
-VARIANTS = ("plain", "healthy", "absent", "hung", "flapping")
+VARIANTS = ("plain", "healthy", "slow", "absent", "hung", "flapping")
 
 
 def make_step(monitor: GradientMonitor | None):
@@ -79,17 +84,41 @@ class Flapper:
         self._thread.join(30)
 
 
+_SLOW_LINK = """
+import sys
+from gradwatch.testing import TcpProxy
+proxy = TcpProxy(sys.argv[1], delay_s=float(sys.argv[2]))
+print(proxy.address, flush=True)
+sys.stdin.read()  # until the bench ends
+"""
+
+
+@contextlib.contextmanager
+def slow_link(target: str, delay_s: float):
+    """The address of a TcpProxy to ``target`` delaying each way by ``delay_s``, run in
+    a process of its own."""
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_LINK, target, str(delay_s)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        process.kill()
+        process.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
 
-    with CollectorProcess() as healthy, CollectorProcess() as hung:
+    with CollectorProcess() as healthy, CollectorProcess() as hung, \
+            slow_link(healthy.grpc_target, delay_s=0.25) as slow_address:
         os.kill(hung.process.pid, signal.SIGSTOP)
         flapping_port = free_port()
         flapper = Flapper(flapping_port)
-        addresses = {"healthy": healthy.grpc_target, "absent": f"127.0.0.1:{free_port()}",
+        addresses = {"healthy": healthy.grpc_target, "slow": slow_address,
+                     "absent": f"127.0.0.1:{free_port()}",
                      "hung": hung.grpc_target, "flapping": f"127.0.0.1:{flapping_port}"}
         monitors = {name: GradientMonitor(collector=address, training_job=f"faults-{name}")
                     for name, address in addresses.items()}

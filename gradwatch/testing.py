@@ -404,12 +404,14 @@ class TcpProxy:
     `retarget` points it at another backend and cuts the open connections (as
     when a pod dies); `blackhole_responses` makes the open connections swallow
     whatever the backend sends (acks lost in the network); `blackhole` swallows
-    both ways without closing anything (the client's host vanished). Runs its own
-    thread.
+    both ways without closing anything (the client's host vanished). ``delay_s``
+    holds back every chunk, each way, that long (a slow link: the round trip
+    grows by twice that). Runs its own thread.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, delay_s: float = 0.0) -> None:
         self.target = target
+        self.delay_s = delay_s
         self._connections: list[dict] = []
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -438,14 +440,26 @@ class TcpProxy:
         self._connections.append(connection)
 
         async def pump(reader, writer, direction: str) -> None:
+            loop = asyncio.get_running_loop()
+            chunks: asyncio.Queue = asyncio.Queue()  # (due time, bytes), None at the end
+
+            async def deliver() -> None:
+                while (chunk := await chunks.get()) is not None:
+                    await asyncio.sleep(chunk[0] - loop.time())
+                    writer.write(chunk[1])
+                    await writer.drain()
+
+            delivering = asyncio.ensure_future(deliver())
             try:
                 while data := await reader.read(65536):
                     if not connection["blackhole"][direction]:
-                        writer.write(data)
-                        await writer.drain()
+                        chunks.put_nowait((loop.time() + self.delay_s, data))
+                chunks.put_nowait(None)
+                await delivering
             except OSError:
                 pass
             finally:
+                delivering.cancel()
                 for w in connection["writers"]:
                     w.close()
 

@@ -83,6 +83,32 @@ def test_collector_hung_then_killed_and_replaced_behind_the_same_address(job_nam
           f"slowest step {trainer.slowest_s * 1e3:.0f} ms")
 
 
+def test_a_slow_collector_gets_every_step_once_and_training_does_not_wait(job_name):
+    """Every byte between agent and collector held back 250 ms each way: a 500 ms round
+    trip, ten flush intervals. Batches pile up in flight, the agent never waits for them,
+    and every step arrives once (no ack timeout, no replay)."""
+    with CollectorProcess() as collector, \
+            TcpProxy(collector.grpc_target, delay_s=0.25) as slow_link:
+        monitor = GradientMonitor(collector=slow_link.address, training_job=job_name,
+                                  flush_interval_s=0.05)
+        trainer = Trainer(monitor)
+        started = time.monotonic()
+        while time.monotonic() - started < 3:
+            trainer.train(10)
+        trained_s = time.monotonic() - started
+        assert monitor.close(timeout_s=30)
+        metrics = job_metrics(collector, job_name)
+        duplicates = select(parse_metrics(collector.scrape()),
+                            "gradwatch_collector_duplicate_batches_total")
+    assert metrics == {"gradwatch_steps_total": trainer.steps,
+                       "gradwatch_dropped_steps_total": 0,
+                       "gradwatch_last_step": trainer.steps - 1}
+    assert sum(duplicates.values()) == 0
+    assert trainer.slowest_s < 0.5, "no step waited for a round trip"
+    print(f"{trainer.steps} steps in {trained_s:.1f} s over a 500 ms round trip, all "
+          f"delivered once; slowest step {trainer.slowest_s * 1e3:.0f} ms")
+
+
 def test_lost_acks_are_replayed_and_counted_once(job_name, monkeypatch):
     """The network swallows the collector's acks: the agent gives up on the connection
     after its ack timeout, replays, and the collector drops what it already applied."""

@@ -31,7 +31,7 @@ class Collector:
                                               [f"v{i}" for i in range(VARIABLES)])
 
     def ingest(self, batch: pb.ReportBatch) -> bool:
-        decoded = decode_batch(batch, REPLICAS, VARIABLES, LIMITS)
+        decoded = decode_batch(batch, REPLICAS, VARIABLES, LIMITS, self.session.last_step)
         causes = decode_diagnoses(batch, VARIABLES, LIMITS)
         self.session.apply(self.session.last_sequence + 1, decoded)
         self.session.set_causes(causes)
