@@ -79,6 +79,7 @@ class _Stream:
     #: session, so batches it applied but never acknowledged are recognised as duplicates.
     registrations: dict = field(default_factory=dict)
     next_sequence: int = 1
+    acked: int = 0  # the highest sequence acknowledged
     last_step: int = -1  # of the last step put in a batch
     dropped: int = 0
     max_batch_steps: int = 256
@@ -427,28 +428,30 @@ class Sender:
             if stream is None:
                 by_id = {s.session_id: s for s in self._streams}
                 stream = by_id.get(ack.session_id)
-            while stream and stream.unacked and stream.unacked[0].sequence <= ack.sequence:
+            if stream is None:
+                continue
+            stream.acked = max(stream.acked, ack.sequence)
+            while stream.unacked and stream.unacked[0].sequence <= ack.sequence:
                 stream.unacked.popleft()
-            while self._in_flight and not self._is_unacked(*self._in_flight[0]):
+            while self._in_flight and self._in_flight[0][1] <= self._in_flight[0][0].acked:
                 self._in_flight.popleft()
             self._waiting_since = time.monotonic()
 
-    @staticmethod
-    def _is_unacked(stream: _Stream, sequence: int) -> bool:
-        return bool(stream.unacked) and stream.unacked[0].sequence <= sequence
-
     def _drop_refused_batch(self, error: grpc.aio.AioRpcError) -> None:
-        """Drops the batch the collector refused: the first written on this call that is
-        still unacknowledged. Its steps count as dropped; its diagnoses are not resent."""
-        for stream, sequence in self._in_flight:
-            batch = next((b for b in stream.unacked if b.sequence == sequence), None)
-            if batch is not None:
-                stream.unacked.remove(batch)
-                stream.dropped += len(batch.steps)
-                log.error("gradwatch: collector %s refused a batch of %s (%d steps): %s %s; "
-                          "dropped it", self.endpoint, stream.session.optimizer,
-                          len(batch.steps), error.code().name, error.details())
-                return
+        """Drops the batch the collector refused: the first written on this call and not
+        acknowledged (unless the buffer limit dropped it already). Its steps count as
+        dropped; its diagnoses are not resent."""
+        stream, sequence = next(((s, n) for s, n in self._in_flight if n > s.acked),
+                                (None, 0))
+        batch = next((b for b in stream.unacked if b.sequence == sequence),
+                     None) if stream else None
+        if batch is None:
+            return
+        stream.unacked.remove(batch)
+        stream.dropped += len(batch.steps)
+        log.error("gradwatch: collector %s refused a batch of %s (%d steps): %s %s; dropped it",
+                  self.endpoint, stream.session.optimizer, len(batch.steps),
+                  error.code().name, error.details())
 
     def _report_error(self, message: str) -> None:
         if message != self._last_error:
