@@ -441,11 +441,13 @@ class Sender:
         """Drops the batch the collector refused: the first written on this call and not
         acknowledged (unless the buffer limit dropped it already). Its steps count as
         dropped; its diagnoses are not resent."""
-        stream, sequence = next(((s, n) for s, n in self._in_flight if n > s.acked),
-                                (None, 0))
-        batch = next((b for b in stream.unacked if b.sequence == sequence),
-                     None) if stream else None
-        if batch is None:
+        for stream, sequence in self._in_flight:
+            if sequence > stream.acked:
+                break
+        else:
+            return
+        batch = next((b for b in stream.unacked if b.sequence == sequence), None)
+        if batch is None:  # the buffer limit dropped it already
             return
         stream.unacked.remove(batch)
         stream.dropped += len(batch.steps)

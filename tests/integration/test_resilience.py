@@ -32,6 +32,13 @@ pytestmark = pytest.mark.integration
 NO_STALL_S = 2.0
 
 
+def reporting_trainer(address: str, job: str, **settings) -> tuple[GradientMonitor, Trainer]:
+    """A `Trainer` whose monitor reports to ``address`` every 50 ms."""
+    monitor = GradientMonitor(collector=address, training_job=job, flush_interval_s=0.05,
+                              **settings)
+    return monitor, Trainer(monitor)
+
+
 def acked_all(collector: CollectorProcess, job: str, trainer: Trainer) -> bool:
     """The collector has the latest step (optimizer iterations count from 0)."""
     return job_metrics(collector, job)["gradwatch_last_step"] == trainer.steps - 1
@@ -55,9 +62,7 @@ def test_collector_hung_then_killed_and_replaced_behind_the_same_address(job_nam
     """Steps sent to a hung collector that then dies (kill -9) are replayed to its
     replacement, which listens on another port behind the same address."""
     with CollectorProcess() as first, TcpProxy(first.grpc_target) as service:
-        monitor = GradientMonitor(collector=service.address, training_job=job_name,
-                                  flush_interval_s=0.05)
-        trainer = Trainer(monitor)
+        monitor, trainer = reporting_trainer(service.address, job_name)
         trainer.train(20)
         wait_until(lambda: acked_all(first, job_name, trainer))
 
@@ -89,9 +94,7 @@ def test_a_slow_collector_gets_every_step_once_and_training_does_not_wait(job_na
     and every step arrives once (no ack timeout, no replay)."""
     with CollectorProcess() as collector, \
             TcpProxy(collector.grpc_target, delay_s=0.25) as slow_link:
-        monitor = GradientMonitor(collector=slow_link.address, training_job=job_name,
-                                  flush_interval_s=0.05)
-        trainer = Trainer(monitor)
+        monitor, trainer = reporting_trainer(slow_link.address, job_name)
         started = time.monotonic()
         while time.monotonic() - started < 3:
             trainer.train(10)
@@ -114,9 +117,7 @@ def test_lost_acks_are_replayed_and_counted_once(job_name, monkeypatch):
     after its ack timeout, replays, and the collector drops what it already applied."""
     monkeypatch.setenv("GRADWATCH_ACK_TIMEOUT", "1")
     with CollectorProcess() as collector, TcpProxy(collector.grpc_target) as service:
-        monitor = GradientMonitor(collector=service.address, training_job=job_name,
-                                  flush_interval_s=0.05)
-        trainer = Trainer(monitor)
+        monitor, trainer = reporting_trainer(service.address, job_name)
         trainer.train(10)
         wait_until(lambda: acked_all(collector, job_name, trainer))
         service.blackhole_responses()
@@ -136,9 +137,7 @@ def test_lost_acks_are_replayed_and_counted_once(job_name, monkeypatch):
 def test_overflowing_buffer_drops_the_oldest_steps_and_reports_how_many(job_name):
     port = free_port()
     # 4 variables x 1 replica: 4 x 17 + 48 = 116 bytes per buffered step; room for 30.
-    monitor = GradientMonitor(collector=f"127.0.0.1:{port}", training_job=job_name,
-                              flush_interval_s=0.05, max_buffer_bytes=30 * 116)
-    trainer = Trainer(monitor)
+    monitor, trainer = reporting_trainer(f"127.0.0.1:{port}", job_name, max_buffer_bytes=30 * 116)
     trainer.train(100)
     time.sleep(0.3)  # the sender drains the device buffer into its host buffer
     with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
