@@ -1,5 +1,5 @@
-# The two commands of the README. Both set up everything they need first.
-.PHONY: demo test lint bench setup stack
+# The two commands of the README (demo, test). Both set up everything they need first.
+.PHONY: demo test unit lint setup stack
 
 setup:
 	@scripts/bootstrap.sh
@@ -14,6 +14,11 @@ stack: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q
+
+# The fast loop: tests that need no ML framework and start no process (collector, agent core,
+# proto), in seconds.
+unit: setup
+	.venv/bin/python -m pytest -q tests/unit --hypothesis-profile=quick
 
 lint: setup
 	.venv/bin/ruff check .

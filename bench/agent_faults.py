@@ -16,7 +16,7 @@ own monitor and collector situation:
 Prints the median step time of each and its ratio to plain (the agent's budget
 is 1.02), plus what each monitor's buffer held at the end (the healthy one: nothing).
 
-    .venv/bin/python bench/agent_faults.py [--rounds 15] [--steps 20]
+    .venv/bin/python -m bench.agent_faults [--rounds 15] [--steps 20]
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import tensorflow as tf
 
+from bench.models import cnn_case
 from gradwatch.agent import GradientMonitor
-from gradwatch.testing import CollectorProcess, free_port
-
-from bench_models import cnn_case
+from tests.support.services import CollectorProcess, free_port
 
 VARIANTS = ("plain", "healthy", "slow", "absent", "hung", "flapping")
 
@@ -86,7 +85,7 @@ class Flapper:
 
 _SLOW_LINK = """
 import sys
-from gradwatch.testing import TcpProxy
+from tests.support.faults import TcpProxy
 proxy = TcpProxy(sys.argv[1], delay_s=float(sys.argv[2]))
 print(proxy.address, flush=True)
 sys.stdin.read()  # until the bench ends

@@ -13,7 +13,7 @@ between variants, so machine noise hits all alike:
 
 Prints one line per case and variant: median step time and ratio to plain.
 
-    .venv/bin/python bench/agent_overhead.py [--rounds 15] [--steps 20] [--cases ...]
+    .venv/bin/python -m bench.agent_overhead [--rounds 15] [--steps 20] [--cases ...]
 """
 
 from __future__ import annotations
@@ -54,11 +54,10 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * ARGS.replicas)
 
+from bench.models import cnn_case  # noqa: E402
 from gradwatch.agent import GradientMonitor  # noqa: E402
 from gradwatch.demo.training import BrokenModel, make_data  # noqa: E402
-from gradwatch.testing import CollectorProcess  # noqa: E402
-
-from bench_models import cnn_case  # noqa: E402
+from tests.support.services import CollectorProcess  # noqa: E402
 
 
 def demo_case():

@@ -8,7 +8,7 @@ Each sample: a fresh job reports a healthy step, then at t0 a step in which one
 variable has no gradient (``monitor.observe``); the clock stops when
 ``GET /api/v2/alerts`` lists GradientMissing for that job. Budget (a): p99 ≤ 1 s.
 
-    .venv/bin/python bench/alert_latency.py [--direct 40] [--prometheus 8]
+    .venv/bin/python -m bench.alert_latency [--direct 40] [--prometheus 8]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
-from gradwatch.testing import AlertmanagerProcess, CollectorProcess, PrometheusProcess
+from tests.support.services import AlertmanagerProcess, CollectorProcess, PrometheusProcess
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "gradwatch-rules.yml"
 

@@ -14,8 +14,8 @@ collector CPU utilisation and peak RSS; and, during the load, the latency from
 sending a one-step batch to seeing its step in ``/metrics`` (a probe job
 polled through ``/metrics?name[]=gradwatch_last_step``).
 
-    .venv/bin/python bench/collector_ingest.py [--agents 4 --tasks 4 --variables 1000]
-    .venv/bin/python bench/collector_ingest.py --sweep   # the scaling curve
+    .venv/bin/python -m bench.collector_ingest [--agents 4 --tasks 4 --variables 1000]
+    .venv/bin/python -m bench.collector_ingest --sweep   # the scaling curve
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import numpy as np
 
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess, process_cpu_seconds, process_memory_mb
+from tests.support.procfs import process_cpu_seconds, process_memory_mb
+from tests.support.services import CollectorProcess
 
 
 def registration(job: str, task: int, variables: int, replicas: int) -> pb.RegisterRequest:

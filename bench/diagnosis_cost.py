@@ -8,7 +8,7 @@
    diagnosing all of its variables, against the time TensorFlow takes to
    trace the same step.
 
-    .venv/bin/python bench/diagnosis_cost.py [--rounds 20]
+    .venv/bin/python -m bench.diagnosis_cost [--rounds 20]
 """
 
 from __future__ import annotations

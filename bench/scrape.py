@@ -1,11 +1,11 @@
 """Scrape cost: time to render ``/metrics`` for a collector holding N series.
 
-Fills a collector's state in process (the same `Registry`, `StateCollector`
+Fills a collector's state in process (the same `Registry`, `Exporter`
 and text rendering that serve ``/metrics``) with jobs of 500 variables
 (the default per-job cap), 4 tasks x 2 replicas each, then renders the
-exposition text repeatedly. Budget (DESIGN.md): 100,000 series in <= 0.5 s.
+exposition text repeatedly. Budget (docs/design.md): 100,000 series in <= 0.5 s.
 
-    .venv/bin/python bench/scrape.py [--series 100000] [--repeat 5]
+    .venv/bin/python -m bench.scrape [--series 100000] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from gradwatch.collector.exporter import StateCollector, render_metrics
+from gradwatch.collector.exporter import Exporter, render_metrics
 from gradwatch.collector.ingest import Limits, decode_batch
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
@@ -48,11 +48,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     registry = Registry()
-    exporter = StateCollector(registry, Telemetry(), list, dict, max_variable_series=VARIABLES)
+    exporter = Exporter(registry, Telemetry(), list, dict, max_variable_series=VARIABLES)
     jobs = 1
     fill(registry, jobs)
     per_job = render_metrics(exporter).count(b"\n") - render_metrics(
-        StateCollector(Registry(), Telemetry(), list, dict)).count(b"\n")
+        Exporter(Registry(), Telemetry(), list, dict)).count(b"\n")
     registry = Registry()
     exporter.registry = registry
     jobs = max(1, round(args.series / per_job))

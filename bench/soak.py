@@ -32,8 +32,8 @@ own sequence, no stream ended with an error, the collector's counters
 counted duplicate, and every RSS sample after warm-up (default: the first
 third of the run) lies within ±10 % of those samples' median.
 
-    .venv/bin/python bench/soak.py [--streams 500 --duration 60 --interval 1 --variables 200]
-    .venv/bin/python bench/soak.py --json soak.json    # also write the result (and timeline)
+    .venv/bin/python -m bench.soak [--streams 500 --duration 60 --interval 1 --variables 200]
+    .venv/bin/python -m bench.soak --json soak.json    # also write the result (and timeline)
 """
 
 from __future__ import annotations
@@ -184,8 +184,18 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+_VARINT, _FIXED64, _LENGTH_DELIMITED = 0, 1, 2  # protobuf wire types
+
+
+def _tag(message: type, name: str, wire_type: int) -> bytes:
+    """A field's key: its number from the generated descriptor, and its wire type."""
+    from gradwatch.proto.layout import field_number
+
+    return _varint(field_number(message, name) << 3 | wire_type)
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
 
 
 def registration(job: str, task: int, variables: int):
@@ -203,40 +213,48 @@ def registration(job: str, task: int, variables: int):
 class BatchEncoder:
     """Builds serialized ReportBatch messages from pre-encoded parts.
 
-    The packed arrays (fields 3-7 of StepReport) are encoded once; per batch only
-    the session id prefix, sequence, step numbers, wall time and ``final`` are
-    written. `check` verifies the result against the generated proto."""
+    The packed statistics (one array per `gradwatch.proto.layout` statistic: healthy,
+    steady values) are encoded once; per batch only the session id prefix, sequence,
+    step numbers, wall time and ``final`` are written. Field numbers come from the
+    generated descriptor. `check` verifies the result against the generated proto."""
 
     def __init__(self, variables: int, steps_per_batch: int, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        norms = np.exp(rng.normal(-3.0, 1.0, variables)).astype("<f4")  # healthy, steady
-        zeros = np.zeros(variables, "<f4").tobytes()
-        self.steps_per_batch = steps_per_batch
-        self.arrays = b"".join([
-            _length_delimited(3, np.ones(variables, np.uint8).tobytes()),
-            _length_delimited(4, norms.tobytes()),
-            _length_delimited(5, (norms / 8).astype("<f4").tobytes()),
-            _length_delimited(6, zeros),
-            _length_delimited(7, zeros),
-        ])
+        from gradwatch.proto.layout import STATISTICS, Kind
+        from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
-    @staticmethod
-    def prefix(session_id: str) -> bytes:
-        return _length_delimited(1, session_id.encode())
+        rng = np.random.default_rng(seed)
+        values = {Kind.FLAG: np.ones(variables),
+                  Kind.MAGNITUDE: np.exp(rng.normal(-3.0, 1.0, variables)),  # healthy norms
+                  Kind.COUNT: np.zeros(variables)}
+        self.steps_per_batch = steps_per_batch
+        self.arrays = b"".join(
+            _length_delimited(_tag(pb.StepReport, s.name, _LENGTH_DELIMITED),
+                              values[s.kind].astype(s.wire_dtype).tobytes())
+            for s in STATISTICS)
+        self._session_id = _tag(pb.ReportBatch, "session_id", _LENGTH_DELIMITED)
+        self._sequence = _tag(pb.ReportBatch, "sequence", _VARINT)
+        self._steps = _tag(pb.ReportBatch, "steps", _LENGTH_DELIMITED)
+        self._final = _tag(pb.ReportBatch, "final", _VARINT) + b"\x01"
+        self._step = _tag(pb.StepReport, "step", _VARINT)
+        self._wall_time = _tag(pb.StepReport, "wall_time", _FIXED64)
+
+    def prefix(self, session_id: str) -> bytes:
+        return _length_delimited(self._session_id, session_id.encode())
 
     def encode(self, prefix: bytes, sequence: int, first_step: int, wall_time: float,
                final: bool = False) -> bytes:
-        parts = [prefix, b"\x10", _varint(sequence)]
-        stamp = b"\x11" + struct.pack("<d", wall_time)
+        parts = [prefix, self._sequence, _varint(sequence)]
+        stamp = self._wall_time + struct.pack("<d", wall_time)
         for step in range(first_step, first_step + self.steps_per_batch):
-            report = b"\x08" + _varint(step) + stamp + self.arrays
-            parts += (b"\x1a", _varint(len(report)), report)
+            report = self._step + _varint(step) + stamp + self.arrays
+            parts += (self._steps, _varint(len(report)), report)
         if final:
-            parts.append(b"\x28\x01")
+            parts.append(self._final)
         return b"".join(parts)
 
     def check(self) -> None:
         """Raises AssertionError unless `encode` agrees with the generated proto."""
+        from gradwatch.proto.layout import COLUMNS
         from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
         batch = pb.ReportBatch.FromString(self.encode(self.prefix("abc"), 300, 1_000_000,
@@ -244,7 +262,8 @@ class BatchEncoder:
         assert (batch.session_id, batch.sequence, batch.final) == ("abc", 300, True), batch
         assert [s.step for s in batch.steps] == list(range(1_000_000, 1_000_000 +
                                                            self.steps_per_batch))
-        assert all(s.wall_time == 1.5 and s.present and s.l2_norm for s in batch.steps)
+        assert all(s.wall_time == 1.5 and all(getattr(s, name) for name in COLUMNS)
+                   for s in batch.steps)
 
 
 # --------------------------------------------------------------------------- generator side
@@ -461,7 +480,8 @@ def run_soak(streams: int = 500, duration_s: float = 60.0, interval_s: float = 1
     Blocks for about ``duration_s`` plus setup (registration) and drain; every process
     it started (collector, generators) is stopped before it returns or raises. The
     warm-up (default ``duration_s / 3``) is excluded from the RSS check."""
-    from gradwatch.testing import CollectorProcess, process_cpu_seconds, process_memory_mb
+    from tests.support.procfs import process_cpu_seconds, process_memory_mb
+    from tests.support.services import CollectorProcess
 
     warmup_s = duration_s / 3 if warmup_s is None else warmup_s
     result = SoakResult(streams=streams, duration_s=duration_s, interval_s=interval_s,

@@ -23,9 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        settings = config.from_arguments(args)
+        settings = config.load(args)
     except config.ConfigError as error:
-        print(f"gradwatch collector: invalid configuration: {error}", file=sys.stderr)
+        count = len(error.errors)
+        print(f"gradwatch collector: invalid configuration ({count} "
+              f"{'error' if count == 1 else 'errors'}):", file=sys.stderr)
+        for line in error.errors:
+            print(f"  {line}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve(settings))

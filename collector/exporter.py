@@ -1,9 +1,10 @@
 """Prometheus exposition of the collector state, built at scrape time.
 
-`StateCollector` keeps no metric objects between scrapes: each scrape walks the
+`Exporter` keeps no metric objects between scrapes: each scrape walks the
 columnar state once and formats whole columns (`gradwatch.collector.exposition`).
-Label contract (DESIGN.md): ``training_job``, ``task_type``, ``task_index``,
-``replica``, ``variable``, ``optimizer`` — never ``job`` or ``instance``.
+Every metric is declared once below (`Metric`). Label contract (docs/design.md):
+``training_job``, ``task_type``, ``task_index``, ``replica``, ``variable``,
+``optimizer`` — never ``job`` or ``instance``.
 Per-task and per-replica series carry job-level aggregates only; per-variable
 series are aggregated over tasks and replicas and capped per group, with the
 rest folded into ``variable="__other__"``.
@@ -12,6 +13,7 @@ rest folded into ``variable="__other__"``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,9 +57,81 @@ def _fold(values: np.ndarray, keep: int, how: Callable[[np.ndarray], float]) -> 
     return [*head, float(how(values[keep:]))] if values.size > keep else head
 
 
-class StateCollector:
+@dataclass(frozen=True)
+class Metric:
+    """A metric family as exported: name without suffix, kind (``counter``, ``gauge``,
+    ``info``) and help. Documented in docs/metrics.md (a test checks)."""
+
+    name: str
+    kind: str
+    help: str
+
+    @property
+    def sample_name(self) -> str:
+        return self.name + {"counter": "_total", "info": "_info"}.get(self.kind, "")
+
+    def family(self) -> Family:
+        return Family(self.name, self.kind, self.help)
+
+
+# -- per task and replica ------------------------------------------------------------------
+STEPS = Metric("gradwatch_steps", "counter", "Training steps reported.")
+NONFINITE_STEPS = Metric(
+    "gradwatch_nonfinite_steps", "counter", "Steps with a NaN or Inf in any gradient "
+    "(skipped steps of loss-scale optimizers not included).")
+SKIPPED_STEPS = Metric(
+    "gradwatch_skipped_steps", "counter", "Steps a loss-scale optimizer skipped (NaN/Inf "
+    "gradients from loss-scale overflow).")
+DROPPED_STEPS = Metric("gradwatch_dropped_steps", "counter",
+                       "Steps the agent recorded but could not deliver.")
+LAST_STEP = Metric("gradwatch_last_step", "gauge", "Latest reported step.")
+LAST_REPORT = Metric("gradwatch_last_report_timestamp_seconds", "gauge",
+                     "Unix time of the latest report from a task still running.")
+VARIABLES = Metric("gradwatch_variables", "gauge", "Trainable variables the optimizer updates.")
+WITHOUT_GRADIENT = Metric("gradwatch_variables_without_gradient", "gauge",
+                          "Variables with no gradient at the latest step.")
+GLOBAL_NORM = Metric("gradwatch_global_gradient_norm", "gauge",
+                     "L2 norm of all gradients together at the latest step.")
+# -- per variable ----------------------------------------------------------------------------
+NORM = Metric("gradwatch_gradient_norm", "gauge",
+              "L2 norm of the variable's gradient at the latest step (max over tasks and "
+              "replicas).")
+PRESENT = Metric("gradwatch_gradient_present", "gauge",
+                 "1 if every task and replica had a gradient for the variable at its latest "
+                 "step.")
+MISSING_STEPS = Metric("gradwatch_gradient_missing_steps", "counter",
+                       "Task-replica steps in which the variable had no gradient.")
+NAN_VALUES = Metric("gradwatch_gradient_nan_values", "counter",
+                    "NaN elements seen in the variable's gradients.")
+INF_VALUES = Metric("gradwatch_gradient_inf_values", "counter",
+                    "Inf elements seen in the variable's gradients.")
+FOLDED = Metric("gradwatch_variable_series_folded", "gauge",
+                "Variables beyond the per-job series cap, folded into "
+                f'variable="{OTHER_VARIABLES}".')
+CAUSES = Metric("gradwatch_gradient_missing_cause", "info",
+                "Why a variable without gradient gets none, as diagnosed by the agent: cause, "
+                "and the op and source line that break the path to the loss.")
+# -- the collector itself --------------------------------------------------------------------
+SESSIONS = Metric("gradwatch_collector_sessions", "gauge", "Registered sessions.")
+TRAINING_JOBS = Metric("gradwatch_collector_training_jobs", "gauge", "Known training jobs.")
+REGISTRATIONS = Metric("gradwatch_collector_registrations", "counter", "Sessions registered.")
+BATCHES = Metric("gradwatch_collector_batches", "counter", "Report batches applied.")
+DUPLICATE_BATCHES = Metric("gradwatch_collector_duplicate_batches", "counter",
+                           "Report batches ignored as already applied.")
+STEP_REPORTS = Metric("gradwatch_collector_step_reports", "counter", "Step reports applied.")
+VARIABLE_STATISTICS = Metric("gradwatch_collector_variable_statistics", "counter",
+                             "Per-variable statistics applied.")
+REJECTED = Metric("gradwatch_collector_rejected_messages", "counter",
+                  "Messages rejected, by gRPC status code and reason.")
+ALERTS_ACTIVE = Metric("gradwatch_alerts_active", "gauge", "Alerts currently firing.")
+NOTIFICATIONS = Metric("gradwatch_collector_notifications", "counter",
+                       "Alert notifications by sink and outcome.")
+
+
+class Exporter:
     """Renders `Registry` and `Telemetry` as metric families on every scrape
-    (event-loop thread, like all state access)."""
+    (event-loop thread, like all state access). Each section declares the metrics it
+    builds, so a filtered scrape (``?name[]=``) builds only the sections it needs."""
 
     def __init__(self, registry: Registry, telemetry: Telemetry,
                  active_alerts: Callable[[], list[Alert]],
@@ -68,35 +142,34 @@ class StateCollector:
         self.active_alerts = active_alerts
         self.notification_outcomes = notification_outcomes
         self.max_variable_series = max_variable_series
+        self.sections: tuple[tuple[tuple[Metric, ...], Callable[[], list[Family]]], ...] = (
+            ((STEPS, NONFINITE_STEPS, SKIPPED_STEPS, DROPPED_STEPS, LAST_STEP, LAST_REPORT,
+              VARIABLES, WITHOUT_GRADIENT, GLOBAL_NORM), self._task_metrics),
+            ((NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, CAUSES),
+             self._variable_metrics),
+            ((SESSIONS, TRAINING_JOBS, REGISTRATIONS, BATCHES, DUPLICATE_BATCHES, STEP_REPORTS,
+              VARIABLE_STATISTICS, REJECTED, ALERTS_ACTIVE, NOTIFICATIONS),
+             self._collector_metrics),
+        )
+
+    @property
+    def metrics(self) -> list[Metric]:
+        """Every metric this exporter can export."""
+        return [metric for metrics, _ in self.sections for metric in metrics]
 
     def families(self, names: set[str] | None = None) -> list[Family]:
         """All families, or those whose sample name is in ``names``."""
-        sections = (self._task_metrics, self._variable_metrics, self._collector_metrics)
         families = []
-        for section, sample_names in zip(sections, SECTION_NAMES, strict=True):
-            if names is None or names & sample_names:
-                families += section()
+        for metrics, build in self.sections:
+            if names is None or names & {m.sample_name for m in metrics}:
+                families += build()
         return [f for f in families if names is None or f.sample_name in names]
 
     def _task_metrics(self) -> list[Family]:
-        steps = Family("gradwatch_steps", "counter", "Training steps reported.")
-        nonfinite = Family(
-            "gradwatch_nonfinite_steps", "counter", "Steps with a NaN or Inf in any gradient "
-            "(skipped steps of loss-scale optimizers not included).")
-        skipped = Family(
-            "gradwatch_skipped_steps", "counter", "Steps a loss-scale optimizer skipped "
-            "(NaN/Inf gradients from loss-scale overflow).")
-        dropped = Family("gradwatch_dropped_steps", "counter",
-                         "Steps the agent recorded but could not deliver.")
-        last_step = Family("gradwatch_last_step", "gauge", "Latest reported step.")
-        last_report = Family("gradwatch_last_report_timestamp_seconds", "gauge",
-                             "Unix time of the latest report from a task still running.")
-        variables = Family("gradwatch_variables", "gauge",
-                           "Trainable variables the optimizer updates.")
-        without = Family("gradwatch_variables_without_gradient", "gauge",
-                         "Variables with no gradient at the latest step.")
-        global_norm = Family("gradwatch_global_gradient_norm", "gauge",
-                             "L2 norm of all gradients together at the latest step.")
+        steps, nonfinite, skipped, dropped = (m.family() for m in (
+            STEPS, NONFINITE_STEPS, SKIPPED_STEPS, DROPPED_STEPS))
+        last_step, last_report, variables, without, global_norm = (m.family() for m in (
+            LAST_STEP, LAST_REPORT, VARIABLES, WITHOUT_GRADIENT, GLOBAL_NORM))
         for group in self.registry.groups.values():
             for s in group.sessions.values():
                 task = [group.training_job, s.task_type, s.task_index, group.optimizer]
@@ -113,30 +186,13 @@ class StateCollector:
                     last_report.add(task_labels, s.last_report_time)
                 replicas = [labels(REPLICA_LABELS, [*task, r]) for r in range(s.num_replicas)]
                 without.add_column(replicas, (~s.present).sum(axis=1))
-                global_norm.add_column(
-                    replicas, np.sqrt(np.square(s.l2_norm.astype(np.float64)).sum(axis=1)))
+                global_norm.add_column(replicas, s.global_norm)
         return [steps, nonfinite, skipped, dropped, last_step, last_report, variables, without,
                 global_norm]
 
     def _variable_metrics(self) -> list[Family]:
-        norm = Family("gradwatch_gradient_norm", "gauge",
-                      "L2 norm of the variable's gradient at the latest step (max over tasks "
-                      "and replicas).")
-        present = Family("gradwatch_gradient_present", "gauge",
-                         "1 if every task and replica had a gradient for the variable at its "
-                         "latest step.")
-        missing = Family("gradwatch_gradient_missing_steps", "counter",
-                         "Task-replica steps in which the variable had no gradient.")
-        nan = Family("gradwatch_gradient_nan_values", "counter",
-                     "NaN elements seen in the variable's gradients.")
-        inf = Family("gradwatch_gradient_inf_values", "counter",
-                     "Inf elements seen in the variable's gradients.")
-        folded = Family("gradwatch_variable_series_folded", "gauge",
-                        "Variables beyond the per-job series cap, folded into "
-                        f"variable=\"{OTHER_VARIABLES}\".")
-        causes = Family("gradwatch_gradient_missing_cause", "info",
-                        "Why a variable without gradient gets none, as diagnosed by the agent: "
-                        "cause, and the op and source line that break the path to the loss.")
+        norm, present, missing, nan, inf, folded, causes = (m.family() for m in (
+            NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, CAUSES))
         keep = self.max_variable_series
         for group in self.registry.groups.values():
             agg = _variable_aggregates(group)
@@ -168,58 +224,35 @@ class StateCollector:
     def _collector_metrics(self) -> list[Family]:
         t = self.telemetry
         families = []
-        for name, kind, doc, value in (
-            ("sessions", "gauge", "Registered sessions.", len(self.registry.sessions)),
-            ("training_jobs", "gauge", "Known training jobs.", len(self.registry.jobs())),
-            ("registrations", "counter", "Sessions registered.", t.registrations),
-            ("batches", "counter", "Report batches applied.", t.batches),
-            ("duplicate_batches", "counter", "Report batches ignored as already applied.",
-             t.duplicate_batches),
-            ("step_reports", "counter", "Step reports applied.", t.step_reports),
-            ("variable_statistics", "counter", "Per-variable statistics applied.",
-             t.variable_statistics),
+        for metric, value in (
+            (SESSIONS, len(self.registry.sessions)),
+            (TRAINING_JOBS, len(self.registry.jobs())),
+            (REGISTRATIONS, t.registrations),
+            (BATCHES, t.batches),
+            (DUPLICATE_BATCHES, t.duplicate_batches),
+            (STEP_REPORTS, t.step_reports),
+            (VARIABLE_STATISTICS, t.variable_statistics),
         ):
-            family = Family(f"gradwatch_collector_{name}", kind, doc)
+            family = metric.family()
             family.add("", value)
             families.append(family)
-        rejected = Family("gradwatch_collector_rejected_messages", "counter",
-                          "Messages rejected, by gRPC status code and reason.")
+        rejected = REJECTED.family()
         for (code, reason), count in sorted(t.rejected.items()):
             rejected.add(labels(["code", "reason"], [code, reason]), count)
-        alerts = Family("gradwatch_alerts_active", "gauge", "Alerts currently firing.")
+        alerts = ALERTS_ACTIVE.family()
         counts: dict[tuple[str, str], int] = {}
         for alert in self.active_alerts():
             key = (alert.name, alert.labels.get("severity", ""))
             counts[key] = counts.get(key, 0) + 1
         for key, count in sorted(counts.items()):
             alerts.add(labels(["alertname", "severity"], key), count)
-        notifications = Family("gradwatch_collector_notifications", "counter",
-                               "Alert notifications by sink and outcome.")
+        notifications = NOTIFICATIONS.family()
         for (sink, outcome), count in sorted(self.notification_outcomes().items()):
             notifications.add(labels(["sink", "outcome"], [sink, outcome]), count)
         return [*families, rejected, alerts, notifications]
 
 
-#: Sample names of each section, so a filtered scrape builds only what it needs.
-SECTION_NAMES = (
-    {"gradwatch_steps_total", "gradwatch_nonfinite_steps_total", "gradwatch_skipped_steps_total",
-     "gradwatch_dropped_steps_total", "gradwatch_last_step",
-     "gradwatch_last_report_timestamp_seconds", "gradwatch_variables",
-     "gradwatch_variables_without_gradient", "gradwatch_global_gradient_norm"},
-    {"gradwatch_gradient_norm", "gradwatch_gradient_present",
-     "gradwatch_gradient_missing_steps_total", "gradwatch_gradient_nan_values_total",
-     "gradwatch_gradient_inf_values_total", "gradwatch_variable_series_folded",
-     "gradwatch_gradient_missing_cause_info"},
-    {"gradwatch_collector_sessions", "gradwatch_collector_training_jobs",
-     "gradwatch_collector_registrations_total", "gradwatch_collector_batches_total",
-     "gradwatch_collector_duplicate_batches_total", "gradwatch_collector_step_reports_total",
-     "gradwatch_collector_variable_statistics_total",
-     "gradwatch_collector_rejected_messages_total", "gradwatch_alerts_active",
-     "gradwatch_collector_notifications_total"},
-)
-
-
-def render_metrics(collector: StateCollector, names: Iterable[str] = ()) -> bytes:
-    """The ``/metrics`` body (Prometheus text format 0.0.4) for ``collector``; only the
+def render_metrics(exporter: Exporter, names: Iterable[str] = ()) -> bytes:
+    """The ``/metrics`` body (Prometheus text format 0.0.4) for ``exporter``; only the
     samples named in ``names`` if any (``/metrics?name[]=...``, as client_python does)."""
-    return render(collector.families(set(names) or None))
+    return render(exporter.families(set(names) or None))

@@ -15,36 +15,44 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from gradwatch.collector.settings import number, setting
 from gradwatch.collector.state import MissingCause, Registry, SessionState, StepBatch
+from gradwatch.proto.layout import BYTES_PER_STATISTIC, STATISTICS, Kind, LayoutError, unpack_steps
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 _LABEL_VALUE = re.compile(r"^[^\x00-\x1f]*$")
-# Packed arrays: (field, dtype). Everything is little-endian on the wire.
-_ARRAYS = (("present", np.uint8), ("l2_norm", "<f4"), ("max_abs", "<f4"),
-           ("nan_count", "<f4"), ("inf_count", "<f4"))
-BYTES_PER_STATISTIC = sum(np.dtype(t).itemsize for _, t in _ARRAYS)
+
+
+_COUNT = number(int, 1)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Explicit bounds on what one collector accepts (documented in docs/limits.md)."""
+    """Explicit bounds on what one collector accepts (documented in docs/limits.md); the
+    ``limits:`` section of the collector's settings."""
 
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_variables: int = 100_000       # per session
-    max_replicas: int = 4_096          # per session
-    max_sessions: int = 10_000         # per collector
-    max_jobs: int = 1_000              # training jobs per collector
-    max_sessions_per_job: int = 4_096  # over all of a job's tasks and optimizers
-    #: Replicas x variables summed over all sessions, which bounds the collector's memory
-    #: (measured: 0.75-0.9 KB per session x variable, 0.13 KB per further replica).
-    max_statistics: int = 1_000_000
-    #: Distinct variable names per training job x optimizer (a `Group`'s columns: the
-    #: union of its tasks' tables, kept until the group's last session expires).
-    max_variables_per_job: int = 200_000
-    max_label_length: int = 256        # job, task type, optimizer, variable and host names
-    max_versions: int = 32             # entries of RegisterRequest.versions
-    max_batch_steps: int = 256
-    max_text_length: int = 4_096       # diagnosis file paths, op names and explanations
+    max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC message, in bytes",
+                                     _COUNT)
+    max_variables: int = setting(100_000, "variables per session", _COUNT)
+    max_replicas: int = setting(4_096, "replicas per session", _COUNT)
+    max_sessions: int = setting(10_000, "sessions per collector", _COUNT)
+    max_jobs: int = setting(1_000, "training jobs per collector", _COUNT)
+    max_sessions_per_job: int = setting(4_096, "sessions over all of a job's tasks and "
+                                               "optimizers", _COUNT)
+    #: Measured: 0.75-0.9 KB per session x variable, 0.13 KB per further replica.
+    max_statistics: int = setting(1_000_000, "replicas x variables summed over all sessions "
+                                             "(bounds the collector's memory)", _COUNT)
+    #: A `Group`'s columns: the union of its tasks' tables, kept until its last session
+    #: expires.
+    max_variables_per_job: int = setting(200_000, "distinct variable names per training job "
+                                                  "x optimizer", _COUNT)
+    max_label_length: int = setting(256, "job, task type, optimizer, variable and host "
+                                         "names, in characters", _COUNT)
+    max_versions: int = setting(32, "entries of RegisterRequest.versions", _COUNT)
+    max_batch_steps: int = setting(256, "steps per batch (lowered per session so a batch "
+                                        "fits in half a message)", _COUNT)
+    max_text_length: int = setting(4_096, "diagnosis file paths, op names and explanations, "
+                                          "in characters", _COUNT)
 
     def batch_steps_for(self, num_statistics: int) -> int:
         """Largest batch (in steps) that fits the message limit with 2x headroom."""
@@ -205,8 +213,10 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
     """Checks a ReportBatch against its session's table and its ``last_step`` (-1: none
     yet), and decodes the packed arrays.
 
-    Norms and max |g| may be NaN or +Inf (that is what a non-finite gradient gives),
-    never negative; NaN/Inf counts must be finite and non-negative. Steps are
+    Each statistic is checked by its `gradwatch.proto.layout.Kind`: magnitudes (norms)
+    may be NaN or +Inf (that is what a non-finite gradient gives), never negative;
+    counts must be finite and non-negative. The global norm of each step and replica is
+    computed here, once. Steps are
     non-negative and never lower than the step before them (in the batch, or the
     session's last), unless marked ``rewound``: the agent reports the optimizer's
     counter, which a checkpoint restored into it sets back on purpose."""
@@ -214,28 +224,22 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
     if num_steps > limits.max_batch_steps:
         raise _invalid(f"batch has {num_steps} steps; the limit is {limits.max_batch_steps}",
                        Reason.BATCH_STEPS)
-    width = num_replicas * num_variables
-    arrays = {}
-    for name, dtype in _ARRAYS:
-        chunks = [getattr(step, name) for step in batch.steps]
-        expected = width * np.dtype(dtype).itemsize
-        for i, chunk in enumerate(chunks):
-            if len(chunk) != expected:
-                raise _invalid(f"steps[{i}].{name} has {len(chunk)} bytes; expected {expected} "
-                               f"({num_replicas} replicas x {num_variables} variables)",
-                               Reason.ARRAY_LENGTH)
-        flat = np.frombuffer(b"".join(chunks), dtype=dtype)
-        arrays[name] = flat.reshape(num_steps, num_replicas, num_variables)
-    for name in ("l2_norm", "max_abs"):
-        negative = np.flatnonzero((arrays[name] < 0).any(axis=(1, 2)))
-        if negative.size:
-            raise _invalid(f"steps[{negative[0]}].{name} has a negative value",
-                           Reason.STATISTIC)
-    for name in ("nan_count", "inf_count"):
-        bad = np.flatnonzero((~np.isfinite(arrays[name]) | (arrays[name] < 0)).any(axis=(1, 2)))
-        if bad.size:
-            raise _invalid(f"steps[{bad[0]}].{name} must hold finite, non-negative counts",
-                           Reason.COUNT)
+    try:
+        arrays = unpack_steps(batch.steps, num_replicas, num_variables)
+    except LayoutError as error:
+        raise _invalid(str(error), Reason.ARRAY_LENGTH) from None
+    for statistic in STATISTICS:
+        values = arrays[statistic.name]
+        if statistic.kind is Kind.MAGNITUDE:  # NaN and +Inf are what a bad gradient gives
+            bad = np.flatnonzero((values < 0).any(axis=(1, 2)))
+            if bad.size:
+                raise _invalid(f"steps[{bad[0]}].{statistic.name} has a negative value",
+                               Reason.STATISTIC)
+        elif statistic.kind is Kind.COUNT:
+            bad = np.flatnonzero((~np.isfinite(values) | (values < 0)).any(axis=(1, 2)))
+            if bad.size:
+                raise _invalid(f"steps[{bad[0]}].{statistic.name} must hold finite, "
+                               "non-negative counts", Reason.COUNT)
     wall_time = np.fromiter((s.wall_time for s in batch.steps), np.float64, num_steps)
     bad = np.flatnonzero(~np.isfinite(wall_time) | (wall_time < 0))
     if bad.size:
@@ -254,16 +258,16 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
         raise _invalid(f"steps[{i}].step is {steps[i]}, lower than the step before it "
                        f"({before[i]}); mark it rewound if the counter was set back on purpose",
                        Reason.STEP_ORDER)
+    columns = {s.name: arrays[s.name] != 0 if s.kind is Kind.FLAG
+               else arrays[s.name].astype(np.float32) for s in STATISTICS}
+    norms = np.where(columns["present"], columns["l2_norm"], 0.0).astype(np.float64)
     return StepBatch(
         steps=steps,
         wall_time=wall_time,
-        present=arrays["present"] != 0,
-        l2_norm=arrays["l2_norm"].astype(np.float32),
-        max_abs=arrays["max_abs"].astype(np.float32),
-        nan_count=arrays["nan_count"].astype(np.float32),
-        inf_count=arrays["inf_count"].astype(np.float32),
+        global_norm=np.sqrt(np.square(norms).sum(axis=2)),
         dropped_steps=batch.dropped_steps,
         rewound_to=tuple(steps[rewound].tolist()),
+        **columns,
     )
 
 

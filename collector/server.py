@@ -21,10 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.auth import TokenAuthority
-from gradwatch.collector.config import CollectorConfig, split_host_port
-from gradwatch.collector.exporter import StateCollector, render_metrics
+from gradwatch.collector.config import CollectorConfig
+from gradwatch.collector.exporter import Exporter, render_metrics
 from gradwatch.collector.rules import RuleEngine
 from gradwatch.collector.service import GradientWatchService
+from gradwatch.collector.settings import split_host_port
 from gradwatch.collector.sinks import AlertmanagerSink, Dispatcher, LogSink, Sink, WebhookSink
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
@@ -46,18 +47,18 @@ class Collector:
         sinks: list[Sink] = [
             LogSink(),
             *(WebhookSink(url) for url in config.webhook_urls),
-            *(AlertmanagerSink(url, lease_s=4 * config.resend_interval_s)
+            *(AlertmanagerSink(url, lease_s=4 * config.resend_interval_seconds)
               for url in config.alertmanager_urls),
         ]
         self.dispatcher = Dispatcher(sinks)
-        self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_s)
+        self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_seconds)
         self.rules = RuleEngine(config.rules, self.alerts,
-                                min_interval_s=config.batch_evaluation_interval_s,
+                                min_interval_s=config.batch_evaluation_interval_seconds,
                                 runbook_url=config.runbook_url)
         tokens = TokenAuthority(config.tokens_file) if config.tokens_file else None
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits, tokens=tokens)
-        self.exporter = StateCollector(
+        self.exporter = Exporter(
             self.registry, self.telemetry, self.alerts.active,
             lambda: dict(self.dispatcher.outcomes), config.max_variable_series)
         self.grpc_port = 0
@@ -69,39 +70,59 @@ class Collector:
         self._timers: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        """Binds and serves; raises WebConfigError if the web-config file is invalid."""
+        """Binds and serves; raises WebConfigError if the web-config file is invalid and
+        OSError if an address cannot be bound."""
         if self.config.web_config_file:
             self.web_security = WebSecurity(self.config.web_config_file)
-        security = self.web_security
-        limits = self.config.limits
+        self.grpc_port = await self._start_grpc()
+        self.metrics_port = await self._start_http()
+        self.dispatcher.start()
+        self._timers = self._start_timers()
+        grpc_host = split_host_port(self.config.grpc_address)[0]
+        metrics_host = split_host_port(self.config.metrics_address)[0]
+        scheme = self.web_security.scheme if self.web_security else "http"
+        log.info("gradwatch collector serving gRPC on %s:%d, metrics on %s://%s:%d/metrics",
+                 grpc_host, self.grpc_port, scheme, metrics_host, self.metrics_port)
+        if self.config.ready_file:
+            _write_json(self.config.ready_file, {
+                "grpc": f"{grpc_host}:{self.grpc_port}",
+                "metrics": f"{metrics_host}:{self.metrics_port}", "metrics_scheme": scheme,
+                "pid": os.getpid()})
+
+    async def _start_grpc(self) -> int:
+        """The agents' gRPC server with the health service; returns the bound port."""
+        config = self.config
         self._grpc = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
             # Ping agents, so that the stream of one whose host vanished (no FIN) ends within
             # keepalive + timeout (40 s): an open stream keeps its session alive and its task
             # registered. gRPC waits ping_timeout_ms (default 60 s) for any unanswered ping.
-            ("grpc.keepalive_time_ms", int(self.config.grpc_keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.config.grpc_keepalive_timeout_s * 1000)),
-            ("grpc.http2.ping_timeout_ms", int(self.config.grpc_keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_time_ms", int(config.grpc_keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.grpc_keepalive_timeout_seconds * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(config.grpc_keepalive_timeout_seconds * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
         ])
         gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)
-        self._health = health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._grpc)
-        if self.config.grpc_tls_cert_file:
-            certificates = ServerCertificates(self.config.grpc_tls_cert_file,
-                                              self.config.grpc_tls_key_file,
-                                              self.config.grpc_tls_client_ca_file)
-            self.grpc_port = self._grpc.add_secure_port(self.config.grpc_address,
-                                                        certificates.credentials())
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        if config.grpc_tls_cert_file:
+            certificates = ServerCertificates(config.grpc_tls_cert_file,
+                                              config.grpc_tls_key_file,
+                                              config.grpc_tls_client_ca_file)
+            port = self._grpc.add_secure_port(config.grpc_address, certificates.credentials())
         else:
-            self.grpc_port = self._grpc.add_insecure_port(self.config.grpc_address)
-        if not self.grpc_port:
-            raise OSError(f"cannot bind gRPC address {self.config.grpc_address}")
+            port = self._grpc.add_insecure_port(config.grpc_address)
+        if not port:
+            raise OSError(f"cannot bind gRPC address {config.grpc_address}")
         await self._grpc.start()
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return port
 
+    async def _start_http(self) -> int:
+        """``/metrics`` and ``/healthz``, behind the web config if any; returns the port."""
+        security = self.web_security
         app = web.Application(middlewares=[security.middleware] if security else [])
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/healthz", self._serve_health)
@@ -111,28 +132,18 @@ class Collector:
         site = web.TCPSite(self._http, host, port,
                            ssl_context=security.ssl_context if security else None)
         await site.start()
-        scheme = security.scheme if security else "http"
-        self.metrics_port = site._server.sockets[0].getsockname()[1]
-        self.dispatcher.start()
-        self._timers = [
-            asyncio.create_task(self._every(self.config.evaluation_interval_s, self._evaluate)),
-            asyncio.create_task(self._every(self.config.resend_interval_s, self._resend)),
-            asyncio.create_task(self._every(self.config.batch_evaluation_interval_s,
-                                            self.rules.evaluate_pending)),
+        return self._http.addresses[0][1]
+
+    def _start_timers(self) -> list[asyncio.Task]:
+        config = self.config
+        timers = [
+            (config.evaluation_interval_seconds, self._evaluate),
+            (config.resend_interval_seconds, self._resend),
+            (config.batch_evaluation_interval_seconds, self.rules.evaluate_pending),
         ]
-        if security:
-            self._timers.append(asyncio.create_task(
-                self._every(RELOAD_INTERVAL_S, security.reload_if_changed)))
-        grpc_host = split_host_port(self.config.grpc_address)[0]
-        log.info("gradwatch collector serving gRPC on %s:%d, metrics on %s://%s:%d/metrics",
-                 grpc_host, self.grpc_port, scheme, host, self.metrics_port)
-        if self.config.ready_file:
-            ready = {"grpc": f"{grpc_host}:{self.grpc_port}",
-                     "metrics": f"{host}:{self.metrics_port}", "metrics_scheme": scheme,
-                     "pid": os.getpid()}
-            tmp = Path(self.config.ready_file + ".tmp")
-            tmp.write_text(json.dumps(ready))
-            tmp.replace(self.config.ready_file)
+        if self.web_security:
+            timers.append((RELOAD_INTERVAL_S, self.web_security.reload_if_changed))
+        return [asyncio.create_task(self._every(interval, action)) for interval, action in timers]
 
     @staticmethod
     async def _every(interval_s: float, action) -> None:
@@ -144,7 +155,7 @@ class Collector:
                 log.exception("periodic %s failed", action.__name__)
 
     def _evaluate(self) -> None:
-        expired = self.registry.expire_inactive(time.time() - self.config.closed_retention_s)
+        expired = self.registry.expire_inactive(time.time() - self.config.closed_retention_seconds)
         self.rules.tick([*self.registry.groups.values(), *expired])
 
     def _resend(self) -> None:
@@ -182,6 +193,13 @@ class Collector:
         log.info("stopped in %.2f s", grace_s - (deadline - loop.time()))
 
 
+def _write_json(path: str, data: dict) -> None:
+    """Writes ``path`` atomically (readers never see half a file)."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
 async def serve(config: CollectorConfig) -> None:
     """Runs until SIGINT or SIGTERM, then drains streams and flushes sinks."""
     collector = Collector(config)
@@ -196,4 +214,4 @@ async def serve(config: CollectorConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    await collector.stop(config.shutdown_grace_s)
+    await collector.stop(config.shutdown_grace_seconds)

@@ -19,7 +19,8 @@ import numpy as np
 
 @dataclass
 class StepBatch:
-    """A validated batch, decoded into ``[steps, replicas, variables]`` arrays."""
+    """A validated batch, decoded into ``[steps, replicas, variables]`` arrays (one per
+    statistic of `gradwatch.proto.layout`)."""
 
     steps: np.ndarray  # int64 [S]
     wall_time: np.ndarray  # float64 [S]
@@ -28,6 +29,7 @@ class StepBatch:
     max_abs: np.ndarray  # float32
     nan_count: np.ndarray  # float32
     inf_count: np.ndarray  # float32
+    global_norm: np.ndarray  # float64 [S, R]: L2 norm of all present gradients together
     dropped_steps: int
     rewound_to: tuple[int, ...] = ()  # steps marked rewound (counter set back on purpose)
 
@@ -71,20 +73,16 @@ class SessionState:
     #: Dynamic loss scaling: steps with NaN/Inf are skipped by the optimizer, not applied.
     loss_scaled: bool = False
     skipped_steps_total: int = 0
-    #: Batches arrived since the rules last evaluated this session's group: the
-    #: ``*_in_last_batch`` flags then cover all of them (set by `RuleEngine.evaluate`).
-    rules_pending: bool = False
-    #: Per-rule history (streaks, rolling windows), owned by `gradwatch.collector.rules`.
-    rule_state: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = (self.num_replicas, len(self.columns))
-        self.present = np.ones(shape, bool)  # latest step
-        self.nonfinite = np.zeros(shape, bool)  # latest step
+        # The latest step:
+        self.present = np.ones(shape, bool)
+        self.nonfinite = np.zeros(shape, bool)
         self.l2_norm = np.zeros(shape, np.float32)
         self.max_abs = np.zeros(shape, np.float32)
-        self.missing_in_last_batch = np.zeros(len(self.columns), bool)
-        self.nonfinite_in_last_batch = np.zeros(len(self.columns), bool)
+        self.global_norm = np.zeros(self.num_replicas, np.float64)
+        # Totals:
         self.missing_steps_total = np.zeros(len(self.columns), np.int64)
         self.nan_total = np.zeros(len(self.columns), np.float64)
         self.inf_total = np.zeros(len(self.columns), np.float64)
@@ -96,6 +94,12 @@ class SessionState:
     @property
     def task(self) -> str:
         return f"{self.task_type}/{self.task_index}"
+
+    def nonfinite_steps(self, batch: StepBatch) -> np.ndarray:
+        """Where ``batch`` had NaN or Inf elements ([S, R, N]), except in steps a loss-scale
+        optimizer skips (those are counted as skipped, not alarming)."""
+        nonfinite = (batch.nan_count + batch.inf_count) > 0
+        return np.zeros_like(nonfinite) if self.loss_scaled else nonfinite
 
     def apply(self, sequence: int, batch: StepBatch) -> None:
         """Folds a validated batch into the latest state and the totals."""
@@ -109,24 +113,15 @@ class SessionState:
         self.present = batch.present[-1]
         self.l2_norm = batch.l2_norm[-1]
         self.max_abs = batch.max_abs[-1]
-        absent = ~batch.present
-        missing = absent.any(axis=(0, 1))
-        self.missing_steps_total += absent.sum(axis=(0, 1))
+        self.global_norm = batch.global_norm[-1]
+        self.missing_steps_total += (~batch.present).sum(axis=(0, 1))
         self.nan_total += batch.nan_count.sum(axis=(0, 1))
         self.inf_total += batch.inf_count.sum(axis=(0, 1))
-        nonfinite = (batch.nan_count + batch.inf_count) > 0
-        if self.loss_scaled:  # the optimizer skips these steps: counted, not alarming
-            self.skipped_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
-            nonfinite = np.zeros_like(nonfinite)
+        if self.loss_scaled:
+            self.skipped_steps_total += int(
+                ((batch.nan_count + batch.inf_count) > 0).any(axis=(1, 2)).sum())
+        nonfinite = self.nonfinite_steps(batch)
         self.nonfinite = nonfinite[-1]
-        nonfinite_any = nonfinite.any(axis=(0, 1))
-        # The flags cover every batch the rules have not looked at yet (evaluation is
-        # coalesced under load), so a bad batch followed at once by a good one still alerts.
-        if self.rules_pending:
-            missing |= self.missing_in_last_batch
-            nonfinite_any |= self.nonfinite_in_last_batch
-        self.missing_in_last_batch, self.nonfinite_in_last_batch = missing, nonfinite_any
-        self.rules_pending = True
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
 
     def set_causes(self, causes: dict[int, MissingCause]) -> None:

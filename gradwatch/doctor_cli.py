@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"gradwatch doctor: running {args.script} in diagnose-only mode ...", flush=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from gradwatch.agent.doctor import run_script
+    from gradwatch.agent.tensorflow.doctor import run_script
 
     report = run_script(args.script, list(args.args))
     print("\n" + str(report), flush=True)

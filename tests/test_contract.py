@@ -1,4 +1,4 @@
-"""Architecture rules of DESIGN.md and the generated wire code, checked mechanically."""
+"""Architecture rules of docs/design.md and the generated wire code, checked mechanically."""
 
 import ast
 import subprocess
@@ -46,7 +46,24 @@ def test_collector_runs_without_tensorflow():
 
 
 def test_agent_imports_without_prometheus_client():
-    result = run_blocked("gradwatch.agent", {"prometheus_client", "aiohttp"})
+    result = run_blocked("gradwatch.agent", {"prometheus_client", "aiohttp"},
+                         "from gradwatch.agent import GradientMonitor")
+    assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+CORE_AT_WORK = """
+import gradwatch.agent.core.monitor, gradwatch.agent.core.sender
+from gradwatch.agent.core.monitor import MonitorCore
+monitor = MonitorCore(collector="127.0.0.1:9", training_job="no-framework")
+assert monitor.enabled and monitor.close(timeout_s=0.2) is False
+assert not {"tensorflow", "keras", "torch"} & set(sys.modules)
+"""
+
+
+def test_agent_core_works_without_any_framework():
+    """The core (settings, identity, sender, sessions) is what every front end reuses."""
+    result = run_blocked("gradwatch.agent.core", {"tensorflow", "keras", "tf_keras", "torch"},
+                         CORE_AT_WORK)
     assert result.stdout.strip().endswith("ok"), result.stderr
 
 
@@ -64,6 +81,9 @@ def imports_of(folder: str) -> set[str]:
 @pytest.mark.parametrize("folder, forbidden", [
     ("collector", ("tensorflow", "keras", "gradwatch.agent")),
     ("agent", ("prometheus_client", "gradwatch.collector", "aiohttp")),
+    ("agent/core", ("tensorflow", "keras", "tf_keras", "torch", "gradwatch.agent.tensorflow",
+                    "gradwatch.agent.torch")),
+    ("agent/tensorflow", ("torch", "gradwatch.agent.torch")),
     ("proto", ("tensorflow", "gradwatch.agent", "gradwatch.collector")),
 ])
 def test_no_forbidden_imports(folder, forbidden):

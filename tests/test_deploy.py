@@ -22,10 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gradwatch.agent.endpoints import parse_targets
+from gradwatch.agent.core.endpoints import parse_targets
 from gradwatch.collector import config
-
-from services import free_port, require_binary
+from tests.support.services import free_port, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -130,7 +129,7 @@ def collector_settings(argv: list[str], monkeypatch) -> config.CollectorConfig:
     """``argv`` as the collector checks it at start, without GRADWATCH_* from here."""
     for name in [n for n in os.environ if n.startswith("GRADWATCH_")]:
         monkeypatch.delenv(name)
-    return config.from_arguments(collector_arguments(argv))
+    return config.load(collector_arguments(argv))
 
 
 def port_of(address: str) -> int:
@@ -341,7 +340,7 @@ def test_configmap_holds_a_collector_config_like_the_example(tmp_path):
     (configmap,) = load_all(KUBERNETES / "configmap.yaml")
     path = tmp_path / "collector.yaml"
     path.write_text(configmap["data"]["collector.yaml"])
-    config.load_file(str(path), config.CollectorConfig())  # raises ConfigError if invalid
+    config.load(config_file=str(path), environ={})  # raises ConfigError if invalid
     # Every setting of the example, except what deployment.yaml passes as flags.
     example = yaml.safe_load((DEPLOY / "collector.example.yaml").read_text())
     flags = {"grpc_address", "metrics_address", "alertmanager_urls"}
@@ -394,7 +393,8 @@ def test_networkpolicy_admits_agents_and_prometheus_only():
         "matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
     egress = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]}
     assert egress >= {(53, "UDP"), (53, "TCP"), (443, "TCP")}
-    urls = collector_arguments(collector_container()["args"]).alertmanager_urls
+    args = [a for a in collector_container()["args"] if not a.startswith("--config")]
+    urls = config.load(collector_arguments(args), environ={}).alertmanager_urls
     assert urls and all((urlsplit(url).port, "TCP") in egress for url in urls)
 
 
@@ -404,7 +404,7 @@ def test_agents_are_pointed_at_every_collector_replica():
     address = (f"dns:///gradwatch-collector-headless.{kustomization()['namespace']}.svc:"
                f"{grpc['port']}")
     assert parse_targets(address) == [address]
-    agent_source = "\n".join(p.read_text() for p in (ROOT / "agent").glob("*.py"))
+    agent_source = "\n".join(p.read_text() for p in (ROOT / "agent").rglob("*.py"))
     snippet = yaml.safe_load((KUBERNETES / "agent-env.yaml").read_text())
     (tfjob,) = load_all(KUBERNETES / "examples" / "tfjob.yaml")
     workers = tfjob["spec"]["tfReplicaSpecs"]["Worker"]

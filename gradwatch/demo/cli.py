@@ -16,7 +16,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gradwatch.testing import CollectorProcess, WebhookReceiver
+from gradwatch.demo.processes import CollectorProcess, WebhookReceiver
 
 JOB = "gradwatch-demo"
 

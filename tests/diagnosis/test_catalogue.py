@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import diagnose_missing_gradients
-from gradwatch.agent.diagnosis import Cause
+from gradwatch.agent.core.diagnosis import Cause
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -367,7 +367,7 @@ def test_a_variable_reusing_a_dead_ones_id_is_not_taken_for_it():
     model's variables must still be diagnosed (this made the catalogue flaky once)."""
     import gc
 
-    from gradwatch.agent.tape import _Seen
+    from gradwatch.agent.tensorflow.tape import _Seen
 
     class Variable:
         pass

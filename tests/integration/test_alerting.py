@@ -9,14 +9,17 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_training import ModelWithUnusedLayer, X, Y, mse_gradients, small_model
 
 from gradwatch.agent import GradientMonitor
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import AlertmanagerProcess, CollectorProcess, WebhookReceiver
-
-import wire
-from services import require_binary
+from tests.support import wire
+from tests.support.models import ModelWithUnusedLayer, X, Y, mse_gradients, small_model
+from tests.support.services import (
+    AlertmanagerProcess,
+    CollectorProcess,
+    WebhookReceiver,
+    require_binary,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -130,8 +133,8 @@ def test_silent_worker_pages(alerting_collector, alertmanager):
 def test_a_dead_alertmanager_costs_ingest_nothing():
     import time
 
-    from conftest import parse_metrics, select
-    from services import free_port
+    from tests.support.metrics import parse_metrics, select
+    from tests.support.services import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     with CollectorProcess("--alertmanager-url", dead) as collector, \

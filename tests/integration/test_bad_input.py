@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from gradwatch.collector.ingest import Reason
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess, process_memory_mb
-
-import wire
-from conftest import parse_metrics
+from tests.support import wire
+from tests.support.metrics import parse_metrics
+from tests.support.procfs import process_memory_mb
+from tests.support.services import CollectorProcess
 
 pytestmark = pytest.mark.integration
 

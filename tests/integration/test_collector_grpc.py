@@ -11,10 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess, TcpProxy
-
-import wire
-from conftest import parse_metrics, select
+from tests.support import wire
+from tests.support.faults import TcpProxy
+from tests.support.metrics import parse_metrics, select
+from tests.support.services import CollectorProcess
 
 pytestmark = pytest.mark.integration
 
@@ -198,7 +198,7 @@ def test_unknown_session_is_not_found(stub):
 
 
 def test_collector_exits_cleanly_on_sigterm():
-    from gradwatch.testing import CollectorProcess
+    from tests.support.services import CollectorProcess
 
     with CollectorProcess() as process:
         assert process.stop() == 0

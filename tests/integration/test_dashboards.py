@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 
 from gradwatch.agent import GradientMonitor
-from gradwatch.testing import PrometheusProcess
-
-from services import require_binary
+from tests.support.services import PrometheusProcess, require_binary
 
 pytestmark = pytest.mark.integration
 

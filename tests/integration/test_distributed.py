@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import parse_metrics, select
+from tests.support.metrics import parse_metrics, select
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def test_mirrored_custom_loop_reports_each_replica(collector, webhook, job_name)
 def run_workers(script: str, job_name: str, collector, **env_extra: str) -> list[str]:
     """Runs two worker processes of ``script`` under MultiWorkerMirroredStrategy (TF_CONFIG
     on loopback); returns their outputs once both finished (bounded, killed on timeout)."""
-    from services import free_port
+    from tests.support.services import free_port
 
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}

@@ -13,10 +13,10 @@ import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess, make_certificates
-
-import wire
-from conftest import parse_metrics, select
+from tests.support import wire
+from tests.support.certificates import make_certificates
+from tests.support.metrics import parse_metrics, select
+from tests.support.services import CollectorProcess
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,8 @@ import urllib.request
 import bcrypt
 import pytest
 
-from gradwatch.testing import CollectorProcess, PrometheusProcess, make_certificates
-
-from services import require_binary
+from tests.support.certificates import make_certificates
+from tests.support.services import CollectorProcess, PrometheusProcess, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -256,4 +255,4 @@ def test_an_invalid_file_stops_the_collector_at_start(tmp_path, settings, messag
          "--metrics-address", "127.0.0.1:0", "--web-config-file", path],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert f"invalid configuration: web_config_file: {path}: {message}" in result.stderr
+    assert f"web_config_file (from --web-config-file): {path}: {message}" in result.stderr

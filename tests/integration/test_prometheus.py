@@ -8,10 +8,8 @@ import grpc
 import pytest
 
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import PrometheusProcess
-
-import wire
-from services import require_binary
+from tests.support import wire
+from tests.support.services import PrometheusProcess, require_binary
 
 pytestmark = pytest.mark.integration
 

@@ -20,10 +20,10 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
-from gradwatch.testing import CollectorProcess, TcpProxy, free_port
-
-from conftest import parse_metrics, select
-from trainers import Trainer, X, Y
+from tests.support.faults import TcpProxy
+from tests.support.metrics import parse_metrics, select
+from tests.support.services import CollectorProcess, free_port
+from tests.support.trainers import Trainer, X, Y
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,10 @@ import time
 import pytest
 
 from gradwatch.agent import GradientMonitor
-from gradwatch.agent.endpoints import rank, resolve
-from gradwatch.testing import CollectorProcess, PrometheusProcess, free_port
-
-from conftest import parse_metrics
-from services import require_binary
-from trainers import Trainer
+from gradwatch.agent.core.endpoints import rank, resolve
+from tests.support.metrics import parse_metrics
+from tests.support.services import CollectorProcess, PrometheusProcess, free_port, require_binary
+from tests.support.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.server import Collector
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
-from gradwatch.testing import CollectorProcess, WebhookReceiver
-
-import wire
+from tests.support import wire
+from tests.support.services import CollectorProcess, WebhookReceiver
 
 pytestmark = pytest.mark.integration
 

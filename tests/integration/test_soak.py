@@ -1,6 +1,6 @@
 """Load and soak: 500 concurrent agent streams for 60 s against one collector process.
 
-Drives ``bench/soak.py`` (raw gRPC, no TensorFlow; see its docstring). Asserts what
+Drives `bench.soak` (raw gRPC, no TensorFlow; see its docstring). Asserts what
 must hold at any speed — no lost acks, no stream errors, the collector's own
 counters agree with what was sent, RSS flat (±10 %) after warm-up — and reports the
 ack latency without asserting on it.
@@ -8,31 +8,19 @@ ack latency without asserting on it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench import soak
+
 pytestmark = pytest.mark.integration
-
-SOAK_PATH = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
-
-
-def _load_soak():
-    spec = importlib.util.spec_from_file_location("gradwatch_bench_soak", SOAK_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 # 60 s of load, registration and drain take ~65 s on an idle 2-core machine; the limit
 # leaves room for a busy one. run_soak stops its collector and generators on any error.
 @pytest.mark.timeout(240)
 def test_500_streams_for_60_seconds(record_property):
-    soak = _load_soak()
     result = soak.run_soak(streams=500, duration_s=60.0)
 
     print()

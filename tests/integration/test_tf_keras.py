@@ -9,8 +9,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
-
-from conftest import parse_metrics, select
+from tests.support.metrics import parse_metrics, select
 
 try:
     import tf_keras

@@ -15,44 +15,10 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
-
-from conftest import parse_metrics, select
+from tests.support.metrics import parse_metrics, select
+from tests.support.models import ModelWithUnusedLayer, X, Y, mse_gradients, small_model
 
 pytestmark = pytest.mark.integration
-
-X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
-Y = (X @ np.array([[1.0], [-2.0], [0.5], [3.0]], "float32")).astype("float32")
-
-
-def small_model(name: str = "model") -> keras.Model:
-    keras.utils.set_random_seed(1)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu", name="hidden"),
-                             keras.layers.Dense(1, name="out")], name=name)
-
-
-class ModelWithUnusedLayer(keras.Model):
-    def __init__(self) -> None:
-        super().__init__(name="partly_unused")
-        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
-        self.out = keras.layers.Dense(1, name="out")
-        self.unused = keras.layers.Dense(3, name="unused")
-
-    def build(self, input_shape):
-        self.hidden.build(input_shape)
-        self.out.build((None, 8))
-        self.unused.build((None, 8))
-        self.built = True
-
-    def call(self, x):
-        return self.out(self.hidden(x))
-
-
-def mse_gradients(model: keras.Model) -> list[tf.Tensor]:
-    """One eager step's gradients of the mean squared error on X, Y."""
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(model(X) - Y))
-    return tape.gradient(loss, model.trainable_variables)
-
 
 def monitor_for(collector, job: str) -> GradientMonitor:
     return GradientMonitor(collector=collector.grpc_target, training_job=job,
@@ -283,9 +249,7 @@ def test_disabled_monitor_is_a_no_op(monkeypatch, job_name):
 
 
 def test_reports_wait_for_a_collector_that_starts_late(job_name):
-    from gradwatch.testing import CollectorProcess
-
-    from services import free_port
+    from tests.support.services import CollectorProcess, free_port
 
     port = free_port()
     model = small_model()
@@ -376,9 +340,7 @@ def test_model_fit_under_xla_keeps_every_step(collector, webhook, job_name):
 def test_diagnoses_are_sent_again_to_a_restarted_collector(job_name):
     """A collector that restarts lost everything: the agent registers again and re-sends
     the diagnoses with its next batch (there will be no new trace to re-diagnose)."""
-    from gradwatch.testing import CollectorProcess
-
-    from services import free_port
+    from tests.support.services import CollectorProcess, free_port
 
     port = free_port()
     model = ModelWithUnusedLayer()

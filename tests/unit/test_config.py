@@ -1,130 +1,179 @@
-"""Collector configuration: precedence, the YAML file, and errors that name the field."""
+"""Collector configuration: each setting declared once; flags, GRADWATCH_* variables and
+the YAML file merged, then checked together, every error naming the setting and where its
+value came from."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
 from gradwatch.collector import config
+from gradwatch.collector.ingest import Limits
+from gradwatch.collector.settings import declared
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def parse(*argv: str) -> config.CollectorConfig:
+def parse(*argv: str, environ: dict | None = None) -> config.CollectorConfig:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
-    return config.from_arguments(parser.parse_args(list(argv)))
+    return config.load(parser.parse_args(list(argv)), environ=environ or {})
 
 
-def write(tmp_path, data) -> str:
-    path = tmp_path / "collector.yaml"
+def errors(*argv: str, environ: dict | None = None) -> list[str]:
+    with pytest.raises(config.ConfigError) as raised:
+        parse(*argv, environ=environ)
+    return raised.value.errors
+
+
+def write(tmp_path, data, name="collector.yaml") -> str:
+    path = tmp_path / name
     path.write_text(data if isinstance(data, str) else json.dumps(data))
     return str(path)
 
 
-def test_defaults(monkeypatch):
-    for name in ("GRADWATCH_GRPC_ADDRESS", "GRADWATCH_RESOLVE_AFTER", "GRADWATCH_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
+def test_defaults():
     settings = parse()
-    assert settings.grpc_address == "127.0.0.1:8470" and settings.resolve_after_s == 10.0
+    assert settings.grpc_address == "127.0.0.1:8470" and settings.resolve_after_seconds == 10.0
     assert settings.rules.for_job("x")["GradientVanishing"].steps == 100
+    assert settings.limits == Limits()
 
 
-def test_file_then_environment_then_flag(tmp_path, monkeypatch):
+def test_file_then_environment_then_flag(tmp_path):
     path = write(tmp_path, {"resolve_after_seconds": 3, "webhook_urls": ["http://a/hook"],
                             "rules": {"GradientExploding": {"max_norm": 50}},
-                            "jobs": {"bert-*": {"GradientVanishing": {"steps": 7}}}})
-    monkeypatch.delenv("GRADWATCH_RESOLVE_AFTER", raising=False)
-    settings = parse("--config", path, "--webhook-url", "http://b/hook")
-    assert settings.resolve_after_s == 3.0
-    assert settings.webhook_urls == ["http://a/hook", "http://b/hook"]
+                            "jobs": {"bert-*": {"GradientVanishing": {"steps": 7}}},
+                            "limits": {"max_jobs": 9}})
+    settings = parse("--config", path, "--webhook-url", "http://b/hook",
+                     environ={"GRADWATCH_WEBHOOK_URLS": "http://c/hook"})
+    assert settings.resolve_after_seconds == 3.0 and settings.limits.max_jobs == 9
+    assert settings.webhook_urls == ["http://a/hook", "http://c/hook", "http://b/hook"]
     assert settings.rules.for_job("resnet")["GradientExploding"].max_norm == 50.0
     assert settings.rules.for_job("bert-base")["GradientVanishing"].steps == 7
     assert settings.rules.for_job("bert-base")["GradientExploding"].max_norm == 50.0
-    monkeypatch.setenv("GRADWATCH_RESOLVE_AFTER", "4")
-    assert parse("--config", path).resolve_after_s == 4.0
-    assert parse("--config", path, "--resolve-after", "5").resolve_after_s == 5.0
+    environ = {"GRADWATCH_RESOLVE_AFTER": "4", "GRADWATCH_LIMITS_MAX_JOBS": "8"}
+    assert parse("--config", path, environ=environ).resolve_after_seconds == 4.0
+    assert parse("--config", path, environ=environ).limits.max_jobs == 8
+    flags = parse("--config", path, "--resolve-after", "5", "--limits.max-jobs", "7",
+                  environ=environ)
+    assert (flags.resolve_after_seconds, flags.limits.max_jobs) == (5.0, 7)
+
+
+def test_every_setting_has_a_flag_a_variable_and_a_yaml_key():
+    items = list(declared(config.CollectorConfig))
+    assert len(items) >= 30
+    for attribute in ("flag", "env", "key"):
+        values = [getattr(item, attribute) for item in items]
+        assert len(set(values)) == len(values), attribute
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    text = parser.format_help()
+    for item in items:
+        assert item.flag in text and item.env in text, item.key
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "yaml"])
+@pytest.mark.parametrize("key, value, message", [
+    ("resolve_after_seconds", "-1", "must be at least 0"),
+    ("max_variable_series", "-5", "must be at least 0"),
+    ("evaluation_interval_seconds", "0", "must be above 0"),
+    ("grpc_keepalive_seconds", "soon", "expected a number"),
+    ("grpc_address", "8470", "expected HOST:PORT"),
+    ("limits.max_jobs", "0", "must be at least 1"),
+    ("limits.max_jobs", "many", "expected an integer"),
+])
+def test_a_bad_value_from_any_source_is_refused(tmp_path, source, key, value, message):
+    item = next(i for i in declared(config.CollectorConfig) if i.key == key)
+    if source == "flag":
+        found, origin = errors(item.flag, value), item.flag
+    elif source == "env":
+        found, origin = errors(environ={item.env: value}), item.env
+    else:
+        section, _, name = key.rpartition(".")
+        data = {section: {name: value}} if section else {key: value}
+        path = write(tmp_path, json.dumps(data).replace(f'"{value}"', value)
+                     if value.lstrip("-").isdigit() else data)
+        found, origin = errors("--config", path), path
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{key} = ") and f"(from {origin}): {message}" in found[0]
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    path = write(tmp_path, {"resolve_after_seconds": "soon", "colour": "blue",
+                            "rules": {"GradientMisssing": {},
+                                      "GradientVanishing": {"steps": 1.5}},
+                            "limits": {"max_job": 5}})
+    found = errors("--config", path, "--max-variable-series", "-5",
+                   environ={"GRADWATCH_RESOLVE_AFTER": "-3",
+                            "GRADWATCH_ALERTMANAGER_URLS": "alertmanager:9093"})
+    text = "\n".join(found)
+    assert len(found) == 7, text
+    for expected in (
+        f"colour: unknown setting (from {path}); known: ",
+        f"limits.max_job: unknown setting (from {path}); known: max_batch_steps",
+        "resolve_after_seconds = '-3' (from GRADWATCH_RESOLVE_AFTER): must be at least 0",
+        "max_variable_series = '-5' (from --max-variable-series): must be at least 0",
+        "alertmanager_urls = 'alertmanager:9093' (from GRADWATCH_ALERTMANAGER_URLS): must "
+        "start with http://",
+        f"rules.GradientMisssing: unknown alert (from {path})",
+        f"rules.GradientVanishing.steps: expected int, got 1.5 (from {path})",
+    ):
+        assert expected in text
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"resolve_after_seconds": "soon"}, "resolve_after_seconds: expected float"),
-    ({"resolve_after_seconds": -1}, "resolve_after_seconds: must not be negative"),
-    ({"grpc_keepalive_seconds": 0}, "grpc_keepalive_seconds: must be positive"),
-    ({"colour": "blue"}, "colour: unknown setting"),
-    ({"rules": {"GradientMisssing": {}}}, "rules.GradientMisssing: unknown alert"),
-    ({"rules": {"GradientVanishing": {"steps": 1.5}}},
-     "rules.GradientVanishing.steps: expected int"),
     ({"rules": {"WorkerSilent": {"enabled": "yes"}}}, "rules.WorkerSilent.enabled: expected bool"),
     ({"jobs": {"a*": {"GradientExploding": {"limit": 1}}}},
      "jobs.a*.GradientExploding.limit: unknown setting"),
-    ({"alertmanager_urls": ["alertmanager:9093"]}, "must start with http://"),
-    ({"limits": {"max_jobs": 0}}, "limits.max_jobs: must be at least 1"),
-    ({"limits": {"max_jobs": "many"}}, "limits.max_jobs: expected int"),
-    ({"limits": {"max_job": 5}}, "limits.max_job: unknown limit; known: max_message_bytes"),
     ({"limits": [1]}, "limits: expected a mapping"),
+    ({"webhook_urls": "http://a"}, "webhook_urls: expected a list"),
     ("rules: [unclosed", "collector.yaml"),
 ])
-def test_invalid_settings_name_the_field(tmp_path, data, message):
-    with pytest.raises(config.ConfigError, match=message.replace("*", r"\*").replace(
-            "[", r"\[")):
-        parse("--config", write(tmp_path, data))
+def test_invalid_file_settings_name_the_field(tmp_path, data, message):
+    (found,) = errors("--config", write(tmp_path, data))
+    assert message in found
 
 
-def test_limits_from_the_file_override_defaults_one_by_one(tmp_path):
-    from gradwatch.collector.ingest import Limits
-
-    settings = parse("--config", write(tmp_path, {"limits": {"max_jobs": 3,
-                                                             "max_sessions_per_job": 64}}))
-    assert settings.limits == Limits(max_jobs=3, max_sessions_per_job=64)
-
-
-def test_collector_refuses_to_start_with_invalid_config(tmp_path):
-    path = write(tmp_path, {"rules": {"GradientExploding": {"max_norm": "big"}}})
-    result = subprocess.run([sys.executable, "-m", "gradwatch", "collector", "--config", path],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "invalid configuration: rules.GradientExploding.max_norm: expected float" in \
-        result.stderr
-
-
-def test_the_shipped_example_is_valid_and_documents_the_defaults():
-    from pathlib import Path
-
-    example = Path(__file__).resolve().parents[2] / "deploy" / "collector.example.yaml"
-    loaded = config.load_file(str(example), config.CollectorConfig())
+def test_the_shipped_example_is_valid_and_documents_every_default():
+    example = ROOT / "deploy" / "collector.example.yaml"
+    loaded = config.load(config_file=str(example), environ={})
     defaults = config.CollectorConfig()
-    for field in ("max_variable_series", "resolve_after_s", "resend_interval_s",
-                  "evaluation_interval_s", "closed_retention_s", "grpc_keepalive_s",
-                  "grpc_keepalive_timeout_s"):
-        assert getattr(loaded, field) == getattr(defaults, field), field
-    assert loaded.rules.base == defaults.rules.base
+    for item in declared(config.CollectorConfig):
+        name = item.key.rpartition(".")[2]
+        if item.default is not None:
+            assert f"{name}:" in example.read_text(), f"{item.key} is not in the example"
     assert loaded.limits == defaults.limits
+    for item in declared(config.CollectorConfig):
+        if not item.section:
+            assert getattr(loaded, item.attribute) == getattr(defaults, item.attribute), item
+    assert loaded.rules.base == defaults.rules.base
     assert loaded.rules.for_job("bert-base")["GradientVanishing"].steps == 500
 
 
 def test_runbook_url_reaches_the_alerts(tmp_path):
     from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.ingest import decode_batch
     from gradwatch.collector.rules import RuleEngine
     from gradwatch.collector.state import Registry
+    from tests.support import wire
 
-    path = tmp_path / "collector.yaml"
-    path.write_text("runbook_url: https://wiki.example/gradwatch\n")
-    settings = config.load_file(str(path), config.CollectorConfig())
+    path = write(tmp_path, "runbook_url: https://wiki.example/gradwatch\n")
+    settings = config.load(config_file=path, environ={})
     tracker = AlertTracker(lambda notification: None, 0.0)
     engine = RuleEngine(settings.rules, tracker, runbook_url=settings.runbook_url)
-    registry = Registry()
-    session = registry.register("job", "adam", "worker", 0, 1, ["a"])
-    session.missing_in_last_batch[:] = True
-    session.steps_total = 1
-    engine.evaluate(session.group)
+    session = Registry().register("job", "adam", "worker", 0, 1, ["a"])
+    batch = decode_batch(wire.batch(session.id, 1, wire.step(0, [0])), 1, 1, Limits())
+    session.apply(1, batch)
+    engine.on_batch(session, batch)
     (alert,) = tracker.active()
     assert alert.annotations["runbook_url"] == "https://wiki.example/gradwatch#gradientmissing"
 
 
 def test_grpc_security_files_are_relative_to_the_config_file_and_checked(tmp_path):
-    from gradwatch.testing import make_certificates
+    from tests.support.certificates import make_certificates
 
     certificates = make_certificates(tmp_path)
     (tmp_path / "tokens.yaml").write_text(
@@ -139,28 +188,14 @@ def test_grpc_security_files_are_relative_to_the_config_file_and_checked(tmp_pat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--grpc-tls-cert-file", "server.pem"], "go together"),
+    (["--grpc-tls-cert-file", "server.pem"],
+     "grpc_tls_cert_file (from --grpc-tls-cert-file) and grpc_tls_key_file (from default) "
+     "go together"),
     (["--grpc-tls-client-ca-file", "ca.pem"], "mutual TLS needs"),
     (["--grpc-tls-cert-file", "/nowhere.pem", "--grpc-tls-key-file", "/nowhere-key.pem"],
-     "grpc_tls: .*nowhere.pem"),
-    (["--tokens-file", "/nowhere.yaml"], "tokens_file: /nowhere.yaml"),
+     "grpc_tls_cert_file (from --grpc-tls-cert-file): "),
+    (["--tokens-file", "/nowhere.yaml"], "tokens_file (from --tokens-file): /nowhere.yaml"),
 ])
 def test_invalid_grpc_security_settings_name_the_field(argv, message):
-    with pytest.raises(config.ConfigError, match=message):
-        parse(*argv)
-
-
-def test_collector_says_why_it_cannot_start_when_its_port_is_taken():
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "gradwatch", "collector", "--grpc-address", "127.0.0.1:0",
-             "--metrics-address", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert "cannot start" in result.stderr and "address already in use" in result.stderr
-    assert "Traceback" not in result.stderr
+    (found,) = errors(*argv)
+    assert message in found

@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from gradwatch.agent.channel import ChannelSettings
-from gradwatch.agent.endpoints import Endpoint, parse_targets, rank, resolve
+from gradwatch.agent.core.channel import ChannelSettings
+from gradwatch.agent.core.endpoints import Endpoint, parse_targets, rank, resolve
 
 
 def test_parse_accepts_one_address_a_list_and_a_dns_name():
@@ -84,13 +84,3 @@ def test_token_file_is_read_for_every_connection(tmp_path):
     token.write_text("second")
     assert settings.metadata() == (("authorization", "Bearer second"),)
     assert ChannelSettings().metadata() == ()
-
-
-def test_channel_settings_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("GRADWATCH_TLS_CA_FILE", "/ca.pem")
-    monkeypatch.setenv("GRADWATCH_TOKEN", "env-token")
-    settings = ChannelSettings.from_environment(token="argument-token")
-    assert settings.secure and settings.ca_file == "/ca.pem"
-    assert settings.token == "argument-token", "arguments win"
-    with pytest.raises(ValueError, match="both"):
-        ChannelSettings.from_environment(cert_file="/client.pem")

@@ -1,17 +1,16 @@
 """The metric contract rendered at scrape time."""
 
 
-from gradwatch.collector.exporter import OTHER_VARIABLES, StateCollector, render_metrics
+from gradwatch.collector.exporter import OTHER_VARIABLES, Exporter, render_metrics
 from gradwatch.collector.ingest import Limits, decode_batch
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
-
-import wire
-from conftest import parse_metrics, select
+from tests.support import wire
+from tests.support.metrics import parse_metrics, select
 
 
 def render(registry: Registry, cap: int = 500) -> dict:
-    text = render_metrics(StateCollector(registry, Telemetry(), list, dict, cap)).decode()
+    text = render_metrics(Exporter(registry, Telemetry(), list, dict, cap)).decode()
     return parse_metrics(text)
 
 
@@ -90,7 +89,7 @@ def test_text_matches_client_python_and_escapes_label_values():
 def test_filtered_scrape_renders_only_the_named_samples():
     registry = Registry()
     feed(registry.register("job", "adam", "worker", 0, 1, ["a"]), [1], [1.0])
-    collector = StateCollector(registry, Telemetry(), list, dict)
+    collector = Exporter(registry, Telemetry(), list, dict)
     text = render_metrics(collector, ["gradwatch_last_step", "gradwatch_steps_total"]).decode()
     assert set(parse_metrics(text)) == {"gradwatch_last_step", "gradwatch_steps_total"}
 
@@ -99,7 +98,20 @@ def test_rejected_messages_carry_code_and_reason():
     telemetry = Telemetry()
     telemetry.rejected[("INVALID_ARGUMENT", "array_length")] += 2
     telemetry.rejected[("RESOURCE_EXHAUSTED", "jobs")] += 1
-    text = render_metrics(StateCollector(Registry(), telemetry, list, dict)).decode()
+    text = render_metrics(Exporter(Registry(), telemetry, list, dict)).decode()
     assert select(parse_metrics(text), "gradwatch_collector_rejected_messages_total") == {
         "code=INVALID_ARGUMENT,reason=array_length": 2.0,
         "code=RESOURCE_EXHAUSTED,reason=jobs": 1.0}
+
+
+def test_each_section_builds_exactly_the_metrics_it_declares():
+    """The ``?name[]=`` filter trusts the declarations: a family built by a section that
+    does not declare it would vanish from filtered scrapes."""
+    registry = Registry()
+    feed(registry.register("job", "adam", "worker", 0, 1, ["a", "b"]), [1, 0], [1.0, 0.0])
+    exporter = Exporter(registry, Telemetry(), list, dict)
+    for metrics, build in exporter.sections:
+        assert [f.sample_name for f in build()] == [m.sample_name for m in metrics]
+    for metric in exporter.metrics:  # and each one alone
+        (family,) = exporter.families({metric.sample_name})
+        assert family.sample_name == metric.sample_name

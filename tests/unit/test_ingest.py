@@ -13,8 +13,7 @@ from gradwatch.collector.ingest import (
     validate_registration,
 )
 from gradwatch.collector.state import Registry
-
-import wire
+from tests.support import wire
 
 LIMITS = Limits(max_variables=10, max_replicas=4, max_label_length=20, max_batch_steps=8,
                 max_versions=3)

@@ -4,8 +4,7 @@ import pytest
 
 from gradwatch.collector.ingest import InvalidReport, Limits, admit_registration
 from gradwatch.collector.state import Registry
-
-import wire
+from tests.support import wire
 
 
 def register(registry: Registry, job: str, task_index: int = 0):

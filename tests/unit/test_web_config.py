@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gradwatch.collector import config, web_config
-from gradwatch.testing import make_certificates
+from tests.support.certificates import make_certificates
 
 
 def hashed(password: str) -> str:
@@ -250,7 +250,7 @@ def test_reload_sees_a_changed_certificate_file(tmp_path, certs):
 def parse(*argv: str) -> config.CollectorConfig:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
-    return config.from_arguments(parser.parse_args(list(argv)))
+    return config.load(parser.parse_args(list(argv)))
 
 
 def test_flag_environment_and_collector_file(tmp_path, monkeypatch):
@@ -270,8 +270,8 @@ def test_flag_environment_and_collector_file(tmp_path, monkeypatch):
 def test_an_invalid_web_config_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("GRADWATCH_WEB_CONFIG_FILE", raising=False)
     path = write(tmp_path, {"tls_server_config": {"cert_file": "gone.pem", "key_file": "k"}})
-    with pytest.raises(config.ConfigError, match=f"web_config_file: {path}: "
-                       "tls_server_config.cert_file: cannot read"):
+    with pytest.raises(config.ConfigError, match=f"web_config_file \\(from --web-config-file\\): "
+                       f"{path}: tls_server_config.cert_file: cannot read"):
         parse("--web-config-file", str(path))
-    with pytest.raises(config.ConfigError, match="web_config_file: expected str"):
+    with pytest.raises(config.ConfigError, match=r"web_config_file = 1 .*expected a non-empty"):
         parse("--config", str(write(tmp_path, {"web_config_file": 1}, "collector.yaml")))

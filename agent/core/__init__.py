@@ -1,0 +1,6 @@
+"""The framework-neutral agent core: settings, identity, endpoints, channel, sessions,
+buffer, the report stream and failover, and the monitor's shared half.
+
+Imports no ML framework (a test imports it with TensorFlow and torch blocked);
+front ends build on it.
+"""

@@ -1,0 +1,173 @@
+"""Steps on their way to the collector: per session, bounded in bytes over all sessions.
+
+Each session's steps wait in ``pending`` until they go out in a batch, then in
+``unacked`` until the collector acknowledges that batch's sequence number. When the
+whole buffer exceeds ``max_bytes``, the oldest steps of the largest sessions are
+dropped and counted; the count reaches the collector with the next batch.
+
+`Buffer.add` may be called from any thread; everything else belongs to the sender
+thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from gradwatch.agent.core.session import Session
+from gradwatch.proto.layout import BYTES_PER_STATISTIC
+from gradwatch.proto.v1 import gradwatch_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+#: Bytes of a buffered step besides its statistics (step, wall time, field headers).
+BYTES_PER_STEP = 48
+
+
+def step_bytes(num_replicas: int, num_variables: int) -> int:
+    """Host memory one buffered step of a session takes (an upper bound of its wire size)."""
+    return num_replicas * num_variables * BYTES_PER_STATISTIC + BYTES_PER_STEP
+
+
+@dataclass
+class SessionBuffer:
+    """One session's buffered steps and its place in the collector's sequence."""
+
+    session: Session
+    session_id: str = ""  # on the current connection's collector
+    #: Session ids by collector address: a reconnect to the same collector resumes the
+    #: session, so batches it applied but never acknowledged are recognised as duplicates.
+    registrations: dict[str, str] = field(default_factory=dict)
+    next_sequence: int = 1
+    acked: int = 0  # the highest sequence acknowledged
+    last_step: int = -1  # of the last step put in a batch
+    dropped: int = 0
+    max_batch_steps: int = 256
+    final_sent: bool = False
+    #: Diagnoses sent since the session was (re-)registered, by variable id.
+    diagnoses_sent: dict[int, pb.Diagnosis] = field(default_factory=dict)
+    pending: collections.deque[pb.StepReport] = field(default_factory=collections.deque)
+    unacked: collections.deque[pb.ReportBatch] = field(default_factory=collections.deque)
+
+    def __post_init__(self) -> None:
+        self.step_bytes = step_bytes(self.session.num_replicas, self.session.num_variables)
+
+    @property
+    def name(self) -> str:
+        return self.session.optimizer
+
+    def buffered_steps(self) -> int:
+        return len(self.pending) + sum(len(b.steps) for b in self.unacked)
+
+    def unsent_diagnoses(self) -> list[pb.Diagnosis]:
+        return [d for i, d in self.session.diagnoses().items()
+                if self.diagnoses_sent.get(i) is not d]
+
+    def has_news(self) -> bool:
+        """Registered here, with steps or diagnoses to send."""
+        return bool(self.session_id) and bool(self.pending or self.unsent_diagnoses())
+
+    def connect(self, address: str) -> None:
+        """A new connection to the collector at ``address``: resume its session, if any."""
+        self.session_id = self.registrations.get(address, "")
+        self.final_sent = False
+
+    def registered(self, address: str, response: pb.RegisterResponse) -> None:
+        self.session_id = self.registrations[address] = response.session_id
+        self.diagnoses_sent = {}
+        self.max_batch_steps = response.max_batch_steps or self.max_batch_steps
+
+    def forget(self, address: str) -> None:
+        """The collector at ``address`` lost our session: register again there."""
+        self.registrations.pop(address, None)
+
+    def next_batch(self, final: bool = False) -> pb.ReportBatch:
+        """The next batch: the oldest pending steps (as many as a batch may hold) and the
+        diagnoses not yet sent, kept in ``unacked`` until acknowledged. A step lower than
+        the one before it (the optimizer's counter was set back) is marked ``rewound``."""
+        steps = [] if final else [self.pending.popleft() for _ in
+                                  range(min(len(self.pending), self.max_batch_steps))]
+        for step in steps:
+            step.rewound = step.step < self.last_step
+            self.last_step = step.step
+        diagnoses = self.unsent_diagnoses()
+        self.diagnoses_sent.update((d.variable_id, d) for d in diagnoses)
+        batch = pb.ReportBatch(session_id=self.session_id, sequence=self.next_sequence,
+                               dropped_steps=self.dropped, diagnoses=diagnoses, steps=steps,
+                               final=final)
+        self.next_sequence += 1
+        self.unacked.append(batch)
+        return batch
+
+    def acknowledge(self, sequence: int) -> None:
+        self.acked = max(self.acked, sequence)
+        while self.unacked and self.unacked[0].sequence <= sequence:
+            self.unacked.popleft()
+
+    def drop_batch(self, sequence: int) -> pb.ReportBatch | None:
+        """Drops the unacknowledged batch ``sequence`` (refused by the collector), counting
+        its steps as dropped; None if it is gone already."""
+        batch = next((b for b in self.unacked if b.sequence == sequence), None)
+        if batch is not None:
+            self.unacked.remove(batch)
+            self.dropped += len(batch.steps)
+        return batch
+
+    def drop_oldest(self, excess: int) -> int:
+        """Drops the oldest steps until ``excess`` bytes are freed or none is left;
+        returns the bytes still in excess."""
+        while excess > 0 and self.unacked:
+            steps = len(self.unacked.popleft().steps)
+            self.dropped += steps
+            excess -= steps * self.step_bytes
+        while excess > 0 and self.pending:
+            self.pending.popleft()
+            self.dropped += 1
+            excess -= self.step_bytes
+        return excess
+
+
+class Buffer:
+    """Every session's `SessionBuffer`, bounded by ``max_bytes`` together."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.sessions: list[SessionBuffer] = []
+        self._lock = threading.Lock()
+        self._new: list[Session] = []
+
+    def add(self, session: Session) -> None:
+        """Takes a new session (any thread); it is read from the next `drain` on."""
+        with self._lock:
+            self._new.append(session)
+
+    def drain(self) -> None:
+        """Moves every session's new steps into the buffer, then enforces the limit."""
+        with self._lock:
+            new, self._new = self._new, []
+        self.sessions.extend(SessionBuffer(s) for s in new)
+        for buffer in self.sessions:
+            try:
+                reports, dropped = buffer.session.drain()
+            except Exception:  # a broken session must not stop the others
+                log.exception("gradwatch: reading statistics of %s failed", buffer.name)
+                continue
+            buffer.dropped += dropped
+            buffer.pending.extend(reports)
+        excess = self.bytes() - self.max_bytes
+        for buffer in sorted(self.sessions, key=lambda b: -b.buffered_steps() * b.step_bytes):
+            if excess <= 0:
+                break
+            excess = buffer.drop_oldest(excess)
+
+    def bytes(self) -> int:
+        """Host memory held by steps not yet acknowledged."""
+        return sum(b.buffered_steps() * b.step_bytes for b in self.sessions)
+
+    def any_unacked(self) -> bool:
+        return any(b.unacked for b in self.sessions)
+
+    def all_acked(self) -> bool:
+        return all(not b.pending and not b.unacked for b in self.sessions)

@@ -1,0 +1,136 @@
+"""The verdict on why a variable got no gradient, and where in the user's code to look.
+
+Front ends produce `Diagnosis` objects (TensorFlow from the traced forward graph);
+they travel as ``gradwatch.v1.Diagnosis`` (`Diagnosis.to_proto`). `user_source`
+and `caller_source` find the innermost frame of the user's own code, skipping the
+standard library, gradwatch and the ML frameworks.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gradwatch.proto.v1 import gradwatch_pb2 as pb
+
+#: Packages whose frames a user cannot act on (when imported).
+LIBRARIES = ("tensorflow", "keras", "tf_keras", "absl", "numpy", "tree", "optree", "torch")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where user code created an op."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def _library_roots() -> tuple[str, ...]:
+    import gradwatch.agent
+
+    roots = [os.path.dirname(gradwatch.agent.__file__), os.path.dirname(os.__file__)]
+    for name in LIBRARIES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            roots.append(os.path.dirname(module.__file__))
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots)
+
+
+_LIBRARY_ROOTS: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=8192)
+def is_user_file(filename: str) -> bool:
+    """False for the frameworks, the standard library, gradwatch's agent and generated
+    code: the frames a user cannot act on."""
+    global _LIBRARY_ROOTS
+    if not _LIBRARY_ROOTS:
+        _LIBRARY_ROOTS = _library_roots()
+    if filename.startswith("<") or "__autograph_generated_file" in filename:
+        return False
+    return not os.path.realpath(filename).startswith(_LIBRARY_ROOTS)
+
+
+def user_source(frames: Iterable[Any]) -> Source | None:
+    """The innermost user frame of ``frames`` (outermost first, like a traceback)."""
+    for frame in reversed(list(frames)):
+        if is_user_file(frame.filename):
+            return Source(frame.filename, frame.lineno)
+    return None
+
+
+def caller_source() -> Source | None:
+    """The innermost user frame of the current Python stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if is_user_file(frame.f_code.co_filename):
+            return Source(frame.f_code.co_filename, frame.f_lineno)
+        frame = frame.f_back
+    return None
+
+
+class Cause(enum.Enum):
+    UNUSED = "unused"
+    NOT_ON_LOSS_PATH = "not_on_loss_path"
+    BROKEN_AT_OP = "broken_at_op"
+    LEFT_TENSORFLOW = "left_tensorflow"
+    OUTSIDE_TAPE = "outside_tape"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The verdict for one variable. ``op_*`` and ``source`` name the op to look at
+    (absent for ``unused``); ``reason`` says what that op does wrong."""
+
+    variable: str
+    cause: Cause
+    op_name: str = ""
+    op_type: str = ""
+    source: Source | None = None
+    reason: str = ""
+    hint: str = ""
+
+    def message(self) -> str:
+        """Plain sentences for logs and the doctor report."""
+        return f"{self.variable} gets no gradient: {self.explanation()}"
+
+    def explanation(self) -> str:
+        """The cause and the fix, without the variable's name (variables sharing a
+        cause are listed together in alerts)."""
+        where = f" at {self.source}" if self.source else ""
+        op = f"{self.op_type} op '{self.op_name}'{where}"
+        text = {
+            Cause.UNUSED: "it is never read by the computation of the loss",
+            Cause.NOT_ON_LOSS_PATH: f"it is read by {op}, but nothing computed from it "
+                                    "reaches the loss",
+            Cause.LEFT_TENSORFLOW: f"the output of {op} left TensorFlow ({self.reason}) and "
+                                   "came back as a constant",
+            Cause.BROKEN_AT_OP: f"the path to the loss crosses {op}, which {self.reason}",
+            Cause.OUTSIDE_TAPE: f"{op} ran before the GradientTape started recording",
+            Cause.UNKNOWN: "gradwatch found a differentiable path to the loss; "
+                           "the gradient was lost elsewhere",
+        }[self.cause]
+        return f"{text[0].upper()}{text[1:]}." + (f" Fix: {self.hint}" if self.hint else "")
+
+    def to_proto(self, variable_id: int) -> pb.Diagnosis:
+        """The wire form, for the variable at ``variable_id`` of a session's table."""
+        return pb.Diagnosis(
+            variable_id=variable_id,
+            cause=pb.Diagnosis.Cause.Value(self.cause.name),
+            op_name=self.op_name,
+            op_type=self.op_type,
+            source_file=self.source.file if self.source else "",
+            source_line=self.source.line if self.source else 0,
+            reason=self.reason,
+            hint=self.hint,
+            message=self.explanation(),
+        )

@@ -1,0 +1,127 @@
+"""What every front end's ``GradientMonitor`` shares: settings, identity, the sender,
+the sessions and their diagnoses, and closing at exit.
+
+A front end subclasses `MonitorCore`, names its launchers (where its identity comes
+from), creates sessions (`Session` with its own `StepSource`) and hands them to
+`adopt`. An invalid setting disables the monitor with one log line: a
+misconfigured gradwatch never stops training.
+
+Thread-safety: the public methods are called from the training thread; `adopt`
+and `add_diagnosis` may be called from any thread (traces, merge calls).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections.abc import Hashable, Sequence
+from typing import Any, ClassVar
+
+from gradwatch.agent.core.channel import ChannelSettings
+from gradwatch.agent.core.diagnosis import Diagnosis
+from gradwatch.agent.core.identity import Identity, Launcher, resolve_identity
+from gradwatch.agent.core.sender import Sender
+from gradwatch.agent.core.session import Session
+from gradwatch.agent.core.settings import AgentSettings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+class MonitorCore:
+    """Settings (arguments win over ``GRADWATCH_*``; see `AgentSettings`), identity, and
+    one background `Sender` for all of this process's sessions."""
+
+    #: Where the launcher says who this process is, in order of precedence.
+    launchers: ClassVar[Sequence[Launcher]] = ()
+
+    def __init__(self, **arguments: Any) -> None:
+        self._sender: Sender | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sessions: dict[Hashable, Session] = {}
+        self._failed: set[Hashable] = set()
+        self._optimizer_names: dict[int, str] = {}
+        #: Diagnoses seen so far, by the variable's id() (the variable is kept, so its id is
+        #: not reused): sessions created later get them too.
+        self._diagnoses: dict[int, tuple[Any, str, Diagnosis]] = {}
+        try:
+            self.settings = AgentSettings.resolve(**arguments)
+        except SettingsError as error:
+            log.error("gradwatch: disabled, invalid settings: %s", error)
+            self.settings = AgentSettings(enabled=False)
+        self.identity: Identity = resolve_identity(self.settings, self.launchers)
+        self.enabled = self.settings.enabled
+        if not self.enabled:
+            return
+        channel = ChannelSettings.of(self.settings)
+        if (channel.token or channel.token_file) and not channel.secure:
+            log.warning("gradwatch: sending a token without TLS; anyone on the network path "
+                        "can read it")
+        self._sender = Sender(self.settings, self.identity.training_job)
+        atexit.register(self.close)
+
+    @property
+    def collector(self) -> str:
+        return self.settings.collector
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Flushes buffered statistics (waiting at most ``timeout_s``) and stops.
+        Returns True if the collector acknowledged everything."""
+        if self._closed or self._sender is None:
+            return True
+        self._closed = True
+        atexit.unregister(self.close)
+        self._on_close()
+        return self._sender.close(timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _on_close(self) -> None:
+        """Front-end clean-up before the last flush (e.g. removing hooks)."""
+
+    # -- for front ends -----------------------------------------------------------------
+
+    def optimizer_name(self, optimizer: Any) -> str:
+        """A name for ``optimizer`` unique within this process: its ``name`` (Keras) or
+        class name, with ``_2``, ``_3`` ... for further ones."""
+        with self._lock:
+            name = self._optimizer_names.get(id(optimizer))
+            if name is None:
+                base = str(getattr(optimizer, "name", None) or type(optimizer).__name__)
+                taken = set(self._optimizer_names.values())
+                name, n = base, 1
+                while name in taken:
+                    n += 1
+                    name = f"{base}_{n}"
+                self._optimizer_names[id(optimizer)] = name
+            return name
+
+    def adopt(self, key: Hashable, session: Session) -> None:
+        """Starts shipping ``session`` (created by the caller for ``key``) and gives it the
+        diagnoses known so far (any thread; call under `session_lock`)."""
+        self._sessions[key] = session
+        for key, (_, name, diagnosis) in self._diagnoses.items():
+            session.add_diagnosis(key, name, diagnosis)
+        self._sender.add_session(session)
+        log.info("gradwatch: watching %d variables of %s x %d replicas (%s, %s:%d) -> %s",
+                 session.num_variables, session.optimizer, session.num_replicas,
+                 self.identity.training_job, self.identity.task_type,
+                 self.identity.task_index, self.collector)
+
+    @property
+    def session_lock(self) -> threading.Lock:
+        return self._lock
+
+    def add_diagnosis(self, variable: Any, name: str, diagnosis: Diagnosis) -> None:
+        """``variable`` (called ``name``) gets no gradient, and this is why (any thread,
+        often while tracing)."""
+        with self._lock:
+            self._diagnoses[id(variable)] = (variable, name, diagnosis)
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.add_diagnosis(id(variable), name, diagnosis)

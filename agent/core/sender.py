@@ -1,0 +1,140 @@
+"""The agent's only background thread: drains sessions and streams them to a collector.
+
+It runs its own asyncio loop with ``grpc.aio`` channels and puts three parts
+together: the `Buffer` of steps not yet acknowledged (bounded in bytes), one
+`Connection` at a time (the ``Report`` stream protocol) and the `Failover` that
+picks the collector replica. Nothing here ever blocks the training thread: it
+only hands over sessions under a lock.
+
+A collector being away is an expected state: the log gets one line when the
+reason a connection fails changes (and one when streaming resumes), never a
+traceback per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+
+from gradwatch.agent.core.buffer import Buffer
+from gradwatch.agent.core.channel import ChannelSettings
+from gradwatch.agent.core.endpoints import Endpoint, parse_targets
+from gradwatch.agent.core.failover import Failback, Failover
+from gradwatch.agent.core.session import Session
+from gradwatch.agent.core.settings import AgentSettings
+from gradwatch.agent.core.stream import Connection, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class Sender:
+    """Ships all sessions of one monitor to the job's collector, from its own thread.
+
+    ``settings``: the collector address(es), buffer limit and timeouts; ``training_job``
+    ranks the collector replicas.
+    """
+
+    def __init__(self, settings: AgentSettings, training_job: str,
+                 rpc_timeout_s: float = 5.0) -> None:
+        self.settings = settings
+        self.channel = ChannelSettings.of(settings)
+        self.buffer = Buffer(settings.max_buffer_bytes)
+        self.failover = Failover(
+            parse_targets(settings.collector), training_job, self.channel,
+            flush_interval_s=settings.flush_interval_s,
+            failback_interval_s=settings.failback_interval_s, rpc_timeout_s=rpc_timeout_s)
+        self.rpc_timeout_s = rpc_timeout_s
+        #: The collector currently streamed to (None while disconnected).
+        self.endpoint: Endpoint | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stopping = asyncio.Event()
+        self._drained = threading.Event()
+        self._last_error = ""
+        self._thread = threading.Thread(target=self._run, name="gradwatch-sender", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ---------------------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        self.buffer.add(session)
+
+    def buffered_bytes(self) -> int:
+        """Host memory held by steps not yet acknowledged (a snapshot; for benchmarks)."""
+        return self.buffer.bytes()
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Sends what is buffered (waiting at most ``timeout_s``) and stops the thread.
+        Returns True if everything recorded was acknowledged."""
+        if self._thread.is_alive():
+            self._call_soon(self._stopping.set)
+            self._drained.wait(timeout_s)
+            self._call_soon(self._cancel_all)
+            self._thread.join(timeout=2.0)
+        return self._drained.is_set()
+
+    def _call_soon(self, callback: Callable[[], object]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop has already finished
+            pass
+
+    # -- sender thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.failover.run(
+                self._connect, lambda: self._stopping.is_set() and self._drained.is_set(),
+                self.buffer.drain))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            leftovers = asyncio.all_tasks(self._loop)  # e.g. gRPC's own status watchers
+            for task in leftovers:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            # gRPC's poller thread may still deliver the cancelled calls' last events.
+            with contextlib.suppress(asyncio.CancelledError):
+                self._loop.run_until_complete(asyncio.sleep(0.1))
+            self._loop.close()
+
+    def _cancel_all(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+
+    async def _connect(self, endpoint: Endpoint, failback: Failback | None
+                       ) -> tuple[Outcome, bool]:
+        connection = Connection(
+            self.buffer, endpoint, self.channel, stopping=self._stopping,
+            drained=self._drained, flush_interval_s=self.settings.flush_interval_s,
+            ack_timeout_s=self.settings.ack_timeout_s, rpc_timeout_s=self.rpc_timeout_s,
+            on_streaming=lambda: self._back(endpoint))
+        self.endpoint = endpoint
+        try:
+            outcome = await connection.run(failback)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug: never let the sender thread die with it
+            log.debug("gradwatch: unexpected error talking to collector %s", endpoint,
+                      exc_info=True)
+            connection.error = f"unexpected {type(error).__name__}: {error}"
+            outcome = Outcome.FAILED
+        finally:
+            self.endpoint = None
+        if connection.error:
+            self._report_error(f"collector {endpoint}: {connection.error}")
+        return outcome, connection.streamed
+
+    def _back(self, endpoint: Endpoint) -> None:
+        if self._last_error:
+            log.info("gradwatch: streaming to collector %s again (%.1f kB buffered)",
+                     endpoint, self.buffer.bytes() / 1e3)
+            self._last_error = ""
+
+    def _report_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("gradwatch: %s (training continues; reports are buffered)", message)
+            self._last_error = message

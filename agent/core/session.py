@@ -1,0 +1,143 @@
+"""A session: one stream of gradient statistics with a fixed variable table.
+
+Usually one optimizer in one task. The front end records each step's statistics
+into a `StepSource` (its on-device ring buffer) from the training thread; the
+sender thread calls `Session.drain`, `Session.registration` and
+`Session.diagnoses`. Besides the source they share only a lock-protected list of
+host-made reports and the diagnoses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from gradwatch.agent.core.diagnosis import Diagnosis
+from gradwatch.agent.core.identity import Identity
+from gradwatch.proto.layout import COLUMN, NUM_COLUMNS, pack_step
+from gradwatch.proto.v1 import gradwatch_pb2 as pb
+
+
+@dataclass(frozen=True)
+class RecordedSteps:
+    """Steps read from a front end's device buffer, oldest first."""
+
+    steps: np.ndarray  # int64 [n]
+    stats: np.ndarray  # float32 [n, num_replicas, num_variables, NUM_COLUMNS]
+    dropped: int  # steps lost (overwritten before they were read) since the previous read
+
+
+class StepSource(Protocol):
+    """Where a front end keeps recorded steps until the sender reads them."""
+
+    num_replicas: int
+
+    def read_new(self) -> RecordedSteps:
+        """Steps recorded since the previous call (sender thread only)."""
+
+
+class Variable(NamedTuple):
+    """A watched variable as the front end describes it. ``key`` identifies the
+    framework's object (its ``id()``), so diagnoses find it."""
+
+    name: str
+    shape: tuple[int, ...]  # -1 for unknown dimensions
+    dtype: str
+    key: int = 0
+
+
+def variable_table(variables: Sequence[Variable]) -> list[pb.Variable]:
+    """The proto variable table; a repeated name gets a ``#n`` suffix so names stay
+    distinct (the collector refuses duplicates)."""
+    seen: dict[str, int] = {}
+    table = []
+    for variable in variables:
+        name = variable.name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}#{seen[name]}"
+        table.append(pb.Variable(name=name, shape=list(variable.shape), dtype=variable.dtype))
+    return table
+
+
+class Session:
+    """One optimizer's stream; see the module docstring for threads."""
+
+    def __init__(self, identity: Identity, optimizer: str, variables: Sequence[Variable],
+                 source: StepSource, *, strategy: str = "",
+                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False) -> None:
+        self.optimizer = optimizer
+        self.num_variables = len(variables)
+        self.source = source
+        self._request = pb.RegisterRequest(
+            training_job=identity.training_job,
+            task_type=identity.task_type,
+            task_index=identity.task_index,
+            num_replicas=source.num_replicas,
+            strategy=strategy,
+            optimizer=optimizer,
+            versions=dict(versions or {}),
+            variables=variable_table(variables),
+            hostname=identity.hostname,
+            pid=identity.pid,
+            loss_scaled=loss_scaled,
+        )
+        self._lock = threading.Lock()
+        self._host_reports: list[pb.StepReport] = []
+        self._ids_by_key: dict[int, int] = {}
+        self._ids_by_name: dict[str, int] = {}
+        for index, variable in enumerate(variables):
+            self._ids_by_key.setdefault(variable.key, index)
+            self._ids_by_name.setdefault(variable.name, index)
+        self._diagnoses: dict[int, pb.Diagnosis] = {}
+
+    @property
+    def num_replicas(self) -> int:
+        return self.source.num_replicas
+
+    def registration(self) -> pb.RegisterRequest:
+        return self._request
+
+    def record_presence(self, step: int, present: Sequence[bool]) -> None:
+        """Records a step that never reaches the device buffer (e.g. the optimizer
+        rejected it while tracing): only which gradients were present is known (any
+        thread)."""
+        stats = np.zeros((self.num_replicas, self.num_variables, NUM_COLUMNS), np.float32)
+        stats[:, :, COLUMN["present"]] = present
+        with self._lock:
+            self._host_reports.append(pack_step(step, stats, time.time()))
+
+    def add_diagnosis(self, key: int, name: str, diagnosis: Diagnosis) -> bool:
+        """Keeps why the variable (by ``key``, else ``name``) gets no gradient, if it is
+        one of ours (any thread)."""
+        index = self._ids_by_key.get(key)
+        if index is None:
+            index = self._ids_by_name.get(name)
+        if index is None:
+            return False
+        with self._lock:
+            self._diagnoses[index] = diagnosis.to_proto(index)
+        return True
+
+    def diagnoses(self) -> dict[int, pb.Diagnosis]:
+        """The latest diagnosis per variable id (sender thread)."""
+        with self._lock:
+            return dict(self._diagnoses)
+
+    def drain(self) -> tuple[list[pb.StepReport], int]:
+        """New step reports and the count of steps dropped since the last call
+        (sender thread only)."""
+        recorded = self.source.read_new()
+        now = time.time()
+        reports = [pack_step(step, stats, now)
+                   for step, stats in zip(recorded.steps, recorded.stats, strict=True)]
+        with self._lock:
+            host, self._host_reports = self._host_reports, []
+        if host:  # a step refused while tracing is reported ahead of the device's steps
+            reports = sorted(host + reports, key=lambda r: r.step)
+        return reports, recorded.dropped

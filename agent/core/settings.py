@@ -1,0 +1,159 @@
+"""Every setting of the agent, declared once: argument name, ``GRADWATCH_*`` variable,
+type, range and default.
+
+`AgentSettings.resolve` merges the two sources (an argument that is not ``None``
+wins over the environment), then checks every value and reports all that are wrong
+at once (`SettingsError`), each naming the setting and where it came from. A monitor
+that gets a `SettingsError` disables itself with one log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gradwatch.agent.core.endpoints import parse_targets
+
+DEFAULT_COLLECTOR = "127.0.0.1:8470"
+#: Host memory for statistics the collector has not acknowledged yet: 10 minutes of a
+#: 1,000-variable, one-replica job at 10 steps/s is 6,000 steps x 17 kB = 103 MB.
+DEFAULT_MAX_BUFFER_BYTES = 128 * 2**20
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; ``errors`` has one line per setting."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE)} or {', '.join(_FALSE)}")
+
+
+def _number(kind: type, minimum: float, *, above: bool = False) -> Callable[[Any], Any]:
+    """Parses an int or float, at least ``minimum`` (or above it, with ``above``)."""
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        if number < minimum or (above and number == minimum):
+            raise ValueError(f"must be {'above' if above else 'at least'} {minimum:g}")
+        return number
+    return parse
+
+
+def _text(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _collector(value: Any) -> str:
+    parse_targets(str(value))  # raises ValueError naming the bad address
+    return str(value)
+
+
+def setting(default: Any, env: str, parse: Callable[[Any], Any], *,
+            invert: bool = False) -> Any:
+    """A field of `AgentSettings`: read from ``env`` (``invert``: the variable says the
+    opposite, as ``GRADWATCH_DISABLED`` does for ``enabled``), checked by ``parse``."""
+    return dataclasses.field(default=default,
+                             metadata={"env": env, "parse": parse, "invert": invert})
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What a monitor is told; see docs/agent.md (and the README's table) for each."""
+
+    #: ``host:port``, a comma-separated list of replicas, or ``dns:///name:port``.
+    collector: str = setting(DEFAULT_COLLECTOR, "GRADWATCH_COLLECTOR", _collector)
+    #: Shared by all tasks of one run; None: from the launcher, else the script's name.
+    training_job: str | None = setting(None, "GRADWATCH_TRAINING_JOB", _text)
+    task_type: str | None = setting(None, "GRADWATCH_TASK_TYPE", _text)
+    task_index: int | None = setting(None, "GRADWATCH_TASK_INDEX", _number(int, 0))
+    #: False (``GRADWATCH_DISABLED=1``) turns every call into a no-op.
+    enabled: bool = setting(True, "GRADWATCH_DISABLED", _flag, invert=True)
+    #: Explain missing gradients (the front end's diagnosis hooks).
+    diagnose: bool = setting(True, "GRADWATCH_DIAGNOSE", _flag)
+    #: On-device ring buffer per session, in steps.
+    buffer_steps: int = setting(256, "GRADWATCH_BUFFER_STEPS", _number(int, 1))
+    #: Host memory for steps not yet acknowledged, over all sessions.
+    max_buffer_bytes: int = setting(DEFAULT_MAX_BUFFER_BYTES, "GRADWATCH_MAX_BUFFER_BYTES",
+                                    _number(int, 0))
+    #: How often statistics leave the device, in seconds.
+    flush_interval_s: float = setting(0.1, "GRADWATCH_FLUSH_INTERVAL",
+                                      _number(float, 0.0, above=True))
+    #: A collector that acknowledges nothing for this long is left for another.
+    ack_timeout_s: float = setting(10.0, "GRADWATCH_ACK_TIMEOUT",
+                                   _number(float, 0.0, above=True))
+    #: How often a preferred collector is checked while on a fallback.
+    failback_interval_s: float = setting(30.0, "GRADWATCH_FAILBACK_INTERVAL",
+                                         _number(float, 0.0, above=True))
+    tls: bool = setting(False, "GRADWATCH_TLS", _flag)
+    tls_ca_file: str | None = setting(None, "GRADWATCH_TLS_CA_FILE", _text)
+    tls_cert_file: str | None = setting(None, "GRADWATCH_TLS_CERT_FILE", _text)
+    tls_key_file: str | None = setting(None, "GRADWATCH_TLS_KEY_FILE", _text)
+    token: str | None = setting(None, "GRADWATCH_TOKEN", _text)
+    token_file: str | None = setting(None, "GRADWATCH_TOKEN_FILE", _text)
+
+    @classmethod
+    def resolve(cls, environ: Mapping[str, str] | None = None,
+                **arguments: Any) -> AgentSettings:
+        """Arguments that are not None, else ``environ`` (default ``os.environ``; a variable
+        set to an empty string counts as unset, as Kubernetes' Downward API leaves a missing
+        label), else the default; raises `SettingsError` listing every invalid value."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(arguments) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown gradwatch settings: {', '.join(unknown)}")
+        values, sources, errors = {}, {}, []
+        for name, field in fields.items():
+            meta = field.metadata
+            if arguments.get(name) is not None:
+                raw, source = arguments[name], f"argument {name}"
+            elif environ.get(meta["env"], "").strip():  # set and not empty
+                raw, source = environ[meta["env"]], meta["env"]
+            else:
+                continue
+            sources[name] = source
+            try:
+                value = meta["parse"](raw)
+                values[name] = (not value) if meta["invert"] and source == meta["env"] else value
+            except ValueError as error:
+                errors.append(f"{name} = {raw!r} (from {source}): {error}")
+        settings = cls(**values)
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            given, missing = (("tls_cert_file", "tls_key_file") if settings.tls_cert_file
+                              else ("tls_key_file", "tls_cert_file"))
+            errors.append(f"{given} is set (from {sources[given]}) but {missing} is not: a "
+                          "client certificate needs both")
+        if errors:
+            raise SettingsError(errors)
+        return settings
+
+    @classmethod
+    def environment_variables(cls) -> dict[str, str]:
+        """Setting name → its variable (for documentation and tests)."""
+        return {f.name: f.metadata["env"] for f in dataclasses.fields(cls)}

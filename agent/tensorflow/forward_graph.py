@@ -1,0 +1,342 @@
+"""The forward computation of one ``tape.gradient`` call as a graph of ops.
+
+It is what `gradwatch.agent.diagnosis` walks to explain a ``None`` gradient.
+Two builders produce the same `ForwardGraph`:
+
+- `from_func_graph`: the ``tf.function`` graph in which the gradient was taken
+  (``model.fit``, custom loops under ``tf.function``), with nested function
+  calls, ``tf.cond`` branches and ``tf.while_loop`` bodies inlined through
+  *link* nodes, so a call is followed, never treated as a break;
+- `EagerRecorder`: eager ops recorded through an op callback, plus the tensors
+  that left TensorFlow (``.numpy()``, ``float()``, NumPy functions called as ``np.*``).
+
+Tensors are identified by ``id()``; the graph (or the recorder) keeps them
+alive, so ids are never reused while it exists. Built at trace time or during
+one recorded eager step, never on the training hot path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import record
+from tensorflow.python.framework import op_callbacks, ops
+
+from gradwatch.agent.core.diagnosis import Source, caller_source, user_source
+
+
+@dataclass
+class Node:
+    """An op of the forward pass, or a *link* (function boundary, passes everything)."""
+
+    name: str
+    type: str
+    inputs: list[int]
+    outputs: list[int]
+    input_dtypes: list[tf.DType]
+    output_dtypes: list[tf.DType]
+    order: int
+    recorded: bool = True  # ran while the gradient tape was recording
+    custom_gradient: str = ""  # gradient override (``tf.custom_gradient``)
+    link: bool = False
+    _source: Source | None = None
+    _op: Any = None  # graph op, for its traceback (read lazily: it is slow)
+
+    @property
+    def source(self) -> Source | None:
+        if self._source is None and self._op is not None:
+            self._source = user_source(self._op.traceback)
+        return self._source
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A tensor that left TensorFlow (``.numpy()`` and friends) during an eager step."""
+
+    tensor: int
+    how: str
+    order: int
+    source: Source | None
+
+
+@dataclass
+class ForwardGraph:
+    nodes: list[Node] = field(default_factory=list)
+    producer: dict[int, Node] = field(default_factory=dict)
+    consumers: dict[int, list[Node]] = field(default_factory=dict)
+    #: id of a variable's (eager) resource handle -> its tensor in this graph.
+    handles: dict[int, int] = field(default_factory=dict)
+    #: Eager only: tensors converted to host values, and when each tensor was first seen.
+    conversions: list[Conversion] = field(default_factory=list)
+    first_seen: dict[int, int] = field(default_factory=dict)
+    keep_alive: list[Any] = field(default_factory=list)
+
+    def add(self, node: Node) -> Node:
+        self.nodes.append(node)
+        for key in node.outputs:
+            self.producer[key] = node
+        for key in node.inputs:
+            self.consumers.setdefault(key, []).append(node)
+            self.first_seen.setdefault(key, node.order)
+        return node
+
+    def ancestors(self, keys: Iterable[int]) -> set[int]:
+        """Tensors that ``keys`` depend on (``keys`` included)."""
+        return self.gradient_reachable(keys, lambda node, index: None)
+
+    def gradient_reachable(self, targets: Iterable[int],
+                           stops: Callable[[Node, int], str | None]) -> set[int]:
+        """Tensors from which a gradient of ``targets`` flows back (``targets`` included):
+        backward reachability through the inputs that ``stops`` lets pass."""
+        seen = set(targets)
+        queue = deque(seen)
+        while queue:
+            node = self.producer.get(queue.popleft())
+            if node is None:
+                continue
+            for index, key in enumerate(node.inputs):
+                if key not in seen and stops(node, index) is None:
+                    seen.add(key)
+                    queue.append(key)
+        return seen
+
+    def flow(self, start: Iterable[int], within: set[int],
+             stops: Callable[[Node, int], str | None]) -> tuple[set[int], list[tuple[Node, str]]]:
+        """Forward reachability from ``start`` through tensors in ``within``.
+
+        ``stops(node, input_index)`` returns why ``node`` does not pass that input on
+        (or None). Returns the reached tensors and the stopping nodes, in the order
+        they were met (closest to ``start`` first)."""
+        reached = {k for k in start}
+        queue = deque(reached)
+        stopped: list[tuple[Node, str]] = []
+        stopped_ids: set[int] = set()
+        while queue:
+            key = queue.popleft()
+            for node in self.consumers.get(key, ()):
+                outputs = [k for k in node.outputs if k in within]
+                if not outputs:
+                    continue
+                why = stops(node, node.inputs.index(key))
+                if why is not None:
+                    if id(node) not in stopped_ids:
+                        stopped_ids.add(id(node))
+                        stopped.append((node, why))
+                    continue
+                for out in outputs:
+                    if out not in reached:
+                        reached.add(out)
+                        queue.append(out)
+        return reached, stopped
+
+
+# -- from a tf.function graph ---------------------------------------------------------------
+
+def graph_position(graph: tf.Graph) -> int:
+    """A marker for "ops created so far" in ``graph``: the highest op id."""
+    return max(graph._nodes_by_id, default=0)
+
+
+def _function_graphs(op: tf.Operation) -> list[Any]:
+    """The bodies of a function-calling op (call, cond, case, while), if resolvable."""
+    graphs = []
+    for attr_name, attr in op.node_def.attr.items():
+        names = ([attr.func.name] if attr.HasField("func")
+                 else [f.name for f in attr.list.func])
+        for name in names:
+            if attr_name.startswith("_") or not name:
+                continue
+            function = op.graph._get_function(name)
+            body = getattr(function, "graph", None) if function is not None else None
+            if body is not None:
+                graphs.append(body)
+    return graphs
+
+
+def _eager_captures(graph: Any) -> dict[int, Any]:
+    """``id(eager handle)`` -> the tensor standing for it inside ``graph``
+    (following captures through enclosing function graphs)."""
+    outer = getattr(graph, "outer_graph", None)
+    outer_map = _eager_captures(outer) if getattr(outer, "captures", None) else {}
+    by_outer = {id(t): eager_id for eager_id, t in outer_map.items()}
+    result = {}
+    for external, internal in graph.captures:
+        if isinstance(external, ops.EagerTensor):
+            result[id(external)] = internal
+        elif id(external) in by_outer:
+            result[by_outer[id(external)]] = internal
+    return result
+
+
+def from_func_graph(graph: Any, until: int, tape_start: int | None) -> ForwardGraph:
+    """The ops of ``graph`` created up to position ``until`` (see `graph_position`).
+    Ops created before ``tape_start`` ran outside the tape."""
+    forward = ForwardGraph()
+    counter = iter(range(1 << 62))
+
+    def add_op(op: tf.Operation, recorded: bool) -> None:
+        bodies = _function_graphs(op)
+        if not bodies:
+            custom = op.node_def.attr["_gradient_op_type"].s.decode() \
+                if "_gradient_op_type" in op.node_def.attr else ""
+            forward.add(Node(op.name, op.type, [id(t) for t in op.inputs],
+                             [id(t) for t in op.outputs], [t.dtype for t in op.inputs],
+                             [t.dtype for t in op.outputs], next(counter), recorded,
+                             custom_gradient=custom, _op=op))
+            return
+        for body in bodies:  # inline: outer inputs -> body inputs -> body -> outer outputs
+            inner_inputs = list(body.inputs)
+            outer_inputs = list(op.inputs)[len(op.inputs) - len(inner_inputs):]
+            for outer, inner in zip(outer_inputs, inner_inputs, strict=False):
+                forward.add(_link(op, outer, inner, next(counter), recorded))
+            for inner_op in body.get_operations():
+                add_op(inner_op, recorded)
+            if len(body.outputs) == len(op.outputs):
+                for inner, outer in zip(body.outputs, op.outputs, strict=True):
+                    forward.add(_link(op, inner, outer, next(counter), recorded))
+
+    for op in graph.get_operations():
+        if op._id > until:
+            break
+        add_op(op, tape_start is None or op._id > tape_start)
+    forward.handles = {eager: id(t) for eager, t in _eager_captures(graph).items()}
+    return forward
+
+
+def _link(op: tf.Operation, source: Any, target: Any, order: int, recorded: bool) -> Node:
+    return Node(op.name, op.type, [id(source)], [id(target)], [source.dtype], [target.dtype],
+                order, recorded, link=True, _op=op)
+
+
+# -- from eager execution -------------------------------------------------------------------
+
+_CONVERSIONS = ("numpy", "__array__", "__float__", "__int__", "__index__", "__complex__")
+#: NumPy reads eager tensors through the buffer protocol, which Python cannot intercept;
+#: while recording, these NumPy entry points (and every ufunc) note tensor arguments.
+_NUMPY_FUNCTIONS = ("array", "asarray", "asanyarray", "mean", "sum", "prod", "max", "min",
+                    "amax", "amin", "round", "around", "clip", "std", "var", "average",
+                    "argmax", "argmin", "where", "dot", "matmul", "stack", "concatenate")
+
+
+class _NumpyWatch:
+    """Stands in for a NumPy function or ufunc: notes eager tensor arguments, then calls
+    it; attributes (``np.add.reduce``) pass through."""
+
+    def __init__(self, function: Any, name: str, note: Callable[[Any, str], None]) -> None:
+        self._function, self._name, self._note = function, name, note
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, ops.EagerTensor):
+                self._note(arg, f"numpy.{self._name}")
+        return self._function(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)
+
+
+class EagerRecorder:
+    """Records the eager ops of (about) one training step.
+
+    `start` installs an op callback and wraps the ways a tensor leaves TensorFlow;
+    `stop` removes them. Records ops of every thread while active, bounded by
+    ``max_ops``; the training thread only pays for this while recording.
+    """
+
+    def __init__(self, max_ops: int = 200_000) -> None:
+        self.max_ops = max_ops
+        self.graph = ForwardGraph()
+        self.active = False
+        self.overflowed = False
+        self._order = 0
+        self._lock = threading.Lock()
+        self._originals: dict[str, Any] = {}
+
+    @property
+    def position(self) -> int:
+        return self._order
+
+    def start(self) -> None:
+        if self.active:
+            return
+        self.graph, self._order, self.overflowed = ForwardGraph(), 0, False
+        op_callbacks.add_op_callback(self._on_op)
+        base = ops._EagerTensorBase
+        for name in _CONVERSIONS:
+            original = base.__dict__.get(name)
+            if original is not None:
+                self._originals[name] = original
+                setattr(base, name, self._conversion(name, original))
+        self._originals["record_operation"] = record.record_operation
+        record.record_operation = self._on_record_operation
+        self._numpy_originals = {}
+        for name, value in vars(np).items():
+            if isinstance(value, np.ufunc) or name in _NUMPY_FUNCTIONS:
+                self._numpy_originals[name] = value
+                setattr(np, name, _NumpyWatch(value, name, self._note_conversion))
+        self.active = True
+
+    def stop(self) -> ForwardGraph:
+        if self.active:
+            op_callbacks.remove_op_callback(self._on_op)
+            record.record_operation = self._originals.pop("record_operation")
+            for name, original in self._originals.items():
+                setattr(ops._EagerTensorBase, name, original)
+            self._originals.clear()
+            for name, original in self._numpy_originals.items():
+                setattr(np, name, original)
+            self.active = False
+        return self.graph
+
+    def _next(self) -> int:
+        self._order += 1
+        return self._order
+
+    def _on_op(self, op_type: Any, inputs: Any, attrs: Any, outputs: Any, op_name: Any = None,
+               graph: Any = None) -> None:
+        if graph is not None or self.overflowed:  # graph construction: not ours
+            return None
+        with self._lock:
+            if len(self.graph.nodes) >= self.max_ops:
+                self.overflowed = True
+                return None
+            if isinstance(op_type, bytes):
+                op_type = op_type.decode()
+            inputs, outputs = list(inputs or ()), list(outputs or ())
+            self.graph.keep_alive.extend(inputs + outputs)
+            self.graph.add(Node(op_name or op_type, op_type, [id(t) for t in inputs],
+                                [id(t) for t in outputs], [t.dtype for t in inputs],
+                                [t.dtype for t in outputs], self._next(),
+                                _source=caller_source()))
+        return None
+
+    def _on_record_operation(self, op_type: str, outputs: Any, inputs: Any, *args: Any,
+                             **kwargs: Any) -> Any:
+        """``tf.custom_gradient`` records its forward outputs with its own gradient."""
+        with self._lock:
+            for tensor in outputs:
+                node = self.graph.producer.get(id(tensor))
+                if node is not None:
+                    node.custom_gradient = op_type
+        return self._originals["record_operation"](op_type, outputs, inputs, *args, **kwargs)
+
+    def _note_conversion(self, tensor: Any, how: str) -> None:
+        if self.active and id(tensor) in self.graph.producer:
+            with self._lock:
+                self.graph.conversions.append(
+                    Conversion(id(tensor), how, self._next(), caller_source()))
+
+    def _conversion(self, how: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        recorder = self
+
+        def convert(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            recorder._note_conversion(tensor, how)
+            return original(tensor, *args, **kwargs)
+
+        return convert

@@ -1,0 +1,226 @@
+"""`GradientMonitor` for TensorFlow: the agent's public API for Keras 3, tf-keras and
+``tf.distribute``.
+
+    monitor = GradientMonitor(collector="127.0.0.1:8470", training_job="my-run")
+    optimizer = monitor.wrap(optimizer)   # Keras 3 and tf-keras; model.fit and custom loops
+    monitor.observe(grads, variables)     # loops that don't use a wrapped optimizer
+    monitor.close()                       # flush; also a context manager
+
+Every setting is an argument or a ``GRADWATCH_*`` variable
+(`gradwatch.agent.core.settings.AgentSettings`); the task comes from ``TF_CONFIG``
+unless set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from gradwatch import __version__
+from gradwatch.agent.core.diagnosis import Diagnosis
+from gradwatch.agent.core.identity import tf_config
+from gradwatch.agent.core.monitor import MonitorCore
+from gradwatch.agent.tensorflow import tape
+from gradwatch.agent.tensorflow.optimizers import wrap_optimizer
+from gradwatch.agent.tensorflow.session import TensorFlowSession
+from gradwatch.agent.tensorflow.variables import variable_name
+
+log = logging.getLogger(__name__)
+
+
+def _loss_scale(optimizer: Any) -> Any:
+    """The current loss scale of a mixed-precision optimizer (Keras 3 or tf-keras
+    ``LossScaleOptimizer``), else None."""
+    if not _is_loss_scaled(optimizer):
+        return None
+    scale = getattr(optimizer, "dynamic_scale", None)  # Keras 3
+    if scale is None:
+        scale = getattr(optimizer, "loss_scale", None)  # tf-keras
+    return None if scale is None else tf.convert_to_tensor(scale)
+
+
+def _is_loss_scaled(optimizer: Any) -> bool:
+    return "LossScaleOptimizer" in type(optimizer).__name__
+
+
+def _warn_if_known_broken(optimizer: Any) -> None:
+    """Says so when the combination cannot train, whatever gradwatch does."""
+    strategy = tf.distribute.get_strategy()
+    keras3 = type(optimizer).__module__.startswith("keras.")
+    if keras3 and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        log.warning(
+            "gradwatch: Keras 3 model.fit under MultiWorkerMirroredStrategy fails upstream "
+            "('unsupported type PerReplica', keras-team/keras#20585). Custom loops "
+            "(strategy.run + optimizer.apply or monitor.observe) and tf-keras model.fit work, "
+            "and gradwatch watches them.")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"gradwatch": __version__, "tensorflow": tf.__version__}
+    try:
+        import keras
+
+        versions["keras"] = keras.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+class GradientMonitor(MonitorCore):
+    """Watches gradients of one training process and ships statistics to a collector.
+
+    Thread-safety: `wrap`, `observe` and `close` are called from the training
+    thread (``observe`` and wrapped optimizers also from ``tf.function`` traces).
+    Network I/O and device→host copies run on one background thread.
+
+    Args:
+      collector: ``host:port`` of the collector, a comma-separated list of replicas,
+        or ``dns:///name:port`` (see `gradwatch.agent.core.endpoints`).
+      training_job: name shared by all tasks of one run.
+      task_type, task_index: override ``TF_CONFIG``.
+      buffer_steps: on-device ring buffer size per session; steps recorded
+        faster than the host drains them are dropped and counted.
+      max_buffer_bytes: host memory for statistics not yet acknowledged, across
+        sessions (while the collector is away); beyond it the oldest steps are dropped
+        and counted. Default 128 MiB.
+      flush_interval_s: how often statistics leave the device.
+      enabled: ``False`` makes every method a no-op.
+      diagnose: explain missing gradients (default on): patches ``tf.GradientTape``
+        while the monitor is open; see `gradwatch.agent.tensorflow.tape`.
+      tls, tls_ca_file, tls_cert_file, tls_key_file, token, token_file: transport
+        security (`gradwatch.agent.core.channel`).
+
+    Each has a ``GRADWATCH_*`` variable (`AgentSettings`); arguments win. An invalid
+    setting disables the monitor with an error in the log: a misconfigured gradwatch
+    never stops training.
+    """
+
+    launchers = (tf_config,)
+
+    def __init__(self, collector: str | None = None, training_job: str | None = None, *,
+                 task_type: str | None = None, task_index: int | None = None,
+                 buffer_steps: int | None = None, max_buffer_bytes: int | None = None,
+                 flush_interval_s: float | None = None, enabled: bool | None = None,
+                 diagnose: bool | None = None, tls: bool | None = None,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None, token: str | None = None,
+                 token_file: str | None = None) -> None:
+        super().__init__(
+            collector=collector, training_job=training_job, task_type=task_type,
+            task_index=task_index, buffer_steps=buffer_steps, max_buffer_bytes=max_buffer_bytes,
+            flush_interval_s=flush_interval_s, enabled=enabled, diagnose=diagnose, tls=tls,
+            tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
+            token=token, token_file=token_file)
+        self._stop_diagnosing = None
+        if self.enabled and self.settings.diagnose:
+            self._stop_diagnosing = tape.listen(self._on_diagnosis)
+
+    # -- public API ---------------------------------------------------------------------
+
+    def wrap(self, optimizer: Any) -> Any:
+        """Patches a Keras 3 or tf-keras optimizer in place so each update is observed
+        (``None`` gradients included) before it is applied; returns the optimizer."""
+        if not self.enabled:
+            return optimizer
+        _warn_if_known_broken(optimizer)
+        return wrap_optimizer(optimizer, self._on_optimizer_gradients, self._on_rejected,
+                              self._on_optimizer_built)
+
+    def observe(self, grads: Sequence[Any], variables: Sequence[Any], *,
+                step: Any = None, name: str = "observe") -> None:
+        """Records one step's gradients for ``variables`` (same order, ``None`` allowed).
+
+        Call it where the gradients are (eagerly, inside ``tf.function``, or in
+        replica context); ``step`` defaults to a per-call-site counter.
+        """
+        if self.enabled:
+            self._record(name, list(grads), list(variables), step)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _on_close(self) -> None:
+        if self._stop_diagnosing is not None:
+            self._stop_diagnosing()
+
+    def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
+        step = getattr(optimizer, "iterations", None)
+        self._record(self.optimizer_name(optimizer), grads, variables,
+                     None if step is None else tf.convert_to_tensor(step),
+                     loss_scale=_loss_scale(optimizer), loss_scaled=_is_loss_scaled(optimizer))
+
+    def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
+        if tf.distribute.in_cross_replica_context() and not self._closed:
+            self._session(self.optimizer_name(optimizer), variables,
+                          loss_scaled=_is_loss_scaled(optimizer))
+
+    def _on_rejected(self, optimizer: Any, grads: list, variables: list, error: Exception) -> None:
+        """The optimizer raised (Keras: "No gradients provided for any variable").
+        Inside a trace our in-graph record never runs, so report from the host."""
+        if not tf.inside_function():
+            return
+        session = self._sessions.get(self._session_key(self.optimizer_name(optimizer),
+                                                       variables))
+        if session is not None:
+            with tf.init_scope():
+                iterations = getattr(optimizer, "iterations", None)
+                step = 0 if iterations is None else int(tf.convert_to_tensor(iterations))
+            session.record_presence(step, [g is not None for g in grads])
+            log.error("gradwatch: %s rejected the update: %s", session.optimizer, error)
+
+    def _on_diagnosis(self, variable: Any, diagnosis: Diagnosis) -> None:
+        self.add_diagnosis(variable, variable_name(variable), diagnosis)
+
+    @staticmethod
+    def _session_key(name: str, variables: Sequence[Any]) -> tuple:
+        return (name, *(id(v) for v in variables))
+
+    def _session(self, name: str, variables: list,
+                 loss_scaled: bool = False) -> TensorFlowSession | None:
+        """The session for these variables, created on first use (None if that failed).
+        In replica context creation goes through ``merge_call``, so all replicas share
+        one session; that merge function must never raise, or the other replicas hang."""
+        key = self._session_key(name, variables)
+        session = self._sessions.get(key)
+        if session is not None:
+            return session
+        if tf.distribute.in_cross_replica_context():
+            return self._new_session(tf.distribute.get_strategy(), key, name, variables,
+                                     loss_scaled)
+        # A closure, not merge_call args: those are regrouped into PerReplica values.
+        return tf.distribute.get_replica_context().merge_call(
+            lambda strategy: self._new_session(strategy, key, name, variables, loss_scaled))
+
+    def _new_session(self, strategy: tf.distribute.Strategy, key: tuple, name: str,
+                     variables: list, loss_scaled: bool = False) -> TensorFlowSession | None:
+        with self.session_lock:
+            session = self._sessions.get(key)
+            if session is None and key not in self._failed:
+                try:
+                    session = TensorFlowSession(
+                        self.identity, name, variables, self.settings.buffer_steps,
+                        strategy=strategy, versions=_versions(), loss_scaled=loss_scaled)
+                except Exception:  # gradwatch must never break training
+                    self._failed.add(key)
+                    log.exception("gradwatch: cannot watch %s", name)
+                    return None
+                self.adopt(key, session)
+        return session
+
+    def _record(self, name: str, grads: list, variables: list, step: Any, *,
+                loss_scale: Any = None, loss_scaled: bool = False) -> None:
+        if len(grads) != len(variables):
+            raise ValueError(f"gradwatch: {len(grads)} gradients for {len(variables)} variables")
+        key = self._session_key(name, variables)
+        if key in self._failed or self._closed:
+            return
+        try:
+            session = self._session(name, variables, loss_scaled)
+            if session is not None:
+                session.record(grads, step, loss_scale)
+        except Exception:  # gradwatch must never break training
+            self._failed.add(key)
+            log.exception("gradwatch: cannot record gradients of %s; it is no longer watched",
+                          name)

@@ -1,0 +1,54 @@
+"""A TensorFlow session: records one optimizer's gradients into an on-device ring buffer.
+
+`TensorFlowSession.record` runs where the gradients are (eagerly, while tracing,
+compiled, in replica context); the framework-neutral `Session` does the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from gradwatch.agent.core.identity import Identity
+from gradwatch.agent.core.session import Session
+from gradwatch.agent.tensorflow.recorder import StepRecorder
+from gradwatch.agent.tensorflow.stats import gradient_stats
+from gradwatch.agent.tensorflow.variables import describe
+from gradwatch.proto.layout import GRADIENT_SCALED
+
+
+class TensorFlowSession(Session):
+    """Create in cross-replica context (see `StepRecorder`)."""
+
+    def __init__(self, identity: Identity, optimizer: str, variables: Sequence[Any],
+                 capacity: int, strategy: tf.distribute.Strategy,
+                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False):
+        recorder = StepRecorder(len(variables), capacity, name=f"gradwatch_{optimizer}",
+                                strategy=strategy)
+        super().__init__(identity, optimizer, [describe(v) for v in variables], recorder,
+                         strategy=type(strategy).__name__, versions=versions,
+                         loss_scaled=loss_scaled)
+        self._recorder = recorder
+        # TensorFlow counts traces per code object; a partial is counted per session,
+        # so many sessions (each traced once or twice) don't look like "retracing".
+        self._record = tf.function(functools.partial(self._record_step), autograph=False)
+
+    def _record_step(self, grads: list, step: tf.Tensor | None,
+                     loss_scale: tf.Tensor | None) -> tf.Operation:
+        stats = gradient_stats(grads)
+        if loss_scale is not None:  # report what the optimizer will apply: g / scale
+            inverse = 1.0 / tf.cast(loss_scale, tf.float32)
+            stats = stats * tf.where(tf.constant(GRADIENT_SCALED), inverse, 1.0)
+        return self._recorder.record(stats, step)
+
+    def record(self, grads: Sequence[Any], step: Any = None, loss_scale: Any = None) -> None:
+        """Records one step: in replica context (or without a strategy), eagerly,
+        while tracing, or compiled. Eager calls go through a cached tf.function.
+        ``loss_scale``: the factor the gradients are scaled by (mixed precision)."""
+        if tf.inside_function():
+            self._record_step(list(grads), step, loss_scale)
+        else:
+            self._record(list(grads), step, loss_scale)

@@ -1,0 +1,224 @@
+"""Sees every ``GradientTape.gradient`` call and diagnoses the ``None`` results.
+
+`listen` patches ``tf.GradientTape`` (the class: Keras 3, tf-keras and custom
+loops all go through it) while at least one listener is registered. After a
+gradient call that returned ``None`` for a variable, once per traced function
+and variable:
+
+- inside ``tf.function`` (``model.fit``, compiled loops) the traced graph is
+  analysed at once, at trace time;
+- eagerly, the forward computation is gone, so the *next* step is recorded
+  (`EagerRecorder`) and analysed at its gradient call. Diagnose-only mode
+  (``gradwatch doctor``) records from the start, so the first step is explained.
+
+Listeners get ``(variable, Diagnosis)`` on the thread that called ``gradient``.
+Nothing here may break training: failures are logged and swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.eager import backprop
+from tensorflow.python.framework import ops
+
+from gradwatch.agent.core.diagnosis import Diagnosis
+from gradwatch.agent.tensorflow import forward_graph
+from gradwatch.agent.tensorflow.diagnosis import Diagnoser
+from gradwatch.agent.tensorflow.forward_graph import EagerRecorder, ForwardGraph
+from gradwatch.agent.tensorflow.variables import variable_handles, variable_name
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Any, Diagnosis], None]
+
+
+def _ref(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # None, or an object without weak references: keep it
+        return lambda: obj
+
+
+class _Seen:
+    """(graph, variable) pairs already diagnosed; graph None means eager. Held weakly, so a
+    new graph or variable that reuses a dead one's id() is not taken for it."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[int, int], tuple[Callable[[], Any], Callable[[], Any]]] = {}
+
+    def __contains__(self, pair: tuple[Any, Any]) -> bool:
+        graph, variable = pair
+        refs = self._pairs.get((id(graph), id(variable)))
+        return refs is not None and refs[0]() is graph and refs[1]() is variable
+
+    def add(self, graph: Any, variable: Any) -> None:
+        if len(self._pairs) > 10_000:  # forget the dead
+            self._pairs = {k: r for k, r in self._pairs.items()
+                           if r[1]() is not None and (k[0] == id(None) or r[0]() is not None)}
+        self._pairs[(id(graph), id(variable))] = (_ref(graph), _ref(variable))
+
+    def clear(self) -> None:
+        self._pairs.clear()
+
+
+class _GradientCalls:
+    """Process-wide: the patch, the listeners, and what was already diagnosed."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+        self.record_eagerly_always = 0
+        self._lock = threading.RLock()
+        self._originals: dict[str, Any] = {}
+        self._seen = _Seen()
+        self._logged: set[Diagnosis] = set()
+        self._recorder = EagerRecorder()
+        self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
+
+    def listen(self, listener: Listener, *, record_eagerly: bool = False) -> Callable[[], None]:
+        with self._lock:
+            self.listeners.append(listener)
+            self.record_eagerly_always += record_eagerly
+            if not self._originals:
+                self._patch()
+            if record_eagerly:
+                self._recorder.start()
+
+        def stop() -> None:
+            with self._lock:
+                if listener in self.listeners:
+                    self.listeners.remove(listener)
+                    self.record_eagerly_always -= record_eagerly
+                if not self.record_eagerly_always and not self._awaiting:
+                    self._recorder.stop()
+                if not self.listeners:
+                    self._recorder.stop()
+                    self._awaiting.clear()
+                    self._seen.clear()
+                    self._unpatch()
+
+        return stop
+
+    # -- the patch ------------------------------------------------------------------------
+
+    def _patch(self) -> None:
+        tape_class = backprop.GradientTape
+        self._originals = {"__enter__": tape_class.__enter__, "gradient": tape_class.gradient}
+        calls = self
+        enter, gradient = self._originals["__enter__"], self._originals["gradient"]
+
+        def entered(tape):
+            result = enter(tape)
+            try:
+                tape._gradwatch_start = calls._position()
+            except Exception:
+                tape._gradwatch_start = None
+            return result
+
+        def patched_gradient(tape, target, sources, *args, **kwargs):
+            before = calls._position_or_none()
+            result = gradient(tape, target, sources, *args, **kwargs)
+            try:
+                calls._after_gradient(tape, target, sources, result, before)
+            except Exception:  # never break training
+                log.exception("gradwatch: diagnosing missing gradients failed")
+            return result
+
+        tape_class.__enter__ = entered
+        tape_class.gradient = patched_gradient
+
+    def _unpatch(self) -> None:
+        for name, original in self._originals.items():
+            setattr(backprop.GradientTape, name, original)
+        self._originals = {}
+
+    def _position(self) -> tuple[Any, int]:
+        if tf.inside_function():
+            graph = ops.get_default_graph()
+            return graph, forward_graph.graph_position(graph)
+        return None, self._recorder.position
+
+    def _position_or_none(self) -> tuple[Any, int] | None:
+        try:
+            return self._position()
+        except Exception:
+            return None
+
+    # -- after each gradient call ---------------------------------------------------------
+
+    def _after_gradient(self, tape: Any, target: Any, sources: Any, result: Any,
+                        before: tuple[Any, int] | None) -> None:
+        flat_sources = tf.nest.flatten(sources, expand_composites=False)
+        flat_grads = tf.nest.flatten(result, expand_composites=False)
+        if len(flat_sources) != len(flat_grads) or before is None:
+            return
+        graph, position = before
+        missing = [v for v, g in zip(flat_sources, flat_grads, strict=True)
+                   if g is None and (graph, v) not in self._seen and variable_handles(v)]
+        with self._lock:
+            if graph is None:
+                self._after_eager_gradient(tape, target, missing)
+                return
+            if not missing:
+                return
+            start = getattr(tape, "_gradwatch_start", None)
+            tape_start = start[1] if start and start[0] is graph else None
+            forward = forward_graph.from_func_graph(graph, position, tape_start)
+            self._diagnose(forward, target, missing, graph)
+
+    def _after_eager_gradient(self, tape: Any, target: Any, missing: list[Any]) -> None:
+        """Diagnoses from the recording of this step if there is one, else records the
+        next. Each gradient call ends the recording and starts a fresh one if needed."""
+        recorder = self._recorder
+        if missing and recorder.active and recorder.overflowed:
+            log.warning("gradwatch: an eager step has more than %d ops; its missing gradients "
+                        "are not diagnosed", recorder.max_ops)
+            for variable in missing:
+                self._seen.add(None, variable)
+        elif missing and recorder.active:
+            forward = recorder.stop()
+            start = getattr(tape, "_gradwatch_start", None)
+            self._mark_outside_tape(forward, start[1] if start and start[0] is None else 0)
+            self._diagnose(forward, target, missing, None)
+        elif missing:
+            self._awaiting.update(id(v) for v in missing)
+        self._awaiting.difference_update(id(v) for v in missing if (None, v) in self._seen)
+        recorder.stop()
+        if self.record_eagerly_always or self._awaiting:
+            recorder.start()
+
+    @staticmethod
+    def _mark_outside_tape(forward: ForwardGraph, tape_start: int) -> None:
+        for node in forward.nodes:
+            node.recorded = node.order > tape_start
+
+    def _diagnose(self, forward: ForwardGraph, target: Any, missing: list[Any],
+                  graph: Any) -> None:
+        diagnoser = Diagnoser(forward, [id(t) for t in tf.nest.flatten(target) if t is not None])
+        for variable in missing:
+            self._seen.add(graph, variable)
+            verdict = diagnoser.diagnose(variable_name(variable), variable_handles(variable))
+            if verdict not in self._logged:
+                self._logged.add(verdict)
+                log.warning("gradwatch: %s", verdict.message())
+            for listener in list(self.listeners):
+                try:
+                    listener(variable, verdict)
+                except Exception:
+                    log.exception("gradwatch: a diagnosis listener failed")
+
+
+_CALLS = _GradientCalls()
+
+
+def listen(listener: Listener, *, record_eagerly: bool = False) -> Callable[[], None]:
+    """Calls ``listener(variable, diagnosis)`` for each variable found without a gradient
+    (once per traced function and variable). ``record_eagerly``: record eager steps
+    from now on, so the first eager step is diagnosed too (slow: diagnose-only use).
+    Returns a function that stops listening."""
+    return _CALLS.listen(listener, record_eagerly=record_eagerly)

@@ -1,0 +1,46 @@
+"""What gradwatch needs to know about a TensorFlow or Keras variable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensorflow.python.framework import ops
+
+from gradwatch.agent.core.session import Variable
+
+
+def variable_name(variable: Any) -> str:
+    """Keras 3 variables have a unique ``path``; tf.Variables a ``name`` ending in ``:0``."""
+    name = getattr(variable, "path", None) or getattr(variable, "name", None) or "variable"
+    return name[:-2] if name.endswith(":0") else name
+
+
+def describe(variable: Any) -> Variable:
+    """The variable as a session's table holds it."""
+    shape = tuple(-1 if d is None else int(d) for d in getattr(variable, "shape", ()))
+    dtype = getattr(variable, "dtype", "")
+    return Variable(variable_name(variable), shape, getattr(dtype, "name", str(dtype)),
+                    id(variable))
+
+
+def variable_handles(variable: Any) -> list[int]:
+    """ids of the eager resource handles behind ``variable`` (a tf.Variable, a Keras 3
+    variable, a distributed variable: one handle per replica), empty if none."""
+    found: list[int] = []
+    pending = [variable]
+    while pending:
+        value = pending.pop()
+        if type(value).__module__.startswith("keras"):  # Keras 3 variable: wraps a tf one
+            pending.append(getattr(value, "_value", None))
+            continue
+        components = getattr(value, "values", None)  # DistributedVariable
+        if isinstance(components, tuple) and components and components[0] is not value:
+            pending.extend(components)
+            continue
+        try:
+            handle = value.handle
+        except Exception:
+            continue
+        if isinstance(handle, ops.EagerTensor):
+            found.append(id(handle))
+    return found

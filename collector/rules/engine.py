@@ -1,0 +1,141 @@
+"""Runs the rules after each batch (and on a timer), and owns their per-session history.
+
+Every batch is observed by every enabled rule at once. A group is evaluated after a
+batch unless it was evaluated less than ``min_interval_s`` ago; then it waits for
+`RuleEngine.evaluate_pending`, which the server calls every ``min_interval_s``, so a
+job with many tasks costs one evaluation per interval, not one per task's batch.
+The active alerts go to `AlertTracker`, which owns firing, hysteresis and
+resolution. Event-loop only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradwatch.collector.alerts import Alert, AlertTracker
+from gradwatch.collector.rules.base import Rule
+from gradwatch.collector.rules.norms import GradientExploding, GradientVanishing
+from gradwatch.collector.rules.presence import GradientMissing, GradientNonFinite
+from gradwatch.collector.rules.replicas import ReplicaDivergence, WorkerSilent
+from gradwatch.collector.state import Group, SessionState, StepBatch
+
+log = logging.getLogger(__name__)
+
+RULES: tuple[Rule, ...] = (GradientMissing(), GradientNonFinite(), GradientExploding(),
+                           GradientVanishing(), ReplicaDivergence(), WorkerSilent())
+RULE_NAMES = tuple(rule.name for rule in RULES)
+#: Default runbook location (inside the repository); ``runbook_url`` in the collector's
+#: settings points alerts at a page your on-call can open.
+RUNBOOK = "docs/runbook.md"
+
+GroupKey = tuple[str, str]  # (training_job, optimizer)
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """Parameters of every rule, with per-job overrides (first matching glob wins)."""
+
+    base: dict[str, Any] = field(default_factory=lambda: {r.name: r.Params() for r in RULES})
+    jobs: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def for_job(self, training_job: str) -> dict[str, Any]:
+        for pattern, overrides in self.jobs:
+            if fnmatch.fnmatchcase(training_job, pattern):
+                return {**self.base, **overrides}
+        return self.base
+
+
+@contextlib.contextmanager
+def _contained(rule: Rule) -> Iterator[None]:
+    """A failing rule is logged and skipped; ingest and the other rules go on."""
+    try:
+        yield
+    except Exception:
+        log.exception("rule %s failed", rule.name)
+
+
+class RuleEngine:
+    def __init__(self, settings: RuleSettings, tracker: AlertTracker,
+                 clock: Callable[[], float] = time.time, min_interval_s: float = 0.0,
+                 runbook_url: str = RUNBOOK) -> None:
+        self.settings = settings
+        self.runbook_url = runbook_url
+        self.tracker = tracker
+        self.clock = clock
+        self.min_interval_s = min_interval_s
+        self._evaluated_at: dict[GroupKey, float] = {}
+        self._pending: dict[GroupKey, Group] = {}
+        #: Rule history: group → session id → rule name → that rule's state.
+        self._states: dict[GroupKey, dict[str, dict[str, Any]]] = {}
+
+    @staticmethod
+    def _key(group: Group) -> GroupKey:
+        return (group.training_job, group.optimizer)
+
+    def state(self, rule_name: str, session: SessionState) -> Any:
+        """The history ``rule_name`` keeps for ``session`` (None if none yet)."""
+        return self._states.get(self._key(session.group), {}).get(session.id, {}).get(
+            rule_name)
+
+    def on_batch(self, session: SessionState, batch: StepBatch) -> None:
+        group = session.group
+        params = self.settings.for_job(group.training_job)
+        if batch.steps.size:
+            states = self._states.setdefault(self._key(group), {}).setdefault(session.id, {})
+            for rule in RULES:
+                if params[rule.name].enabled:
+                    with _contained(rule):
+                        if rule.name not in states:
+                            states[rule.name] = rule.new_state(session)
+                        if states[rule.name] is not None:
+                            rule.observe(states[rule.name], session, batch, params[rule.name])
+        key = self._key(group)
+        if self.clock() - self._evaluated_at.get(key, -np.inf) >= self.min_interval_s:
+            self.evaluate(group)
+        else:
+            self._pending[key] = group
+
+    def evaluate_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for group in pending.values():
+            self.evaluate(group)
+
+    def evaluate(self, group: Group) -> None:
+        now = self.clock()
+        key = self._key(group)
+        self._evaluated_at[key] = now
+        self._pending.pop(key, None)
+        states = self._states.get(key, {})
+        for gone in set(states) - set(group.sessions):  # expired or replaced sessions
+            del states[gone]
+        if not states:
+            self._states.pop(key, None)
+        params = self.settings.for_job(group.training_job)
+        alerts: list[Alert] = []
+        for rule in RULES:
+            if params[rule.name].enabled:
+                with _contained(rule):
+                    by_session = {sid: s[rule.name] for sid, s in states.items()
+                                  if s.get(rule.name) is not None}
+                    alerts += rule.evaluate(group, by_session, params[rule.name], now)
+        for active in alerts:
+            active.annotations["runbook_url"] = f"{self.runbook_url}#{active.name.lower()}"
+        self.tracker.update(key, alerts, now)
+
+    def tick(self, groups: Iterable[Group]) -> None:
+        """Periodic pass: silence is only visible on a clock, and pending
+        resolutions complete on one."""
+        groups = list(groups)
+        for group in groups:
+            self.evaluate(group)
+        known = {self._key(g) for g in groups}
+        self._evaluated_at = {k: t for k, t in self._evaluated_at.items() if k in known}
+        self.tracker.expire(self.clock())

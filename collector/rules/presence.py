@@ -1,0 +1,89 @@
+"""GradientMissing and GradientNonFinite: what the latest batches of a group say about
+each variable's gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from gradwatch.collector.alerts import Alert
+from gradwatch.collector.rules.base import (
+    Params,
+    Rule,
+    SinceEvaluation,
+    alert,
+    flagged,
+    listing,
+    names,
+    reporting,
+)
+from gradwatch.collector.state import Group, SessionState, StepBatch
+
+
+def _causes(group: Group, columns: np.ndarray) -> str:
+    """Agents' diagnoses of these columns, variables sharing a cause listed together."""
+    by_explanation: dict[str, list[str]] = {}
+    for column in np.flatnonzero(columns):
+        cause = group.causes.get(int(column))
+        if cause is not None:
+            by_explanation.setdefault(cause.explanation, []).append(group.names[column])
+    return " | ".join(f"{listing(variables)}: {explanation}"
+                      for explanation, variables in list(by_explanation.items())[:10])
+
+
+class GradientMissing(Rule[SinceEvaluation]):
+    """A trainable variable got no gradient in a batch since the last evaluation, on some
+    task or replica. Critical when a task had no gradient for any variable."""
+
+    name = "GradientMissing"
+
+    def new_state(self, session: SessionState) -> SinceEvaluation:
+        return SinceEvaluation(session.num_variables)
+
+    def observe(self, state: SinceEvaluation, session: SessionState, batch: StepBatch,
+                params: Params) -> None:
+        state.raise_flags((~batch.present).any(axis=(0, 1)))
+
+    def evaluate(self, group: Group, states: Mapping[str, SinceEvaluation], params: Params,
+                 now: float) -> list[Alert]:
+        seen = {sid: state.look() for sid, state in states.items()}
+        missing, tasks = flagged(group, lambda s: seen.get(s.id))
+        if not tasks:
+            return []
+        all_missing = any(seen[s.id].all() for s in reporting(group) if s.id in seen)
+        variables = names(group, missing)
+        causes = _causes(group, missing)
+        return [alert(
+            self.name, "critical" if all_missing else "warning", group,
+            f"{len(variables)} of {len(group.names)} variables of {group.training_job} "
+            f"({group.optimizer}) get no gradient",
+            "These variables are not being trained." + (f" Why: {causes}" if causes else ""),
+            variables, tasks, causes=causes or "not diagnosed (gradwatch diagnoses "
+            "GradientTape-based training; see docs/diagnosis.md)")]
+
+
+class GradientNonFinite(Rule[SinceEvaluation]):
+    """NaN or Inf in any gradient of a batch since the last evaluation (steps a
+    loss-scale optimizer skips are not counted: see `SessionState.nonfinite_steps`)."""
+
+    name = "GradientNonFinite"
+
+    def new_state(self, session: SessionState) -> SinceEvaluation:
+        return SinceEvaluation(session.num_variables)
+
+    def observe(self, state: SinceEvaluation, session: SessionState, batch: StepBatch,
+                params: Params) -> None:
+        state.raise_flags(session.nonfinite_steps(batch).any(axis=(0, 1)))
+
+    def evaluate(self, group: Group, states: Mapping[str, SinceEvaluation], params: Params,
+                 now: float) -> list[Alert]:
+        seen = {sid: state.look() for sid, state in states.items()}
+        bad, tasks = flagged(group, lambda s: seen.get(s.id))
+        if not tasks:
+            return []
+        variables = names(group, bad)
+        return [alert(self.name, "critical", group,
+                      f"NaN or Inf in the gradients of {len(variables)} variables of "
+                      f"{group.training_job} ({group.optimizer})",
+                      "Updates with these gradients corrupt the weights.", variables, tasks)]

@@ -1,0 +1,106 @@
+"""The statistics layout: what each step reports per replica and variable, and how it travels.
+
+The one definition both sides import. An agent computes a ``[replicas, variables,
+NUM_COLUMNS]`` float32 matrix per step, columns in `STATISTICS` order, and packs it
+with `pack_step`; the collector unpacks a batch with `unpack_steps` and checks each
+value against its statistic's `Kind`. Each statistic travels in the ``StepReport``
+field of the same name as one packed little-endian array, replica-major.
+
+Adding a statistic: a ``bytes`` field in ``StepReport`` (gradwatch.proto), an entry
+here, the agents' computation, and what the collector does with it (see
+docs/contributing.md).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.proto.v1 import gradwatch_pb2 as pb
+
+
+class Kind(enum.Enum):
+    """What values a statistic may take (checked by the collector)."""
+
+    FLAG = "flag"  # 0 or 1, sent as uint8
+    MAGNITUDE = "magnitude"  # >= 0; NaN and +Inf allowed (what a non-finite gradient gives)
+    COUNT = "count"  # finite and >= 0 (float32: exact below 2**24)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One column. ``scales_with_gradient``: proportional to the gradient, so an agent
+    multiplies it by ``1 / loss_scale`` to report the unscaled value (mixed precision)."""
+
+    name: str
+    kind: Kind
+    scales_with_gradient: bool
+    description: str
+
+    @property
+    def wire_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self.kind is Kind.FLAG else "<f4")
+
+
+STATISTICS: tuple[Statistic, ...] = (
+    Statistic("present", Kind.FLAG, False, "1 if the variable had a gradient"),
+    Statistic("l2_norm", Kind.MAGNITUDE, True, "L2 norm of the gradient (0 if absent)"),
+    Statistic("max_abs", Kind.MAGNITUDE, True, "max |g| (0 if absent)"),
+    Statistic("nan_count", Kind.COUNT, False, "NaN elements of the gradient"),
+    Statistic("inf_count", Kind.COUNT, False, "+-Inf elements of the gradient"),
+)
+COLUMNS: tuple[str, ...] = tuple(s.name for s in STATISTICS)
+NUM_COLUMNS = len(STATISTICS)
+#: Column index by statistic name, e.g. ``COLUMN["present"]``.
+COLUMN: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
+#: Per-column factor for reporting unscaled gradients: ``stats * where(GRADIENT_SCALED,
+#: 1 / loss_scale, 1)``.
+GRADIENT_SCALED = np.array([s.scales_with_gradient for s in STATISTICS])
+#: Wire bytes of one replica x variable (all columns).
+BYTES_PER_STATISTIC = sum(s.wire_dtype.itemsize for s in STATISTICS)
+
+
+def pack_step(step: int, stats: np.ndarray, wall_time: float) -> pb.StepReport:
+    """A StepReport from a ``[replicas, variables, NUM_COLUMNS]`` array (any float dtype)."""
+    if stats.shape[-1] != NUM_COLUMNS:
+        raise ValueError(f"expected {NUM_COLUMNS} columns ({', '.join(COLUMNS)}), "
+                         f"got {stats.shape[-1]}")
+    arrays = {}
+    for i, statistic in enumerate(STATISTICS):
+        column = stats[..., i].reshape(-1)
+        if statistic.kind is Kind.FLAG:
+            column = column > 0
+        arrays[statistic.name] = column.astype(statistic.wire_dtype).tobytes()
+    return pb.StepReport(step=int(step), wall_time=wall_time, **arrays)
+
+
+class LayoutError(ValueError):
+    """A packed array whose length does not match the variable table."""
+
+
+def unpack_steps(steps: Sequence[pb.StepReport], num_replicas: int,
+                 num_variables: int) -> dict[str, np.ndarray]:
+    """Each statistic of ``steps`` as a ``[steps, replicas, variables]`` array in its wire
+    dtype (read-only views of the messages' bytes). Raises `LayoutError` naming the
+    first array of the wrong length."""
+    width = num_replicas * num_variables
+    arrays = {}
+    for statistic in STATISTICS:
+        chunks = [getattr(step, statistic.name) for step in steps]
+        expected = width * statistic.wire_dtype.itemsize
+        for i, chunk in enumerate(chunks):
+            if len(chunk) != expected:
+                raise LayoutError(
+                    f"steps[{i}].{statistic.name} has {len(chunk)} bytes; expected {expected} "
+                    f"({num_replicas} replicas x {num_variables} variables)")
+        flat = np.frombuffer(b"".join(chunks), dtype=statistic.wire_dtype)
+        arrays[statistic.name] = flat.reshape(len(chunks), num_replicas, num_variables)
+    return arrays
+
+
+def field_number(message: type, name: str) -> int:
+    """The proto field number of ``message.name`` (for hand-written encoders)."""
+    return message.DESCRIPTOR.fields_by_name[name].number

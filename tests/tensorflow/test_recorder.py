@@ -1,0 +1,60 @@
+"""The on-device ring buffer: what the host reads is what the step wrote."""
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch.agent.tensorflow.recorder import StepRecorder
+from gradwatch.agent.tensorflow.stats import NUM_COLUMNS
+
+
+def stats_for(value: float, num_variables: int = 3) -> tf.Tensor:
+    return tf.fill([num_variables, NUM_COLUMNS], value)
+
+
+def test_reads_each_step_once_in_order():
+    recorder = StepRecorder(3, capacity=8)
+    for i in range(5):
+        recorder.record(stats_for(float(i)), step=100 + i)
+    got = recorder.read_new()
+    assert got.steps.tolist() == [100, 101, 102, 103, 104]
+    assert got.stats.shape == (5, 1, 3, NUM_COLUMNS)
+    assert got.stats[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert got.dropped == 0
+    assert recorder.read_new().steps.size == 0
+
+
+def test_default_step_is_the_count():
+    recorder = StepRecorder(1, capacity=4)
+    recorder.record(stats_for(0.0, 1))
+    recorder.record(stats_for(0.0, 1))
+    assert recorder.read_new().steps.tolist() == [1, 2]
+
+
+def test_overwritten_steps_are_counted_as_dropped():
+    recorder = StepRecorder(2, capacity=4)
+    for i in range(10):
+        recorder.record(stats_for(float(i), 2), step=i)
+    got = recorder.read_new()
+    assert got.steps.tolist() == [6, 7, 8, 9]
+    assert got.dropped == 6
+
+
+def test_large_step_numbers_stay_exact():
+    recorder = StepRecorder(1, capacity=2)
+    big = 2**40 + 12345
+    recorder.record(stats_for(1.0, 1), step=big)
+    assert recorder.read_new().steps.tolist() == [big]
+
+
+def test_records_from_tf_function_and_xla():
+    recorder = StepRecorder(2, capacity=16)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        return recorder.record(tf.fill([2, NUM_COLUMNS], x), step=tf.cast(x, tf.int64))
+
+    for i in range(3):
+        step(tf.constant(float(i)))
+    got = recorder.read_new()
+    assert got.steps.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(got.stats[:, 0, 1, 1], [0.0, 1.0, 2.0])

@@ -1,0 +1,64 @@
+"""GradientExploding and GradientVanishing.
+
+On collector state built by hand (`tests.support.rules`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.support.rules import Harness, healthy
+
+
+def test_exploding_absolute_limit():
+    h = Harness(GradientExploding={"max_norm": 100.0})
+    s = h.register()
+    h.feed(s, {"present": [1, 1, 1], "norm": [1, 150, 1]})
+    (alert,) = h.active("GradientExploding")
+    assert alert.annotations["variables"] == "b"
+
+
+def test_exploding_relative_to_rolling_median_needs_history():
+    h = Harness(GradientExploding={"median_factor": 10.0, "min_steps": 5, "window_steps": 20})
+    s = h.register()
+    h.feed(s, {"present": [1, 1, 1], "norm": [1, 1, 50]})  # no history yet: quiet
+    assert h.active("GradientExploding") == []
+    for _ in range(6):
+        h.feed(s, healthy())
+    h.feed(s, healthy(norm=9.0))  # 9x the median: below the factor
+    assert h.active("GradientExploding") == []
+    h.feed(s, {"present": [1, 1, 1], "norm": [1, 1, 30]})
+    (alert,) = h.active("GradientExploding")
+    assert alert.annotations["variables"] == "c"
+    h.feed(s, healthy())
+    assert h.active("GradientExploding") == []
+
+
+def test_nan_norms_are_nonfinite_not_exploding():
+    h = Harness(GradientExploding={"min_steps": 1})
+    s = h.register()
+    h.feed(s, healthy(), {"present": [1, 1, 1], "norm": [np.nan, 1, 1], "nan": [1, 0, 0]})
+    assert h.active("GradientExploding") == []
+    assert h.active("GradientNonFinite")
+
+
+def test_vanishing_needs_consecutive_steps_on_every_replica():
+    h = Harness(GradientVanishing={"steps": 3, "epsilon": 1e-6})
+    s = h.register(replicas=2)
+    zero_b = {"present": [[1, 1, 1], [1, 1, 1]], "norm": [[1, 0, 1], [1, 0, 1]]}
+    only_one_replica = {"present": [[1, 1, 1], [1, 1, 1]], "norm": [[1, 0, 1], [1, 1, 1]]}
+    h.feed(s, zero_b, zero_b, only_one_replica, zero_b, zero_b)  # streak broken at step 3
+    assert h.active("GradientVanishing") == []
+    h.feed(s, zero_b)
+    (alert,) = h.active("GradientVanishing")
+    assert alert.annotations["variables"] == "b"
+    h.feed(s, {"present": [[1, 1, 1], [1, 1, 1]], "norm": [[1, 1, 1], [1, 1, 1]]})
+    assert h.active("GradientVanishing") == []
+
+
+def test_missing_is_not_vanishing():
+    h = Harness(GradientVanishing={"steps": 2})
+    s = h.register()
+    b_missing = {"present": [1, 0, 1], "norm": [1, 0, 1]}
+    h.feed(s, b_missing, b_missing, b_missing)
+    assert h.active("GradientVanishing") == []
+    assert h.active("GradientMissing")

@@ -1,0 +1,53 @@
+"""ReplicaDivergence and WorkerSilent.
+
+On collector state built by hand (`tests.support.rules`)."""
+
+from __future__ import annotations
+
+from tests.support.rules import Harness, healthy
+
+
+def test_divergence_presence_on_some_replicas_only():
+    h = Harness()
+    h.feed(h.register(replicas=2), {"present": [[1, 1, 1], [1, 0, 1]],
+                                    "norm": [[1, 1, 1], [1, 0, 1]]})
+    (alert,) = h.active("ReplicaDivergence")
+    assert alert.annotations["variables"] == "b"
+    assert alert.annotations["tasks"] == "worker/0 replica 1"
+
+
+def test_divergence_norm_ratio_across_workers_at_the_same_step():
+    h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
+    w0, w1 = h.register(0), h.register(1)
+    h.feed(w0, healthy(norm=1.0), first_step=10)
+    h.feed(w1, healthy(norm=4.0), first_step=10)
+    assert h.active("ReplicaDivergence") == []
+    h.feed(w0, healthy(norm=1.0))
+    h.feed(w1, healthy(norm=6.0))
+    (alert,) = h.active("ReplicaDivergence")
+    assert "6x" in alert.annotations["description"]
+    assert alert.annotations["tasks"] == "worker/0 replica 0, worker/1 replica 0"
+
+
+def test_divergence_ignores_workers_at_other_steps():
+    h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
+    w0, w1 = h.register(0), h.register(1)
+    h.feed(w0, healthy(norm=1.0), first_step=10)
+    h.feed(w1, healthy(norm=100.0), first_step=11)
+    assert h.active("ReplicaDivergence") == []
+
+
+def test_silent_worker_fires_on_the_clock_and_not_after_closing():
+    h = Harness(WorkerSilent={"seconds": 30.0})
+    w0, w1 = h.register(0), h.register(1)
+    h.feed(w0, healthy())
+    h.feed(w1, healthy())
+    w0.last_report_time = w1.last_report_time = h.clock.now
+    h.clock.now += 31
+    w1.last_report_time = h.clock.now  # worker 1 keeps reporting
+    h.engine.tick(h.registry.groups.values())
+    (alert,) = h.active("WorkerSilent")
+    assert alert.annotations["tasks"] == "worker/0"
+    w0.closed = True  # the agent said goodbye: not silent, finished
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("WorkerSilent") == []

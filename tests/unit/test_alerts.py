@@ -1,0 +1,78 @@
+"""The alert lifecycle: firing, updates, hysteresis, leases, and delivery to sinks.
+
+On collector state built by hand (`tests.support.rules`)."""
+
+from __future__ import annotations
+
+from tests.support.rules import Harness
+
+
+def test_tracker_fires_once_updates_and_resolves():
+    h = Harness()
+    s = h.register()
+    h.feed(s, [1, 0, 1])
+    h.feed(s, [1, 0, 1])  # unchanged: silent
+    assert [(n.status, n.starts_at) for n in h.sent] == [("firing", 1000.0)]
+    h.clock.now = 1002.0
+    h.feed(s, [1, 0, 0])  # more missing: the same alert with new annotations
+    assert (h.sent[-1].status, h.sent[-1].starts_at) == ("firing", 1000.0)
+    assert h.sent[-1].alert.annotations["variables"] == "b, c"
+    h.clock.now = 1003.0
+    h.feed(s, [1, 1, 1])  # gradients are back
+    assert (h.sent[-1].status, h.sent[-1].ends_at) == ("resolved", 1003.0)
+    assert h.active() == []
+    body = h.sent[-1].to_alertmanager()
+    assert body["startsAt"].startswith("1970-01-01T00:16:40")
+    assert body["endsAt"].startswith("1970-01-01T00:16:43")
+
+
+def test_hysteresis_turns_flapping_into_one_alert():
+    h = Harness(resolve_after_s=5.0)
+    s = h.register()
+    for i in range(10):  # the variable's gradient comes and goes every step
+        h.clock.now += 1
+        h.feed(s, [1, i % 2, 1])
+    assert [n.status for n in h.sent] == ["firing"]
+    h.clock.now += 4.9
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("GradientMissing")  # still within the hysteresis window
+    h.clock.now += 0.2
+    h.engine.tick(h.registry.groups.values())
+    assert [n.status for n in h.sent] == ["firing", "resolved"]
+
+
+def test_firing_alerts_lease_ahead_for_alertmanager():
+    h = Harness()
+    h.feed(h.register(), [1, 0, 1])
+    (notification,) = h.tracker.firing()
+    body = notification.to_alertmanager(lease_end=2000.0)
+    assert body["endsAt"].startswith("1970-01-01T00:33:20")
+
+
+def test_dispatcher_resends_only_to_sinks_that_want_them():
+    import asyncio
+
+    from gradwatch.collector.alerts import Alert, Notification
+    from gradwatch.collector.sinks import Dispatcher
+
+    class Recorder:
+        def __init__(self, name, wants_resends):
+            self.name, self.wants_resends, self.got = name, wants_resends, []
+
+        async def send(self, notifications):
+            self.got += notifications
+
+    async def scenario():
+        am, hook = Recorder("am", True), Recorder("hook", False)
+        dispatcher = Dispatcher([am, hook])
+        dispatcher.start()
+        firing = Notification(Alert({"alertname": "GradientMissing"}), 1.0)
+        dispatcher.submit(firing)
+        dispatcher.submit(firing, resend=True)
+        await dispatcher.flush(2.0)
+        await dispatcher.close()
+        return am.got, hook.got, dict(dispatcher.outcomes)
+
+    am_got, hook_got, outcomes = asyncio.run(scenario())
+    assert len(am_got) == 2 and len(hook_got) == 1
+    assert outcomes == {("am", "sent"): 2, ("hook", "sent"): 1}
