@@ -33,6 +33,7 @@ import urllib.request
 import grpc
 import numpy as np
 
+from gradwatch.proto.layout import COLUMN, NUM_COLUMNS, pack_step
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
 from tests.support.procfs import process_cpu_seconds, process_memory_mb
@@ -49,12 +50,13 @@ def registration(job: str, task: int, variables: int, replicas: int) -> pb.Regis
 
 def step_reports(count: int, width: int, seed: int) -> list[pb.StepReport]:
     rng = np.random.default_rng(seed)
-    zeros = np.zeros(width, "<f4").tobytes()
-    return [pb.StepReport(step=i, wall_time=time.time(),
-                          present=(rng.random(width) > 0.01).astype(np.uint8).tobytes(),
-                          l2_norm=rng.random(width, np.float32).tobytes(),
-                          max_abs=rng.random(width, np.float32).tobytes(),
-                          nan_count=zeros, inf_count=zeros) for i in range(count)]
+    reports = []
+    for i in range(count):
+        stats = np.zeros((1, width, NUM_COLUMNS), np.float32)
+        stats[0, :, COLUMN["present"]] = rng.random(width) > 0.01
+        stats[0, :, COLUMN["l2_norm"]] = rng.random(width)
+        reports.append(pack_step(i, stats, time.time()))
+    return reports
 
 
 def agent(target: str, job: str, args: argparse.Namespace, start_at: float,

@@ -20,6 +20,7 @@ from gradwatch.collector.exporter import Exporter, render_metrics
 from gradwatch.collector.ingest import Limits, decode_batch
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
+from gradwatch.proto.layout import COLUMN, NUM_COLUMNS, pack_step
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 VARIABLES, TASKS, REPLICAS = 500, 4, 2
@@ -28,16 +29,13 @@ VARIABLES, TASKS, REPLICAS = 500, 4, 2
 def fill(registry: Registry, jobs: int) -> None:
     rng = np.random.default_rng(0)
     names = [f"model/block_{i // 4}/layer_{i % 4}/kernel" for i in range(VARIABLES)]
-    width = VARIABLES * REPLICAS
     for job in range(jobs):
         for task in range(TASKS):
             session = registry.register(f"job-{job:04d}", "adam", "worker", task, REPLICAS, names)
-            step = pb.StepReport(
-                step=1, present=(rng.random(width) > 0.01).astype(np.uint8).tobytes(),
-                l2_norm=rng.random(width, np.float32).tobytes(),
-                max_abs=rng.random(width, np.float32).tobytes(),
-                nan_count=np.zeros(width, "<f4").tobytes(),
-                inf_count=np.zeros(width, "<f4").tobytes())
+            stats = np.zeros((REPLICAS, VARIABLES, NUM_COLUMNS), np.float32)
+            stats[..., COLUMN["present"]] = rng.random((REPLICAS, VARIABLES)) > 0.01
+            stats[..., COLUMN["l2_norm"]] = rng.random((REPLICAS, VARIABLES))
+            step = pack_step(1, stats, 0.0)
             batch = pb.ReportBatch(session_id=session.id, sequence=1, steps=[step])
             session.apply(1, decode_batch(batch, REPLICAS, VARIABLES, Limits()))
 

@@ -26,7 +26,6 @@ class StepBatch:
     wall_time: np.ndarray  # float64 [S]
     present: np.ndarray  # bool
     l2_norm: np.ndarray  # float32
-    max_abs: np.ndarray  # float32
     nan_count: np.ndarray  # float32
     inf_count: np.ndarray  # float32
     global_norm: np.ndarray  # float64 [S, R]: L2 norm of all present gradients together
@@ -80,7 +79,6 @@ class SessionState:
         self.present = np.ones(shape, bool)
         self.nonfinite = np.zeros(shape, bool)
         self.l2_norm = np.zeros(shape, np.float32)
-        self.max_abs = np.zeros(shape, np.float32)
         self.global_norm = np.zeros(self.num_replicas, np.float64)
         # Totals:
         self.missing_steps_total = np.zeros(len(self.columns), np.int64)
@@ -112,7 +110,6 @@ class SessionState:
         self.last_step = int(batch.steps[-1])
         self.present = batch.present[-1]
         self.l2_norm = batch.l2_norm[-1]
-        self.max_abs = batch.max_abs[-1]
         self.global_norm = batch.global_norm[-1]
         self.missing_steps_total += (~batch.present).sum(axis=(0, 1))
         self.nan_total += batch.nan_count.sum(axis=(0, 1))

@@ -32,12 +32,10 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class Statistic:
-    """One column. ``scales_with_gradient``: proportional to the gradient, so an agent
-    multiplies it by ``1 / loss_scale`` to report the unscaled value (mixed precision)."""
+    """One column: the ``StepReport`` field that carries it, and what it may hold."""
 
     name: str
     kind: Kind
-    scales_with_gradient: bool
     description: str
 
     @property
@@ -46,19 +44,15 @@ class Statistic:
 
 
 STATISTICS: tuple[Statistic, ...] = (
-    Statistic("present", Kind.FLAG, False, "1 if the variable had a gradient"),
-    Statistic("l2_norm", Kind.MAGNITUDE, True, "L2 norm of the gradient (0 if absent)"),
-    Statistic("max_abs", Kind.MAGNITUDE, True, "max |g| (0 if absent)"),
-    Statistic("nan_count", Kind.COUNT, False, "NaN elements of the gradient"),
-    Statistic("inf_count", Kind.COUNT, False, "+-Inf elements of the gradient"),
+    Statistic("present", Kind.FLAG, "1 if the variable had a gradient"),
+    Statistic("l2_norm", Kind.MAGNITUDE, "L2 norm of the gradient (0 if absent)"),
+    Statistic("nan_count", Kind.COUNT, "NaN elements of the gradient"),
+    Statistic("inf_count", Kind.COUNT, "+-Inf elements of the gradient"),
 )
 COLUMNS: tuple[str, ...] = tuple(s.name for s in STATISTICS)
 NUM_COLUMNS = len(STATISTICS)
 #: Column index by statistic name, e.g. ``COLUMN["present"]``.
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
-#: Per-column factor for reporting unscaled gradients: ``stats * where(GRADIENT_SCALED,
-#: 1 / loss_scale, 1)``.
-GRADIENT_SCALED = np.array([s.scales_with_gradient for s in STATISTICS])
 #: Wire bytes of one replica x variable (all columns).
 BYTES_PER_STATISTIC = sum(s.wire_dtype.itemsize for s in STATISTICS)
 

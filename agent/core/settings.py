@@ -96,8 +96,9 @@ class AgentSettings:
     enabled: bool = setting(True, "GRADWATCH_DISABLED", _flag, invert=True)
     #: Explain missing gradients (the front end's diagnosis hooks).
     diagnose: bool = setting(True, "GRADWATCH_DIAGNOSE", _flag)
-    #: On-device ring buffer per session, in steps.
-    buffer_steps: int = setting(256, "GRADWATCH_BUFFER_STEPS", _number(int, 1))
+    #: On-device ring buffer per session, in steps; None: as many as fit in 4 MiB per
+    #: replica, 16 to 256 (`gradwatch.agent.core.session.ring_capacity`).
+    buffer_steps: int | None = setting(None, "GRADWATCH_BUFFER_STEPS", _number(int, 1))
     #: Host memory for steps not yet acknowledged, over all sessions.
     max_buffer_bytes: int = setting(DEFAULT_MAX_BUFFER_BYTES, "GRADWATCH_MAX_BUFFER_BYTES",
                                     _number(int, 0))

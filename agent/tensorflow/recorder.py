@@ -1,4 +1,4 @@
-"""On-device ring buffer holding the statistics of a session's most recent steps.
+"""On-device ring buffer holding the records of a session's most recent steps.
 
 The training step *writes* one row per step into TensorFlow variables (no host
 work, no Python at run time, so ``tf.function`` and XLA are fine). The sender
@@ -6,12 +6,11 @@ thread *reads* new rows every flush interval. Neither side waits for the other:
 if the host falls more than ``capacity`` steps behind, the oldest rows are
 overwritten and counted as dropped.
 
-Row layout (float32): ``[seq_hi, seq_lo, step_hi, step_lo, stats...]`` where
-integers are split in 24-bit halves so they stay exact in float32 (up to
-2**48), and ``stats`` is the flattened ``[num_variables, NUM_COLUMNS]`` matrix
-from `gradwatch.agent.tensorflow.stats`. One row is written by one scatter, so a reader
-never sees half a row; the sequence number in the row tells a reader whether
-the slot still holds the step it expects.
+Row layout (float32): ``[seq, step, record...]``, where the int64 sequence number and
+step are stored bit for bit (``tf.bitcast``: two float32 slots each, no arithmetic),
+and ``record`` is one step's `gradwatch.agent.tensorflow.stats.gradient_record`. One
+row is written by one scatter, so a reader never sees half a row; the sequence
+number in the row tells a reader whether the slot still holds the step it expects.
 """
 
 from __future__ import annotations
@@ -20,19 +19,14 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch.agent.core.session import RecordedSteps
-from gradwatch.proto.layout import NUM_COLUMNS
+from gradwatch.agent.tensorflow.stats import RECORD_WIDTH, to_statistics
 
-_HEADER = 4
-_HALF = 1 << 24
-
-
-def _split(value: tf.Tensor) -> list[tf.Tensor]:
-    value = tf.cast(value, tf.int64)
-    return [tf.cast(value // _HALF, tf.float32), tf.cast(value % _HALF, tf.float32)]
+_HEADER = 4  # float32 slots holding (seq, step) as two int64
 
 
-def _join(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    return hi.astype(np.int64) * _HALF + lo.astype(np.int64)
+def row_bytes(num_variables: int) -> int:
+    """Device memory of one row (one step of one replica)."""
+    return 4 * (_HEADER + RECORD_WIDTH * num_variables)
 
 
 def _replica_local_variable(initial: tf.Tensor, name: str) -> tf.Variable:
@@ -62,20 +56,21 @@ class StepRecorder:
         self._last_read = 0
         with tf.init_scope(), strategy.scope():
             self._rows = _replica_local_variable(
-                tf.zeros([capacity, _HEADER + num_variables * NUM_COLUMNS], tf.float32),
+                tf.zeros([capacity, _HEADER + RECORD_WIDTH * num_variables], tf.float32),
                 f"{name}_rows")
             self._count = _replica_local_variable(tf.constant(0, tf.int64), f"{name}_count")
         self._replica_rows = strategy.experimental_local_results(self._rows)
         self._replica_counts = strategy.experimental_local_results(self._count)
         self.num_replicas = len(self._replica_rows)
 
-    def record(self, stats: tf.Tensor, step: tf.Tensor | int | None = None) -> tf.Operation:
-        """Appends one step's ``[num_variables, NUM_COLUMNS]`` statistics for the
-        current replica. ``step`` defaults to the recorder's own count (1-based)."""
+    def record(self, record: tf.Tensor, step: tf.Tensor | int | None = None) -> tf.Operation:
+        """Appends one step's record (`gradient_record`) for the current replica.
+        ``step`` defaults to the recorder's own count (1-based)."""
         seq = self._count + 1
-        step = seq if step is None else step
-        row = tf.concat([tf.stack(_split(seq) + _split(step)), tf.reshape(stats, [-1])], 0)
-        slot = tf.cast((seq - 1) % self.capacity, tf.int32)
+        step = seq if step is None else tf.cast(step, tf.int64)
+        header = tf.reshape(tf.bitcast(tf.stack([seq, step]), tf.float32), [_HEADER])
+        row = tf.concat([header, record], 0)
+        slot = seq % self.capacity
         # SyncOnRead variables have no scatter_update; in replica context their
         # handle is the current replica's copy (and a plain variable's is itself).
         write = tf.raw_ops.ResourceScatterUpdate(
@@ -89,23 +84,21 @@ class StepRecorder:
         ``stats`` is ``[n, num_replicas, num_variables, NUM_COLUMNS]``.
         """
         count = min(int(c.numpy()) for c in self._replica_counts)
+        n = self.num_variables
         first = max(self._last_read + 1, count - self.capacity + 1)
         dropped = first - self._last_read - 1
         seqs = np.arange(first, count + 1, dtype=np.int64)
         self._last_read = max(self._last_read, count)
         if seqs.size == 0:
-            return RecordedSteps(
-                np.zeros(0, np.int64),
-                np.zeros((0, self.num_replicas, self.num_variables, NUM_COLUMNS), np.float32),
-                dropped)
-        slots = (seqs - 1) % self.capacity
+            return RecordedSteps(np.zeros(0, np.int64), to_statistics(
+                np.zeros((0, self.num_replicas, RECORD_WIDTH * n), np.float32), n), dropped)
+        slots = seqs % self.capacity
         rows = np.stack([tf.gather(r, slots).numpy() for r in self._replica_rows], axis=1)
+        header = np.ascontiguousarray(rows[..., :_HEADER]).view(np.int64)  # [n, R, 2]
         # A slot may have been overwritten by a newer step while we copied.
-        intact = (_join(rows[..., 0], rows[..., 1]) == seqs[:, None]).all(axis=1)
-        rows = rows[intact]
+        intact = (header[..., 0] == seqs[:, None]).all(axis=1)
         return RecordedSteps(
-            steps=_join(rows[:, 0, 2], rows[:, 0, 3]),
-            stats=rows[..., _HEADER:].reshape(
-                -1, self.num_replicas, self.num_variables, NUM_COLUMNS),
+            steps=header[intact, 0, 1],
+            stats=to_statistics(rows[intact, :, _HEADER:], n),
             dropped=dropped + int((~intact).sum()),
         )

@@ -13,21 +13,22 @@ from typing import Any
 import tensorflow as tf
 
 from gradwatch.agent.core.identity import Identity
-from gradwatch.agent.core.session import Session
-from gradwatch.agent.tensorflow.recorder import StepRecorder
-from gradwatch.agent.tensorflow.stats import gradient_stats
+from gradwatch.agent.core.session import Session, ring_capacity
+from gradwatch.agent.tensorflow.recorder import StepRecorder, row_bytes
+from gradwatch.agent.tensorflow.stats import gradient_record, scale_record
 from gradwatch.agent.tensorflow.variables import describe
-from gradwatch.proto.layout import GRADIENT_SCALED
 
 
 class TensorFlowSession(Session):
     """Create in cross-replica context (see `StepRecorder`)."""
 
     def __init__(self, identity: Identity, optimizer: str, variables: Sequence[Any],
-                 capacity: int, strategy: tf.distribute.Strategy,
+                 capacity: int | None, strategy: tf.distribute.Strategy,
                  versions: Mapping[str, str] | None = None, loss_scaled: bool = False):
-        recorder = StepRecorder(len(variables), capacity, name=f"gradwatch_{optimizer}",
-                                strategy=strategy)
+        """``capacity``: ring buffer rows (None: `ring_capacity`'s default)."""
+        recorder = StepRecorder(len(variables),
+                                ring_capacity(row_bytes(len(variables)), capacity),
+                                name=f"gradwatch_{optimizer}", strategy=strategy)
         super().__init__(identity, optimizer, [describe(v) for v in variables], recorder,
                          strategy=type(strategy).__name__, versions=versions,
                          loss_scaled=loss_scaled)
@@ -38,11 +39,10 @@ class TensorFlowSession(Session):
 
     def _record_step(self, grads: list, step: tf.Tensor | None,
                      loss_scale: tf.Tensor | None) -> tf.Operation:
-        stats = gradient_stats(grads)
+        record = gradient_record(grads)
         if loss_scale is not None:  # report what the optimizer will apply: g / scale
-            inverse = 1.0 / tf.cast(loss_scale, tf.float32)
-            stats = stats * tf.where(tf.constant(GRADIENT_SCALED), inverse, 1.0)
-        return self._recorder.record(stats, step)
+            record = scale_record(record, len(grads), 1.0 / tf.cast(loss_scale, tf.float32))
+        return self._recorder.record(record, step)
 
     def record(self, grads: Sequence[Any], step: Any = None, loss_scale: Any = None) -> None:
         """Records one step: in replica context (or without a strategy), eagerly,

@@ -1,8 +1,16 @@
-"""In-graph gradient statistics: a few numbers per gradient, computed on its device.
+"""In-graph gradient statistics: one read of each gradient per step, on its device.
 
 Everything here is plain TensorFlow (no Python callbacks), so it runs eagerly,
-inside ``tf.function`` and under XLA. Absent (``None``) gradients are known at
-trace time and cost nothing.
+inside ``tf.function`` and under XLA. `gradient_record` returns what a step writes
+to the on-device ring buffer; `to_statistics` turns records into the
+`gradwatch.proto.layout` columns on the host.
+
+The hot path reads each present gradient once: its sum of squares (``l2_loss``: one
+kernel, no temporary; small gradients are concatenated and reduced together when
+there are many). Presence is known at trace time and costs nothing. Non-finite
+gradients show in the sums (NaN or Inf), so a single ``tf.cond`` per step decides
+whether the rare branch runs: it counts NaN and Inf elements and recomputes
+overflowed norms with scaling, from O(1) ops over all gradients concatenated.
 """
 
 from __future__ import annotations
@@ -12,12 +20,17 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.proto.layout import COLUMNS, NUM_COLUMNS
+from gradwatch.proto.layout import COLUMN, NUM_COLUMNS
 
-#: Gradients of at most this many elements (statically known) are reduced together:
-#: concatenated, then three segment reductions, because for small tensors the cost of
-#: running an op dominates. Larger ones get three read-only reductions each.
+#: Gradients of at most this many elements (statically known) are reduced together
+#: (concatenated, squared, one segment sum) once there are more than `BATCH_FROM` of them;
+#: for small tensors the cost of running an op dominates.
 SMALL_GRADIENT_ELEMENTS = 4096
+BATCH_FROM = 4
+#: The record of one step: ``[value (N), nan_count (N), inf_count (N)]``, where value is
+#: the gradient's L2 norm, or ABSENT when the gradient is None.
+RECORD_WIDTH = 3
+ABSENT = -1.0
 
 
 def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
@@ -29,8 +42,7 @@ def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     if isinstance(grad, tf.IndexedSlices):
         unique_indices, positions = tf.unique(grad.indices)
         values = tf.math.unsorted_segment_sum(
-            grad.values, positions, tf.size(unique_indices, out_type=positions.dtype)
-        )
+            grad.values, positions, tf.size(unique_indices, out_type=positions.dtype))
     else:
         values = grad
     if values.dtype != tf.float32:
@@ -38,83 +50,108 @@ def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     return values
 
 
-def _reductions(values: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Sum of squares and max |g| of each tensor, as two vectors in ``values`` order.
+def _flat(value: tf.Tensor) -> tf.Tensor:
+    return value if value.shape.rank == 1 else tf.reshape(value, [-1])
 
-    Large tensors: ``l2_loss``, max and min, each reading the tensor once and writing no
-    temporary (max |g| is max(max g, -min g)). Small tensors: one concatenation and one
-    segment reduction per statistic for all of them, so a model with hundreds of biases
-    and norm scales adds a handful of ops, not hundreds.
-    """
+
+def _computation_order(values: list[tf.Tensor]) -> tuple[list[int], list[int]]:
+    """Positions of the gradients reduced together (small) and one by one (large)."""
     sizes = [v.shape.num_elements() if v.shape.is_fully_defined() else None for v in values]
     small = [k for k, n in enumerate(sizes) if n is not None and n <= SMALL_GRADIENT_ELEMENTS]
-    large = [k for k, n in enumerate(sizes) if n is None or n > SMALL_GRADIENT_ELEMENTS]
-    squares, maxima, minima = [], [], []
-    if small:
-        flat = tf.concat([tf.reshape(values[k], [-1]) for k in small], 0)
-        segments = tf.constant(np.repeat(np.arange(len(small), dtype=np.int32),
-                                         [sizes[k] for k in small]))
-        squares.append(tf.math.unsorted_segment_sum(tf.square(flat), segments, len(small)))
-        maxima.append(tf.math.unsorted_segment_max(flat, segments, len(small)))
-        minima.append(tf.math.unsorted_segment_min(flat, segments, len(small)))
-    if large:
-        squares.append(2.0 * tf.stack([tf.nn.l2_loss(values[k]) for k in large]))
-        maxima.append(tf.stack([tf.reduce_max(values[k]) for k in large]))
-        minima.append(tf.stack([tf.reduce_min(values[k]) for k in large]))
-    # Back to ``values`` order; tf.maximum(., 0) turns the -inf (or lowest float) of an
-    # empty gradient into 0.
-    inverse = np.argsort(small + large)
-    sum_squares = tf.gather(tf.concat(squares, 0), inverse)
-    max_abs = tf.maximum(tf.maximum(tf.gather(tf.concat(maxima, 0), inverse),
-                                    -tf.gather(tf.concat(minima, 0), inverse)), 0.0)
-    return sum_squares, max_abs
+    if len(small) <= BATCH_FROM:
+        small = []
+    large = [k for k in range(len(values)) if k not in set(small)]
+    return small, large
 
 
-def gradient_stats(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
-    """Returns a float32 ``[len(grads), NUM_COLUMNS]`` matrix of statistics, columns as
-    `gradwatch.proto.layout` orders them.
+def _sums_of_squares(values: list[tf.Tensor], batched: int
+                     ) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Sum of squares of each gradient (the first ``batched`` ones reduced together), and
+    those first ones flattened and concatenated (None if none)."""
+    parts, flat = [], None
+    if batched:
+        sizes = [v.shape.num_elements() for v in values[:batched]]
+        flat = tf.concat([_flat(v) for v in values[:batched]], 0)
+        segments = tf.constant(np.repeat(np.arange(batched, dtype=np.int32), sizes))
+        parts.append(tf.math.unsorted_segment_sum(tf.square(flat), segments, batched))
+    if batched < len(values):
+        parts.append(2.0 * tf.stack([tf.nn.l2_loss(v) for v in values[batched:]]))
+    return (parts[0] if len(parts) == 1 else tf.concat(parts, 0)), flat
 
-    Sum of squares and max |g| per present gradient (see `_reductions`); NaN and
-    Inf elements are counted only when some sum of squares is non-finite (a
-    single ``tf.cond`` per call), which also recomputes overflowed norms with
-    scaling. Absent gradients get a row of zeros with ``present == 0``.
+
+def _non_finite(values: list[tf.Tensor], sums: tf.Tensor, batched: int,
+                batched_flat: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """The rare branch: NaN and Inf counts, and norms that survive overflow
+    (``||g|| = m * ||g / m||`` with m = max |g| over finite elements)."""
+    pieces = [] if batched_flat is None else [batched_flat]
+    flat = tf.concat(pieces + [_flat(v) for v in values[batched:]], 0)
+    if all(v.shape.is_fully_defined() for v in values):
+        sizes = [v.shape.num_elements() for v in values]
+        segments = tf.constant(np.repeat(np.arange(len(values), dtype=np.int32), sizes))
+    else:
+        segments = tf.repeat(tf.range(len(values)), tf.stack([tf.size(v) for v in values]))
+
+    def segment_sum(x: tf.Tensor) -> tf.Tensor:
+        return tf.math.unsorted_segment_sum(x, segments, len(values))
+
+    nan = segment_sum(tf.cast(tf.math.is_nan(flat), tf.float32))
+    inf = segment_sum(tf.cast(tf.math.is_inf(flat), tf.float32))
+    finite = tf.where(tf.math.is_finite(flat), tf.abs(flat), 0.0)
+    scale = tf.maximum(tf.math.unsorted_segment_max(finite, segments, len(values)), 1e-30)
+    scaled = scale * tf.sqrt(segment_sum(tf.square(finite / tf.gather(scale, segments))))
+    norms = tf.where(tf.equal(nan + inf, 0.0), scaled, tf.sqrt(sums))
+    return norms, tf.concat([nan, inf], 0)
+
+
+def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
+    """The float32 ``[RECORD_WIDTH * len(grads)]`` record of one step (see above).
+
     Works in replica and cross-replica context alike: it only reads ``grads``.
     """
-    present_ids = [i for i, g in enumerate(grads) if g is not None]
-    rows = tf.zeros([len(grads), NUM_COLUMNS], tf.float32)
-    if not present_ids:
-        return rows
-    values = [_dense_values(grads[i]) for i in present_ids]
-    sum_squares, max_abs = _reductions(values)
+    n = len(grads)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return tf.constant([ABSENT] * n + [0.0] * (2 * n))
+    values = [_dense_values(grads[i]) for i in present]
+    small, large = _computation_order(values)
+    order = small + large  # position in the computation -> index into values
+    values = [values[k] for k in order]
+    sums, batched_flat = _sums_of_squares(values, len(small))
+    p = len(present)
+    norms, counts = tf.cond(
+        tf.reduce_all(tf.math.is_finite(sums)),
+        lambda: (tf.sqrt(sums), tf.zeros([2 * p])),
+        lambda: _non_finite(values, sums, len(small), batched_flat))
+    # One gather puts the variables in order and fills in the absent ones.
+    where = {present[order[k]]: k for k in range(p)}
+    index = np.empty(RECORD_WIDTH * n, np.int32)
+    for i in range(n):
+        k = where.get(i)
+        index[i], index[n + i], index[2 * n + i] = (
+            (3 * p, 3 * p + 1, 3 * p + 1) if k is None else (k, p + k, 2 * p + k))
+    record = tf.concat([norms, counts], 0)
+    if np.array_equal(index, np.arange(RECORD_WIDTH * n)):
+        return record
+    return tf.gather(tf.concat([record, [ABSENT, 0.0]], 0), tf.constant(index))
 
-    def finite_case():
-        zeros = tf.zeros_like(sum_squares)
-        return tf.sqrt(sum_squares), max_abs, zeros, zeros
 
-    def non_finite_case():
-        # Rare path, built from O(1) ops over all gradients concatenated, so its
-        # (untaken) branch adds no per-variable nodes to every step's graph.
-        flat = tf.concat([tf.reshape(v, [-1]) for v in values], 0)
-        sizes = tf.stack([tf.size(v) for v in values]) if not all(
-            v.shape.is_fully_defined() for v in values) else [v.shape.num_elements()
-                                                             for v in values]
-        segments = tf.repeat(tf.range(len(values)), sizes)
+def scale_record(record: tf.Tensor, num_variables: int, factor: tf.Tensor) -> tf.Tensor:
+    """The record with its norms multiplied by ``factor`` (absent ones stay absent):
+    what the optimizer applies when the loss was scaled (mixed precision)."""
+    values, counts = record[:num_variables], record[num_variables:]
+    values = tf.where(values == ABSENT, values, values * tf.cast(factor, tf.float32))
+    return tf.concat([values, counts], 0)
 
-        def count(mask):
-            return tf.math.unsorted_segment_sum(tf.cast(mask, tf.float32), segments,
-                                                len(values))
 
-        nan, inf = count(tf.math.is_nan(flat)), count(tf.math.is_inf(flat))
-        # Finite gradients whose squares overflowed: ||g|| = m * ||g / m||.
-        scale = tf.gather(tf.maximum(max_abs, 1e-30), segments)
-        scaled = max_abs * tf.sqrt(tf.math.unsorted_segment_sum(
-            tf.square(flat / scale), segments, len(values)))
-        norm = tf.where(tf.equal(nan + inf, 0.0), scaled, tf.sqrt(sum_squares))
-        return norm, max_abs, nan, inf
-
-    all_finite = tf.reduce_all(tf.math.is_finite(sum_squares))
-    norm, max_abs, nan, inf = tf.cond(all_finite, finite_case, non_finite_case)
-    columns = {"present": tf.ones_like(norm), "l2_norm": norm, "max_abs": max_abs,
-               "nan_count": nan, "inf_count": inf}
-    computed = tf.stack([columns[name] for name in COLUMNS], axis=1)
-    return tf.tensor_scatter_nd_update(rows, [[i] for i in present_ids], computed)
+def to_statistics(records: np.ndarray, num_variables: int) -> np.ndarray:
+    """Records ``[..., RECORD_WIDTH * N]`` as layout statistics ``[..., N, NUM_COLUMNS]``
+    (host side, vectorized)."""
+    records = records.reshape(*records.shape[:-1], RECORD_WIDTH, num_variables)
+    values, nan, inf = records[..., 0, :], records[..., 1, :], records[..., 2, :]
+    present = values != ABSENT
+    stats = np.zeros((*values.shape, NUM_COLUMNS), np.float32)
+    stats[..., COLUMN["present"]] = present
+    stats[..., COLUMN["l2_norm"]] = np.where(present, values, 0.0)
+    stats[..., COLUMN["nan_count"]] = nan
+    stats[..., COLUMN["inf_count"]] = inf
+    return stats

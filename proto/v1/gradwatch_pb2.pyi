@@ -59,12 +59,11 @@ class RegisterResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_batch_steps: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "present", "l2_norm", "max_abs", "nan_count", "inf_count", "rewound")
+    __slots__ = ("step", "wall_time", "present", "l2_norm", "nan_count", "inf_count", "rewound")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     L2_NORM_FIELD_NUMBER: _ClassVar[int]
-    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
     NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
     INF_COUNT_FIELD_NUMBER: _ClassVar[int]
     REWOUND_FIELD_NUMBER: _ClassVar[int]
@@ -72,11 +71,10 @@ class StepReport(_message.Message):
     wall_time: float
     present: bytes
     l2_norm: bytes
-    max_abs: bytes
     nan_count: bytes
     inf_count: bytes
     rewound: bool
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., present: _Optional[bytes] = ..., l2_norm: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., nan_count: _Optional[bytes] = ..., inf_count: _Optional[bytes] = ..., rewound: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., present: _Optional[bytes] = ..., l2_norm: _Optional[bytes] = ..., nan_count: _Optional[bytes] = ..., inf_count: _Optional[bytes] = ..., rewound: _Optional[bool] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
     __slots__ = ("session_id", "sequence", "steps", "dropped_steps", "final", "diagnoses")

@@ -19,12 +19,12 @@ def registration(job: str = "job", num_variables: int = 3, num_replicas: int = 1
                    for i in range(num_variables)])
 
 
-def step(step: int, present, norm=None, nan=None, inf=None, max_abs=None) -> pb.StepReport:
+def step(step: int, present, norm=None, nan=None, inf=None) -> pb.StepReport:
     """A StepReport from flat ``[replicas x variables]`` values (missing ones are 0)."""
     present = np.asarray(present, np.float32).reshape(-1)
     stats = np.zeros((1, present.size, NUM_COLUMNS), np.float32)
     for name, values in (("present", present), ("l2_norm", norm), ("nan_count", nan),
-                         ("inf_count", inf), ("max_abs", max_abs)):
+                         ("inf_count", inf)):
         if values is not None:
             stats[0, :, COLUMN[name]] = np.asarray(values, np.float32).reshape(-1)
     return pack_step(step, stats, 0.0)

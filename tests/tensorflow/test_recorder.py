@@ -4,11 +4,14 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch.agent.tensorflow.recorder import StepRecorder
-from gradwatch.agent.tensorflow.stats import NUM_COLUMNS
+from gradwatch.agent.tensorflow.stats import RECORD_WIDTH
+from gradwatch.proto.layout import COLUMN, NUM_COLUMNS
 
 
 def stats_for(value: float, num_variables: int = 3) -> tf.Tensor:
-    return tf.fill([num_variables, NUM_COLUMNS], value)
+    """A record whose norms are ``value`` and counts 0."""
+    return tf.concat([tf.fill([num_variables], value),
+                      tf.zeros([(RECORD_WIDTH - 1) * num_variables])], 0)
 
 
 def test_reads_each_step_once_in_order():
@@ -18,7 +21,8 @@ def test_reads_each_step_once_in_order():
     got = recorder.read_new()
     assert got.steps.tolist() == [100, 101, 102, 103, 104]
     assert got.stats.shape == (5, 1, 3, NUM_COLUMNS)
-    assert got.stats[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert got.stats[:, 0, 0, COLUMN["l2_norm"]].tolist() == [0, 1, 2, 3, 4]
+    assert got.stats[:, 0, :, COLUMN["present"]].all()
     assert got.dropped == 0
     assert recorder.read_new().steps.size == 0
 
@@ -51,10 +55,18 @@ def test_records_from_tf_function_and_xla():
 
     @tf.function(jit_compile=True)
     def step(x):
-        return recorder.record(tf.fill([2, NUM_COLUMNS], x), step=tf.cast(x, tf.int64))
+        return recorder.record(stats_for(x, 2), step=tf.cast(x, tf.int64))
 
     for i in range(3):
         step(tf.constant(float(i)))
     got = recorder.read_new()
     assert got.steps.tolist() == [0, 1, 2]
-    np.testing.assert_array_equal(got.stats[:, 0, 1, 1], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(got.stats[:, 0, 1, COLUMN["l2_norm"]], [0.0, 1.0, 2.0])
+
+
+def test_absent_gradients_read_as_absent():
+    recorder = StepRecorder(2, capacity=4)
+    recorder.record(tf.constant([-1.0, 5.0, 0.0, 0.0, 0.0, 0.0]), step=7)
+    stats = recorder.read_new().stats[0, 0]
+    assert stats[:, COLUMN["present"]].tolist() == [0, 1]
+    assert stats[:, COLUMN["l2_norm"]].tolist() == [0, 5]

@@ -13,6 +13,7 @@ from gradwatch.collector.ingest import (
     validate_registration,
 )
 from gradwatch.collector.state import Registry
+from gradwatch.proto.layout import BYTES_PER_STATISTIC
 from tests.support import wire
 
 LIMITS = Limits(max_variables=10, max_replicas=4, max_label_length=20, max_batch_steps=8,
@@ -206,8 +207,8 @@ def with_wall_time(step, wall_time: float):
      "steps[0].step is -1; steps are non-negative", "step"),
     (lambda: wire.batch("s", 1, wire.step(1, [1, 1, 1]), wire.step(2, [1, 1, 1], norm=[1, -2, 0])),
      "steps[1].l2_norm has a negative value", "statistic"),
-    (lambda: wire.batch("s", 1, wire.step(1, [1, 1, 1], max_abs=[0, 0, -np.inf])),
-     "steps[0].max_abs has a negative value", "statistic"),
+    (lambda: wire.batch("s", 1, wire.step(1, [1, 1, 1], norm=[0, 0, -np.inf])),
+     "steps[0].l2_norm has a negative value", "statistic"),
     (lambda: wire.batch("s", 1, with_wall_time(wire.step(1, [1, 1, 1]), np.nan)),
      "steps[0].wall_time is nan; expected seconds since the epoch", "wall_time"),
     (lambda: wire.batch("s", 1, with_wall_time(wire.step(1, [1, 1, 1]), -1.0)),
@@ -254,19 +255,20 @@ def test_steps_marked_rewound_or_repeated_are_accepted(steps, last_step, rewound
 
 
 def test_non_finite_norms_are_what_a_non_finite_gradient_gives_and_are_accepted():
-    """The agent's stats (agent/stats.py) turn a NaN gradient into a NaN norm and an
-    Inf one into +Inf; max |g| too. Negative values never come from an agent."""
+    """The agents' statistics turn a NaN gradient into a NaN norm and an Inf one into
+    +Inf. Negative values never come from an agent."""
     b = wire.batch("s", 1, wire.step(1, [1, 1, 1], norm=[np.nan, np.inf, -0.0],
-                                     max_abs=[np.nan, np.inf, 0], nan=[4, 0, 0], inf=[0, 1, 0]))
+                                     nan=[4, 0, 0], inf=[0, 1, 0]))
     decoded = decode_batch(b, num_replicas=1, num_variables=3, limits=LIMITS)
-    assert np.isnan(decoded.l2_norm[0, 0, 0]) and np.isinf(decoded.max_abs[0, 0, 1])
+    assert np.isnan(decoded.l2_norm[0, 0, 0]) and np.isinf(decoded.l2_norm[0, 0, 1])
 
 
 def test_batch_steps_fit_the_message_limit():
     limits = Limits(max_message_bytes=1_000_000, max_batch_steps=256)
     steps = limits.batch_steps_for(10_000)
     assert 1 <= steps < 256
-    assert 2 * steps * (10_000 * 17 + 64) <= 1_000_000
+    assert 2 * steps * (10_000 * BYTES_PER_STATISTIC + 64) <= 1_000_000
+    assert 2 * (steps + 1) * (10_000 * BYTES_PER_STATISTIC + 64) > 1_000_000
 
 
 def test_a_step_larger_than_half_the_message_limit_is_refused_at_registration():
