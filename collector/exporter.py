@@ -29,7 +29,9 @@ OTHER_VARIABLES = "__other__"
 
 
 def _variable_aggregates(group: Group) -> dict[str, np.ndarray]:
-    """Per-column aggregates over the group's sessions (columns nobody reports are dropped)."""
+    """Per-column aggregates over the group's sessions (columns nobody reports are dropped):
+    a variable's norm is the max over tasks and replicas, or, for a sharded group, the
+    norm of its shards together."""
     n = len(group.names)
     agg = {
         "reported": np.zeros(n, bool),
@@ -44,11 +46,16 @@ def _variable_aggregates(group: Group) -> dict[str, np.ndarray]:
             continue
         c = s.columns
         agg["reported"][c] = True
-        agg["norm"][c] = np.maximum(agg["norm"][c], s.l2_norm.max(axis=0))
+        if group.sharded:  # shards of one variable: sqrt(sum of squares), summed here
+            agg["norm"][c] += np.square(s.l2_norm.astype(np.float64)).sum(axis=0)
+        else:
+            agg["norm"][c] = np.maximum(agg["norm"][c], s.l2_norm.max(axis=0))
         agg["present"][c] &= s.present.all(axis=0)
         agg["missing_steps"][c] += s.missing_steps_total
         agg["nan"][c] += s.nan_total
         agg["inf"][c] += s.inf_total
+    if group.sharded:
+        agg["norm"] = np.sqrt(agg["norm"])
     return agg
 
 

@@ -102,6 +102,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
             request.training_job, request.optimizer, request.task_type, request.task_index,
             request.num_replicas, names, strategy=request.strategy, hostname=request.hostname,
             pid=request.pid, versions=dict(request.versions), loss_scaled=request.loss_scaled,
+            sharded=request.sharded,
         )
         self.telemetry.registrations += 1
         log.info("registered %s/%s %s (%s, %d variables, %d replicas) as %s",

@@ -138,6 +138,9 @@ class Group:
     sessions: dict[str, SessionState] = field(default_factory=dict)
     #: Why a column gets no gradient, as the latest diagnosing task said.
     causes: dict[int, MissingCause] = field(default_factory=dict)
+    #: Every task holds a shard of each variable (FSDP): per-variable norms combine the
+    #: tasks' shard norms as sqrt(sum of squares), and tasks' global norms differ.
+    sharded: bool = False
 
     def columns_for(self, names: list[str]) -> np.ndarray:
         for name in names:
@@ -157,10 +160,12 @@ class Registry:
         self.statistics = 0
 
     def register(self, training_job: str, optimizer: str, task_type: str, task_index: int,
-                 num_replicas: int, variable_names: list[str], **details) -> SessionState:
+                 num_replicas: int, variable_names: list[str], sharded: bool = False,
+                 **details) -> SessionState:
         group = self.groups.get((training_job, optimizer))
         if group is None:
             group = self.groups[(training_job, optimizer)] = Group(training_job, optimizer)
+        group.sharded |= sharded
         session = SessionState(
             id=uuid.uuid4().hex, group=group, task_type=task_type, task_index=task_index,
             num_replicas=num_replicas, columns=group.columns_for(variable_names), **details,

@@ -84,12 +84,14 @@ class Cause(enum.Enum):
     LEFT_TENSORFLOW = "left_tensorflow"
     OUTSIDE_TAPE = "outside_tape"
     UNKNOWN = "unknown"
+    NOT_TRACKED = "not_tracked"
 
 
 @dataclass(frozen=True)
 class Diagnosis:
     """The verdict for one variable. ``op_*`` and ``source`` name the op to look at
-    (absent for ``unused``); ``reason`` says what that op does wrong."""
+    (absent for ``unused``); ``reason`` says what that op does wrong; ``framework``
+    words the explanation."""
 
     variable: str
     cause: Cause
@@ -98,6 +100,7 @@ class Diagnosis:
     source: Source | None = None
     reason: str = ""
     hint: str = ""
+    framework: str = "TensorFlow"
 
     def message(self) -> str:
         """Plain sentences for logs and the doctor report."""
@@ -107,17 +110,26 @@ class Diagnosis:
         """The cause and the fix, without the variable's name (variables sharing a
         cause are listed together in alerts)."""
         where = f" at {self.source}" if self.source else ""
-        op = f"{self.op_type} op '{self.op_name}'{where}"
+        torch = self.framework == "PyTorch"
+        op = (f"{self.op_name}(){where}" if torch
+              else f"{self.op_type} op '{self.op_name}'{where}")
         text = {
             Cause.UNUSED: "it is never read by the computation of the loss",
             Cause.NOT_ON_LOSS_PATH: f"it is read by {op}, but nothing computed from it "
                                     "reaches the loss",
-            Cause.LEFT_TENSORFLOW: f"the output of {op} left TensorFlow ({self.reason}) and "
-                                   "came back as a constant",
+            Cause.LEFT_TENSORFLOW: (f"a value computed from it left {self.framework} at "
+                                    f"{op} ({self.reason}) and nothing else of it reaches "
+                                    "the loss") if torch else
+                                   (f"the output of {op} left TensorFlow ({self.reason}) and "
+                                    "came back as a constant"),
             Cause.BROKEN_AT_OP: f"the path to the loss crosses {op}, which {self.reason}",
-            Cause.OUTSIDE_TAPE: f"{op} ran before the GradientTape started recording",
+            Cause.OUTSIDE_TAPE: (f"the path to the loss crosses {op}, which ran with gradient "
+                                 "tracking off (torch.no_grad() or inference_mode)") if torch
+                                else f"{op} ran before the GradientTape started recording",
             Cause.UNKNOWN: "gradwatch found a differentiable path to the loss; "
                            "the gradient was lost elsewhere",
+            Cause.NOT_TRACKED: f"{self.framework} does not track its gradient "
+                               f"({self.reason})",
         }[self.cause]
         return f"{text[0].upper()}{text[1:]}." + (f" Fix: {self.hint}" if self.hint else "")
 

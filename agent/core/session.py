@@ -84,7 +84,8 @@ class Session:
 
     def __init__(self, identity: Identity, optimizer: str, variables: Sequence[Variable],
                  source: StepSource, *, strategy: str = "",
-                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False) -> None:
+                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False,
+                 sharded: bool = False) -> None:
         self.optimizer = optimizer
         self.num_variables = len(variables)
         self.source = source
@@ -100,6 +101,7 @@ class Session:
             hostname=identity.hostname,
             pid=identity.pid,
             loss_scaled=loss_scaled,
+            sharded=sharded,
         )
         self._lock = threading.Lock()
         self._host_reports: list[pb.StepReport] = []

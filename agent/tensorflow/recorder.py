@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from gradwatch.agent.core.record import RECORD_WIDTH, to_statistics
 from gradwatch.agent.core.session import RecordedSteps
-from gradwatch.agent.tensorflow.stats import RECORD_WIDTH, to_statistics
 
 _HEADER = 4  # float32 slots holding (seq, step) as two int64
 

@@ -2,8 +2,7 @@
 
 Everything here is plain TensorFlow (no Python callbacks), so it runs eagerly,
 inside ``tf.function`` and under XLA. `gradient_record` returns what a step writes
-to the on-device ring buffer; `to_statistics` turns records into the
-`gradwatch.proto.layout` columns on the host.
+to the on-device ring buffer (`gradwatch.agent.core.record`).
 
 The hot path reads each present gradient once: its sum of squares (``l2_loss``: one
 kernel, no temporary; small gradients are concatenated and reduced together when
@@ -20,17 +19,13 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.proto.layout import COLUMN, NUM_COLUMNS
+from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
 
 #: Gradients of at most this many elements (statically known) are reduced together
 #: (concatenated, squared, one segment sum) once there are more than `BATCH_FROM` of them;
 #: for small tensors the cost of running an op dominates.
 SMALL_GRADIENT_ELEMENTS = 4096
 BATCH_FROM = 4
-#: The record of one step: ``[value (N), nan_count (N), inf_count (N)]``, where value is
-#: the gradient's L2 norm, or ABSENT when the gradient is None.
-RECORD_WIDTH = 3
-ABSENT = -1.0
 
 
 def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
@@ -104,7 +99,7 @@ def _non_finite(values: list[tf.Tensor], sums: tf.Tensor, batched: int,
 
 
 def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
-    """The float32 ``[RECORD_WIDTH * len(grads)]`` record of one step (see above).
+    """The float32 ``[RECORD_WIDTH * len(grads)]`` record of one step.
 
     Works in replica and cross-replica context alike: it only reads ``grads``.
     """
@@ -141,17 +136,3 @@ def scale_record(record: tf.Tensor, num_variables: int, factor: tf.Tensor) -> tf
     values, counts = record[:num_variables], record[num_variables:]
     values = tf.where(values == ABSENT, values, values * tf.cast(factor, tf.float32))
     return tf.concat([values, counts], 0)
-
-
-def to_statistics(records: np.ndarray, num_variables: int) -> np.ndarray:
-    """Records ``[..., RECORD_WIDTH * N]`` as layout statistics ``[..., N, NUM_COLUMNS]``
-    (host side, vectorized)."""
-    records = records.reshape(*records.shape[:-1], RECORD_WIDTH, num_variables)
-    values, nan, inf = records[..., 0, :], records[..., 1, :], records[..., 2, :]
-    present = values != ABSENT
-    stats = np.zeros((*values.shape, NUM_COLUMNS), np.float32)
-    stats[..., COLUMN["present"]] = present
-    stats[..., COLUMN["l2_norm"]] = np.where(present, values, 0.0)
-    stats[..., COLUMN["nan_count"]] = nan
-    stats[..., COLUMN["inf_count"]] = inf
-    return stats

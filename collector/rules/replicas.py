@@ -53,8 +53,10 @@ class ReplicaDivergence(Rule[None]):
         presence_differs = present.any(axis=0) & ~present.all(axis=0)
         finiteness_differs = nonfinite.any(axis=0) & ~nonfinite.all(axis=0)
         finite_norms = norms[np.isfinite(norms)]
+        # Shards (FSDP) have different global norms by design: only presence and finiteness.
         ratio = (finite_norms.max() / finite_norms.min()
-                 if finite_norms.size >= 2 and finite_norms.min() > 0 else 1.0)
+                 if finite_norms.size >= 2 and finite_norms.min() > 0 and not group.sharded
+                 else 1.0)
         reasons = []
         if presence_differs.any():
             reasons.append("gradient present on some replicas only")

@@ -18,7 +18,7 @@ class Variable(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid", "loss_scaled")
+    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid", "loss_scaled", "sharded")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class RegisterRequest(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     LOSS_SCALED_FIELD_NUMBER: _ClassVar[int]
+    SHARDED_FIELD_NUMBER: _ClassVar[int]
     training_job: str
     task_type: str
     task_index: int
@@ -48,7 +49,8 @@ class RegisterRequest(_message.Message):
     hostname: str
     pid: int
     loss_scaled: bool
-    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., loss_scaled: _Optional[bool] = ...) -> None: ...
+    sharded: bool
+    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., loss_scaled: _Optional[bool] = ..., sharded: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("session_id", "max_batch_steps")
@@ -103,6 +105,7 @@ class Diagnosis(_message.Message):
         LEFT_TENSORFLOW: _ClassVar[Diagnosis.Cause]
         OUTSIDE_TAPE: _ClassVar[Diagnosis.Cause]
         UNKNOWN: _ClassVar[Diagnosis.Cause]
+        NOT_TRACKED: _ClassVar[Diagnosis.Cause]
     CAUSE_UNSPECIFIED: Diagnosis.Cause
     UNUSED: Diagnosis.Cause
     NOT_ON_LOSS_PATH: Diagnosis.Cause
@@ -110,6 +113,7 @@ class Diagnosis(_message.Message):
     LEFT_TENSORFLOW: Diagnosis.Cause
     OUTSIDE_TAPE: Diagnosis.Cause
     UNKNOWN: Diagnosis.Cause
+    NOT_TRACKED: Diagnosis.Cause
     VARIABLE_ID_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     OP_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -3,8 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
+from gradwatch.agent.core.record import RECORD_WIDTH
 from gradwatch.agent.tensorflow.recorder import StepRecorder
-from gradwatch.agent.tensorflow.stats import RECORD_WIDTH
 from gradwatch.proto.layout import COLUMN, NUM_COLUMNS
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradwatch.agent.tensorflow.stats import gradient_record, to_statistics
+from gradwatch.agent.core.record import to_statistics
+from gradwatch.agent.tensorflow.stats import gradient_record
 from gradwatch.proto.layout import COLUMN, COLUMNS
 
 PRESENT, NORM, NAN, INF = (COLUMN[name] for name in

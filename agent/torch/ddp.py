@@ -1,0 +1,50 @@
+"""DistributedDataParallel: measure each rank's gradients before the all-reduce.
+
+DDP runs a communication hook per gradient bucket on the autograd thread, with the
+bucket's local gradients. `measuring_hook` measures them (one multi-tensor norm per
+bucket, on their device, no synchronisation), hands the measures to the wrapped
+optimizer that owns the parameters (its next step takes them), then calls the hook it
+wraps: DDP's own all-reduce unless the user brings one. A bucket that never becomes
+ready (a parameter without a gradient and ``find_unused_parameters=False``) runs no
+hook; its parameters are read from ``.grad`` at the optimizer step instead, which then
+still holds local gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from gradwatch.agent.torch.stats import measure
+
+log = logging.getLogger(__name__)
+
+
+def is_ddp(model: Any) -> bool:
+    return type(model).__name__ == "DistributedDataParallel"
+
+
+def has_comm_hook(model: Any) -> bool:
+    """DDP takes one communication hook: True if one is registered already."""
+    return bool(getattr(model, "_comm_hooks", None))
+
+
+def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
+    """A hook for ``ddp_model.register_comm_hook(state, ...)`` that measures, then runs
+    ``hook(state, bucket)`` (default: all-reduce over ``state``, a process group or None
+    for the default one)."""
+    if hook is None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        hook = allreduce_hook
+
+    def measured(state, bucket):
+        try:
+            params, grads = bucket.parameters(), bucket.gradients()
+            for watched in monitor.watching(params[:1]):
+                watched.add_part(params, measure(grads, watched.device))
+        except Exception:  # never break the backward pass
+            log.exception("gradwatch: measuring a DDP bucket failed")
+        return hook(state, bucket)
+
+    return measured

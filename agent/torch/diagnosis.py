@@ -1,0 +1,287 @@
+"""Why did a parameter get no gradient? One recorded step of the user's code, walked.
+
+`StepRecording` records every torch function call of one step on the training
+thread (a ``TorchFunctionMode``): which tensors went in and came out, whether
+gradients were being tracked, and the user's source line; it ends at the next
+``backward()``, whose tensor is the loss. `diagnose` then follows each parameter
+towards the loss:
+
+- **not tracked** (``NOT_TRACKED``): ``requires_grad`` is False (e.g. set after the
+  optimizer was built);
+- **unused**: no recorded call read it (a module never called, a branch not taken);
+- **left PyTorch** (``LEFT_TENSORFLOW``, the cause's wire name): a value computed from it
+  went through ``.item()``, ``.tolist()``, ``.numpy()`` or ``float()`` and nothing
+  else of it reaches the loss;
+- **not on the loss path**: read, but nothing computed from it reaches the loss;
+- **broken at an op** (``BROKEN_AT_OP``): every path to the loss crosses ``.detach()``
+  or an op with an integer or boolean result (``argmax``, comparisons, casts);
+- **outside gradient tracking** (``OUTSIDE_TAPE``): the path ran under
+  ``torch.no_grad()`` or ``torch.inference_mode()``;
+- **unknown**: a differentiable path exists (e.g. ``torch.autograd.grad`` was asked
+  for other inputs).
+
+Recording costs time and keeps the step's tensors alive until the step ends (at most
+`MAX_RECORDED_BYTES`); it runs for the first step (so a problem is explained at once,
+before DDP's own error at the second step) and for the step after a parameter is first
+seen without gradient, never otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from gradwatch.agent.core.diagnosis import Cause, Diagnosis, Source, caller_source
+
+log = logging.getLogger(__name__)
+
+#: Calls whose result is a Python value or a NumPy array: the value left PyTorch.
+CONVERSIONS = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__",
+                         "__index__", "__array__"})
+#: Calls whose output never carries a gradient, by design.
+DETACHING = frozenset({"detach", "detach_", "data"})
+
+HINTS = {
+    Cause.NOT_TRACKED: "set requires_grad back to True, or leave the parameter out of the "
+                       "optimizer if freezing it is intended.",
+    Cause.UNUSED: "call the module in the forward pass, or leave its parameters out of the "
+                  "optimizer if it is not meant to train.",
+    Cause.NOT_ON_LOSS_PATH: "add its output to the loss, or leave the parameter out of the "
+                            "optimizer.",
+    Cause.LEFT_TENSORFLOW: "keep the computation in torch ops (no .item(), .tolist(), "
+                           ".numpy() or float() on the way to the loss).",
+    Cause.OUTSIDE_TAPE: "compute the loss outside torch.no_grad() / torch.inference_mode().",
+    "detach": "remove .detach() from the path to the loss, or freeze the parameter on "
+              "purpose (requires_grad_(False) and out of the optimizer).",
+    "argmax": "use torch.softmax (a soft selection) instead of argmax in the loss.",
+    "comparison": "comparisons have no gradient; use a smooth relaxation (e.g. "
+                  "torch.sigmoid(k * (a - b))) instead of a boolean test.",
+    "cast": "keep the value in a floating-point dtype on the path to the loss.",
+    "round": "use a straight-through estimator, x + (torch.round(x) - x).detach().",
+}
+_COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
+                          "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", None) or str(func)
+
+
+@dataclass
+class Call:
+    """One recorded torch function call."""
+
+    order: int
+    name: str
+    inputs: list[int]
+    outputs: list[int]
+    output_dtypes: list[torch.dtype]
+    grad_enabled: bool
+    source: Source | None
+
+
+#: Tensors a recording may keep alive (their storages); beyond, it gives up.
+MAX_RECORDED_BYTES = 256 * 2**20
+
+
+class StepRecording(TorchFunctionMode):
+    """The calls made on the thread that entered it, and the loss's id once known.
+    Keeps the step's tensors alive, so ids stay unique, up to `MAX_RECORDED_BYTES`;
+    beyond that it stops recording and is `abandoned`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+        self.loss: int | None = None
+        self.abandoned = False
+        self._alive: dict[int, torch.Tensor] = {}
+        self._storages: set[int] = set()
+        self._bytes = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = _name(func)
+        if self.abandoned or name in ("_set_grad_enabled", "__get__", "__set__", "grad_fn"):
+            return result
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        if inputs or outputs:
+            for tensor in inputs + outputs:
+                self._keep(tensor)
+            self.calls.append(Call(len(self.calls), name, [id(t) for t in inputs],
+                                   [id(t) for t in outputs], [t.dtype for t in outputs],
+                                   torch.is_grad_enabled(), caller_source()))
+            if self._bytes > MAX_RECORDED_BYTES:
+                self.abandoned = True
+                self.calls, self._alive = [], {}
+        return result
+
+    def _keep(self, tensor: torch.Tensor) -> None:
+        if id(tensor) in self._alive:
+            return
+        self._alive[id(tensor)] = tensor
+        try:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self._storages:
+                self._storages.add(storage.data_ptr())
+                self._bytes += storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # sparse, meta, functional tensors
+            pass
+
+    def release(self) -> None:
+        """Drops the tensors (keeps the calls)."""
+        self._alive, self._storages = {}, set()
+
+
+class Recorder:
+    """Records steps on the training thread: one from `start` to the next ``backward()``
+    (whose tensor is the loss), which `take` then hands out once."""
+
+    def __init__(self) -> None:
+        self._recording: StepRecording | None = None
+        self._completed: StepRecording | None = None
+        self._thread: int | None = None
+        self._original_backward: Callable | None = None
+        self.abandoned = False  # a step was too large to record: no more tries
+
+    @property
+    def recording(self) -> bool:
+        return self._recording is not None
+
+    def start(self) -> None:
+        if self._recording is not None or self.abandoned:
+            return
+        self._recording = StepRecording()
+        self._thread = threading.get_ident()
+        self._recording.__enter__()
+        original = self._original_backward = torch.Tensor.backward
+        recorder = self
+
+        def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            recorder._reached_loss(tensor)
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.backward = backward
+
+    def _reached_loss(self, loss: torch.Tensor) -> None:
+        recording = self._recording
+        if recording is None or threading.get_ident() != self._thread:
+            return
+        recording.loss = id(loss)
+        self.stop()
+        if recording.abandoned:
+            self.abandoned = True
+            log.warning("gradwatch: a step keeps more than %d MiB of tensors; missing "
+                        "gradients will not be explained", MAX_RECORDED_BYTES >> 20)
+        else:
+            self._completed = recording
+
+    def take(self) -> StepRecording | None:
+        """The recording completed at the last ``backward()``, once."""
+        completed, self._completed = self._completed, None
+        return completed
+
+    def stop(self) -> None:
+        if self._recording is not None:
+            self._recording.__exit__(None, None, None)
+            self._recording = None
+        if self._original_backward is not None:
+            torch.Tensor.backward = self._original_backward
+            self._original_backward = None
+
+
+def _flow(calls: Sequence[Call], start: set[int],
+          passes: Callable[[Call], bool]) -> tuple[set[int], list[Call]]:
+    """Tensors reached from ``start`` through calls that ``passes``, and the calls that
+    read a reached tensor but did not pass it on (in call order)."""
+    reached, stopped = set(start), []
+    for call in calls:
+        if reached.intersection(call.inputs):
+            if passes(call):
+                reached.update(call.outputs)
+            else:
+                stopped.append(call)
+    return reached, stopped
+
+
+def _ancestors(calls: Sequence[Call], target: int) -> set[int]:
+    """Tensors the target was computed from (through any call)."""
+    needed = {target}
+    for call in reversed(calls):
+        if needed.intersection(call.outputs):
+            needed.update(call.inputs)
+    return needed
+
+
+def _carries_gradient(call: Call) -> bool:
+    return any(d.is_floating_point or d.is_complex for d in call.output_dtypes)
+
+
+def _tracked(call: Call) -> bool:
+    return call.grad_enabled and call.name not in DETACHING and \
+        call.name not in CONVERSIONS and _carries_gradient(call)
+
+
+def _why(call: Call) -> tuple[Cause, str, str]:
+    """Why ``call`` passes no gradient: cause, reason, hint."""
+    if call.name in DETACHING:
+        return Cause.BROKEN_AT_OP, "detaches its result from the graph", HINTS["detach"]
+    if not call.grad_enabled:
+        return Cause.OUTSIDE_TAPE, "", HINTS[Cause.OUTSIDE_TAPE]
+    dtypes = ", ".join(sorted({str(d).removeprefix("torch.") for d in call.output_dtypes}))
+    reason = f"outputs {dtypes}, which carries no gradient"
+    if call.name in ("argmax", "argmin", "argsort", "topk", "max", "min", "sort"):
+        return Cause.BROKEN_AT_OP, reason, HINTS["argmax"]
+    if call.name in _COMPARISONS or "bool" in dtypes:
+        return Cause.BROKEN_AT_OP, reason, HINTS["comparison"]
+    if call.name in ("round", "floor", "ceil", "trunc"):
+        return Cause.BROKEN_AT_OP, reason, HINTS["round"]
+    return Cause.BROKEN_AT_OP, reason, HINTS["cast"]
+
+
+def diagnose(recording: StepRecording, param: torch.Tensor, name: str) -> Diagnosis:
+    """The verdict for ``param`` (called ``name``), which got no gradient."""
+    def verdict(cause: Cause, call: Call | None = None, reason: str = "",
+                hint: str = "") -> Diagnosis:
+        return Diagnosis(name, cause, call.name if call else "", call.name if call else "",
+                         call.source if call else None, reason, hint or HINTS.get(cause, ""),
+                         framework="PyTorch")
+
+    if not param.requires_grad:
+        return verdict(Cause.NOT_TRACKED, reason="requires_grad is False")
+    calls, start = recording.calls, {id(param)}
+    readers = [c for c in calls if id(param) in c.inputs]
+    if not readers:
+        return verdict(Cause.UNUSED)
+    if recording.loss is None:
+        return verdict(Cause.UNKNOWN)
+    upstream = _ancestors(calls, recording.loss)
+    everything, _ = _flow(calls, start, lambda call: call.name not in CONVERSIONS)
+    if recording.loss not in everything:
+        conversions = [c for c in calls if c.name in CONVERSIONS
+                       and everything.intersection(c.inputs)]
+        if conversions:
+            call = conversions[0]
+            return verdict(Cause.LEFT_TENSORFLOW, call, f"via {call.name}")
+        first = next((c for c in readers if c.source is not None), readers[0])
+        return verdict(Cause.NOT_ON_LOSS_PATH, first)
+    reached, stopped = _flow(calls, start, _tracked)
+    if recording.loss in reached:
+        return verdict(Cause.UNKNOWN)
+    on_path = [c for c in stopped if upstream.intersection(c.outputs)]
+    call = (on_path or stopped)[0]
+    cause, reason, hint = _why(call)
+    return verdict(cause, call, reason, hint)
+
+
+def diagnose_all(recording: StepRecording, params: Iterable[tuple[torch.Tensor, str]]
+                 ) -> list[tuple[torch.Tensor, Diagnosis]]:
+    return [(param, diagnose(recording, param, name)) for param, name in params]

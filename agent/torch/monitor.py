@@ -1,0 +1,258 @@
+"""`GradientMonitor` for PyTorch: plain training, DistributedDataParallel and FSDP.
+
+    monitor = GradientMonitor(collector="host:8470", training_job="my-run")
+    optimizer = monitor.wrap(optimizer, model)   # names come from model.named_parameters()
+    ...                                          # loss.backward(); optimizer.step() as usual
+    monitor.close()                              # also a context manager; closes at exit
+
+Every parameter of every param group is reported at every ``optimizer.step()``.
+Statistics are taken at the first of these in a step, so they are of the gradients
+the backward pass produced: ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
+(norms *before* clipping), ``GradScaler.step`` (norms divided by the loss scale; a step
+the scaler skips is reported as skipped), ``optimizer.step``. Under DDP each rank's
+gradients are measured before the all-reduce, by a communication hook. The training
+thread never waits for the device or the network.
+
+Identity comes from torchrun (``RANK`` is the task index, ``TORCHELASTIC_RUN_ID`` the
+default job); every setting is an argument or a ``GRADWATCH_*`` variable
+(`gradwatch.agent.core.settings.AgentSettings`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from gradwatch import __version__
+from gradwatch.agent.core.identity import torchrun
+from gradwatch.agent.core.monitor import MonitorCore
+from gradwatch.agent.torch import ddp, patches
+from gradwatch.agent.torch.diagnosis import Recorder, StepRecording, diagnose
+from gradwatch.agent.torch.names import parameter_names, strategy_of
+from gradwatch.agent.torch.session import TorchSession, local_tensor
+
+log = logging.getLogger(__name__)
+
+
+class GradientMonitor(MonitorCore):
+    """Watches the gradients of one training process (one rank) for a collector.
+
+    Thread-safety: `wrap` and `close` are called from the training thread; the DDP
+    hook runs on the autograd thread; network I/O and device-to-host copies are the
+    background sender's.
+
+    Args: see the TensorFlow `gradwatch.agent.GradientMonitor`: ``collector``,
+    ``training_job``, ``task_type``, ``task_index``, ``buffer_steps``,
+    ``max_buffer_bytes``, ``flush_interval_s``, ``enabled``, ``tls``, ``tls_ca_file``,
+    ``tls_cert_file``, ``tls_key_file``, ``token``, ``token_file``; each has a
+    ``GRADWATCH_*`` variable. An invalid one disables the monitor with one log line.
+    """
+
+    launchers = (torchrun,)
+
+    def __init__(self, collector: str | None = None, training_job: str | None = None,
+                 **settings: Any) -> None:
+        super().__init__(collector=collector, training_job=training_job, **settings)
+        self._watched: dict[int, _Watched] = {}
+        self._recorder = Recorder() if self.enabled and self.settings.diagnose else None
+        self._explained: set[int] = set()  # parameters diagnosed (ids)
+        self._logged: set[str] = set()
+        if self.enabled:
+            patches.install(self)
+
+    def wrap(self, optimizer: torch.optim.Optimizer,
+             model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Watches every parameter of ``optimizer`` (patched in place, returned). ``model``
+        (plain, DDP, FSDP or ``torch.compile``d) names the parameters; without it they are
+        ``group{i}.param{j}``. Under DDP, pass the DDP model: its communication hook
+        measures each rank's gradients before the all-reduce (wrap before the first
+        backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``)."""
+        if not self.enabled or id(optimizer) in self._watched:
+            return optimizer
+        try:
+            watched = _Watched(self, optimizer, model)
+        except Exception:  # gradwatch must never break training
+            log.exception("gradwatch: cannot watch %s", type(optimizer).__name__)
+            return optimizer
+        self._watched[id(optimizer)] = watched
+        if self._recorder is not None:  # the first step is explained at its end
+            self._recorder.start()
+        if ddp.is_ddp(model) and not ddp.has_comm_hook(model):
+            try:
+                model.register_comm_hook(None, self.comm_hook())
+            except Exception as error:  # e.g. after the first backward
+                log.warning("gradwatch: cannot add a DDP communication hook (%s); gradients "
+                            "are measured after the all-reduce", error)
+        return optimizer
+
+    def comm_hook(self, hook=None):
+        """A DDP communication hook that measures each bucket's gradients before calling
+        ``hook`` (default: DDP's all-reduce), for ``ddp_model.register_comm_hook(state,
+        monitor.comm_hook(hook))``."""
+        return ddp.measuring_hook(self, hook)
+
+    def _on_close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.stop()
+        patches.uninstall(self)
+        for watched in self._watched.values():
+            watched.remove_hooks()
+
+    # -- called by the patches and hooks ---------------------------------------------------
+
+    def step_ended(self, watched: _Watched) -> None:
+        """After a step: explain new missing gradients with the step's recording if there
+        is one, else record the next step (training thread)."""
+        session = watched.session()
+        if self._recorder is None or session is None:
+            return
+        recording = self._recorder.take()
+        if recording is not None:
+            self._explain(recording)
+            recording.release()
+        unexplained = any(id(session.params[i]) not in self._explained for i in session.missing)
+        if unexplained and not self._recorder.recording:
+            self._recorder.start()
+
+    def _explain(self, recording: StepRecording) -> None:
+        for watched in list(self._watched.values()):
+            session = watched.session()
+            if session is None:
+                continue
+            for i in sorted(session.missing):
+                param = session.params[i]
+                if id(param) in self._explained:
+                    continue
+                self._explained.add(id(param))
+                verdict = diagnose(recording, param, watched.names[i])
+                self.add_diagnosis(param, watched.names[i], verdict)
+                if verdict.explanation() not in self._logged:
+                    self._logged.add(verdict.explanation())
+                    log.warning("gradwatch: %s", verdict.message())
+
+    def watched(self, optimizer: Any) -> _Watched | None:
+        return self._watched.get(id(optimizer))
+
+    def watching(self, params: Iterable[torch.Tensor]) -> list[_Watched]:
+        """The wrapped optimizers that update any of ``params``."""
+        ids = {id(p) for p in params}
+        return [w for w in list(self._watched.values()) if ids & w.param_ids]
+
+
+class _Watched:
+    """One wrapped optimizer: its patched methods and its session (created at the first
+    step, when it is known whether a GradScaler drives it)."""
+
+    def __init__(self, monitor: GradientMonitor, optimizer: torch.optim.Optimizer,
+                 model: torch.nn.Module | None) -> None:
+        self.monitor = monitor
+        self.name = monitor.optimizer_name(optimizer)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self.params:
+            raise ValueError("the optimizer has no parameters")
+        self.param_ids = {id(p) for p in self.params}
+        names = parameter_names(model) if model is not None else {}
+        self.names = [names.get(id(p)) or f"group{g}.param{j}"
+                      for g, group in enumerate(optimizer.param_groups)
+                      for j, p in enumerate(group["params"])]
+        self.device = local_tensor(self.params[0]).device
+        self.strategy = strategy_of(model)
+        self._session: TorchSession | None = None
+        self._lock = threading.Lock()
+        self._failed = False
+        #: A GradScaler drives this optimizer (its skipped steps are not alarming).
+        self.scaled = False
+        #: This step's update ran (GradScaler.step skips it when gradients overflowed).
+        self.stepped = False
+        #: Measures taken earlier in the step (DDP hook, autograd thread): (params, [3, K]).
+        self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.before_step()),
+                       optimizer.register_step_post_hook(lambda *_: self.after_step())]
+        for owner in (optimizer, model):
+            if owner is not None:
+                self._patch_zero_grad(owner)
+
+    def session(self) -> TorchSession | None:
+        """The session, created at the first step (training thread)."""
+        if self._session is None and not self._failed:
+            with self._lock:
+                if self._session is None:
+                    self._create()
+        return self._session
+
+    def add_part(self, params: list[torch.Tensor], measures: torch.Tensor) -> None:
+        """Measures of some parameters' gradients taken earlier in this step (any thread)."""
+        with self._lock:
+            self._parts.append((params, measures))
+
+    def _create(self) -> None:
+        monitor = self.monitor
+        name = self.name
+        try:
+            session = TorchSession(
+                monitor.identity, name, self.params, self.names, monitor.settings.buffer_steps,
+                strategy=self.strategy, loss_scaled=self.scaled,
+                sharded=self.strategy.startswith("FSDP")
+                or any(local_tensor(p) is not p for p in self.params),
+                versions={"gradwatch": __version__, "torch": torch.__version__})
+        except Exception:  # gradwatch must never break training
+            self._failed = True
+            log.exception("gradwatch: cannot watch %s", name)
+            return
+        with monitor.session_lock:
+            monitor.adopt(id(self), session)
+        self._session = session
+
+    def _patch_zero_grad(self, owner: Any) -> None:
+        """After ``zero_grad``, the zeroed gradients are not gradients of the next step."""
+        original = owner.zero_grad
+
+        @functools.wraps(original)
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            if self._session is not None:
+                self._guarded(self._session.remember_gradients)
+            return result
+
+        owner.zero_grad = zero_grad
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+
+    def before_step(self, scale: torch.Tensor | None = None) -> None:
+        """Measures the step's gradients unless done already this step (``scale``: the
+        loss scale they still carry)."""
+        session = self.session()
+        if session is None or self.monitor._closed:
+            return
+        with self._lock:
+            taken, self._parts = self._parts, []
+        parts = [(ids, measures) for ids, measures in
+                 ((session.ids_of(params), measures) for params, measures in taken)
+                 if ids is not None]
+        self._guarded(session.measure, parts, scale)
+
+    def after_step(self) -> None:
+        self.stepped = True
+        session = self._session
+        if session is not None and not self.monitor._closed:
+            self._guarded(session.finish)
+            self._guarded(self.monitor.step_ended, self)
+
+    def _guarded(self, action, *args: Any) -> None:
+        """A failure of gradwatch on the training thread is logged once and never reaches
+        the training loop; the optimizer is no longer watched."""
+        if self._failed:
+            return
+        try:
+            action(*args)
+        except Exception:
+            self._failed = True
+            log.exception("gradwatch: watching %s failed; it is no longer watched (training "
+                          "continues)", self.name)

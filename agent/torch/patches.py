@@ -1,0 +1,123 @@
+"""Where a step's gradients are measured before ``optimizer.step``: gradient clipping and
+``GradScaler``.
+
+While at least one monitor is open, these torch functions are wrapped (module
+attributes and ``GradScaler`` methods, restored when the last monitor closes):
+
+- ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``: the watched optimizers
+  whose parameters are clipped are measured first, so norms are those the backward pass
+  produced (a program that imported the function before the monitor existed calls the
+  original: its norms are then measured after clipping);
+- ``GradScaler.unscale_``: measured right after unscaling (before any clipping);
+- ``GradScaler.step``: measured (norms divided by the scale, if not unscaled yet), and
+  a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
+  is reported — as skipped, since the session says its loss is scaled.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.amp import GradScaler
+
+_lock = threading.Lock()
+_monitors: list[Any] = []
+_originals: dict[tuple[Any, str], Callable] = {}
+
+
+def _each_watched(params: Iterable[torch.Tensor]) -> list[Any]:
+    params = list(params)
+    return [w for monitor in list(_monitors) for w in monitor.watching(params)]
+
+
+def _as_list(parameters: Any) -> list[torch.Tensor]:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def _clipping(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+        parameters = _as_list(parameters)
+        for watched in _each_watched(parameters):
+            watched.before_step()
+        return original(parameters, *args, **kwargs)
+
+    return clip
+
+
+def _unscale(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def unscale_(self: GradScaler, optimizer: torch.optim.Optimizer) -> Any:
+        result = original(self, optimizer)
+        watched = _watched(optimizer)
+        if watched is not None and self.is_enabled():
+            watched.scaled = True
+            watched.before_step()
+        return result
+
+    return unscale_
+
+
+def _step(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def step(self: GradScaler, optimizer: torch.optim.Optimizer, *args: Any,
+             **kwargs: Any) -> Any:
+        watched = _watched(optimizer)
+        if watched is None or not self.is_enabled():
+            return original(self, optimizer, *args, **kwargs)
+        from torch.amp.grad_scaler import OptState
+
+        watched.scaled = True
+        state = self._per_optimizer_states[id(optimizer)]
+        still_scaled = state["stage"] is not OptState.UNSCALED
+        watched.before_step(self._scale if still_scaled else None)
+        watched.stepped = False
+        try:
+            return original(self, optimizer, *args, **kwargs)
+        finally:
+            if not watched.stepped:  # the scaler skipped optimizer.step(): NaN/Inf found
+                watched.after_step()
+
+    return step
+
+
+def _watched(optimizer: Any) -> Any:
+    for monitor in list(_monitors):
+        watched = monitor.watched(optimizer)
+        if watched is not None:
+            return watched
+    return None
+
+
+_PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
+    (torch.nn.utils, "clip_grad_norm_", _clipping),
+    (torch.nn.utils, "clip_grad_value_", _clipping),
+    (torch.nn.utils.clip_grad, "clip_grad_norm_", _clipping),
+    (torch.nn.utils.clip_grad, "clip_grad_value_", _clipping),
+    (GradScaler, "unscale_", _unscale),
+    (GradScaler, "step", _step),
+]
+
+
+def install(monitor: Any) -> None:
+    with _lock:
+        if not _monitors:
+            for owner, name, wrapper in _PATCHES:
+                original = getattr(owner, name)
+                _originals[(owner, name)] = original
+                setattr(owner, name, wrapper(original))
+        _monitors.append(monitor)
+
+
+def uninstall(monitor: Any) -> None:
+    with _lock:
+        if monitor in _monitors:
+            _monitors.remove(monitor)
+        if not _monitors:
+            for (owner, name), original in _originals.items():
+                setattr(owner, name, original)
+            _originals.clear()

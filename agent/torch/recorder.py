@@ -1,0 +1,72 @@
+"""A ring of step records in host memory, filled by asynchronous device-to-host copies.
+
+The training thread `write`s each step's record (a tensor on the gradients' device)
+into the next row with ``copy_(non_blocking=True)`` — into pinned memory, plus a CUDA
+event, for a CUDA device; a plain copy for the CPU — and never waits. The sender
+thread's `read_new` takes the rows whose copies have completed (events queried, never
+waited on), oldest first. A row is trusted only if the training thread had not yet
+started writing the step that reuses its slot when the read finished; others count as
+dropped, as do steps overwritten before they were read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradwatch.agent.core.record import RECORD_WIDTH, to_statistics
+from gradwatch.agent.core.session import RecordedSteps
+
+
+def row_bytes(num_variables: int) -> int:
+    return 4 * RECORD_WIDTH * num_variables
+
+
+class HostRing:
+    """``capacity`` rows of one session's records (one replica: the process's own)."""
+
+    num_replicas = 1
+
+    def __init__(self, num_variables: int, capacity: int, device: torch.device) -> None:
+        self.num_variables = num_variables
+        self.capacity = capacity
+        self.device = device
+        self._asynchronous = device.type == "cuda"
+        self._rows = torch.zeros((capacity, RECORD_WIDTH * num_variables),
+                                 pin_memory=self._asynchronous)
+        self._rows_np = self._rows.numpy()
+        self._steps = np.zeros(capacity, np.int64)
+        self._events: list = [None] * capacity
+        self._written = 0  # steps enqueued (training thread only writes it)
+        self._read = 0
+
+    def write(self, record: torch.Tensor, step: int) -> None:
+        """Enqueues one step's record (training thread; returns at once)."""
+        slot = self._written % self.capacity
+        self._rows[slot].copy_(record, non_blocking=self._asynchronous)
+        if self._asynchronous:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[slot] = event
+        self._steps[slot] = step
+        self._written += 1  # last: the row is complete from the host's point of view
+
+    def read_new(self) -> RecordedSteps:
+        """Rows completed since the previous call (sender thread)."""
+        written = self._written
+        first = max(self._read, written - self.capacity)
+        dropped = first - self._read
+        ready = first
+        while ready < written:
+            event = self._events[ready % self.capacity]
+            if event is not None and not event.query():
+                break  # copies complete in order: the rest are not done either
+            ready += 1
+        seqs = np.arange(first, ready)
+        slots = seqs % self.capacity
+        rows, steps = self._rows_np[slots].copy(), self._steps[slots].copy()
+        intact = seqs + self.capacity > self._written  # their slots not reused meanwhile
+        self._read = ready
+        return RecordedSteps(steps[intact],
+                             to_statistics(rows[intact][:, None, :], self.num_variables),
+                             dropped + int((~intact).sum()))

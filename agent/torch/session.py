@@ -1,0 +1,122 @@
+"""A PyTorch session: one optimizer's parameters, recorded once per optimizer step.
+
+Training thread: `TorchSession.measure` computes the step's record on the
+gradients' device (at the first of: gradient clipping, ``GradScaler.step``,
+``optimizer.step``), from the parts measured earlier in the step (by the DDP
+communication hook, before the all-reduce) and the remaining fresh gradients;
+`finish` writes it to the host ring and remembers which gradients it saw.
+
+Which gradients are *present*: a parameter's ``.grad`` that is not None and that
+changed since the previous optimizer step (a new tensor, or the same one written in
+place: its version counter moved). So a gradient left from an earlier step — after
+``zero_grad(set_to_none=False)``, whose zeroing is remembered too — does not count.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from gradwatch.agent.core.identity import Identity
+from gradwatch.agent.core.session import Session, Variable, ring_capacity
+from gradwatch.agent.torch.recorder import HostRing, row_bytes
+from gradwatch.agent.torch.stats import RecordBuilder, measure
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel), else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+class TorchSession(Session):
+    """``params`` in the optimizer's order, ``names`` alike."""
+
+    def __init__(self, identity: Identity, optimizer: str, params: Sequence[torch.Tensor],
+                 names: Sequence[str], capacity: int | None, *, strategy: str = "",
+                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False,
+                 sharded: bool = False) -> None:
+        """``sharded``: each rank holds a shard of every parameter (FSDP); a DTensor's
+        local shard is what is measured."""
+        self.params = list(params)
+        self.device = local_tensor(self.params[0]).device
+        ring = HostRing(len(self.params), ring_capacity(row_bytes(len(self.params)), capacity),
+                        self.device)
+        super().__init__(identity, optimizer, [
+            Variable(name, tuple(p.shape), _dtype(p), id(p))
+            for name, p in zip(names, self.params, strict=True)], ring, strategy=strategy,
+            versions=versions, loss_scaled=loss_scaled, sharded=sharded)
+        self._ring = ring
+        self._build = RecordBuilder(len(self.params), self.device)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._seen: list[tuple[weakref.ref, int] | None] = [None] * len(self.params)
+        self._record: torch.Tensor | None = None
+        self.steps = 0
+        #: Variable ids without a gradient at the latest measured step.
+        self.missing: set[int] = set()
+
+    def ids_of(self, params: Sequence[torch.Tensor]) -> list[int] | None:
+        """The variable ids of ``params``, or None if some are not this session's."""
+        ids = [self._index.get(id(p)) for p in params]
+        return None if None in ids else ids
+
+    def _fresh(self, index: int) -> torch.Tensor | None:
+        """The gradient of parameter ``index`` if it is new since the previous step."""
+        grad = self.params[index].grad
+        if grad is None:
+            return None
+        seen = self._seen[index]
+        if seen is not None and seen[0]() is grad and seen[1] == grad._version:
+            return None
+        return grad
+
+    def measure(self, parts: list[tuple[list[int], torch.Tensor]],
+                scale: torch.Tensor | None = None) -> None:
+        """Computes this step's record unless done already (training thread). ``parts``:
+        (variable ids, ``[3, K]`` measures) taken earlier in the step; ``scale``: the loss
+        scale the gradients still carry (their norms are divided by it)."""
+        if self._record is not None:
+            return
+        parts = list(parts)
+        covered = {i for ids, _ in parts for i in ids}
+        # Measured before the all-reduce, but present only if the rank's .grad is fresh:
+        # DDP leaves a gradient no rank produced as None.
+        absent = frozenset(i for i in covered if self._fresh(i) is None)
+        ids, grads = [], []
+        for i in range(len(self.params)):
+            if i not in covered:
+                grad = self._fresh(i)
+                if grad is not None:
+                    ids.append(i)
+                    grads.append(local_tensor(grad))
+        if ids:
+            parts.append((ids, measure(grads, self.device)))
+        self.missing = (set(range(len(self.params))) - covered - set(ids)) | set(absent)
+        record = self._build(parts, absent)
+        if scale is not None:
+            n = len(self.params)
+            norms = record[:n]
+            record = torch.cat([torch.where(norms >= 0, norms / scale.to(norms.device), norms),
+                                record[n:]])
+        self._record = record
+
+    def finish(self) -> None:
+        """Ends the step: writes its record and remembers the gradients seen (training
+        thread; call after `measure` and the optimizer's update, or its skipping)."""
+        self._ring.write(self._record, self.steps)
+        self._record = None
+        self.steps += 1
+        self.remember_gradients()
+
+    def remember_gradients(self) -> None:
+        """Takes the gradients as they are now as already seen (after a step, or after
+        ``zero_grad(set_to_none=False)``)."""
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            self._seen[i] = None if grad is None else (weakref.ref(grad), grad._version)

@@ -1,0 +1,109 @@
+"""Gradient statistics on the gradients' device, without host synchronisation.
+
+`measure` reads each gradient once: its L2 norm from ``torch._foreach_norm``, one
+multi-tensor kernel per (device, dtype) group (float32 accumulation, whatever the
+gradient's dtype), so the cost is a few launches per step, not one per parameter.
+A non-finite gradient shows in its norm (NaN or Inf).
+
+NaN and Inf elements: on the CPU, where looking at a value costs no synchronisation,
+a non-finite norm triggers the rare path: exact NaN and Inf counts, and the norm in
+float64 when a finite gradient overflowed float32. On an accelerator the step never
+waits for the device, so counts mark the variable instead (NaN count 1 when its norm
+is NaN, Inf count 1 when it is infinite): which variables went bad on which rank is
+exact, how many elements is not (docs/pytorch.md).
+
+`RecordBuilder` assembles one step's record (`gradwatch.agent.core.record`) on a
+session's device from measured parts, absent variables included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
+
+
+def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """float32 L2 norms of ``tensors`` on ``device``, in order."""
+    groups: dict[tuple, list[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype, t.is_sparse), []).append(k)
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    for (_, _, sparse), positions in groups.items():
+        if sparse:  # nn.Embedding(sparse=True): the norm of the summed rows
+            found = [torch.linalg.vector_norm(tensors[k].coalesce().values(),
+                                              dtype=torch.float32) for k in positions]
+        else:
+            found = torch._foreach_norm([tensors[k] for k in positions], 2,
+                                        dtype=torch.float32)
+        for k, norm in zip(positions, found, strict=True):
+            norms[k] = norm if norm.device == device else norm.to(device, non_blocking=True)
+    return torch.stack(norms)
+
+
+def _exact(tensors: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+    """The rare path on the CPU: exact counts, and float64 norms where float32 overflowed."""
+    nan = torch.zeros_like(norms)
+    inf = torch.zeros_like(norms)
+    norms = norms.clone()
+    for k in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
+        values = tensors[k].coalesce().values() if tensors[k].is_sparse else tensors[k]
+        nan[k] = torch.isnan(values).sum()
+        inf[k] = torch.isinf(values).sum()
+        if not nan[k] and not inf[k]:
+            norms[k] = torch.linalg.vector_norm(values.double()).float()
+    return torch.stack([norms, nan, inf])
+
+
+def measure(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``[3, len(tensors)]`` float32 on ``device``: norms, NaN counts, Inf counts."""
+    if not tensors:
+        return torch.zeros((3, 0), device=device)
+    norms = _norms(tensors, device)
+    if device.type == "cpu":  # synchronous anyway: look, and count exactly when needed
+        if bool(torch.isfinite(norms).all()):
+            zeros = torch.zeros_like(norms)
+            return torch.stack([norms, zeros, zeros])
+        return _exact(tensors, norms)
+    return torch.stack([norms, torch.isnan(norms).float(), torch.isinf(norms).float()])
+
+
+class RecordBuilder:
+    """Records of one session's N variables on ``device``. Thread-safety: one caller at
+    a time (the training thread)."""
+
+    def __init__(self, num_variables: int, device: torch.device) -> None:
+        self.num_variables = num_variables
+        self.device = device
+        self._index: dict[tuple, torch.Tensor] = {}
+        self._tail = torch.tensor([ABSENT, 0.0], device=device)  # what absent ones read
+        self._absent = torch.tensor([ABSENT] * num_variables + [0.0] * (2 * num_variables),
+                                    device=device)
+
+    def __call__(self, parts: Sequence[tuple[Sequence[int], torch.Tensor]],
+                 absent: frozenset[int] = frozenset()) -> torch.Tensor:
+        """The record from measured ``parts``: (variable ids, their ``[3, K]`` measures).
+        Variables in no part, or in ``absent`` (measured, but without a gradient), are
+        absent."""
+        order = tuple(i for ids, _ in parts for i in ids)
+        if not order or set(order) <= absent:
+            return self._absent
+        measured = torch.cat([m for _, m in parts], 1) if len(parts) > 1 else parts[0][1]
+        key = (order, absent)
+        index = self._index.get(key)
+        if index is None:  # once per pattern of present variables: no copy per step
+            index = self._index[key] = self._make_index(order, absent)
+        padded = torch.cat([measured.reshape(-1), self._tail])
+        return padded.index_select(0, index)
+
+    def _make_index(self, order: tuple[int, ...], absent: frozenset[int]) -> torch.Tensor:
+        n, p = self.num_variables, len(order)
+        where = {i: k for k, i in enumerate(order) if i not in absent}
+        index = []
+        for row in range(RECORD_WIDTH):  # value, then NaN, then Inf counts
+            for i in range(n):
+                k = where.get(i)
+                index.append((3 * p if row == 0 else 3 * p + 1) if k is None else row * p + k)
+        return torch.tensor(index, dtype=torch.long, device=self.device)

@@ -1,0 +1,73 @@
+"""A 2-rank job under torchrun (gloo, CPU) for tests/torch/test_distributed.py.
+
+    python -m torch.distributed.run --nproc-per-node 2 ... distributed_job.py MODE
+
+MODE: ``unused`` (DDP, a layer never called, find_unused_parameters=False: DDP raises at
+the second step), ``unused-found`` (the same with find_unused_parameters=True), ``nan``
+(DDP with find_unused_parameters=True; rank 1's loss turns NaN at step 1), ``fsdp2``
+(fully_shard; rank 0 prints the full gradients' norms as JSON). The agent is configured by GRADWATCH_* variables; the job name
+comes from torchrun's run id.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from gradwatch.agent.torch import GradientMonitor
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = torch.nn.Linear(4, 8)
+        self.out = torch.nn.Linear(8, 3)
+        self.unused = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def main(mode: str) -> int:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = Net()
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model.hidden, model.out):
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=mode != "unused")
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    status = 0
+    with GradientMonitor(flush_interval_s=0.05) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        try:
+            for step in range(3):
+                optimizer.zero_grad()
+                loss = model(x).pow(2).mean()
+                if mode == "nan" and rank == 1 and step == 1:
+                    loss = loss * float("nan")
+                loss.backward()
+                if mode == "fsdp2" and step == 2:
+                    norms = {n: float(p.grad.full_tensor().norm())
+                             for n, p in model.named_parameters() if p.grad is not None}
+                    if rank == 0:
+                        print("NORMS " + json.dumps(norms), flush=True)
+                optimizer.step()
+        except RuntimeError as error:  # DDP's own complaint about unused parameters
+            print(f"rank {rank} DDP raised: {str(error).splitlines()[0]}", flush=True)
+            status = 3
+    dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,89 @@
+"""DDP and FSDP2 jobs of two real processes under torchrun (gloo, CPU) reporting to one
+collector: each rank measured before the all-reduce, unused parameters named before DDP
+complains, shards combined into one norm per parameter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.metrics import parse_metrics, select
+from tests.support.services import free_port
+
+pytestmark = pytest.mark.integration
+
+JOB_SCRIPT = Path(__file__).with_name("distributed_job.py")
+
+
+def torchrun(collector, mode: str) -> tuple[str, subprocess.CompletedProcess]:
+    """Runs the job to the end (bounded); returns its name (torchrun's run id) and result."""
+    job = f"torch-{mode}-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target,
+           "OMP_NUM_THREADS": "1", "GRADWATCH_TRAINING_JOB": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+         "--rdzv-id", job, str(JOB_SCRIPT), mode],
+        env=env, capture_output=True, text=True, timeout=180)
+    return job, result
+
+
+def scrape(collector, name: str, job: str, **labels: str) -> dict[str, float]:
+    deadline = time.monotonic() + 5
+    while True:
+        found = select(parse_metrics(collector.scrape()), name, training_job=job, **labels)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["unused", "unused-found"])
+def test_unused_parameters_are_named_from_the_first_step(collector, webhook, mode):
+    job, result = torchrun(collector, mode)
+    if mode == "unused":
+        assert "DDP raised: Expected to have finished reduction" in result.stdout, result.stderr
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    present = scrape(collector, "gradwatch_gradient_present", job)
+    assert present == {"hidden.weight": 1, "hidden.bias": 1, "out.weight": 1, "out.bias": 1,
+                       "unused.weight": 0, "unused.bias": 0}, result.stderr[-3000:]
+    steps = scrape(collector, "gradwatch_steps_total", job)
+    assert sorted(steps.values()) == ([1.0, 1.0] if mode == "unused" else [3.0, 3.0])
+    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job
+                             and a["labels"]["alertname"] == "GradientMissing"
+                             and sorted(a["annotations"]["tasks"].split(", "))
+                             == ["worker/0", "worker/1"], 10)
+    assert alert is not None, [a for a in webhook.alerts if a["labels"]["training_job"] == job]
+    assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
+    assert "never read" in alert["annotations"]["causes"]
+
+
+@pytest.mark.timeout(240)
+def test_a_nan_on_one_rank_is_that_ranks(collector):
+    job, result = torchrun(collector, "nan")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    nonfinite = scrape(collector, "gradwatch_nonfinite_steps_total", job)
+    by_rank = {k.split("task_index=")[1].split(",")[0]: v for k, v in nonfinite.items()}
+    # Rank 1's own gradients went NaN at step 1, before the all-reduce; rank 0's only at
+    # step 2, when the averaged update had made the weights NaN everywhere.
+    assert by_rank == {"0": 1.0, "1": 2.0}, by_rank
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_shards_combine_into_each_parameters_norm(collector):
+    job, result = torchrun(collector, "fsdp2")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    full = json.loads(next(line for line in result.stdout.splitlines()
+                           if line.startswith("NORMS "))[6:])
+    reported = scrape(collector, "gradwatch_gradient_norm", job)
+    assert set(reported) == set(full) | {"unused.weight", "unused.bias"}
+    for name, norm in full.items():
+        assert reported[name] == pytest.approx(norm, rel=1e-5), name

@@ -1,0 +1,210 @@
+"""Real PyTorch training (in this process, on CPU) reporting to a real collector subprocess.
+
+Each test closes its monitor (everything acknowledged), then asserts on the scraped
+``/metrics`` and on the alerts the webhook received.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from gradwatch.agent.torch import GradientMonitor
+from tests.support.metrics import parse_metrics, select
+
+pytestmark = pytest.mark.integration
+
+X = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+Y = X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+class Net(torch.nn.Module):
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.hidden = torch.nn.Linear(4, 8)
+        self.out = torch.nn.Linear(8, 1)
+        self.unused = torch.nn.Linear(8, 3) if extra else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def monitor_for(collector, job: str) -> GradientMonitor:
+    return GradientMonitor(collector=collector.grpc_target, training_job=job,
+                           flush_interval_s=0.05)
+
+
+def metrics(collector, name: str, job: str, **labels: str) -> dict[str, float]:
+    return select(parse_metrics(collector.scrape()), name, training_job=job, **labels)
+
+
+def train(model, optimizer, steps: int, *, before_step=None) -> list[dict[str, float]]:
+    """Plain steps; returns each step's gradient norms as torch computed them."""
+    norms = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        norms.append({n: float(p.grad.norm()) for n, p in model.named_parameters()
+                      if p.grad is not None})
+        if before_step:
+            before_step()
+        optimizer.step()
+    return norms
+
+
+def test_every_parameter_of_every_step_is_reported_by_name(collector, job_name):
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-2), model)
+        norms = train(model, optimizer, 7)
+    assert monitor.close() is True
+    assert metrics(collector, "gradwatch_steps_total", job_name) == {
+        f"optimizer=Adam,task_index=0,task_type=worker,training_job={job_name}": 7.0}
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert reported == pytest.approx(norms[-1], rel=1e-5)
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+
+
+def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, job_name):
+    model = Net(extra=True)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        train(model, optimizer, 3)
+    present = metrics(collector, "gradwatch_gradient_present", job_name)
+    assert present == {"hidden.weight": 1, "hidden.bias": 1, "out.weight": 1, "out.bias": 1,
+                       "unused.weight": 0, "unused.bias": 0}
+    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name
+                             and "module in the forward pass" in a["annotations"]["causes"], 10)
+    assert alert is not None, webhook.alerts
+    assert alert["labels"]["alertname"] == "GradientMissing"
+    assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
+
+
+def test_compiled_model_names_and_norms(collector, job_name):
+    model = Net()
+    compiled = torch.compile(model)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(compiled.parameters(), 1e-2), compiled)
+        norms = train(compiled, optimizer, 3)
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert set(reported) == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+    assert reported["out.weight"] == pytest.approx(norms[-1]["_orig_mod.out.weight"], rel=1e-5)
+
+
+def test_accumulated_gradients_are_reported_once_per_optimizer_step(collector, job_name):
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for _ in range(2):  # 2 optimizer steps of 4 micro-batches each
+            optimizer.zero_grad()
+            for micro in X.split(8):
+                torch.nn.functional.mse_loss(model(micro), Y[:8]).backward()
+            accumulated = float(model.out.weight.grad.norm())
+            optimizer.step()
+    assert set(metrics(collector, "gradwatch_steps_total", job_name).values()) == {2.0}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name)["out.weight"] == \
+        pytest.approx(accumulated, rel=1e-5)
+
+
+def test_norms_are_taken_before_clipping(collector, job_name):
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        norms = train(model, optimizer, 2, before_step=lambda: torch.nn.utils.clip_grad_norm_(
+            model.parameters(), max_norm=1e-3))
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert reported["out.weight"] == pytest.approx(norms[-1]["out.weight"], rel=1e-5)
+    assert reported["out.weight"] > 1e-2  # clipped, it would be below 1e-3
+
+
+def test_two_optimizers_are_two_sessions(collector, job_name):
+    generator, critic = Net(), Net()
+    with monitor_for(collector, job_name) as monitor:
+        g = monitor.wrap(torch.optim.Adam(generator.parameters(), 1e-3), generator)
+        d = monitor.wrap(torch.optim.Adam(critic.parameters(), 1e-3), critic)
+        train(generator, g, 3)
+        train(critic, d, 2)
+    steps = metrics(collector, "gradwatch_steps_total", job_name)
+    assert sorted(steps.values()) == [2.0, 3.0]
+    assert {k.split(",")[0] for k in steps} == {"optimizer=Adam", "optimizer=Adam_2"}
+
+
+def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name):
+    """zero_grad(set_to_none=False) keeps zeroed tensors: a branch taken only at the
+    first step must show as missing afterwards, not as present with norm 0."""
+    model = Net(extra=True)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for step in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            out = model(X)
+            if step == 0:
+                out = out + model.unused(torch.relu(model.hidden(X))).sum(1, keepdim=True)
+            torch.nn.functional.mse_loss(out, Y).backward()
+            optimizer.step()
+    assert model.unused.weight.grad is not None  # a zero tensor, left from step 0
+    present = metrics(collector, "gradwatch_gradient_present", job_name)
+    assert present["unused.weight"] == 0 and present["hidden.weight"] == 1
+    assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[
+        "unused.weight"] == 2
+
+
+def test_grad_scaler_overflow_is_skipped_not_nan_and_norms_are_unscaled(collector, webhook,
+                                                                         job_name):
+    model = Net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows float32 at first
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for _ in range(4):
+            optimizer.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(X), Y)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        scale = scaler.get_scale()
+        assert scale < 2.0**127, "the scaler backed off"
+        optimizer.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(X), Y)).backward()
+        scaler.unscale_(optimizer)
+        unscaled = float(model.out.weight.grad.norm())
+        scaler.step(optimizer)
+        scaler.update()
+    labels = {"task_index": "0"}
+    assert sum(metrics(collector, "gradwatch_skipped_steps_total", job_name, **labels)
+               .values()) >= 1
+    assert sum(metrics(collector, "gradwatch_nonfinite_steps_total", job_name, **labels)
+               .values()) == 0
+    assert sum(metrics(collector, "gradwatch_steps_total", job_name).values()) == 5
+    assert metrics(collector, "gradwatch_gradient_norm", job_name)["out.weight"] == \
+        pytest.approx(unscaled, rel=1e-4)
+    assert not [a for a in webhook.alerts if a["labels"].get("training_job") == job_name
+                and a["labels"]["alertname"] == "GradientNonFinite"]
+
+
+def test_a_nan_gradient_pages(collector, webhook, job_name):
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        optimizer.zero_grad()
+        (torch.nn.functional.mse_loss(model(X), Y) * float("nan")).backward()
+        optimizer.step()
+    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name
+                             and a["labels"]["alertname"] == "GradientNonFinite", 10)
+    assert alert is not None
+    assert metrics(collector, "gradwatch_gradient_nan_values_total", job_name)[
+        "out.weight"] == 8  # exact on the CPU
+
+
+def test_a_misconfigured_monitor_says_so_once_and_training_goes_on(monkeypatch, caplog):
+    monkeypatch.setenv("GRADWATCH_TASK_INDEX", "abc")
+    model = Net()
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        monitor = GradientMonitor()
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        train(model, optimizer, 2)
+        monitor.close()
+    assert not monitor.enabled
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1 and "GRADWATCH_TASK_INDEX" in problems[0], problems
