@@ -5,8 +5,8 @@
 MODE: ``unused`` (DDP, a layer never called, find_unused_parameters=False: DDP raises at
 the second step), ``unused-found`` (the same with find_unused_parameters=True), ``nan``
 (DDP with find_unused_parameters=True; rank 1's loss turns NaN at step 1), ``fsdp2``
-(fully_shard; rank 0 prints the full gradients' norms as JSON). The agent is configured by GRADWATCH_* variables; the job name
-comes from torchrun's run id.
+(fully_shard; rank 0 prints the full gradients' norms as JSON). The agent is configured
+by GRADWATCH_* variables; the job name comes from torchrun's run id.
 """
 
 from __future__ import annotations
