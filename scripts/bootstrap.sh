@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${GRADWATCH_VENV:-.venv}
+TORCH_CPU=2.13.0+cpu
 
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
@@ -29,7 +30,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.gradwatch-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "bootstrap: installing gradwatch[agent-cpu,collector,dev] into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -37,5 +38,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # tf-keras (Keras 2) for its tests. It requires the `tensorflow` distribution, which
     # tensorflow-cpu provides under another name; --no-deps avoids a second TensorFlow.
     "$VENV/bin/python" -m pip install -q --no-deps "tf-keras>=2.21,<2.22"
+    # PyTorch's CPU build (190 MB; PyPI's default build pulls 3 GB of CUDA libraries): from
+    # the local wheel folder where the package index has one, else PyTorch's CPU index.
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_CPU" 2>/dev/null \
+        || "$VENV/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cpu \
+            "torch==${TORCH_CPU%+cpu}"
     echo "$want" > "$stamp"
 fi

@@ -60,6 +60,17 @@ assert not {"tensorflow", "keras", "torch"} & set(sys.modules)
 """
 
 
+def test_pytorch_agent_imports_without_tensorflow():
+    result = run_blocked("gradwatch.agent.torch", {"tensorflow", "keras", "tf_keras"},
+                         "assert 'tensorflow' not in sys.modules")
+    assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_tensorflow_agent_imports_without_torch():
+    result = run_blocked("gradwatch.agent.tensorflow", {"torch"})
+    assert result.stdout.strip().endswith("ok"), result.stderr
+
+
 def test_agent_core_works_without_any_framework():
     """The core (settings, identity, sender, sessions) is what every front end reuses."""
     result = run_blocked("gradwatch.agent.core", {"tensorflow", "keras", "tf_keras", "torch"},
@@ -84,6 +95,7 @@ def imports_of(folder: str) -> set[str]:
     ("agent/core", ("tensorflow", "keras", "tf_keras", "torch", "gradwatch.agent.tensorflow",
                     "gradwatch.agent.torch")),
     ("agent/tensorflow", ("torch", "gradwatch.agent.torch")),
+    ("agent/torch", ("tensorflow", "keras", "tf_keras", "gradwatch.agent.tensorflow")),
     ("proto", ("tensorflow", "gradwatch.agent", "gradwatch.collector")),
 ])
 def test_no_forbidden_imports(folder, forbidden):

@@ -1,4 +1,4 @@
-"""Diagnose-only mode: explain missing gradients without a collector.
+"""Diagnose-only mode for TensorFlow: explain missing gradients without a collector.
 
 In a notebook::
 
@@ -7,60 +7,17 @@ In a notebook::
         model.fit(x, y, epochs=1)
     print(report)
 
-From a shell, ``gradwatch doctor train.py [ARGS...]`` runs the script's
-training under the same watch and prints the report (`run_script`).
+From a shell, ``gradwatch doctor train.py [ARGS...]`` runs the script's training under
+the same watch and prints the report (`gradwatch.agent.core.doctor.run_script`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import runpy
-import sys
-import threading
-import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
-from gradwatch.agent.core.diagnosis import Diagnosis, Source, user_source
+from gradwatch.agent.core.doctor import Report
 from gradwatch.agent.tensorflow import tape
-
-
-@dataclass
-class Report:
-    """Diagnoses of one run, the latest per variable, in the order they were found."""
-
-    diagnoses: dict[str, Diagnosis] = field(default_factory=dict)
-    error: str = ""  # how the watched code failed, if it did
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, variable: Any, diagnosis: Diagnosis) -> None:
-        with self._lock:
-            self.diagnoses.pop(diagnosis.variable, None)
-            self.diagnoses[diagnosis.variable] = diagnosis
-
-    def __bool__(self) -> bool:
-        return bool(self.diagnoses)
-
-    def __str__(self) -> str:
-        if not self.diagnoses:
-            text = "gradwatch doctor: every watched variable got a gradient."
-        else:
-            groups: dict[str, list[str]] = {}
-            for d in self.diagnoses.values():
-                groups.setdefault(d.explanation(), []).append(d.variable)
-            causes = "1 cause" if len(groups) == 1 else f"{len(groups)} causes"
-            lines = [f"gradwatch doctor: {len(self.diagnoses)} variables get no gradient "
-                     f"({causes})."]
-            for n, (explanation, variables) in enumerate(groups.items(), 1):
-                lines.append(f"\n{n}. {', '.join(variables)}")
-                lines.append(f"   {explanation}")
-            text = "\n".join(lines)
-        return text + (f"\n\nThe run failed: {self.error}" if self.error else "")
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython
-        printer.text(str(self))
 
 
 @contextlib.contextmanager
@@ -74,33 +31,3 @@ def diagnose_missing_gradients() -> Iterator[Report]:
         yield report
     finally:
         stop()
-
-
-def run_script(path: str, args: list[str]) -> Report:
-    """Runs ``path`` as ``__main__`` with ``args`` under `diagnose_missing_gradients`.
-    Monitors the script creates are disabled (nothing is sent anywhere); an exception
-    or ``sys.exit`` ends the run and is noted in the report, never raised."""
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    saved_disabled = os.environ.get("GRADWATCH_DISABLED")
-    sys.argv = [path, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    os.environ["GRADWATCH_DISABLED"] = "1"
-    try:
-        with diagnose_missing_gradients() as report:
-            try:
-                runpy.run_path(path, run_name="__main__")
-            except SystemExit as stop:
-                if stop.code not in (None, 0):
-                    report.error = f"the script exited with {stop.code}"
-            except Exception as error:  # the classic: "No gradients provided for any variable"
-                frames = traceback.extract_tb(error.__traceback__)
-                where = user_source(frames) or Source(frames[-1].filename, frames[-1].lineno)
-                first_line = (str(error).strip().splitlines() or [""])[0]
-                report.error = f"{type(error).__name__}: {first_line} (at {where})"
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
-        if saved_disabled is None:
-            os.environ.pop("GRADWATCH_DISABLED", None)
-        else:
-            os.environ["GRADWATCH_DISABLED"] = saved_disabled
-    return report

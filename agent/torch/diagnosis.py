@@ -57,7 +57,9 @@ HINTS = {
                             "optimizer.",
     Cause.LEFT_TENSORFLOW: "keep the computation in torch ops (no .item(), .tolist(), "
                            ".numpy() or float() on the way to the loss).",
-    Cause.OUTSIDE_TAPE: "compute the loss outside torch.no_grad() / torch.inference_mode().",
+    Cause.OUTSIDE_TAPE: "compute the loss outside torch.no_grad() / torch.inference_mode() "
+                        "(with torch.utils.checkpoint, pass use_reentrant=False: the "
+                        "reentrant variant tracks no gradient when no input needs one).",
     "detach": "remove .detach() from the path to the loss, or freeze the parameter on "
               "purpose (requires_grad_(False) and out of the optimizer).",
     "argmax": "use torch.softmax (a soft selection) instead of argmax in the loss.",
@@ -70,8 +72,16 @@ _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__"
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})
 
 
+#: Calls that are bookkeeping, not computation (attribute reads like ``.grad``).
+_IGNORED = frozenset({"_set_grad_enabled", "grad", "grad_fn", "requires_grad", "is_leaf",
+                      "_version", "_base"})
+
+
 def _name(func: Any) -> str:
-    return getattr(func, "__name__", None) or str(func)
+    name = getattr(func, "__name__", None) or str(func)
+    if name in ("__get__", "__set__"):  # a tensor attribute: .data, .T, .grad, ...
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
 
 
 @dataclass
@@ -109,11 +119,15 @@ class StepRecording(TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = _name(func)
-        if self.abandoned or name in ("_set_grad_enabled", "__get__", "__set__", "grad_fn"):
+        if self.abandoned or name in _IGNORED:
             return result
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-        if inputs or outputs:
+        if name.endswith("_") and not name.endswith("__") and inputs:
+            # In place (x.add_(y), init.uniform_(w)): writes its first argument, reads
+            # the rest; initializing a parameter is not reading it.
+            outputs, inputs = [inputs[0]], inputs[1:]
+        if outputs or (inputs and name in CONVERSIONS):  # not metadata (dim(), size())
             for tensor in inputs + outputs:
                 self._keep(tensor)
             self.calls.append(Call(len(self.calls), name, [id(t) for t in inputs],

@@ -42,3 +42,28 @@ def test_doctor_needs_an_existing_script():
     result = doctor(ROOT / "no-such-script.py")
     assert result.returncode == 2
     assert "no such file" in result.stderr
+
+
+TORCH_EXAMPLE = ROOT / "examples" / "torch_no_gradients.py"
+
+
+def test_doctor_explains_a_pytorch_script():
+    result = doctor(TORCH_EXAMPLE)
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = next(i for i, text in enumerate(TORCH_EXAMPLE.read_text().splitlines(), 1)
+                if "argmax(1)" in text)
+    assert "(torch) in diagnose-only mode" in result.stdout
+    assert "4 variables get no gradient (2 causes)" in result.stdout
+    assert f"1. confidence.weight, confidence.bias\n   The path to the loss crosses argmax() " \
+           f"at {TORCH_EXAMPLE}:{line}" in result.stdout
+    assert "2. unused_projection.weight, unused_projection.bias\n   It is never read" in \
+        result.stdout
+
+
+def test_framework_is_told_by_the_imports():
+    from gradwatch.doctor_cli import detect_framework
+
+    assert detect_framework("import torch\nimport numpy") == "torch"
+    assert detect_framework("from torch import nn") == "torch"
+    assert detect_framework("import tensorflow as tf\nimport torch") == "tensorflow"
+    assert detect_framework("import keras") == "tensorflow"

@@ -1,0 +1,219 @@
+"""Why a PyTorch parameter gets no gradient, on patterns from public bug reports.
+
+Each case trains two steps of a small model in diagnose-only mode and checks the cause,
+the op and the source line (the line marked ``# <- here``). The patterns come from
+PyTorch forum and GitHub reports: DDP's "parameters that were not used in producing
+loss", "element 0 of tensors does not require grad" worked around with
+``torch.tensor(loss.item(), requires_grad=True)``, accuracy (argmax, comparisons) used
+as a loss, reentrant checkpointing of a block whose input needs no gradient, a model
+rebuilt after its optimizer, freezing the wrong layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from gradwatch.agent.core.diagnosis import Cause
+from gradwatch.agent.torch.doctor import diagnose_missing_gradients
+
+X = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+Y = torch.randn(16, 1, generator=torch.Generator().manual_seed(1))
+
+
+class Base(torch.nn.Module):
+    """A trunk and head that always train, plus ``broken``, whose use each case spoils."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Linear(8, 1)
+        self.broken = torch.nn.Linear(8, 1)
+
+    def healthy(self, x):
+        h = torch.relu(self.trunk(x))
+        return h, self.head(h)
+
+
+def unused_layer(m, x):
+    return m.healthy(x)[1]
+
+
+def branch_not_taken(m, x, mode="mean"):
+    h, out = m.healthy(x)
+    if mode == "attention":
+        out = out + m.broken(h)
+    return out
+
+
+def detach(m, x):
+    h, out = m.healthy(x)
+    return out + m.broken(h).detach()  # <- here
+
+
+def data_attribute(m, x):
+    h, out = m.healthy(x)
+    return out + m.broken(h).data  # <- here
+
+
+def no_grad(m, x):
+    h, out = m.healthy(x)
+    with torch.no_grad():
+        side = m.broken(h)  # <- here
+    return out + side
+
+
+def set_grad_enabled(m, x):
+    h, out = m.healthy(x)
+    with torch.set_grad_enabled(False):
+        side = m.broken(h)  # <- here
+    return out + side
+
+
+def item_round_trip(m, x):
+    h, out = m.healthy(x)
+    return out + m.broken(h).mean().item()  # <- here
+
+
+def tolist_round_trip(m, x):
+    h, out = m.healthy(x)
+    return out + torch.tensor(m.broken(h).tolist())  # <- here
+
+
+def numpy_round_trip(m, x):
+    h, out = m.healthy(x)
+    side = torch.from_numpy(m.broken(h).detach().numpy())  # <- here
+    return out + side
+
+
+def argmax(m, x):
+    h, out = m.healthy(x)
+    scores = torch.cat([m.broken(h), out], 1)
+    return out + scores.argmax(1, keepdim=True)  # <- here
+
+
+def comparison(m, x):
+    h, out = m.healthy(x)
+    return out + (m.broken(h) > 0).float()  # <- here
+
+
+def integer_cast(m, x):
+    h, out = m.healthy(x)
+    return out + m.broken(h).long()  # <- here
+
+
+def reentrant_checkpoint(m, x):
+    from torch.utils.checkpoint import checkpoint
+
+    h, out = m.healthy(x)
+    side = checkpoint(m.broken, h.detach(), use_reentrant=True)  # <- here
+    return out + side
+
+
+CASES = [
+    (unused_layer, Cause.UNUSED, ""),
+    (branch_not_taken, Cause.UNUSED, ""),
+    (detach, Cause.BROKEN_AT_OP, "detach"),
+    (data_attribute, Cause.BROKEN_AT_OP, "data"),
+    (no_grad, Cause.OUTSIDE_TAPE, "linear"),
+    (set_grad_enabled, Cause.OUTSIDE_TAPE, "linear"),
+    (item_round_trip, Cause.LEFT_TENSORFLOW, "item"),
+    (tolist_round_trip, Cause.LEFT_TENSORFLOW, "tolist"),
+    (numpy_round_trip, Cause.LEFT_TENSORFLOW, "numpy"),
+    (argmax, Cause.BROKEN_AT_OP, "argmax"),
+    (comparison, Cause.BROKEN_AT_OP, "gt"),
+    (integer_cast, Cause.BROKEN_AT_OP, "long"),
+]
+
+
+def marked_line(function) -> int | None:
+    lines, first = inspect.getsourcelines(function)
+    return next((first + i for i, line in enumerate(lines) if "# <- here" in line), None)
+
+
+def train(model, forward, steps: int = 2, optimizer=None):
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), 1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(forward(model, X), Y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("forward, cause, op", CASES, ids=[c[0].__name__ for c in CASES])
+def test_cause_op_and_line(forward, cause, op):
+    with diagnose_missing_gradients() as report:
+        train(Base(), forward)
+    assert set(report.diagnoses) == {"broken.weight", "broken.bias"}, str(report)
+    verdict = report.diagnoses["broken.weight"]
+    assert verdict.cause is cause, verdict.message()
+    assert verdict.op_name == op, verdict.message()
+    line = marked_line(forward)
+    if line is not None:
+        assert verdict.source is not None and verdict.source.line == line, verdict.message()
+        assert verdict.source.file == __file__
+    assert verdict.hint
+
+
+def test_reentrant_checkpoint_of_an_input_without_gradient():
+    """torch.utils.checkpoint(use_reentrant=True) runs the block without gradient
+    tracking when no input needs a gradient: its parameters get none."""
+    with diagnose_missing_gradients() as report:
+        train(Base(), reentrant_checkpoint)
+    verdict = report.diagnoses["broken.weight"]
+    assert verdict.cause is Cause.OUTSIDE_TAPE, verdict.message()
+    assert "use_reentrant=False" in verdict.hint
+
+
+def test_item_round_trip_of_the_whole_loss():
+    """The classic workaround for "element 0 of tensors does not require grad"."""
+    model = Base()
+
+    def forward(m, x):
+        return m.healthy(x)[1]
+
+    with diagnose_missing_gradients() as report:
+        optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(forward(model, X), Y)
+            loss = torch.tensor(loss.item(), requires_grad=True)  # the workaround
+            loss.backward()
+            optimizer.step()
+    causes = {name: d.cause for name, d in report.diagnoses.items()}
+    assert causes == {"trunk.weight": Cause.LEFT_TENSORFLOW, "trunk.bias": Cause.LEFT_TENSORFLOW,
+                      "head.weight": Cause.LEFT_TENSORFLOW, "head.bias": Cause.LEFT_TENSORFLOW,
+                      "broken.weight": Cause.UNUSED, "broken.bias": Cause.UNUSED}
+    assert report.diagnoses["head.weight"].op_name == "item"
+
+
+def test_requires_grad_turned_off_after_the_optimizer_was_built():
+    model = Base()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+    model.head.requires_grad_(False)  # meant to freeze `broken`
+    with diagnose_missing_gradients() as report:
+        train(model, lambda m, x: m.healthy(x)[1] + m.broken(m.healthy(x)[0]), optimizer=optimizer)
+    assert set(report.diagnoses) == {"head.weight", "head.bias"}
+    assert report.diagnoses["head.weight"].cause is Cause.NOT_TRACKED
+
+
+def test_model_rebuilt_after_its_optimizer():
+    model = Base()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+    model = Base()  # the optimizer still holds the first model's parameters
+    with diagnose_missing_gradients() as report:
+        train(model, unused_layer, optimizer=optimizer)
+    assert len(report.diagnoses) == 6
+    assert {d.cause for d in report.diagnoses.values()} == {Cause.UNUSED}
+
+
+def test_healthy_training_is_not_diagnosed():
+    def full(m, x):
+        h, out = m.healthy(x)
+        return out + m.broken(h)
+
+    with diagnose_missing_gradients() as report:
+        train(Base(), full, steps=3)
+    assert not report, str(report)
