@@ -1,9 +1,10 @@
 """``gradwatch demo``: collector + a real, broken, distributed training run + its alert.
 
 Starts a collector and a webhook receiver on loopback, runs
-`gradwatch.demo.training` (Keras, MirroredStrategy over 2 logical CPUs) with
-the agent, then prints the GradientMissing alert the webhook received and the
-`/metrics` lines that show the problem. Exits 0 if the alert arrived.
+`gradwatch.demo.training` (Keras, MirroredStrategy over 2 logical CPUs) or, with
+``--framework torch``, `gradwatch.demo.torch_training` (DDP over 2 processes under
+torchrun) with the agent, then prints the GradientMissing alert the webhook received
+and the `/metrics` lines that show the problem. Exits 0 if the alert arrived.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="run a collector and a broken training job; show the alert",
         description=__doc__.splitlines()[0])
+    parser.add_argument("--framework", choices=("tensorflow", "torch"), default="tensorflow",
+                        help="tensorflow: Keras model.fit under MirroredStrategy; torch: "
+                             "DistributedDataParallel over 2 processes under torchrun")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="replicas (tensorflow) or processes (torch)")
     parser.set_defaults(func=run)
 
 
@@ -65,18 +70,31 @@ def _show_metrics(text: str) -> None:
             print(f"  {sample.name}{{{labels}}} {sample.value:g}")
 
 
+def _training(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """What the demo trains, as (description, command)."""
+    if args.framework == "torch":
+        return (f"PyTorch DistributedDataParallel x {args.replicas} processes (torchrun, gloo); "
+                "one head is detached before the loss, one layer is never called",
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(args.replicas), "-m", "gradwatch.demo.torch_training",
+                 "--epochs", str(args.epochs)])
+    return (f"Keras model.fit, MirroredStrategy x {args.replicas} replicas; one head goes "
+            "through tf.math.floor, one layer is never called",
+            [sys.executable, "-m", "gradwatch.demo.training", "--epochs", str(args.epochs),
+             "--replicas", str(args.replicas)])
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with WebhookReceiver() as webhook, CollectorProcess("--webhook-url", webhook.url) as collector:
         _say("1/4", f"collector up: gRPC {collector.grpc_target}, {collector.metrics_url}")
-        _say("2/4", f"training {JOB!r}: Keras model.fit, MirroredStrategy x {args.replicas} "
-                    "replicas; one head goes through tf.math.floor, one layer is never called")
+        description, command = _training(args)
+        _say("2/4", f"training {JOB!r}: {description}")
         env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target,
-               "GRADWATCH_TRAINING_JOB": JOB, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        training = subprocess.run(
-            [sys.executable, "-m", "gradwatch.demo.training", "--epochs", str(args.epochs),
-             "--replicas", str(args.replicas)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+               "GRADWATCH_TRAINING_JOB": JOB, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "OMP_NUM_THREADS": "1"}
+        training = subprocess.run(command, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=300)
         for line in training.stdout.splitlines():
             if "/step" in line or line.startswith(("Epoch", "ERROR", "Traceback")):
                 print(f"  {line}")

@@ -80,21 +80,49 @@ def substitute(expr: str, job: str) -> str:
             .replace("$__rate_interval", "1m"))
 
 
-def test_every_panel_query_and_variable_returns_data(collector, job_name):
-    require_binary("prometheus")
-    target = collector.metrics_url.removeprefix("http://").removesuffix("/metrics")
+def train_keras(collector, job: str):
+    """A Keras model.fit with an unused layer; returns its still open monitor."""
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
     model = PartlyUnused()
     model.build((None, 4))
+    monitor = GradientMonitor(collector=collector.grpc_target, training_job=job,
+                              flush_interval_s=0.05)
+    model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    return monitor
+
+
+def train_torch(collector, job: str):
+    """A PyTorch loop with an unused layer; returns its still open monitor."""
+    import torch
+
+    from gradwatch.agent.torch import GradientMonitor as TorchMonitor
+
+    hidden, out, unused = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1), torch.nn.Linear(8, 2)
+    model = torch.nn.ModuleDict({"hidden": hidden, "out": out, "unused": unused})
+    x = torch.randn(64, 4)
+    monitor = TorchMonitor(collector=collector.grpc_target, training_job=job,
+                           flush_interval_s=0.05)
+    optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.01), model)
+    for batch in x.split(8):
+        optimizer.zero_grad()
+        (out(torch.relu(hidden(batch))) - batch.sum(1, keepdim=True)).pow(2).mean().backward()
+        optimizer.step()
+    return monitor
+
+
+@pytest.mark.parametrize("train", [train_keras, train_torch], ids=["keras", "torch"])
+def test_every_panel_query_and_variable_returns_data(collector, job_name, train):
+    """The same dashboards serve TensorFlow and PyTorch jobs, unchanged."""
+    require_binary("prometheus")
+    target = collector.metrics_url.removeprefix("http://").removesuffix("/metrics")
     # The monitor stays open while Prometheus is queried: running tasks have a
     # last-report timestamp, finished ones do not.
-    monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
-                              flush_interval_s=0.05)
+    monitor = None
     try:
         with PrometheusProcess([target], scrape_interval="300ms") as prometheus:
-            model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
-            model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+            monitor = train(collector, job_name)
             prometheus.wait_for(f'count_over_time(gradwatch_steps_total{{training_job='
                                 f'"{job_name}"}}[1m]) >= 3', timeout_s=30)
             prometheus.wait_for(f'gradwatch_gradient_missing_cause_info{{training_job='
@@ -116,7 +144,8 @@ def test_every_panel_query_and_variable_returns_data(collector, job_name):
                         assert job_name in values
             assert not empty, "queries without data:\n" + "\n".join(empty)
     finally:
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
 
 
 def test_every_panel_is_described_in_the_docs():

@@ -34,3 +34,24 @@ def test_demo_shows_the_alert_and_metrics():
     for replica in ("0", "1"):  # MirroredStrategy: both replicas reported
         assert (f'gradwatch_variables_without_gradient{{optimizer="adam",replica="{replica}"'
                 in out)
+
+
+def test_pytorch_demo_shows_the_alert_and_metrics():
+    from gradwatch.demo import torch_training
+
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "demo", "--framework", "torch",
+                             "--epochs", "1"], capture_output=True, text=True, timeout=240)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "GradientMissing FIRING severity=warning training_job=gradwatch-demo optimizer=Adam" \
+        in out
+    assert ("variables: price.weight, price.bias, unused_projection.weight, "
+            "unused_projection.bias") in out
+    detach_line = next(i for i, text in
+                       enumerate(inspect.getsource(torch_training).splitlines(), 1)
+                       if "self.price(h).detach()" in text)
+    assert (f"price.weight, price.bias: The path to the loss crosses detach() at "
+            f"{torch_training.__file__}:{detach_line}") in out
+    for rank in ("0", "1"):  # DDP: both processes reported
+        assert (f'gradwatch_variables_without_gradient{{optimizer="Adam",replica="0",'
+                f'task_index="{rank}"') in out
