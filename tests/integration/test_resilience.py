@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
+from gradwatch.agent.core.buffer import step_bytes
 from tests.support.faults import TcpProxy
 from tests.support.metrics import parse_metrics, select
 from tests.support.services import CollectorProcess, free_port
@@ -136,8 +137,9 @@ def test_lost_acks_are_replayed_and_counted_once(job_name, monkeypatch):
 
 def test_overflowing_buffer_drops_the_oldest_steps_and_reports_how_many(job_name):
     port = free_port()
-    # 4 variables x 1 replica: 4 x 17 + 48 = 116 bytes per buffered step; room for 30.
-    monitor, trainer = reporting_trainer(f"127.0.0.1:{port}", job_name, max_buffer_bytes=30 * 116)
+    # Room for 30 steps of 4 variables x 1 replica.
+    monitor, trainer = reporting_trainer(f"127.0.0.1:{port}", job_name,
+                                         max_buffer_bytes=30 * step_bytes(1, 4))
     trainer.train(100)
     time.sleep(0.3)  # the sender drains the device buffer into its host buffer
     with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:

@@ -32,8 +32,9 @@ class Harness:
         self.engine = RuleEngine(RuleSettings(base=base), self.tracker, self.clock)
         self.registry = Registry()
 
-    def register(self, task_index=0, replicas=1, names=("a", "b", "c")):
-        return self.registry.register("job", "adam", "worker", task_index, replicas, list(names))
+    def register(self, task_index=0, replicas=1, names=("a", "b", "c"), sharded=False):
+        return self.registry.register("job", "adam", "worker", task_index, replicas, list(names),
+                                      sharded=sharded)
 
     def feed(self, session, *steps, first_step=None):
         """Each step: present (per replica or flat), with optional norm=/nan= arrays."""

@@ -115,3 +115,13 @@ def test_each_section_builds_exactly_the_metrics_it_declares():
     for metric in exporter.metrics:  # and each one alone
         (family,) = exporter.families({metric.sample_name})
         assert family.sample_name == metric.sample_name
+
+
+def test_shards_of_a_variable_combine_into_its_norm():
+    """FSDP: tasks report shard norms 3 and 4 of one variable; its norm is 5."""
+    registry = Registry()
+    w0 = registry.register("job", "adam", "worker", 0, 1, ["a", "b"], sharded=True)
+    w1 = registry.register("job", "adam", "worker", 1, 1, ["a", "b"], sharded=True)
+    feed(w0, [1, 1], [3.0, 1.0])
+    feed(w1, [1, 1], [4.0, 0.0])
+    assert select(render(registry), "gradwatch_gradient_norm") == {"a": 5.0, "b": 1.0}

@@ -29,6 +29,19 @@ def test_divergence_norm_ratio_across_workers_at_the_same_step():
     assert alert.annotations["tasks"] == "worker/0 replica 0, worker/1 replica 0"
 
 
+def test_shards_differ_in_norm_by_design_but_not_in_presence():
+    """FSDP: each task's norms are of its shards; only presence and finiteness compare."""
+    h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
+    w0, w1 = h.register(0, sharded=True), h.register(1, sharded=True)
+    h.feed(w0, healthy(norm=1.0), first_step=10)
+    h.feed(w1, healthy(norm=100.0), first_step=10)
+    assert h.active("ReplicaDivergence") == []
+    h.feed(w0, healthy(norm=1.0))
+    h.feed(w1, {"present": [1, 0, 1], "norm": [1, 0, 1]})
+    (alert,) = h.active("ReplicaDivergence")
+    assert alert.annotations["variables"] == "b"
+
+
 def test_divergence_ignores_workers_at_other_steps():
     h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
     w0, w1 = h.register(0), h.register(1)
