@@ -166,6 +166,11 @@ class Buffer:
         """Host memory held by steps not yet acknowledged."""
         return sum(b.buffered_steps() * b.step_bytes for b in self.sessions)
 
+    def holds_nothing(self) -> bool:
+        """No session was ever handed over: nothing to deliver (any thread)."""
+        with self._lock:
+            return not self.sessions and not self._new
+
     def any_unacked(self) -> bool:
         return any(b.unacked for b in self.sessions)
 

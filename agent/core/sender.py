@@ -68,11 +68,18 @@ class Sender:
     def close(self, timeout_s: float = 5.0) -> bool:
         """Sends what is buffered (waiting at most ``timeout_s``) and stops the thread.
         Returns True if everything recorded was acknowledged."""
+        if self.buffer.holds_nothing():  # nothing was recorded: nothing to deliver
+            self._drained.set()
         if self._thread.is_alive():
             self._call_soon(self._stopping.set)
             self._drained.wait(timeout_s)
             self._call_soon(self._cancel_all)
             self._thread.join(timeout=2.0)
+        if not self._drained.is_set():
+            steps = sum(b.buffered_steps() for b in self.buffer.sessions)
+            dropped = sum(b.dropped for b in self.buffer.sessions)
+            log.warning("gradwatch: closed with %d steps not delivered (%d dropped before)%s",
+                        steps, dropped, f": {self._last_error}" if self._last_error else "")
         return self._drained.is_set()
 
     def _call_soon(self, callback: Callable[[], object]) -> None:

@@ -59,9 +59,9 @@ class Connection:
 
     ``stopping`` is set when the monitor closes (then everything is flushed and the
     sessions say goodbye); ``drained`` is set once that is done; ``on_streaming`` is
-    called once the collector accepted the registrations. `run`'s ``failback`` returns
-    when a preferred collector is healthy again (then this connection stops taking new
-    steps, flushes, says goodbye and ends)."""
+    called once the collector answers (a registration or an acknowledgement). `run`'s
+    ``failback`` returns when a preferred collector is healthy again (then this connection
+    stops taking new steps, flushes, says goodbye and ends)."""
 
     def __init__(self, buffer: Buffer, endpoint: Endpoint, channel: ChannelSettings, *,
                  stopping: asyncio.Event, drained: threading.Event, flush_interval_s: float,
@@ -76,7 +76,7 @@ class Connection:
         self.ack_timeout_s = ack_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
         self.on_streaming = on_streaming
-        #: It got as far as streaming (the collector answered).
+        #: The collector answered (a registration or an acknowledgement).
         self.streamed = False
         #: (session, sequence) of the batches written on this call and not yet
         #: acknowledged, in the order written (the collector applies them in that order).
@@ -109,8 +109,6 @@ class Connection:
         for buffer in self.buffer.sessions:
             buffer.connect(self.endpoint.address)
         await self._register_new(stub)
-        self.streamed = True
-        self.on_streaming()
         call = stub.Report(metadata=self.channel.metadata())
         acks = asyncio.ensure_future(self._read_acks(call))
         # Its error is raised where the stream is used, or moot once the connection is
@@ -153,7 +151,7 @@ class Connection:
                     buffer.final_sent = True
                     await self._send(call, buffer, acks, final=True)
                 if not goodbyes:
-                    await call.done_writing()
+                    await self._done_writing(call, acks)
                     if moving:
                         raise _Ended(Outcome.FAILBACK)
                     self.drained.set()
@@ -171,6 +169,20 @@ class Connection:
             self._check_acks_arrive()
             if not moving:
                 self.buffer.drain()
+
+    async def _done_writing(self, call, acks: asyncio.Future) -> None:
+        """Half-closes the stream; a stream that failed already says why."""
+        if acks.done():
+            acks.result()  # raises the stream's error
+        try:
+            await call.done_writing()
+        except Exception as error:  # gRPC's ExecuteBatchError: the call is over
+            raise ConnectionError("collector ended the report stream") from error
+
+    def _answered(self) -> None:
+        if not self.streamed:
+            self.streamed = True
+            self.on_streaming()
 
     def _check_acks_arrive(self) -> None:
         if not self.buffer.any_unacked():
@@ -209,6 +221,7 @@ class Connection:
                                                timeout=self.rpc_timeout_s,
                                                metadata=self.channel.metadata())
                 buffer.registered(address, response)
+                self._answered()
                 log.info("gradwatch: registered %s with %s as session %s",
                          buffer.name, self.endpoint, buffer.session_id)
 
@@ -222,6 +235,7 @@ class Connection:
             if buffer is None:
                 continue
             buffer.acknowledge(ack.sequence)
+            self._answered()
             while self._in_flight and self._in_flight[0][1] <= self._in_flight[0][0].acked:
                 self._in_flight.popleft()
             self._waiting_since = time.monotonic()
