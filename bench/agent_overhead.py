@@ -39,6 +39,10 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated: demo, demo-mirrored, cnn, transformer, "
                              "transformer-mirrored, recommender, recommender-mirrored, "
                              "resnet50, resnet50-mirrored")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile each step with XLA (tf.function(jit_compile=True), what "
+                             "Keras 3's model.fit does where XLA applies); cases without a "
+                             "strategy only")
     parser.add_argument("--variants", default="plain,gradwatch",
                         help="comma-separated: plain, gradwatch, check_numerics, host_norms")
     return parser.parse_args()
@@ -136,7 +140,7 @@ def make_step(model, loss_fn, optimizer, strategy, host_norms: bool = False):
                     for g in grads]
         return loss
 
-    @tf.function
+    @tf.function(jit_compile=ARGS.jit_compile or None)
     def step(x):
         return strategy.run(replica_step, args=(x,))
 

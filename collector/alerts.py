@@ -9,6 +9,7 @@ Prometheus) deduplicate in Alertmanager.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,10 +82,13 @@ class AlertTracker:
     """
 
     def __init__(self, notify: Callable[[Notification], None],
-                 resolve_after_s: float = 0.0) -> None:
+                 resolve_after_s: float = 0.0, keep_resolved: int = 200) -> None:
         self._notify = notify
         self.resolve_after_s = resolve_after_s
         self._active: dict[tuple, dict[Labels, _Active]] = {}
+        #: The latest resolutions, newest last (for people to look at).
+        self.resolved: collections.deque[Notification] = collections.deque(
+            maxlen=keep_resolved)
 
     def update(self, scope: tuple, alerts: Iterable[Alert], now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -104,7 +108,7 @@ class AlertTracker:
                 if gone.absent_since is None:
                     gone.absent_since = now
                 if now - gone.absent_since >= self.resolve_after_s:
-                    self._notify(Notification(gone.alert, gone.starts_at, ends_at=now))
+                    self._resolve(Notification(gone.alert, gone.starts_at, ends_at=now))
                 else:
                     current[key] = gone
         if current:
@@ -120,9 +124,13 @@ class AlertTracker:
                 if entry.absent_since is not None and \
                         now - entry.absent_since >= self.resolve_after_s:
                     del active[key]
-                    self._notify(Notification(entry.alert, entry.starts_at, ends_at=now))
+                    self._resolve(Notification(entry.alert, entry.starts_at, ends_at=now))
             if not active:
                 del self._active[scope]
+
+    def _resolve(self, notification: Notification) -> None:
+        self.resolved.append(notification)
+        self._notify(notification)
 
     def active(self) -> list[Alert]:
         return [a.alert for scope in self._active.values() for a in scope.values()]

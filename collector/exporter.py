@@ -28,7 +28,7 @@ VARIABLE_LABELS = ["training_job", "optimizer", "variable"]
 OTHER_VARIABLES = "__other__"
 
 
-def _variable_aggregates(group: Group) -> dict[str, np.ndarray]:
+def variable_aggregates(group: Group) -> dict[str, np.ndarray]:
     """Per-column aggregates over the group's sessions (columns nobody reports are dropped):
     a variable's norm is the max over tasks and replicas, or, for a sharded group, the
     norm of its shards together."""
@@ -202,7 +202,7 @@ class Exporter:
             NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, CAUSES))
         keep = self.max_variable_series
         for group in self.registry.groups.values():
-            agg = _variable_aggregates(group)
+            agg = variable_aggregates(group)
             reported = np.flatnonzero(agg["reported"])
             if reported.size == 0:
                 continue

@@ -1,7 +1,8 @@
 """Wires the collector together and runs it on one asyncio event loop.
 
 gRPC (grpc.aio, with the standard health service) and HTTP (aiohttp:
-``/metrics``, ``/healthz``) share the loop, so state needs no locks.
+``/metrics``, ``/healthz``, the web UI and its API) share the loop, so state needs no
+locks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gradwatch.collector.sinks import AlertmanagerSink, Dispatcher, LogSink, Sin
 from gradwatch.collector.state import Registry
 from gradwatch.collector.telemetry import Telemetry
 from gradwatch.collector.tls import ServerCertificates
+from gradwatch.collector.web import WebUI
 from gradwatch.collector.web_config import RELOAD_INTERVAL_S, WebSecurity
 from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
 
@@ -58,6 +60,8 @@ class Collector:
         tokens = TokenAuthority(config.tokens_file) if config.tokens_file else None
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits, tokens=tokens)
+        self.web = WebUI(self.registry, self.telemetry, self.alerts, self.dispatcher,
+                         config.limits, lambda: self.service.open_streams)
         self.exporter = Exporter(
             self.registry, self.telemetry, self.alerts.active,
             lambda: dict(self.dispatcher.outcomes), config.max_variable_series)
@@ -126,6 +130,7 @@ class Collector:
         app = web.Application(middlewares=[security.middleware] if security else [])
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/healthz", self._serve_health)
+        self.web.add_routes(app)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = split_host_port(self.config.metrics_address)
@@ -140,6 +145,7 @@ class Collector:
             (config.evaluation_interval_seconds, self._evaluate),
             (config.resend_interval_seconds, self._resend),
             (config.batch_evaluation_interval_seconds, self.rules.evaluate_pending),
+            (5.0, self.web.rate.sample),
         ]
         if self.web_security:
             timers.append((RELOAD_INTERVAL_S, self.web_security.reload_if_changed))

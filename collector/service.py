@@ -65,6 +65,11 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
         self._no_open_streams = asyncio.Event()
         self._no_open_streams.set()
 
+    @property
+    def open_streams(self) -> int:
+        """Report streams open now."""
+        return self._open_streams
+
     def drain(self) -> None:
         """Starts a graceful shutdown: refuses new calls, winds down open streams."""
         self._draining.set()

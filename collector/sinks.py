@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -102,6 +103,15 @@ class AlertmanagerSink(_JsonPoster):
                                     for n in notifications])
 
 
+@dataclass
+class SinkState:
+    """How delivery to one sink is going (Unix times; 0: never)."""
+
+    last_success: float = 0.0
+    last_failure: float = 0.0
+    last_error: str = ""
+
+
 class Dispatcher:
     """Queues notifications per sink and delivers them off the ingest path."""
 
@@ -113,6 +123,7 @@ class Dispatcher:
         self.queue_size = queue_size
         #: (sink name, outcome) → count; outcome is sent, failed or dropped.
         self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.states = {s.name: SinkState() for s in sinks}
         self._queues = {s.name: collections.deque() for s in sinks}
         self._wakeups = {s.name: asyncio.Event() for s in sinks}
         self._tasks: list[asyncio.Task] = []
@@ -147,10 +158,13 @@ class Dispatcher:
                     try:
                         await sink.send(batch)
                         self.outcomes[(sink.name, "sent")] += len(batch)
+                        self.states[sink.name].last_success = time.time()
                         break
                     except Exception as error:  # any sink failure is counted, never raised
                         if attempt == self.retries:
                             self.outcomes[(sink.name, "failed")] += len(batch)
+                            state = self.states[sink.name]
+                            state.last_failure, state.last_error = time.time(), str(error)
                             log.warning("alert delivery to %s failed: %s", sink.name, error)
                         else:
                             await asyncio.sleep(self.backoff_s * 2**attempt)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradwatch.collector.history import History
+
 
 @dataclass
 class StepBatch:
@@ -72,6 +74,8 @@ class SessionState:
     #: Dynamic loss scaling: steps with NaN/Inf are skipped by the optimizer, not applied.
     loss_scaled: bool = False
     skipped_steps_total: int = 0
+    #: Steps per second, smoothed over the last ~10 s of reports.
+    step_rate: float = 0.0
 
     def __post_init__(self) -> None:
         shape = (self.num_replicas, len(self.columns))
@@ -101,8 +105,13 @@ class SessionState:
 
     def apply(self, sequence: int, batch: StepBatch) -> None:
         """Folds a validated batch into the latest state and the totals."""
+        now = time.time()
+        if self.last_report_time and batch.steps.size:
+            elapsed = max(now - self.last_report_time, 1e-3)
+            weight = min(1.0, elapsed / 10.0)
+            self.step_rate += weight * (batch.steps.size / elapsed - self.step_rate)
         self.last_sequence = sequence
-        self.last_report_time = time.time()
+        self.last_report_time = now
         self.dropped_steps = max(self.dropped_steps, batch.dropped_steps)
         if batch.steps.size == 0:
             return
@@ -120,6 +129,8 @@ class SessionState:
         nonfinite = self.nonfinite_steps(batch)
         self.nonfinite = nonfinite[-1]
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
+        self.group.history.add(self.id, self.columns, batch.steps, batch.present, batch.l2_norm,
+                               nonfinite, batch.global_norm, len(self.group.names))
 
     def set_causes(self, causes: dict[int, MissingCause]) -> None:
         """Records the agent's diagnoses, by this session's variable ids."""
@@ -141,6 +152,8 @@ class Group:
     #: Every task holds a shard of each variable (FSDP): per-variable norms combine the
     #: tasks' shard norms as sqrt(sum of squares), and tasks' global norms differ.
     sharded: bool = False
+    #: The recent steps of every variable (the web UI's heat map).
+    history: History = field(default_factory=History)
 
     def columns_for(self, names: list[str]) -> np.ndarray:
         for name in names:
@@ -166,6 +179,7 @@ class Registry:
         if group is None:
             group = self.groups[(training_job, optimizer)] = Group(training_job, optimizer)
         group.sharded |= sharded
+        group.history.sharded = group.sharded
         session = SessionState(
             id=uuid.uuid4().hex, group=group, task_type=task_type, task_index=task_index,
             num_replicas=num_replicas, columns=group.columns_for(variable_names), **details,
@@ -196,6 +210,7 @@ class Registry:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.group.sessions.pop(session_id, None)
+            session.group.history.forget(session_id)
             self.statistics -= session.num_replicas * session.num_variables
 
     def expire_inactive(self, older_than: float) -> list[Group]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: Debian packages the tests run for real
-# (Prometheus, Alertmanager) and a virtual environment with gradwatch installed
+# (Prometheus, Alertmanager, Chromium) and a virtual environment with gradwatch installed
 # editable with its agent (tensorflow-cpu), collector and dev extras.
 # Re-runs are fast: pip runs again only when pyproject.toml changes.
 set -euo pipefail
@@ -13,6 +13,9 @@ TORCH_CPU=2.13.0+cpu
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+# The web UI's tests look at the pages in a real headless browser.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null 2>&1; then
         echo "bootstrap: please install ${missing[*]} (Debian packages); skipping" >&2

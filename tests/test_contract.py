@@ -124,3 +124,18 @@ def test_every_rejection_reason_and_limit_is_documented():
     names = [f.name for f in fields(Limits)]
     assert [n for n in names if f"`{n}`" not in limits] == []
     assert [n for n in names if f"  {n}:" not in example] == []
+
+
+def test_every_package_is_in_pyproject():
+    """A package folder missing from pyproject.toml's list is missing from the wheel (and
+    the Docker image), though an editable install finds it."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(project["packages"])
+    found = set()
+    for package, folder in project["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found - listed == set()

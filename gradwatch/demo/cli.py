@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=2,
                         help="replicas (tensorflow) or processes (torch)")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the collector running (its web UI open) until Ctrl-C")
     parser.set_defaults(func=run)
 
 
@@ -111,5 +113,13 @@ def run(args: argparse.Namespace) -> int:
         _show_alert(alert)
         _say("4/4", f"what Prometheus sees at {collector.metrics_url}")
         _show_metrics(collector.scrape())
-    print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
+        page = collector.metrics_url.removesuffix("/metrics") + "/jobs/" + JOB
+        print(f"\ndemo finished in {time.monotonic() - started:.1f} s; the job's page: {page}")
+        if args.keep:
+            print("the collector keeps running (--keep); Ctrl-C stops it", flush=True)
+            try:
+                while collector.process.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
     return 0

@@ -1,0 +1,104 @@
+"""A bounded recent history per job x optimizer, for the web UI's gradient-flow heat map.
+
+`History` keeps the last `STEPS` steps of every variable as one float16 cell each:
+``log10`` of the gradient norm, combined over the group's tasks and replicas (the max,
+or for shards the norm of them together), or a sentinel: `MISSING` (some task or replica
+had no gradient), `NONFINITE` (NaN or Inf somewhere), `NO_DATA` (nobody reported that
+step yet). A cell is 2 bytes: 256 bytes per variable per group, 0.26 MB for 1,000
+variables (docs/limits.md). Rows are slots ``step % STEPS``; a slot reused by a newer
+step starts afresh, and older steps are refused. Per session it also keeps the global
+norm of each replica at the same steps. Event loop only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STEPS = 128
+NO_DATA = np.float16(np.inf)
+MISSING = np.float16(-np.inf)
+NONFINITE = np.float16(np.nan)
+#: log10 of a zero norm (float16 holds down to -65504; norms below 1e-30 read as this).
+ZERO = -30.0
+
+
+def encode(present: np.ndarray, norms: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
+    """float16 cells of ``[..., variables]`` arrays (see the module docstring)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cells = np.log10(np.maximum(norms.astype(np.float64), 1e-30)).astype(np.float16)
+    cells = np.where(present, cells, MISSING)
+    return np.where(nonfinite, NONFINITE, cells)
+
+
+def combine(a: np.ndarray, b: np.ndarray, sharded: bool = False) -> np.ndarray:
+    """Two reports of the same steps: non-finite wins, then missing, then the larger norm
+    (or, for shards, the norm of both)."""
+    nan = np.isnan(a) | np.isnan(b)
+    missing = (a == MISSING) | (b == MISSING)
+    a = np.where(a == NO_DATA, b, a)
+    b = np.where(b == NO_DATA, a, b)
+    if sharded:
+        high, low = np.maximum(a, b).astype(np.float64), np.minimum(a, b).astype(np.float64)
+        both = a != b  # equal cells (a repeat of the same report) stay as they are
+        with np.errstate(over="ignore", invalid="ignore"):
+            merged = np.where(both, high + 0.5 * np.log10(1 + 10 ** (2 * (low - high))), high)
+        merged = merged.astype(np.float16)
+    else:
+        merged = np.maximum(a, b)
+    return np.where(nan, NONFINITE, np.where(missing, MISSING, merged))
+
+
+class History:
+    """The recent steps of one group; `columns` grows with the group's variables."""
+
+    def __init__(self, sharded: bool = False) -> None:
+        self.sharded = sharded
+        self.steps = np.full(STEPS, -1, np.int64)  # the step each slot holds (-1: none)
+        self.cells = np.full((STEPS, 0), NO_DATA, np.float16)
+        #: Per session id: global norm per slot and replica (float32, NaN where none).
+        self.global_norms: dict[str, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.cells.nbytes + sum(g.nbytes for g in self.global_norms.values())
+
+    def add(self, session_id: str, columns: np.ndarray, steps: np.ndarray,
+            present: np.ndarray, norms: np.ndarray, nonfinite: np.ndarray,
+            global_norm: np.ndarray, width: int) -> None:
+        """One batch of a session: ``[S, R, N]`` arrays, ``columns`` its group columns,
+        ``global_norm`` ``[S, R]``, ``width`` the group's column count."""
+        if self.cells.shape[1] < width:
+            grown = np.full((STEPS, width), NO_DATA, np.float16)
+            grown[:, :self.cells.shape[1]] = self.cells
+            self.cells = grown
+        cells = encode(present.all(axis=1), np.where(present, norms, 0).max(axis=1),
+                       nonfinite.any(axis=1))
+        replicas = global_norm.shape[1]
+        history = self.global_norms.get(session_id)
+        if history is None or history.shape[1] != replicas:
+            history = self.global_norms[session_id] = np.full((STEPS, replicas), np.nan,
+                                                              np.float32)
+        slots = steps % STEPS
+        keep = steps >= self.steps[slots]  # older than what their slots hold: refused
+        slots, steps, cells, global_norm = slots[keep], steps[keep], cells[keep], global_norm[keep]
+        newer = steps > self.steps[slots]  # their slots' old steps leave the window
+        if newer.any():
+            fresh = slots[newer]
+            self.steps[fresh] = steps[newer]
+            self.cells[fresh] = NO_DATA
+            for other in self.global_norms.values():
+                other[fresh] = np.nan
+        rows = np.ix_(slots, columns)
+        self.cells[rows] = combine(self.cells[rows], cells, self.sharded)
+        history[slots] = global_norm
+
+    def window(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(steps, cells ``[steps, columns]``, global norms per session) of the held steps,
+        oldest first."""
+        order = np.argsort(self.steps, kind="stable")
+        order = order[self.steps[order] >= 0]
+        return (self.steps[order], self.cells[order],
+                {sid: g[order] for sid, g in self.global_norms.items()})
+
+    def forget(self, session_id: str) -> None:
+        self.global_norms.pop(session_id, None)

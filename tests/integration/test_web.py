@@ -1,0 +1,248 @@
+"""The collector's web UI, looked at in a real headless Chromium (selenium and the Debian
+chromium-driver), against a collector fed by real training runs: the pages load without
+console errors, the heat map shows the missing variables' rows in the missing colour and a
+NaN in the non-finite colour, the causes are shown, user input never executes, and the
+JSON API says the same. Screenshots are saved under ``build/test-artifacts/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradwatch.agent import GradientMonitor
+from gradwatch.collector import heatmap
+from tests.support.services import require_binary
+
+pytestmark = pytest.mark.integration
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
+X = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+Y = X.sum(axis=1, keepdims=True)
+
+
+def base_url(collector) -> str:
+    return collector.metrics_url.removesuffix("/metrics")
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_binary("chromium")
+    require_binary("chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1400,1800", "--disable-gpu"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser")
+            if entry["level"] in ("SEVERE", "ERROR")]
+
+
+class Broken(keras.Model):
+    """``unused`` is built, never called; the loss turns NaN at one step."""
+
+    def __init__(self) -> None:
+        super().__init__(name="web")
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+        self.unused = keras.layers.Dense(3, name="unused")
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        self.out.build((None, 8))
+        self.unused.build((None, 8))
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+@pytest.fixture(scope="module")
+def trained_job(collector):
+    """A TensorFlow job with a missing gradient and one NaN step, still running."""
+    job = "web-job-tf"
+    keras.utils.set_random_seed(0)
+    model = Broken()
+    model.build((None, 4))
+    monitor = GradientMonitor(collector=collector.grpc_target, training_job=job,
+                              flush_interval_s=0.05)
+    optimizer = monitor.wrap(keras.optimizers.SGD(1e-3))
+    for step in range(12):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(X) - Y))
+            if step == 6:
+                loss = loss * float("nan")
+        grads = tape.gradient(loss, model.trainable_variables)
+        if step == 6:  # keep the weights finite: only this step's gradients are NaN
+            monitor.observe(grads, model.trainable_variables, step=step, name="probe")
+        else:
+            optimizer.apply(grads, model.trainable_variables)
+    yield job
+    monitor.close()
+
+
+def wait_for_steps(collector, job: str, optimizer: str, steps: int) -> dict:
+    import time
+
+    deadline = time.monotonic() + 15
+    while True:
+        found = get_json(f"{base_url(collector)}/api/v1/jobs/{quote(job, safe='')}")
+        group = next((g for g in found["groups"] if g["optimizer"] == optimizer), None)
+        if group and len(group["steps"]) >= steps and group["causes"]:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not there yet: {found}")
+        time.sleep(0.1)
+
+
+def test_the_api_says_which_variables_miss_gradients_and_why(collector, trained_job):
+    found = wait_for_steps(collector, trained_job, "sgd", 11)
+    listed = get_json(f"{base_url(collector)}/api/v1/jobs")["jobs"]
+    assert listed[0]["training_job"] == trained_job, "a broken job comes first"
+    assert found["variables_without_gradient"] == 2 and found["tasks"] == 1
+    (group,) = [g for g in found["groups"] if g["optimizer"] == "sgd"]
+    missing = {v["name"] for v in group["variables"] if v["present"] is False}
+    assert missing == {"web/unused/kernel", "web/unused/bias"}
+    (cause,) = group["causes"]
+    assert cause["cause"] == "unused" and set(cause["variables"]) == missing
+    heat = get_json(f"{base_url(collector)}/api/v1/jobs/{trained_job}/heatmap?optimizer=sgd")
+    row = heat["variables"].index("web/unused/kernel")
+    assert set(heat["log10_norm"][row]) == {"missing"}  # a row per variable, a column per step
+    assert firing_names(found) == {"GradientMissing", "GradientNonFinite"}
+    (probe,) = [g for g in found["groups"] if g["optimizer"] == "probe"]
+    assert probe["variables"][0]["norm"] == "NaN"  # JSON has no NaN: said in words
+
+
+def firing_names(found: dict) -> set[str]:
+    return {a["alertname"] for a in found["alerts"]["firing"]}
+
+
+def test_job_page_in_a_browser(collector, trained_job, browser):
+    wait_for_steps(collector, trained_job, "sgd", 11)
+    wait_for_steps(collector, trained_job, "probe", 1)
+    browser.get(base_url(collector) + "/")
+    assert trained_job in browser.find_element("css selector", "table.jobs").text
+    browser.get(f"{base_url(collector)}/jobs/{trained_job}")
+    page = browser.find_element("tag name", "main").text
+    assert "It is never read by the computation of the loss" in page
+    assert "GradientMissing" in page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "web-job.png"))
+    # Colours of the heat map as the browser decoded it, row by row.
+    colours = browser.execute_script("""
+        const result = [];
+        for (const box of document.querySelectorAll('.heatmap')) {
+          const img = box.querySelector('img');
+          const data = JSON.parse(box.querySelector('script').textContent);
+          const canvas = document.createElement('canvas');
+          canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+          const ctx = canvas.getContext('2d'); ctx.drawImage(img, 0, 0);
+          const rows = {};
+          data.names.forEach((name, row) => {
+            const y = row * data.cellHeight + Math.floor(data.cellHeight / 2);
+            const seen = new Set();
+            for (let col = 0; col < data.steps.length; col++) {
+              const p = ctx.getImageData(col * data.cellWidth + 1, y, 1, 1).data;
+              const hex = [p[0], p[1], p[2]].map(v => v.toString(16).padStart(2, '0'));
+              seen.add('#' + hex.join(''));
+            }
+            rows[name] = Array.from(seen);
+          });
+          result.push({loaded: img.complete && img.naturalWidth > 0, rows: rows});
+        }
+        return result;""")
+    assert all(c["loaded"] for c in colours)
+    probe, sgd = colours  # sections in optimizer order
+    assert sgd["rows"]["web/unused/kernel"] == [heatmap.MISSING_COLOUR]
+    assert heatmap.MISSING_COLOUR not in sgd["rows"]["web/hidden/kernel"]
+    assert probe["rows"]["web/hidden/kernel"] == [heatmap.NONFINITE_COLOUR]
+    assert console_errors(browser) == []
+
+
+def test_user_input_never_executes(collector, browser):
+    """A job and parameters named with markup and quotes: shown as text, never run."""
+    import torch
+
+    from gradwatch.agent.torch import GradientMonitor as TorchMonitor
+
+    job = "x<script>window.__pwned=1</script>\"'"
+    model = torch.nn.Module()
+    model.add_module("<img src=x onerror=\"__pwned=2\"/>", torch.nn.Linear(4, 1))
+    model.add_module("'quoted\"", torch.nn.Linear(4, 1))
+    layers = list(model.children())
+    with TorchMonitor(collector=collector.grpc_target, training_job=job,
+                      flush_interval_s=0.05) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.1), model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            layers[0](torch.ones(2, 4)).sum().backward()  # the second layer stays unused
+            optimizer.step()
+    found = get_json(f"{base_url(collector)}/api/v1/jobs/{quote(job, safe='')}")
+    assert found["training_job"] == job
+    for url in (base_url(collector) + "/", f"{base_url(collector)}/jobs/{quote(job, safe='')}"):
+        browser.get(url)
+        assert browser.execute_script("return typeof __pwned === 'undefined'")
+        assert job in browser.find_element("tag name", "main").text
+    text = browser.find_element("tag name", "main").text
+    assert "<img src=x onerror=\"__pwned=2\"/>.weight" in text
+    assert "'quoted\".weight" in text
+    browser.save_screenshot(str(ARTIFACTS / "web-escaping.png"))
+    assert console_errors(browser) == []
+
+
+def test_pages_are_behind_the_web_config(tmp_path):
+    """Basic auth protects the UI and its API like /metrics."""
+    import base64
+    import urllib.error
+
+    import bcrypt
+
+    from tests.support.services import CollectorProcess
+
+    hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    with CollectorProcess("--web-config-file", str(config)) as collector:
+        base = base_url(collector)
+        for path in ("/", "/api/v1/jobs", "/jobs/x"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=5)
+            assert refused.value.code == 401, path
+        request = urllib.request.Request(base + "/api/v1/jobs")
+        token = base64.b64encode(b"prometheus:secret").decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.load(response) == {"jobs": []}
+
+
+@pytest.mark.skipif(not os.environ.get("GRADWATCH_SCREENSHOT"), reason="docs screenshot")
+def test_docs_screenshot(collector, trained_job, browser):
+    """GRADWATCH_SCREENSHOT=docs/web-ui.png makes the README's screenshot."""
+    wait_for_steps(collector, trained_job, "sgd", 11)
+    browser.get(f"{base_url(collector)}/jobs/{trained_job}")
+    browser.save_screenshot(os.environ["GRADWATCH_SCREENSHOT"])
