@@ -154,6 +154,13 @@ class Group:
     sharded: bool = False
     #: The recent steps of every variable (the web UI's heat map).
     history: History = field(default_factory=History)
+    #: Every group of the same training job, this one included (shared by them).
+    job_groups: list[Group] = field(default_factory=list)
+
+    def task_sessions(self, task_type: str, task_index: int) -> list[SessionState]:
+        """The sessions of one task over all of the job's optimizers."""
+        return [s for group in self.job_groups for s in group.sessions.values()
+                if (s.task_type, s.task_index) == (task_type, task_index)]
 
     def columns_for(self, names: list[str]) -> np.ndarray:
         for name in names:
@@ -178,6 +185,10 @@ class Registry:
         group = self.groups.get((training_job, optimizer))
         if group is None:
             group = self.groups[(training_job, optimizer)] = Group(training_job, optimizer)
+            siblings = next((g.job_groups for (job, _), g in self.groups.items()
+                             if job == training_job and g is not group), [])
+            siblings.append(group)
+            group.job_groups = siblings
         group.sharded |= sharded
         group.history.sharded = group.sharded
         session = SessionState(
@@ -227,6 +238,7 @@ class Registry:
         for key, group in list(self.groups.items()):
             if not group.sessions:
                 del self.groups[key]
+                group.job_groups.remove(group)
         return list(touched.values())
 
     def jobs(self) -> set[str]:

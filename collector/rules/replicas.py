@@ -79,19 +79,31 @@ class ReplicaDivergence(Rule[None]):
 @dataclass(frozen=True)
 class SilenceParams(Params):
     seconds: float = 60.0
+    #: Before a task's first step: tracing and compiling a first step can take minutes.
+    first_step_seconds: float = 600.0
 
 
 class WorkerSilent(Rule[None]):
-    """A registered task that has not closed its session sent nothing for ``seconds``."""
+    """A task that has not said goodbye reported no step, with any of the job's optimizers,
+    for ``seconds`` (``first_step_seconds`` before its first step). An optimizer that is
+    idle while another of the task trains (GANs, distillation, layer-wise schedules) is
+    not a silent task; its ``gradwatch_last_report_timestamp_seconds`` shows it."""
 
     name = "WorkerSilent"
     Params = SilenceParams
 
     def evaluate(self, group: Group, states: Mapping[str, None], params: SilenceParams,
                  now: float) -> list[Alert]:
-        silent = [s.task for s in group.sessions.values()
-                  if not s.closed and now - (s.last_report_time or s.registered_at)
-                  > params.seconds]
+        def silent(session) -> bool:
+            if session.closed:
+                return False
+            task = group.task_sessions(session.task_type, session.task_index) or [session]
+            stepped = [s.last_report_time for s in task if s.steps_total]
+            if stepped:
+                return now - max(stepped) > params.seconds
+            return now - min(s.registered_at for s in task) > params.first_step_seconds
+
+        silent = [s.task for s in group.sessions.values() if silent(s)]
         if not silent:
             return []
         return [alert(self.name, "warning", group,

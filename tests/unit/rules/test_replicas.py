@@ -64,3 +64,35 @@ def test_silent_worker_fires_on_the_clock_and_not_after_closing():
     w0.closed = True  # the agent said goodbye: not silent, finished
     h.engine.tick(h.registry.groups.values())
     assert h.active("WorkerSilent") == []
+
+
+def test_an_idle_optimizer_is_not_a_silent_task():
+    """Distillation, GANs, layer-wise schedules: one optimizer stops while the task trains
+    on with another; the task is alive."""
+    h = Harness(WorkerSilent={"seconds": 30.0})
+    teacher = h.register(0)
+    student = h.registry.register("job", "student", "worker", 0, 1, ["s"])
+    h.feed(teacher, healthy())
+    h.feed(student, {"present": [1], "norm": [1.0]})
+    teacher.last_report_time = h.clock.now
+    h.clock.now += 31
+    student.last_report_time = h.clock.now  # only the student still steps
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("WorkerSilent") == []
+    h.clock.now += 31  # now nothing of the task has stepped for 31 s
+    h.engine.tick(h.registry.groups.values())
+    assert sorted(a.labels["optimizer"] for a in h.active("WorkerSilent")) == [
+        "adam", "student"]
+
+
+def test_a_long_first_step_is_not_silence():
+    h = Harness(WorkerSilent={"seconds": 30.0, "first_step_seconds": 300.0})
+    session = h.register(0)
+    session.registered_at = h.clock.now  # registered while tracing its first step
+    h.clock.now += 120
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("WorkerSilent") == []
+    h.clock.now += 200  # 320 s without a first step
+    h.engine.tick(h.registry.groups.values())
+    (alert,) = h.active("WorkerSilent")
+    assert alert.annotations["tasks"] == "worker/0"
