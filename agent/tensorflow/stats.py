@@ -49,9 +49,13 @@ def _flat(value: tf.Tensor) -> tf.Tensor:
     return value if value.shape.rank == 1 else tf.reshape(value, [-1])
 
 
-def _computation_order(values: list[tf.Tensor]) -> tuple[list[int], list[int]]:
-    """Positions of the gradients reduced together (small) and one by one (large)."""
-    sizes = [v.shape.num_elements() if v.shape.is_fully_defined() else None for v in values]
+def _computation_order(values: list[tf.Tensor], sparse: set[int]
+                       ) -> tuple[list[int], list[int]]:
+    """Positions of the gradients reduced together (small) and one by one (large). The
+    rows of an IndexedSlices are never batched: under XLA their inferred shape is a bound,
+    not their size."""
+    sizes = [None if k in sparse or not v.shape.is_fully_defined() else v.shape.num_elements()
+             for k, v in enumerate(values)]
     small = [k for k, n in enumerate(sizes) if n is not None and n <= SMALL_GRADIENT_ELEMENTS]
     if len(small) <= BATCH_FROM:
         small = []
@@ -74,26 +78,50 @@ def _sums_of_squares(values: list[tf.Tensor], batched: int
     return (parts[0] if len(parts) == 1 else tf.concat(parts, 0)), flat
 
 
-def _non_finite(values: list[tf.Tensor], sums: tf.Tensor, batched: int,
-                batched_flat: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
-    """The rare branch: NaN and Inf counts, and norms that survive overflow
-    (``||g|| = m * ||g / m||`` with m = max |g| over finite elements)."""
-    pieces = [] if batched_flat is None else [batched_flat]
-    flat = tf.concat(pieces + [_flat(v) for v in values[batched:]], 0)
-    if all(v.shape.is_fully_defined() for v in values):
-        sizes = [v.shape.num_elements() for v in values]
-        segments = tf.constant(np.repeat(np.arange(len(values), dtype=np.int32), sizes))
-    else:
-        segments = tf.repeat(tf.range(len(values)), tf.stack([tf.size(v) for v in values]))
-
+def _count_and_rescale(flat: tf.Tensor, segments: tf.Tensor, count: int
+                       ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """NaN counts, Inf counts and overflow-safe norms of ``count`` segments of ``flat``."""
     def segment_sum(x: tf.Tensor) -> tf.Tensor:
-        return tf.math.unsorted_segment_sum(x, segments, len(values))
+        return tf.math.unsorted_segment_sum(x, segments, count)
 
     nan = segment_sum(tf.cast(tf.math.is_nan(flat), tf.float32))
     inf = segment_sum(tf.cast(tf.math.is_inf(flat), tf.float32))
     finite = tf.where(tf.math.is_finite(flat), tf.abs(flat), 0.0)
-    scale = tf.maximum(tf.math.unsorted_segment_max(finite, segments, len(values)), 1e-30)
-    scaled = scale * tf.sqrt(segment_sum(tf.square(finite / tf.gather(scale, segments))))
+    scale = tf.maximum(tf.math.unsorted_segment_max(finite, segments, count), 1e-30)
+    norms = scale * tf.sqrt(segment_sum(tf.square(finite / tf.gather(scale, segments))))
+    return nan, inf, norms
+
+
+def _non_finite(values: list[tf.Tensor], sums: tf.Tensor, batched: int,
+                batched_flat: tf.Tensor | None, sparse: set[int]
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+    """The rare branch: NaN and Inf counts, and norms that survive overflow
+    (``||g|| = m * ||g / m||`` with m = max |g| over finite elements). Gradients of static
+    shape are concatenated and reduced by segments (constant ids); the others one by one:
+    the deduplicated rows of an IndexedSlices (``sparse``), whose shape under XLA is a bound
+    and not their size, and any of unknown shape."""
+    dynamic = [k for k, v in enumerate(values)
+               if k in sparse or not v.shape.is_fully_defined()]
+    static = [k for k in range(len(values)) if k not in set(dynamic)]
+    nans, infs, norms = [], [], []
+    if static:  # the batched ones (the first ``batched``) are all static
+        pieces = [] if batched_flat is None else [batched_flat]
+        flat = tf.concat(pieces + [_flat(values[k]) for k in static if k >= batched], 0)
+        sizes = [values[k].shape.num_elements() for k in static]
+        segments = tf.constant(np.repeat(np.arange(len(static), dtype=np.int32), sizes))
+        nan, inf, norm = _count_and_rescale(flat, segments, len(static))
+        nans.append(nan)
+        infs.append(inf)
+        norms.append(norm)
+    for k in dynamic:  # plain reductions: no segment ids to size
+        value = values[k]
+        finite = tf.where(tf.math.is_finite(value), tf.abs(value), 0.0)
+        scale = tf.maximum(tf.reduce_max(finite), 1e-30)
+        nans.append(tf.reduce_sum(tf.cast(tf.math.is_nan(value), tf.float32))[None])
+        infs.append(tf.reduce_sum(tf.cast(tf.math.is_inf(value), tf.float32))[None])
+        norms.append((scale * tf.sqrt(tf.reduce_sum(tf.square(finite / scale))))[None])
+    inverse = tf.constant(np.argsort(static + dynamic), tf.int32)
+    nan, inf, scaled = (tf.gather(tf.concat(parts, 0), inverse) for parts in (nans, infs, norms))
     norms = tf.where(tf.equal(nan + inf, 0.0), scaled, tf.sqrt(sums))
     return norms, tf.concat([nan, inf], 0)
 
@@ -108,15 +136,17 @@ def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.
     if not present:
         return tf.constant([ABSENT] * n + [0.0] * (2 * n))
     values = [_dense_values(grads[i]) for i in present]
-    small, large = _computation_order(values)
+    sparse = {k for k, i in enumerate(present) if isinstance(grads[i], tf.IndexedSlices)}
+    small, large = _computation_order(values, sparse)
     order = small + large  # position in the computation -> index into values
     values = [values[k] for k in order]
+    sparse = {position for position, k in enumerate(order) if k in sparse}
     sums, batched_flat = _sums_of_squares(values, len(small))
     p = len(present)
     norms, counts = tf.cond(
         tf.reduce_all(tf.math.is_finite(sums)),
         lambda: (tf.sqrt(sums), tf.zeros([2 * p])),
-        lambda: _non_finite(values, sums, len(small), batched_flat))
+        lambda: _non_finite(values, sums, len(small), batched_flat, sparse))
     # One gather puts the variables in order and fills in the absent ones.
     where = {present[order[k]]: k for k in range(p)}
     index = np.empty(RECORD_WIDTH * n, np.int32)

@@ -177,6 +177,18 @@ def test_job_page_in_a_browser(collector, trained_job, browser):
         }
         return result;""")
     assert all(c["loaded"] for c in colours)
+    # Hovering a cell names the variable, the step and the value.
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    image = browser.find_elements("css selector", ".heatmap img")[1]  # the sgd section
+    data = json.loads(browser.find_elements("css selector", ".heatmap script")[1]
+                      .get_attribute("textContent"))
+    row = data["names"].index("web/unused/kernel")
+    x = 3 * data["cellWidth"] + data["cellWidth"] // 2 - image.size["width"] // 2
+    y = row * data["cellHeight"] + data["cellHeight"] // 2 - image.size["height"] // 2
+    ActionChains(browser).move_to_element_with_offset(image, x, y).perform()
+    tip = browser.find_elements("css selector", ".heatmap .tip")[1]
+    assert tip.text == f"web/unused/kernel · step {data['steps'][3]} · no gradient", tip.text
     probe, sgd = colours  # sections in optimizer order
     assert sgd["rows"]["web/unused/kernel"] == [heatmap.MISSING_COLOUR]
     assert heatmap.MISSING_COLOUR not in sgd["rows"]["web/hidden/kernel"]

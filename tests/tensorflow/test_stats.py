@@ -164,3 +164,28 @@ def test_ops_per_update_stay_few(variables):
 
     ops = graph_ops(update, grads) - graph_ops(nothing, grads)
     assert ops <= 100 + 1.2 * variables, f"{ops} ops (measured: 86, 103 and 283)"
+
+
+def test_sparse_gradients_under_xla_in_both_branches():
+    """XLA compiles both branches of the cond, and pads the deduplicated rows of an
+    IndexedSlices to a bound: the rare branch must not assume their size (it crashed a
+    transformer with an embedding under jit_compile)."""
+    table = tf.Variable(tf.random.normal([100, 8], seed=1))
+    dense = tf.Variable(tf.random.normal([8, 4], seed=2))
+    ids = tf.constant([3, 7, 7, 42, 99])
+
+    @tf.function(jit_compile=True)
+    def record(poison):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.nn.embedding_lookup(table, ids) @ dense) * poison
+        return gradient_record(tape.gradient(loss, [table, dense]))
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.nn.embedding_lookup(table, ids) @ dense)
+    reference = [float(tf.norm(tf.convert_to_tensor(g))) for g in tape.gradient(loss, [table,
+                                                                                       dense])]
+    finite = to_statistics(record(tf.constant(1.0)).numpy(), 2)
+    np.testing.assert_allclose(finite[:, NORM], reference, rtol=1e-5)
+    poisoned = to_statistics(record(tf.constant(float("nan"))).numpy(), 2)
+    assert poisoned[0, NAN] == 4 * 8  # the 4 unique rows looked up, 8 columns each
+    assert poisoned[1, NAN] == 8 * 4

@@ -208,3 +208,25 @@ def test_a_misconfigured_monitor_says_so_once_and_training_goes_on(monkeypatch, 
     assert not monitor.enabled
     problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(problems) == 1 and "GRADWATCH_TASK_INDEX" in problems[0], problems
+
+
+def test_steps_wait_for_a_late_collector_and_arrive_once(job_name):
+    """The collector is away for the first steps (the same sender as TensorFlow's:
+    buffered, replayed, deduplicated); training never waits."""
+    import time
+
+    from tests.support.services import CollectorProcess, free_port
+
+    port = free_port()
+    model = Net()
+    monitor = GradientMonitor(collector=f"127.0.0.1:{port}", training_job=job_name,
+                              flush_interval_s=0.05)
+    optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+    started = time.perf_counter()
+    train(model, optimizer, 10)  # nothing listens yet
+    assert time.perf_counter() - started < 5
+    with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
+        train(model, optimizer, 5)
+        assert monitor.close(timeout_s=30)
+        assert metrics(collector, "gradwatch_steps_total", job_name) == {
+            f"optimizer=SGD,task_index=0,task_type=worker,training_job={job_name}": 15.0}
