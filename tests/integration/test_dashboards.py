@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gradwatch.agent import GradientMonitor
+from tests.support.models import ModelWithUnusedLayer
 from tests.support.services import PrometheusProcess, require_binary
 
 pytestmark = pytest.mark.integration
@@ -58,22 +59,6 @@ def test_dashboards_are_complete():
     assert {"training_job", "variable"} <= {name for name, _ in variable_queries(job)}
 
 
-class PartlyUnused(keras.Model):
-    def __init__(self) -> None:
-        super().__init__(name="dash")
-        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
-        self.out = keras.layers.Dense(1, name="out")
-        self.unused = keras.layers.Dense(2, name="unused")
-
-    def build(self, input_shape):
-        self.hidden.build(input_shape)
-        self.out.build((None, 8))
-        self.unused.build((None, 8))
-
-    def call(self, x):
-        return self.out(self.hidden(x))
-
-
 def substitute(expr: str, job: str) -> str:
     """What Grafana sends for job ``job``, variable "All" and a 1 s scrape interval."""
     return (expr.replace("$training_job", job).replace("$variable", ".*")
@@ -84,7 +69,7 @@ def train_keras(collector, job: str):
     """A Keras model.fit with an unused layer; returns its still open monitor."""
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
-    model = PartlyUnused()
+    model = ModelWithUnusedLayer()
     model.build((None, 4))
     monitor = GradientMonitor(collector=collector.grpc_target, training_job=job,
                               flush_interval_s=0.05)

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
 from gradwatch.collector import heatmap
+from tests.support.models import ModelWithUnusedLayer
 from tests.support.services import require_binary
 
 pytestmark = pytest.mark.integration
@@ -64,34 +65,16 @@ def console_errors(driver) -> list[str]:
             if entry["level"] in ("SEVERE", "ERROR")]
 
 
-class Broken(keras.Model):
-    """``unused`` is built, never called; the loss turns NaN at one step."""
-
-    def __init__(self) -> None:
-        super().__init__(name="web")
-        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
-        self.out = keras.layers.Dense(1, name="out")
-        self.unused = keras.layers.Dense(3, name="unused")
-
-    def build(self, input_shape):
-        self.hidden.build(input_shape)
-        self.out.build((None, 8))
-        self.unused.build((None, 8))
-
-    def call(self, x):
-        return self.out(self.hidden(x))
-
-
 @pytest.fixture(scope="module")
 def trained_job(collector):
     """A TensorFlow job with a missing gradient and one NaN step, still running."""
     job = "web-job-tf"
     keras.utils.set_random_seed(0)
-    model = Broken()
+    model = ModelWithUnusedLayer()
     model.build((None, 4))
     monitor = GradientMonitor(collector=collector.grpc_target, training_job=job,
                               flush_interval_s=0.05)
-    optimizer = monitor.wrap(keras.optimizers.SGD(1e-3))
+    optimizer = monitor.wrap(keras.optimizers.SGD(1e-3, name="sgd"))
     for step in range(12):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(model(X) - Y))
@@ -127,11 +110,11 @@ def test_the_api_says_which_variables_miss_gradients_and_why(collector, trained_
     assert found["variables_without_gradient"] == 2 and found["tasks"] == 1
     (group,) = [g for g in found["groups"] if g["optimizer"] == "sgd"]
     missing = {v["name"] for v in group["variables"] if v["present"] is False}
-    assert missing == {"web/unused/kernel", "web/unused/bias"}
+    assert missing == {"partly_unused/unused/kernel", "partly_unused/unused/bias"}
     (cause,) = group["causes"]
     assert cause["cause"] == "unused" and set(cause["variables"]) == missing
     heat = get_json(f"{base_url(collector)}/api/v1/jobs/{trained_job}/heatmap?optimizer=sgd")
-    row = heat["variables"].index("web/unused/kernel")
+    row = heat["variables"].index("partly_unused/unused/kernel")
     assert set(heat["log10_norm"][row]) == {"missing"}  # a row per variable, a column per step
     assert firing_names(found) == {"GradientMissing", "GradientNonFinite"}
     (probe,) = [g for g in found["groups"] if g["optimizer"] == "probe"]
@@ -183,16 +166,17 @@ def test_job_page_in_a_browser(collector, trained_job, browser):
     image = browser.find_elements("css selector", ".heatmap img")[1]  # the sgd section
     data = json.loads(browser.find_elements("css selector", ".heatmap script")[1]
                       .get_attribute("textContent"))
-    row = data["names"].index("web/unused/kernel")
+    row = data["names"].index("partly_unused/unused/kernel")
     x = 3 * data["cellWidth"] + data["cellWidth"] // 2 - image.size["width"] // 2
     y = row * data["cellHeight"] + data["cellHeight"] // 2 - image.size["height"] // 2
     ActionChains(browser).move_to_element_with_offset(image, x, y).perform()
     tip = browser.find_elements("css selector", ".heatmap .tip")[1]
-    assert tip.text == f"web/unused/kernel · step {data['steps'][3]} · no gradient", tip.text
+    expected = f"partly_unused/unused/kernel · step {data['steps'][3]} · no gradient"
+    assert tip.text == expected, tip.text
     probe, sgd = colours  # sections in optimizer order
-    assert sgd["rows"]["web/unused/kernel"] == [heatmap.MISSING_COLOUR]
-    assert heatmap.MISSING_COLOUR not in sgd["rows"]["web/hidden/kernel"]
-    assert probe["rows"]["web/hidden/kernel"] == [heatmap.NONFINITE_COLOUR]
+    assert sgd["rows"]["partly_unused/unused/kernel"] == [heatmap.MISSING_COLOUR]
+    assert heatmap.MISSING_COLOUR not in sgd["rows"]["partly_unused/hidden/kernel"]
+    assert probe["rows"]["partly_unused/hidden/kernel"] == [heatmap.NONFINITE_COLOUR]
     assert console_errors(browser) == []
 
 
