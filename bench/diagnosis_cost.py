@@ -23,9 +23,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import tensorflow as tf
 
-from gradwatch.agent import tape
-from gradwatch.agent.diagnosis import Diagnoser
-from gradwatch.agent.forward_graph import EagerRecorder, from_func_graph, graph_position
+from gradwatch.agent.tensorflow import tape
+from gradwatch.agent.tensorflow.diagnosis import Diagnoser
+from gradwatch.agent.tensorflow.forward_graph import (
+    RECORDED_ALL,
+    EagerRecorder,
+    from_func_graph,
+    graph_position,
+)
 
 
 def mlp_step():
@@ -91,10 +96,10 @@ def resnet50_trace() -> None:
     trace = time.perf_counter() - start
     variables = model.trainable_variables
     start = time.perf_counter()
-    forward = from_func_graph(captured["graph"], captured["position"], None)
+    forward = from_func_graph(captured["graph"], captured["position"], RECORDED_ALL)
     built = time.perf_counter() - start
     diagnoser = Diagnoser(forward, [id(captured["loss"])])
-    verdicts = [diagnoser.diagnose(v.path, tape.variable_handles(v)) for v in variables]
+    verdicts = diagnoser.diagnose_all(variables)
     total = time.perf_counter() - start
     causes = {(d.cause.value, d.op_type) for d in verdicts}
     print(f"ResNet-50 trace (TensorFlow):        {trace:7.2f} s")

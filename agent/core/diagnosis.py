@@ -125,11 +125,12 @@ class Diagnosis:
             Cause.BROKEN_AT_OP: f"the path to the loss crosses {op}, which {self.reason}",
             Cause.OUTSIDE_TAPE: (f"the path to the loss crosses {op}, which ran with gradient "
                                  "tracking off (torch.no_grad() or inference_mode)") if torch
-                                else f"{op} ran before the GradientTape started recording",
+                                else f"{op} {self.reason or 'ran outside the GradientTape'}",
             Cause.UNKNOWN: "gradwatch found a differentiable path to the loss; "
                            "the gradient was lost elsewhere",
             Cause.NOT_TRACKED: f"{self.framework} does not track its gradient "
-                               f"({self.reason})",
+                               f"({self.reason})" + (f"; it is read by {op}"
+                                                     if self.op_name and not torch else ""),
         }[self.cause]
         return f"{text[0].upper()}{text[1:]}." + (f" Fix: {self.hint}" if self.hint else "")
 

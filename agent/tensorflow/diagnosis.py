@@ -3,24 +3,35 @@
 `Diagnoser` walks a `ForwardGraph` from the variable's resource handle towards
 the loss. The gradient registry decides which ops pass a gradient on:
 
+- **not_tracked**: TensorFlow never differentiates it: an integer variable, or a
+  tape made with ``watch_accessed_variables=False`` that was not told to watch it;
 - **unused**: no op reads the variable (a layer that is never called);
+- **outside_tape**: the path to the loss exists but some of it ran while the tape
+  was not recording: before its ``with`` block, after it, in ``stop_recording()``,
+  or once outside the step (a tensor computed in ``build()`` and stored next to the
+  variable, used by the step instead of the variable);
 - **not_on_loss_path**: read, but nothing read from it reaches the loss (a metric);
 - **left_tensorflow**: (eager) a value derived from it became a host value
   (``.numpy()``, ``float()``, NumPy) and came back as a constant;
 - **broken_at_op**: every path to the loss crosses an op that passes no gradient
   (``StopGradient``, comparisons, ``Floor``/``Round``/``ArgMax``, a cast to an
-  integer, no registered gradient, a ``tf.custom_gradient`` returning None);
-- **outside_tape**: the path exists but ran before the ``GradientTape`` started;
+  integer, no registered gradient, a ``tf.custom_gradient`` returning None, a write
+  into a state variable that the loss reads back, as a ``keras.metrics`` object does);
 - **unknown**: none of the above explains it.
 """
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterable
+from typing import Any
+
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
 from gradwatch.agent.core.diagnosis import Cause, Diagnosis, Source
-from gradwatch.agent.tensorflow.forward_graph import ForwardGraph, Node
+from gradwatch.agent.tensorflow.forward_graph import ForwardGraph, Node, Recording
+from gradwatch.agent.tensorflow.variables import variable_handles, variable_name
 
 #: Ops whose registered gradient returns None for every input.
 NONE_GRADIENTS = frozenset({
@@ -38,21 +49,45 @@ HINTS = {
     "comparison": "comparisons have no gradient; use a smooth relaxation "
                   "(e.g. tf.sigmoid(k * (a - b))) instead of a boolean test.",
     "custom_gradient": "make the tf.custom_gradient grad_fn return a tensor for this input.",
+    "not_differentiable": "replace it on the path to the loss with a differentiable op.",
+    "Multinomial": "sampling has no gradient: put the log-probability of the sampled value "
+                   "in the loss (REINFORCE), or use a reparameterised sample (Gumbel-softmax).",
+    "PyFunc": "tf.numpy_function has no gradient: write the computation with TensorFlow ops, "
+              "or give it one with tf.custom_gradient.",
     "no_gradient": "register a gradient for this op (tf.RegisterGradient) or avoid it on the "
                    "path to the loss.",
     Cause.UNUSED: "call the layer in the forward pass, or remove it (or set "
                   "trainable=False) if it is not meant to train.",
     Cause.NOT_ON_LOSS_PATH: "add its output to the loss, or exclude the variable from the "
                             "optimizer (trainable=False).",
-    Cause.LEFT_TENSORFLOW: "keep the math in TensorFlow ops (tf.math instead of NumPy, no "
-                           ".numpy() or float() inside the loss).",
-    Cause.OUTSIDE_TAPE: "compute the forward pass inside the `with tf.GradientTape()` block.",
+    Cause.LEFT_TENSORFLOW: "keep the math in TensorFlow ops (tf.math instead of NumPy; no "
+                           ".numpy(), float() or model.predict() inside the loss: call the "
+                           "model itself).",
+    Recording.BEFORE: "compute the forward pass inside the `with tf.GradientTape()` block.",
+    Recording.AFTER: "compute the loss inside the `with tf.GradientTape()` block: every op "
+                     "from the variables to the loss must run while the tape records.",
+    Recording.BETWEEN: "run every op from the variables to the loss while the tape records "
+                       "(inside its `with` block, not in tape.stop_recording()).",
+    "stored": "compute the tensor from the variables inside call(), so that every step "
+              "reads them.",
+    "integer": "create it with a floating-point dtype, or with trainable=False if it holds "
+               "a count or an index.",
+    "unwatched": "call tape.watch() on it inside the `with` block (a Keras variable: "
+                 "tape.watch(variable.value)), or leave watch_accessed_variables at True.",
+    "state": "compute the loss from tensors (keras.losses, tf ops), not from a keras.metrics "
+             "object or a variable assigned in the step: reading a variable back passes no "
+             "gradient to what was written into it.",
 }
 HINTS["Ceil"] = HINTS["Rint"] = HINTS["Floor"]
 HINTS["ArgMin"] = HINTS["ArgMax"]
+HINTS["StatelessMultinomial"] = HINTS["Multinomial"]
 HINTS["FloorDiv"] = HINTS["TruncateDiv"] = "use tf.math.divide (true division)."
 
 _COMPARISONS = frozenset({"Less", "LessEqual", "Greater", "GreaterEqual", "Equal", "NotEqual"})
+#: Ops that write a value into a resource variable (their input 0 is its handle).
+_WRITES = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+                     "ResourceScatterUpdate", "ResourceScatterAdd", "ResourceScatterSub",
+                     "ResourceScatterNdUpdate", "ResourceScatterNdAdd"})
 
 
 def _carries_gradient(dtype: tf.DType) -> bool:
@@ -98,6 +133,8 @@ def _hint(node: Node, why: str) -> str:
         return HINTS["comparison"]
     if why == "has no registered gradient":
         return HINTS["no_gradient"]
+    if why == "is not differentiable":
+        return HINTS["not_differentiable"]
     if "int" in why:
         return HINTS["Cast"]
     return ""
@@ -110,11 +147,15 @@ def _at(variable: str, cause: Cause, node: Node, reason: str = "", hint: str = "
 
 class Diagnoser:
     """Diagnoses the variables of one gradient call: ``targets`` are the loss tensors'
-    keys in ``graph``. What depends only on the loss is computed once for all variables."""
+    keys in ``graph``; ``watched`` the resource handles (eager ids) the tape watches when
+    it was made with ``watch_accessed_variables=False`` (None: it watches what it reads).
+    What depends only on the loss is computed once for all variables."""
 
-    def __init__(self, graph: ForwardGraph, targets: list[int]) -> None:
+    def __init__(self, graph: ForwardGraph, targets: list[int],
+                 watched: set[int] | None = None) -> None:
         self.graph = graph
         self.targets = set(targets)
+        self.watched = watched
         self.upstream = graph.ancestors(targets)
         #: Where a gradient of the loss would arrive: behind a stopping op on this set
         #: lies the break (not behind one on a side branch, e.g. batch norm's moments).
@@ -125,34 +166,64 @@ class Diagnoser:
         on_path = [s for s in stopped if any(out in self.live for out in s[0].outputs)]
         return min(on_path or stopped, key=lambda s: s[0].order)
 
-    def diagnose(self, variable: str, handles: list[int]) -> Diagnosis:
-        """The verdict for ``variable``, whose resource handles (eager ids) are ``handles``,
-        given that its gradient was None."""
-        graph, upstream, targets = self.graph, self.upstream, self.targets
+    def diagnose_all(self, variables: list[Any]) -> list[Diagnosis]:
+        """The verdicts for ``variables`` (tf or Keras variables), whose gradients were
+        None, in their order."""
+        verdicts = [self.diagnose(v) for v in variables]
+        unused = [i for i, d in enumerate(verdicts) if d.cause is Cause.UNUSED]
+        if unused:  # one heap scan for all of them: see `_stored_tensors`
+            stored = _stored_tensors([variables[i] for i in unused])
+            for i in unused:
+                verdicts[i] = self._stored_read(verdicts[i], stored.get(id(variables[i]), ()))
+        return verdicts
+
+    def diagnose(self, variable: Any) -> Diagnosis:
+        """The verdict for one variable whose gradient was None."""
+        name, graph, upstream, targets = variable_name(variable), self.graph, self.upstream, \
+            self.targets
+        handles = variable_handles(variable)
         start = [graph.handles.get(h, h) for h in handles]
+        dtype = tf.as_dtype(getattr(variable, "dtype", tf.float32))
+        if not _carries_gradient(dtype):
+            reader = _first_user_node(_readers(graph, start, any_dtype=True))
+            return Diagnosis(name, Cause.NOT_TRACKED, *_op_fields(reader),
+                             f"its dtype is {dtype.name}: only floating-point variables get "
+                             "gradients", HINTS["integer"])
         readers = _readers(graph, start)
         if not readers:
-            return Diagnosis(variable, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
+            return Diagnosis(name, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
+        if self.watched is not None and not set(handles) & self.watched:
+            return Diagnosis(name, Cause.NOT_TRACKED, *_op_fields(_first_user_node(readers)),
+                             "the GradientTape was made with watch_accessed_variables=False "
+                             "and this variable was not passed to tape.watch()",
+                             HINTS["unwatched"])
         downstream, _ = graph.flow(start, self._everything, lambda node, index: None)
         if not downstream & upstream:
             conversion = _round_trip(graph, downstream, upstream)
             if conversion is not None:
                 node, how, source = conversion
-                return Diagnosis(variable, Cause.LEFT_TENSORFLOW, node.name, node.type, source,
+                return Diagnosis(name, Cause.LEFT_TENSORFLOW, node.name, node.type, source,
                                  how, HINTS[Cause.LEFT_TENSORFLOW])
-            return _at(variable, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers))
+            write = self._write_read_back(downstream)
+            if write is not None:
+                return _at(name, Cause.BROKEN_AT_OP, write,
+                           "writes a value computed from it into a variable that the loss "
+                           "reads back",
+                           HINTS["state"])
+            return _at(name, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers))
         reached, stopped = graph.flow(start, upstream, why_blocked)
         if not reached & targets:
             node, why = self._break(stopped)
-            return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+            return _at(name, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
 
         def outside_tape(node: Node, index: int) -> str | None:
-            return why_blocked(node, index) or (None if node.recorded else "outside")
+            return why_blocked(node, index) or node.outside or None
 
         reached, stopped = graph.flow(start, upstream, outside_tape)
         if not reached & targets:
-            node = min((n for n, why in stopped if why == "outside"), key=lambda n: n.order)
-            return _at(variable, Cause.OUTSIDE_TAPE, node)
+            node, why = min(((n, why) for n, why in stopped if why == n.outside),
+                            key=lambda s: s[0].order)
+            return _at(name, Cause.OUTSIDE_TAPE, node, why, HINTS[why])
 
         def custom(node: Node, index: int) -> str | None:
             return why_blocked(node, index) or (
@@ -162,28 +233,88 @@ class Diagnoser:
         reached, stopped = graph.flow(start, upstream, custom)
         if not reached & targets:
             node, why = self._break(stopped)
-            return _at(variable, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
-        return Diagnosis(variable, Cause.UNKNOWN)
+            return _at(name, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+        return Diagnosis(name, Cause.UNKNOWN)
+
+    def _write_read_back(self, downstream: set[int]) -> Node | None:
+        """The first op writing a value computed from the variable into a (state) variable
+        whose value the loss then reads."""
+        graph = self.graph
+        writes = sorted({id(n): n for key in downstream for n in graph.consumers.get(key, ())
+                         if n.type in _WRITES and n.inputs[0] not in downstream}.values(),
+                        key=lambda n: n.order)
+        for write in writes:
+            if any(set(reader.outputs) & self.upstream
+                   for reader in _readers(graph, [write.inputs[0]])):
+                return write
+        return None
+
+    def _stored_read(self, unused: Diagnosis, stored: Iterable[tuple[str, Any]]) -> Diagnosis:
+        """An unused variable whose owner keeps a tensor that the step uses on the path to
+        the loss: computed from the variable once (in ``build()``), read instead of it."""
+        graph = self.graph
+        for attribute, tensor in stored:
+            key = graph.handles.get(id(tensor), id(tensor))
+            users = [n for n in graph.consumers.get(key, ()) if set(n.outputs) & self.upstream]
+            if users:
+                node = _first_user_node(sorted(users, key=lambda n: n.order))
+                return _at(unused.variable, Cause.OUTSIDE_TAPE, node,
+                           f"uses {attribute}, a tensor stored next to the variable (computed "
+                           "from it once, outside the step, e.g. in build()), and the step "
+                           "never reads the variable", HINTS["stored"])
+        return unused
 
 
-def _readers(graph: ForwardGraph, handles: list[int]) -> list[Node]:
+def _op_fields(node: Node | None) -> tuple[str, str, Source | None]:
+    return (node.name, node.type, node.source) if node is not None else ("", "", None)
+
+
+def _stored_tensors(variables: list[Any]) -> dict[int, list[tuple[str, Any]]]:
+    """For each variable (by id), the tensors (not variables) kept as attributes of the
+    objects that hold it (Keras layers, ``tf.Module``s, a module's globals), each with a
+    name like ``noisy.kernel``. One scan of the heap (``gc.get_referrers``, ~0.1 s)."""
+    wanted = {id(v) for v in variables}
+    found: dict[int, list[tuple[str, Any]]] = {}
+    for namespace in gc.get_referrers(*variables):
+        if not isinstance(namespace, dict):
+            continue
+        held = [id(v) for v in namespace.values() if id(v) in wanted]
+        if not held:
+            continue
+        owner = namespace.get("name") or namespace.get("__name__")
+        prefix = f"{owner}." if isinstance(owner, str) else ""
+        tensors = []
+        for attribute, value in list(namespace.items()):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for i, item in enumerate(values):
+                if isinstance(item, ops.EagerTensor) and item.dtype != tf.resource:
+                    index = f"[{i}]" if values is value else ""
+                    tensors.append((f"{prefix}{attribute}{index}", item))
+        for variable_id in held:
+            found.setdefault(variable_id, []).extend(tensors)
+    return found
+
+
+def _readers(graph: ForwardGraph, handles: list[int], any_dtype: bool = False) -> list[Node]:
     """Ops that read a value from the handles (through function boundaries), not the
-    ones that only check or assign (``VarIsInitializedOp``, ``AssignVariableOp``)."""
+    ones that only check or assign (``VarIsInitializedOp``, ``AssignVariableOp``); only
+    those reading a value that can carry a gradient unless ``any_dtype``."""
     def passes_handle(node: Node, index: int) -> str | None:
         return None if node.link or set(node.output_dtypes) == {tf.resource} else "reads"
 
     _, readers = graph.flow(handles, set(graph.producer), passes_handle)
     return sorted((node for node, _ in readers
-                   if any(_carries_gradient(d) and d != tf.resource for d in node.output_dtypes)),
+                   if any((any_dtype or _carries_gradient(d)) and d != tf.resource
+                          for d in node.output_dtypes)),
                   key=lambda n: n.order)
 
 
-def _first_user_node(readers: list[Node]) -> Node:
-    """The reader of the variable to point at: the first with a user source line."""
-    for node in readers:
+def _first_user_node(nodes: list[Node]) -> Node | None:
+    """The node to point at: the first with a user source line."""
+    for node in nodes:
         if node.source is not None:
             return node
-    return readers[0]
+    return nodes[0] if nodes else None
 
 
 def _round_trip(graph: ForwardGraph, downstream: set[int], upstream: set[int]

@@ -42,7 +42,7 @@ class Node:
     input_dtypes: list[tf.DType]
     output_dtypes: list[tf.DType]
     order: int
-    recorded: bool = True  # ran while the gradient tape was recording
+    outside: str = ""  # why the gradient tape did not record it (see `Recording`)
     custom_gradient: str = ""  # gradient override (``tf.custom_gradient``)
     link: bool = False
     _source: Source | None = None
@@ -53,6 +53,48 @@ class Node:
         if self._source is None and self._op is not None:
             self._source = user_source(self._op.traceback)
         return self._source
+
+
+@dataclass(frozen=True)
+class Recording:
+    """When a gradient tape recorded, as positions in one graph or eager recording: an op
+    at position ``p`` was recorded when ``start < p <= stop`` for one of ``intervals``.
+    An empty tuple: the tape recorded nothing of it."""
+
+    intervals: tuple[tuple[int, float], ...]
+
+    BEFORE = "ran before the GradientTape started recording"
+    AFTER = "ran after the GradientTape stopped recording (outside its `with` block)"
+    BETWEEN = ("ran while the GradientTape was not recording (between two of its `with` "
+               "blocks, or inside tape.stop_recording())")
+
+    @classmethod
+    def from_marks(cls, marks: Iterable[tuple[str, int]]) -> Recording:
+        """From ``("start" | "stop", position)`` marks in the order they were made."""
+        intervals, opened = [], None
+        for kind, position in marks:
+            if kind == "start" and opened is None:
+                opened = position
+            elif kind == "stop" and opened is not None:
+                intervals.append((opened, position))
+                opened = None
+        if opened is not None:
+            intervals.append((opened, float("inf")))
+        return cls(tuple(intervals))
+
+    def outside(self, position: int) -> str:
+        """Why an op at ``position`` was not recorded ("" when it was)."""
+        if any(start < position <= stop for start, stop in self.intervals):
+            return ""
+        if self.intervals and position <= self.intervals[0][0]:
+            return self.BEFORE
+        if not self.intervals or position > self.intervals[-1][1]:
+            return self.AFTER
+        return self.BETWEEN
+
+
+#: A tape whose start and stop gradwatch did not see: everything counts as recorded.
+RECORDED_ALL = Recording(((-1, float("inf")),))
 
 
 @dataclass(frozen=True)
@@ -85,6 +127,11 @@ class ForwardGraph:
             self.consumers.setdefault(key, []).append(node)
             self.first_seen.setdefault(key, node.order)
         return node
+
+    def mark_outside(self, recording: Recording) -> None:
+        """Marks the nodes the tape did not record (eager: positions are node orders)."""
+        for node in self.nodes:
+            node.outside = recording.outside(node.order)
 
     def ancestors(self, keys: Iterable[int]) -> set[int]:
         """Tensors that ``keys`` depend on (``keys`` included)."""
@@ -174,44 +221,44 @@ def _eager_captures(graph: Any) -> dict[int, Any]:
     return result
 
 
-def from_func_graph(graph: Any, until: int, tape_start: int | None) -> ForwardGraph:
-    """The ops of ``graph`` created up to position ``until`` (see `graph_position`).
-    Ops created before ``tape_start`` ran outside the tape."""
+def from_func_graph(graph: Any, until: int, recording: Recording) -> ForwardGraph:
+    """The ops of ``graph`` created up to position ``until`` (see `graph_position`),
+    marked with what ``recording`` says of their positions."""
     forward = ForwardGraph()
     counter = iter(range(1 << 62))
 
-    def add_op(op: tf.Operation, recorded: bool) -> None:
+    def add_op(op: tf.Operation, outside: str) -> None:
         bodies = _function_graphs(op)
         if not bodies:
             custom = op.node_def.attr["_gradient_op_type"].s.decode() \
                 if "_gradient_op_type" in op.node_def.attr else ""
             forward.add(Node(op.name, op.type, [id(t) for t in op.inputs],
                              [id(t) for t in op.outputs], [t.dtype for t in op.inputs],
-                             [t.dtype for t in op.outputs], next(counter), recorded,
+                             [t.dtype for t in op.outputs], next(counter), outside,
                              custom_gradient=custom, _op=op))
             return
         for body in bodies:  # inline: outer inputs -> body inputs -> body -> outer outputs
             inner_inputs = list(body.inputs)
             outer_inputs = list(op.inputs)[len(op.inputs) - len(inner_inputs):]
             for outer, inner in zip(outer_inputs, inner_inputs, strict=False):
-                forward.add(_link(op, outer, inner, next(counter), recorded))
+                forward.add(_link(op, outer, inner, next(counter), outside))
             for inner_op in body.get_operations():
-                add_op(inner_op, recorded)
+                add_op(inner_op, outside)
             if len(body.outputs) == len(op.outputs):
                 for inner, outer in zip(body.outputs, op.outputs, strict=True):
-                    forward.add(_link(op, inner, outer, next(counter), recorded))
+                    forward.add(_link(op, inner, outer, next(counter), outside))
 
     for op in graph.get_operations():
         if op._id > until:
             break
-        add_op(op, tape_start is None or op._id > tape_start)
+        add_op(op, recording.outside(op._id))
     forward.handles = {eager: id(t) for eager, t in _eager_captures(graph).items()}
     return forward
 
 
-def _link(op: tf.Operation, source: Any, target: Any, order: int, recorded: bool) -> Node:
+def _link(op: tf.Operation, source: Any, target: Any, order: int, outside: str) -> Node:
     return Node(op.name, op.type, [id(source)], [id(target)], [source.dtype], [target.dtype],
-                order, recorded, link=True, _op=op)
+                order, outside, link=True, _op=op)
 
 
 # -- from eager execution -------------------------------------------------------------------
@@ -252,6 +299,7 @@ class EagerRecorder:
     def __init__(self, max_ops: int = 200_000) -> None:
         self.max_ops = max_ops
         self.graph = ForwardGraph()
+        self.generation = 0  # counts recordings: positions are comparable within one
         self.active = False
         self.overflowed = False
         self._order = 0
@@ -266,6 +314,7 @@ class EagerRecorder:
         if self.active:
             return
         self.graph, self._order, self.overflowed = ForwardGraph(), 0, False
+        self.generation += 1
         op_callbacks.add_op_callback(self._on_op)
         base = ops._EagerTensorBase
         for name in _CONVERSIONS:

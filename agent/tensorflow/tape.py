@@ -17,6 +17,7 @@ Nothing here may break training: failures are logged and swallowed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -30,8 +31,8 @@ from tensorflow.python.framework import ops
 from gradwatch.agent.core.diagnosis import Diagnosis
 from gradwatch.agent.tensorflow import forward_graph
 from gradwatch.agent.tensorflow.diagnosis import Diagnoser
-from gradwatch.agent.tensorflow.forward_graph import EagerRecorder, ForwardGraph
-from gradwatch.agent.tensorflow.variables import variable_handles, variable_name
+from gradwatch.agent.tensorflow.forward_graph import RECORDED_ALL, EagerRecorder, Recording
+from gradwatch.agent.tensorflow.variables import variable_handles
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,31 @@ class _GradientCalls:
 
     def _patch(self) -> None:
         tape_class = backprop.GradientTape
-        self._originals = {"__enter__": tape_class.__enter__, "gradient": tape_class.gradient}
-        calls = self
-        enter, gradient = self._originals["__enter__"], self._originals["gradient"]
+        self._originals = {name: getattr(tape_class, name)
+                           for name in ("__enter__", "__exit__", "stop_recording", "gradient")}
+        calls, originals = self, self._originals
 
         def entered(tape):
-            result = enter(tape)
-            try:
-                tape._gradwatch_start = calls._position()
-            except Exception:
-                tape._gradwatch_start = None
+            result = originals["__enter__"](tape)
+            calls._mark(tape, "start")
             return result
+
+        def exited(tape, *exc_info):
+            calls._mark(tape, "stop")
+            return originals["__exit__"](tape, *exc_info)
+
+        @contextlib.contextmanager
+        def stop_recording(tape):
+            with originals["stop_recording"](tape):
+                calls._mark(tape, "stop")
+                try:
+                    yield
+                finally:
+                    calls._mark(tape, "start")
 
         def patched_gradient(tape, target, sources, *args, **kwargs):
             before = calls._position_or_none()
-            result = gradient(tape, target, sources, *args, **kwargs)
+            result = originals["gradient"](tape, target, sources, *args, **kwargs)
             try:
                 calls._after_gradient(tape, target, sources, result, before)
             except Exception:  # never break training
@@ -130,6 +141,8 @@ class _GradientCalls:
             return result
 
         tape_class.__enter__ = entered
+        tape_class.__exit__ = exited
+        tape_class.stop_recording = stop_recording
         tape_class.gradient = patched_gradient
 
     def _unpatch(self) -> None:
@@ -149,6 +162,37 @@ class _GradientCalls:
         except Exception:
             return None
 
+    def _mark(self, tape: Any, kind: str) -> None:
+        """Notes where ``tape`` started or stopped recording: in which graph (an eager
+        recording's generation outside functions) and at which position."""
+        try:
+            graph, position = self._position()
+            scope = graph if graph is not None else self._recorder.generation
+            marks = tape.__dict__.setdefault("_gradwatch_marks", [])
+            marks.append((kind, scope, position))
+            del marks[:-64]  # a tape paused in a loop keeps the last ones
+        except Exception:
+            pass
+
+    def _recording(self, tape: Any, graph: Any) -> Recording:
+        """When ``tape`` recorded, in ``graph`` (None: the current eager recording, where
+        marks of an earlier recording count as made at its start)."""
+        marks = getattr(tape, "_gradwatch_marks", ())
+        if graph is None:
+            generation = self._recorder.generation
+            mine = [(kind, position if scope == generation else 0)
+                    for kind, scope, position in marks if isinstance(scope, int)]
+        else:
+            mine = [(kind, position) for kind, scope, position in marks if scope is graph]
+        return Recording.from_marks(mine) if mine else RECORDED_ALL
+
+    @staticmethod
+    def _watched(tape: Any) -> set[int] | None:
+        """The handles a tape made with ``watch_accessed_variables=False`` watches."""
+        if getattr(tape, "_watch_accessed_variables", True):
+            return None
+        return {h for v in tape.watched_variables() for h in variable_handles(v)}
+
     # -- after each gradient call ---------------------------------------------------------
 
     def _after_gradient(self, tape: Any, target: Any, sources: Any, result: Any,
@@ -166,10 +210,9 @@ class _GradientCalls:
                 return
             if not missing:
                 return
-            start = getattr(tape, "_gradwatch_start", None)
-            tape_start = start[1] if start and start[0] is graph else None
-            forward = forward_graph.from_func_graph(graph, position, tape_start)
-            self._diagnose(forward, target, missing, graph)
+            forward = forward_graph.from_func_graph(graph, position,
+                                                    self._recording(tape, graph))
+            self._diagnose(forward, tape, target, missing, graph)
 
     def _after_eager_gradient(self, tape: Any, target: Any, missing: list[Any]) -> None:
         """Diagnoses from the recording of this step if there is one, else records the
@@ -182,9 +225,8 @@ class _GradientCalls:
                 self._seen.add(None, variable)
         elif missing and recorder.active:
             forward = recorder.stop()
-            start = getattr(tape, "_gradwatch_start", None)
-            self._mark_outside_tape(forward, start[1] if start and start[0] is None else 0)
-            self._diagnose(forward, target, missing, None)
+            forward.mark_outside(self._recording(tape, None))
+            self._diagnose(forward, tape, target, missing, None)
         elif missing:
             self._awaiting.update(id(v) for v in missing)
         self._awaiting.difference_update(id(v) for v in missing if (None, v) in self._seen)
@@ -192,17 +234,13 @@ class _GradientCalls:
         if self.record_eagerly_always or self._awaiting:
             recorder.start()
 
-    @staticmethod
-    def _mark_outside_tape(forward: ForwardGraph, tape_start: int) -> None:
-        for node in forward.nodes:
-            node.recorded = node.order > tape_start
-
-    def _diagnose(self, forward: ForwardGraph, target: Any, missing: list[Any],
-                  graph: Any) -> None:
-        diagnoser = Diagnoser(forward, [id(t) for t in tf.nest.flatten(target) if t is not None])
+    def _diagnose(self, forward: forward_graph.ForwardGraph, tape: Any, target: Any,
+                  missing: list[Any], graph: Any) -> None:
+        diagnoser = Diagnoser(forward, [id(t) for t in tf.nest.flatten(target) if t is not None],
+                              self._watched(tape))
         for variable in missing:
             self._seen.add(graph, variable)
-            verdict = diagnoser.diagnose(variable_name(variable), variable_handles(variable))
+        for variable, verdict in zip(missing, diagnoser.diagnose_all(missing), strict=True):
             if verdict not in self._logged:
                 self._logged.add(verdict)
                 log.warning("gradwatch: %s", verdict.message())
