@@ -2,7 +2,9 @@
 
 Rules produce the set of alerts active *now* for a scope (a job x optimizer);
 `AlertTracker` diffs it against the previous set and emits a `Notification`
-for each alert that started, changed its annotations, or resolved. Labels
+for each alert that started or resolved, and for one whose annotations changed
+(at most once per ``update_interval_s``: a cause whose text moves must not page
+again and again). Labels
 identify an alert and never name the collector, so several collectors (and
 Prometheus) deduplicate in Alertmanager.
 """
@@ -70,6 +72,8 @@ class Notification:
 class _Active:
     alert: Alert
     starts_at: float
+    notified_at: float  # when sinks last heard of it
+    changed: bool = False  # annotations changed since then
     absent_since: float | None = None  # condition gone, resolution pending
 
 
@@ -78,13 +82,17 @@ class AlertTracker:
 
     Hysteresis: an alert whose condition disappears keeps firing until the condition
     has stayed away for ``resolve_after_s``; if it comes back first, nothing is sent
-    (a flapping condition is one long alert, not a stream of pages).
+    (a flapping condition is one long alert, not a stream of pages). Changed
+    annotations are sent ``update_interval_s`` after the previous notice at the
+    earliest (the latest text then; `expire` sends what is due).
     """
 
     def __init__(self, notify: Callable[[Notification], None],
-                 resolve_after_s: float = 0.0, keep_resolved: int = 200) -> None:
+                 resolve_after_s: float = 0.0, keep_resolved: int = 200,
+                 update_interval_s: float = 0.0) -> None:
         self._notify = notify
         self.resolve_after_s = resolve_after_s
+        self.update_interval_s = update_interval_s
         self._active: dict[tuple, dict[Labels, _Active]] = {}
         #: The latest resolutions, newest last (for people to look at).
         self.resolved: collections.deque[Notification] = collections.deque(
@@ -97,12 +105,13 @@ class AlertTracker:
         for alert in alerts:
             before = previous.get(alert.key)
             if before is None:
-                current[alert.key] = _Active(alert, now)
+                current[alert.key] = _Active(alert, now, notified_at=now)
                 self._notify(Notification(alert, now))
             else:
-                current[alert.key] = _Active(alert, before.starts_at)
-                if alert.annotations != before.alert.annotations:
-                    self._notify(Notification(alert, before.starts_at))
+                changed = before.changed or alert.annotations != before.alert.annotations
+                current[alert.key] = entry = _Active(alert, before.starts_at,
+                                                     before.notified_at, changed)
+                self._send_update(entry, now)
         for key, gone in previous.items():
             if key not in current:
                 if gone.absent_since is None:
@@ -117,16 +126,23 @@ class AlertTracker:
             self._active.pop(scope, None)
 
     def expire(self, now: float | None = None) -> None:
-        """Resolves alerts whose condition has been gone for ``resolve_after_s``."""
+        """Resolves alerts whose condition has been gone for ``resolve_after_s``; sends
+        the annotation updates that are due."""
         now = time.time() if now is None else now
         for scope, active in list(self._active.items()):
             for key, entry in list(active.items()):
-                if entry.absent_since is not None and \
-                        now - entry.absent_since >= self.resolve_after_s:
+                if entry.absent_since is None:
+                    self._send_update(entry, now)
+                elif now - entry.absent_since >= self.resolve_after_s:
                     del active[key]
                     self._resolve(Notification(entry.alert, entry.starts_at, ends_at=now))
             if not active:
                 del self._active[scope]
+
+    def _send_update(self, entry: _Active, now: float) -> None:
+        if entry.changed and now - entry.notified_at >= self.update_interval_s:
+            entry.changed, entry.notified_at = False, now
+            self._notify(Notification(entry.alert, entry.starts_at))
 
     def _resolve(self, notification: Notification) -> None:
         self.resolved.append(notification)

@@ -26,7 +26,9 @@ def webhook():
 
 @pytest.fixture(scope="module")
 def collector(webhook):
-    with CollectorProcess("--webhook-url", webhook.url, "--resolve-after", "0.3") as process:
+    # Changed annotations (a second task joining a firing alert) reach the webhook within 1 s.
+    with CollectorProcess("--webhook-url", webhook.url, "--resolve-after", "0.3",
+                          "--resend-interval-seconds", "1") as process:
         yield process
         assert process.process.poll() is None, f"collector died:\n{process.log()}"
 

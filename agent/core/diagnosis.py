@@ -59,22 +59,42 @@ def is_user_file(filename: str) -> bool:
     return not os.path.realpath(filename).startswith(_LIBRARY_ROOTS)
 
 
+#: Framework training loops (``fit``, ``train_step``): a user frame outside one only
+#: started training (``model.fit(...)``), it is not where the op was written.
+TRAINING_LOOPS = tuple(os.path.join(*parts) for parts in (
+    ("keras", "src", "trainers", ""), ("keras", "src", "backend", "tensorflow", "trainer.py"),
+    ("keras", "src", "engine", "training.py"), ("tf_keras", "src", "engine", "training.py"),
+))
+
+
+def _innermost_user(frames: Iterable[tuple[str, int]], stop_at_training_loop: bool = True
+                    ) -> Source | None:
+    """The first user frame of ``frames`` (innermost first), unless a training loop
+    comes before it (and ``stop_at_training_loop``)."""
+    for filename, line in frames:
+        if is_user_file(filename):
+            return Source(filename, line)
+        if stop_at_training_loop and any(loop in filename if loop.endswith(os.sep) else filename.endswith(loop)
+               for loop in TRAINING_LOOPS):
+            return None
+    return None
+
+
 def user_source(frames: Iterable[Any]) -> Source | None:
-    """The innermost user frame of ``frames`` (outermost first, like a traceback)."""
-    for frame in reversed(list(frames)):
-        if is_user_file(frame.filename):
-            return Source(frame.filename, frame.lineno)
-    return None
+    """The innermost user frame of ``frames`` (outermost first, like a traceback) that
+    is inside the computation, not the line that called ``model.fit``."""
+    return _innermost_user((f.filename, f.lineno) for f in reversed(list(frames)))
 
 
-def caller_source() -> Source | None:
-    """The innermost user frame of the current Python stack."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if is_user_file(frame.f_code.co_filename):
-            return Source(frame.f_code.co_filename, frame.f_lineno)
-        frame = frame.f_back
-    return None
+def caller_source(stop_at_training_loop: bool = True) -> Source | None:
+    """The same for the current Python stack. Where a value leaves the framework, the
+    line that called ``model.predict`` is the answer: pass ``stop_at_training_loop=False``."""
+    def stack(frame: Any) -> Iterable[tuple[str, int]]:
+        while frame is not None:
+            yield frame.f_code.co_filename, frame.f_lineno
+            frame = frame.f_back
+
+    return _innermost_user(stack(sys._getframe(1)), stop_at_training_loop)
 
 
 class Cause(enum.Enum):

@@ -379,7 +379,8 @@ class EagerRecorder:
         if self.active and id(tensor) in self.graph.producer:
             with self._lock:
                 self.graph.conversions.append(
-                    Conversion(id(tensor), how, self._next(), caller_source()))
+                    Conversion(id(tensor), how, self._next(),
+                               caller_source(stop_at_training_loop=False)))
 
     def _conversion(self, how: str, original: Callable[..., Any]) -> Callable[..., Any]:
         recorder = self

@@ -614,3 +614,21 @@ def test_a_variable_reusing_a_dead_ones_id_is_not_taken_for_it():
     gc.collect()
     new = Variable()
     assert (None, new) not in seen, f"id reused: {id(new) == old_id}"
+
+
+def test_an_op_inside_keras_under_model_fit_does_not_point_at_the_fit_line():
+    """Built-in layers only: the innermost user frame is ``model.fit(...)``, which says
+    nothing (and moved the alert's text between fits); the op's name says the layer."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    floored = keras.layers.Lambda(tf.math.floor)(keras.layers.Dense(1, name="binned")(inputs))
+    model = keras.Model(inputs, floored + keras.layers.Dense(1, name="linear")(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x, y = _data()
+    with diagnose_missing_gradients() as report:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # the only user frame
+    assert sorted(report.diagnoses) == ["binned/bias", "binned/kernel"]
+    for diagnosis in report.diagnoses.values():
+        assert (diagnosis.cause, diagnosis.op_type) == (Cause.BROKEN_AT_OP, "Floor")
+        assert diagnosis.source is None, diagnosis.message()
+        assert "lambda" in diagnosis.op_name, diagnosis.op_name

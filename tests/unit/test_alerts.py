@@ -26,6 +26,33 @@ def test_tracker_fires_once_updates_and_resolves():
     assert body["endsAt"].startswith("1970-01-01T00:16:43")
 
 
+def test_changed_annotations_are_sent_at_most_once_per_interval():
+    """A cause whose source line moves between fits must not page three times in 0.5 s
+    (seen on keras.io's forwardforward example): the latest text goes out once the
+    interval since the previous notice has passed."""
+    from gradwatch.collector.alerts import Alert, AlertTracker
+
+    sent = []
+    tracker = AlertTracker(sent.append, update_interval_s=30.0)
+    labels = {"alertname": "GradientMissing", "training_job": "j"}
+
+    def evaluate(now, line):
+        tracker.update(("j", "adam"), [Alert(labels, {"causes": f"train.py:{line}"})], now)
+
+    evaluate(100.0, 10)
+    evaluate(100.2, 11)
+    evaluate(100.4, 12)
+    assert [n.alert.annotations["causes"] for n in sent] == ["train.py:10"]
+    tracker.expire(129.9)
+    assert len(sent) == 1
+    tracker.expire(130.0)  # due: the latest text, same start
+    assert [(n.alert.annotations["causes"], n.starts_at) for n in sent] == [
+        ("train.py:10", 100.0), ("train.py:12", 100.0)]
+    evaluate(131.0, 12)  # unchanged since: silent
+    tracker.expire(200.0)
+    assert len(sent) == 2
+
+
 def test_hysteresis_turns_flapping_into_one_alert():
     h = Harness(resolve_after_s=5.0)
     s = h.register()
