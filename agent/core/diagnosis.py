@@ -67,6 +67,11 @@ TRAINING_LOOPS = tuple(os.path.join(*parts) for parts in (
 ))
 
 
+def _in_training_loop(filename: str) -> bool:
+    return any(loop in filename if loop.endswith(os.sep) else filename.endswith(loop)
+               for loop in TRAINING_LOOPS)
+
+
 def _innermost_user(frames: Iterable[tuple[str, int]], stop_at_training_loop: bool = True
                     ) -> Source | None:
     """The first user frame of ``frames`` (innermost first), unless a training loop
@@ -74,8 +79,7 @@ def _innermost_user(frames: Iterable[tuple[str, int]], stop_at_training_loop: bo
     for filename, line in frames:
         if is_user_file(filename):
             return Source(filename, line)
-        if stop_at_training_loop and any(loop in filename if loop.endswith(os.sep) else filename.endswith(loop)
-               for loop in TRAINING_LOOPS):
+        if stop_at_training_loop and _in_training_loop(filename):
             return None
     return None
 
