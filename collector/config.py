@@ -64,7 +64,8 @@ class CollectorConfig:
         number(float, 0), flag="--resolve-after", env="GRADWATCH_RESOLVE_AFTER",
         metavar="SECONDS")
     resend_interval_seconds: float = setting(
-        30.0, "firing alerts are re-sent to Alertmanager this often, leased 4x ahead",
+        30.0, "firing alerts are re-sent to Alertmanager this often, leased 4x ahead; "
+        "changed annotations reach sinks at most this often",
         _SECONDS, metavar="SECONDS")
     evaluation_interval_seconds: float = setting(
         1.0, "timer-driven rule pass (WorkerSilent, pending resolutions)", _SECONDS,
@@ -75,6 +76,10 @@ class CollectorConfig:
     runbook_url: str = setting(
         "docs/runbook.md", "where alerts' runbook_url annotations point (each alert appends "
                            "#its-name)", text, metavar="URL")
+    dashboard_base_url: str | None = setting(
+        None, "Grafana's root URL, e.g. https://grafana.example.com: alerts then carry a "
+              "dashboard_url annotation opening the job dashboard on the panel that answers "
+              "them; none: no such annotation", url, metavar="URL")
     closed_retention_seconds: float = setting(
         3600.0, "a finished session's state, series and alerts are kept this long",
         number(float, 0), metavar="SECONDS")

@@ -7,11 +7,13 @@ Every metric is declared once below (`Metric`). Label contract (docs/design.md):
 ``optimizer`` — never ``job`` or ``instance``.
 Per-task and per-replica series carry job-level aggregates only; per-variable
 series are aggregated over tasks and replicas and capped per group, with the
-rest folded into ``variable="__other__"``.
+rest folded into ``variable="__other__"``; which variables keep a series of their own
+is chosen by what matters (`kept_columns`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from gradwatch.collector.telemetry import Telemetry
 TASK_LABELS = ["training_job", "task_type", "task_index", "optimizer"]
 REPLICA_LABELS = [*TASK_LABELS, "replica"]
 VARIABLE_LABELS = ["training_job", "optimizer", "variable"]
+ALERT_LABELS = ["alertname", "severity", "training_job", "optimizer"]
+INFO_LABELS = ["training_job", "task_type", "task_index", "hostname", "pid", "pod"]
 OTHER_VARIABLES = "__other__"
 
 
@@ -59,9 +63,50 @@ def variable_aggregates(group: Group) -> dict[str, np.ndarray]:
     return agg
 
 
-def _fold(values: np.ndarray, keep: int, how: Callable[[np.ndarray], float]) -> list[float]:
-    head = values[:keep].tolist()
-    return [*head, float(how(values[keep:]))] if values.size > keep else head
+@functools.lru_cache(maxsize=64)
+def _spread(count: int) -> np.ndarray:
+    """Positions ``0..count-1`` coarse to fine: both ends, then the middle, then the
+    quarters, ... (a van der Corput sequence): any prefix covers the whole range about
+    evenly, and a prefix one shorter drops one position, so series do not churn when
+    the cap's room shrinks. Cached: it depends on ``count`` only."""
+    order = list(dict.fromkeys([0, max(count - 1, 0)]))[:count]
+    seen = set(order)
+    level = 1
+    while len(order) < count:
+        for odd in range(1, 2 ** level, 2):
+            position = int(odd * (count - 1) / 2 ** level + 0.5)
+            if position not in seen:
+                seen.add(position)
+                order.append(position)
+        level += 1
+    return np.array(order, np.int64)
+
+
+def kept_columns(agg: dict[str, np.ndarray], keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reported columns that keep a series of their own under a cap of ``keep``, and
+    those folded into `OTHER_VARIABLES`, both in model (registration) order. Never
+    folded first: every variable that missed a gradient or had NaN/Inf since its task
+    registered (a set that only grows, so series do not churn); the room left goes to
+    healthy variables spread over the model from its first to its last (`_spread`), so
+    the heat map covers every depth."""
+    reported = np.flatnonzero(agg["reported"])
+    if reported.size <= keep:
+        return reported, reported[:0]
+    bad = ((agg["missing_steps"] > 0) | (agg["nan"] > 0) | (agg["inf"] > 0)
+           | ~agg["present"])[reported]
+    urgent, healthy = reported[bad], reported[~bad]
+    chosen = urgent[:keep]
+    room = keep - chosen.size
+    if room > 0:
+        chosen = np.concatenate([chosen, healthy[_spread(healthy.size)[:room]]])
+    kept = np.sort(chosen)
+    return kept, np.setdiff1d(reported, kept, assume_unique=True)
+
+
+def _fold(values: np.ndarray, kept: np.ndarray, folded: np.ndarray,
+          how: Callable[[np.ndarray], float]) -> list[float]:
+    head = values[kept].tolist()
+    return [*head, float(how(values[folded]))] if folded.size else head
 
 
 @dataclass(frozen=True)
@@ -99,6 +144,9 @@ WITHOUT_GRADIENT = Metric("gradwatch_variables_without_gradient", "gauge",
                           "Variables with no gradient at the latest step.")
 GLOBAL_NORM = Metric("gradwatch_global_gradient_norm", "gauge",
                      "L2 norm of all gradients together at the latest step.")
+TASK_INFO = Metric("gradwatch_task", "info",
+                   "Where a task runs, as its agent registered: hostname, pid, and pod (the "
+                   "hostname, which is the pod name in Kubernetes or POD_NAME when set).")
 # -- per variable ----------------------------------------------------------------------------
 NORM = Metric("gradwatch_gradient_norm", "gauge",
               "L2 norm of the variable's gradient at the latest step (max over tasks and "
@@ -115,6 +163,9 @@ INF_VALUES = Metric("gradwatch_gradient_inf_values", "counter",
 FOLDED = Metric("gradwatch_variable_series_folded", "gauge",
                 "Variables beyond the per-job series cap, folded into "
                 f'variable="{OTHER_VARIABLES}".')
+POSITIONS = Metric("gradwatch_variable", "info",
+                   "A variable's position in the model (registration order, input to "
+                   'output), zero-padded in label "position" so that series sort by depth.')
 CAUSES = Metric("gradwatch_gradient_missing_cause", "info",
                 "Why a variable without gradient gets none, as diagnosed by the agent: cause, "
                 "and the op and source line that break the path to the loss.")
@@ -130,7 +181,8 @@ VARIABLE_STATISTICS = Metric("gradwatch_collector_variable_statistics", "counter
                              "Per-variable statistics applied.")
 REJECTED = Metric("gradwatch_collector_rejected_messages", "counter",
                   "Messages rejected, by gRPC status code and reason.")
-ALERTS_ACTIVE = Metric("gradwatch_alerts_active", "gauge", "Alerts currently firing.")
+ALERTS_ACTIVE = Metric("gradwatch_alerts_active", "gauge",
+                       "Alerts currently firing, by name, severity, job and optimizer.")
 NOTIFICATIONS = Metric("gradwatch_collector_notifications", "counter",
                        "Alert notifications by sink and outcome.")
 
@@ -151,8 +203,8 @@ class Exporter:
         self.max_variable_series = max_variable_series
         self.sections: tuple[tuple[tuple[Metric, ...], Callable[[], list[Family]]], ...] = (
             ((STEPS, NONFINITE_STEPS, SKIPPED_STEPS, DROPPED_STEPS, LAST_STEP, LAST_REPORT,
-              VARIABLES, WITHOUT_GRADIENT, GLOBAL_NORM), self._task_metrics),
-            ((NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, CAUSES),
+              VARIABLES, WITHOUT_GRADIENT, GLOBAL_NORM, TASK_INFO), self._task_metrics),
+            ((NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, POSITIONS, CAUSES),
              self._variable_metrics),
             ((SESSIONS, TRAINING_JOBS, REGISTRATIONS, BATCHES, DUPLICATE_BATCHES, STEP_REPORTS,
               VARIABLE_STATISTICS, REJECTED, ALERTS_ACTIVE, NOTIFICATIONS),
@@ -177,10 +229,14 @@ class Exporter:
             STEPS, NONFINITE_STEPS, SKIPPED_STEPS, DROPPED_STEPS))
         last_step, last_report, variables, without, global_norm = (m.family() for m in (
             LAST_STEP, LAST_REPORT, VARIABLES, WITHOUT_GRADIENT, GLOBAL_NORM))
+        hosts: dict[tuple[str, str, int], tuple[float, str, int]] = {}
         for group in self.registry.groups.values():
             for s in group.sessions.values():
                 task = [group.training_job, s.task_type, s.task_index, group.optimizer]
                 task_labels = labels(TASK_LABELS, task)
+                where = (group.training_job, s.task_type, s.task_index)
+                if where not in hosts or hosts[where][0] < s.registered_at:
+                    hosts[where] = (s.registered_at, s.hostname, s.pid)
                 steps.add(task_labels, s.steps_total)
                 nonfinite.add(task_labels, s.nonfinite_steps_total)
                 skipped.add(task_labels, s.skipped_steps_total)
@@ -194,39 +250,48 @@ class Exporter:
                 replicas = [labels(REPLICA_LABELS, [*task, r]) for r in range(s.num_replicas)]
                 without.add_column(replicas, (~s.present).sum(axis=1))
                 global_norm.add_column(replicas, s.global_norm)
+        info = TASK_INFO.family()
+        for (job, task_type, task_index), (_, hostname, pid) in sorted(hosts.items()):
+            info.add(labels(INFO_LABELS, [job, task_type, task_index, hostname, pid, hostname]),
+                     1)
         return [steps, nonfinite, skipped, dropped, last_step, last_report, variables, without,
-                global_norm]
+                global_norm, info]
 
     def _variable_metrics(self) -> list[Family]:
-        norm, present, missing, nan, inf, folded, causes = (m.family() for m in (
-            NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, CAUSES))
-        keep = self.max_variable_series
+        norm, present, missing, nan, inf, folded, positions, causes = (m.family() for m in (
+            NORM, PRESENT, MISSING_STEPS, NAN_VALUES, INF_VALUES, FOLDED, POSITIONS, CAUSES))
         for group in self.registry.groups.values():
             agg = variable_aggregates(group)
-            reported = np.flatnonzero(agg["reported"])
-            if reported.size == 0:
+            kept, rest = kept_columns(agg, self.max_variable_series)
+            if kept.size + rest.size == 0:
                 continue
             # Sorted label names, like every series: optimizer, training_job, variable.
             prefix = labels(VARIABLE_LABELS[:2], [group.training_job, group.optimizer])
-            names = [group.names[i] for i in reported[:keep]]
-            if reported.size > keep:
-                names.append(OTHER_VARIABLES)
+            names = [group.names[i] for i in kept.tolist()]
             series = [f'{prefix},variable="{escape(name)}"' for name in names]
-            folded.add(prefix, max(0, reported.size - keep))
-            norm.add_column(series, _fold(agg["norm"][reported], keep, np.max))
-            present.add_column(series, _fold(agg["present"][reported].astype(np.float64), keep,
+            # Sorted label names: optimizer, position, training_job, variable.
+            optimizer = f'optimizer="{escape(group.optimizer)}"'
+            job = f'training_job="{escape(group.training_job)}"'
+            positions.add_column([
+                f'{optimizer},position="{column:06d}",{job},variable="{escape(name)}"'
+                for column, name in zip(kept.tolist(), names, strict=True)], np.ones(kept.size))
+            if rest.size:
+                series.append(f'{prefix},variable="{OTHER_VARIABLES}"')
+            folded.add(prefix, rest.size)
+            norm.add_column(series, _fold(agg["norm"], kept, rest, np.max))
+            present.add_column(series, _fold(agg["present"].astype(np.float64), kept, rest,
                                              np.min))
-            missing.add_column(series, _fold(agg["missing_steps"][reported], keep, np.sum))
-            nan.add_column(series, _fold(agg["nan"][reported], keep, np.sum))
-            inf.add_column(series, _fold(agg["inf"][reported], keep, np.sum))
+            missing.add_column(series, _fold(agg["missing_steps"], kept, rest, np.sum))
+            nan.add_column(series, _fold(agg["nan"], kept, rest, np.sum))
+            inf.add_column(series, _fold(agg["inf"], kept, rest, np.sum))
             absent = [c for c in group.causes if c < agg["present"].size
                       and agg["reported"][c] and not agg["present"][c]]
-            for column in absent[:keep]:
+            for column in absent[:self.max_variable_series]:
                 cause = group.causes[column]
                 causes.add(labels([*VARIABLE_LABELS, "cause", "op_type", "op", "source"], [
                     group.training_job, group.optimizer, group.names[column], cause.cause,
                     cause.op_type, cause.op_name, cause.source]), 1)
-        return [norm, present, missing, nan, inf, folded, causes]
+        return [norm, present, missing, nan, inf, folded, positions, causes]
 
     def _collector_metrics(self) -> list[Family]:
         t = self.telemetry
@@ -247,12 +312,12 @@ class Exporter:
         for (code, reason), count in sorted(t.rejected.items()):
             rejected.add(labels(["code", "reason"], [code, reason]), count)
         alerts = ALERTS_ACTIVE.family()
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, ...], int] = {}
         for alert in self.active_alerts():
-            key = (alert.name, alert.labels.get("severity", ""))
+            key = tuple(alert.labels.get(name, "") for name in ALERT_LABELS)
             counts[key] = counts.get(key, 0) + 1
         for key, count in sorted(counts.items()):
-            alerts.add(labels(["alertname", "severity"], key), count)
+            alerts.add(labels(ALERT_LABELS, key), count)
         notifications = NOTIFICATIONS.family()
         for (sink, outcome), count in sorted(self.notification_outcomes().items()):
             notifications.add(labels(["sink", "outcome"], [sink, outcome]), count)

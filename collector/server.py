@@ -53,10 +53,12 @@ class Collector:
               for url in config.alertmanager_urls),
         ]
         self.dispatcher = Dispatcher(sinks)
-        self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_seconds)
+        self.alerts = AlertTracker(self.dispatcher.submit, config.resolve_after_seconds,
+                                   update_interval_s=config.resend_interval_seconds)
         self.rules = RuleEngine(config.rules, self.alerts,
                                 min_interval_s=config.batch_evaluation_interval_seconds,
-                                runbook_url=config.runbook_url)
+                                runbook_url=config.runbook_url,
+                                dashboard_base_url=config.dashboard_base_url)
         tokens = TokenAuthority(config.tokens_file) if config.tokens_file else None
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits, tokens=tokens)

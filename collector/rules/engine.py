@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.collector.alerts import Alert, AlertTracker
+from gradwatch.collector.links import dashboard_url
 from gradwatch.collector.rules.base import Rule
 from gradwatch.collector.rules.norms import GradientExploding, GradientVanishing
 from gradwatch.collector.rules.presence import GradientMissing, GradientNonFinite
@@ -65,9 +66,11 @@ def _contained(rule: Rule) -> Iterator[None]:
 class RuleEngine:
     def __init__(self, settings: RuleSettings, tracker: AlertTracker,
                  clock: Callable[[], float] = time.time, min_interval_s: float = 0.0,
-                 runbook_url: str = RUNBOOK) -> None:
+                 runbook_url: str = RUNBOOK, dashboard_base_url: str | None = None) -> None:
         self.settings = settings
         self.runbook_url = runbook_url
+        #: Grafana's root URL: alerts then link to their panel (``dashboard_url``).
+        self.dashboard_base_url = dashboard_base_url
         self.tracker = tracker
         self.clock = clock
         self.min_interval_s = min_interval_s
@@ -128,6 +131,9 @@ class RuleEngine:
                     alerts += rule.evaluate(group, by_session, params[rule.name], now)
         for active in alerts:
             active.annotations["runbook_url"] = f"{self.runbook_url}#{active.name.lower()}"
+            if self.dashboard_base_url:
+                active.annotations["dashboard_url"] = dashboard_url(self.dashboard_base_url,
+                                                                    active.labels)
         self.tracker.update(key, alerts, now)
 
     def tick(self, groups: Iterable[Group]) -> None:

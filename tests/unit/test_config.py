@@ -172,6 +172,46 @@ def test_runbook_url_reaches_the_alerts(tmp_path):
     assert alert.annotations["runbook_url"] == "https://wiki.example/gradwatch#gradientmissing"
 
 
+def test_dashboard_base_url_links_alerts_to_their_panel(tmp_path):
+    from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.ingest import decode_batch
+    from gradwatch.collector.links import ALERT_PANELS
+    from gradwatch.collector.rules import RuleEngine
+    from gradwatch.collector.state import Registry
+    from tests.support import wire
+
+    path = write(tmp_path, "dashboard_base_url: https://grafana.example/\n")
+    settings = config.load(config_file=path, environ={})
+    tracker = AlertTracker(lambda notification: None, 0.0)
+    engine = RuleEngine(settings.rules, tracker, dashboard_base_url=settings.dashboard_base_url)
+    session = Registry().register("my job", "adam", "worker", 0, 1, ["a"])
+    batch = decode_batch(wire.batch(session.id, 1, wire.step(0, [0])), 1, 1, Limits())
+    session.apply(1, batch)
+    engine.on_batch(session, batch)
+    (alert,) = tracker.active()
+    assert alert.annotations["dashboard_url"] == (
+        "https://grafana.example/d/gradwatch-job/gradwatch-job?var-training_job=my+job"
+        f"&var-optimizer=adam&viewPanel={ALERT_PANELS['GradientMissing']}")
+    assert "dashboard_url" not in _alert_without_base_url()
+
+
+def _alert_without_base_url() -> dict[str, str]:
+    from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.ingest import decode_batch
+    from gradwatch.collector.rules import RuleEngine
+    from gradwatch.collector.state import Registry
+    from tests.support import wire
+
+    tracker = AlertTracker(lambda notification: None, 0.0)
+    engine = RuleEngine(config.CollectorConfig().rules, tracker)
+    session = Registry().register("job", "adam", "worker", 0, 1, ["a"])
+    batch = decode_batch(wire.batch(session.id, 1, wire.step(0, [0])), 1, 1, Limits())
+    session.apply(1, batch)
+    engine.on_batch(session, batch)
+    (alert,) = tracker.active()
+    return alert.annotations
+
+
 def test_grpc_security_files_are_relative_to_the_config_file_and_checked(tmp_path):
     from tests.support.certificates import make_certificates
 

@@ -50,14 +50,72 @@ def test_variable_series_are_capped_and_folded():
     registry = Registry()
     names = [f"v{i}" for i in range(10)]
     session = registry.register("job", "adam", "worker", 0, 1, names)
-    feed(session, [1] * 9 + [0], [float(i) for i in range(10)])
+    feed(session, [1] * 10, [float(i) for i in range(10)])
     samples = render(registry, cap=4)
     norms = select(samples, "gradwatch_gradient_norm")
-    assert list(norms) == ["v0", "v1", "v2", "v3", OTHER_VARIABLES]
-    assert norms[OTHER_VARIABLES] == 9.0  # max of the folded ones
-    assert select(samples, "gradwatch_gradient_present")[OTHER_VARIABLES] == 0.0
+    # Healthy variables spread over the model: first, last, then the middle ones.
+    assert list(norms) == ["v0", "v2", "v5", "v9", OTHER_VARIABLES]
+    assert norms[OTHER_VARIABLES] == 8.0  # max of the folded ones
+    assert select(samples, "gradwatch_gradient_present")[OTHER_VARIABLES] == 1.0
     assert select(samples, "gradwatch_variable_series_folded") == {
         "optimizer=adam,training_job=job": 6.0}
+
+
+def test_the_cap_never_folds_a_variable_that_missed_or_went_non_finite():
+    """Victims are chosen by what matters: v3 (missing once, present again), v6 (NaN) and
+    v7 (missing now) keep their series whatever their place in the model; the one slot
+    left goes to the model's first variable."""
+    registry = Registry()
+    session = registry.register("job", "adam", "worker", 0, 1, [f"v{i}" for i in range(10)])
+    feed(session, [1, 1, 1, 0, 1, 1, 1, 1, 1, 1], [1.0] * 10)
+    nan = [0] * 10
+    nan[6] = 3
+    feed(session, [1] * 7 + [0] + [1] * 2, [1.0] * 10, nan=nan)
+    samples = render(registry, cap=4)
+    assert list(select(samples, "gradwatch_gradient_norm")) == [
+        "v0", "v3", "v6", "v7", OTHER_VARIABLES]
+    assert select(samples, "gradwatch_gradient_present")["v7"] == 0.0
+    assert select(samples, "gradwatch_gradient_present")[OTHER_VARIABLES] == 1.0
+    assert select(samples, "gradwatch_gradient_nan_values_total")["v6"] == 3.0
+    # More bad variables than room: the first ones in model order, none healthy.
+    feed(session, [0] * 10, [0.0] * 10)
+    assert list(select(render(registry, cap=4), "gradwatch_gradient_norm")) == [
+        "v0", "v1", "v2", "v3", OTHER_VARIABLES]
+
+
+def test_variable_positions_sort_series_by_depth():
+    registry = Registry()
+    session = registry.register("job", "adam", "worker", 0, 1, ["out/b", "dense/w", "emb"])
+    feed(session, [1, 1, 1], [1.0, 2.0, 3.0])
+    info = render(registry)["gradwatch_variable_info"]
+    assert sorted((labels["position"], labels["variable"]) for labels, _ in info) == [
+        ("000000", "out/b"), ("000001", "dense/w"), ("000002", "emb")]
+
+
+def test_task_info_names_host_pid_and_pod_once_per_task():
+    registry = Registry()
+    for optimizer in ("gen", "disc"):
+        feed(registry.register("job", optimizer, "worker", 3, 1, ["a"], hostname="pod-3",
+                               pid=41), [1], [1.0])
+    assert render(registry)["gradwatch_task_info"] == [
+        ({"training_job": "job", "task_type": "worker", "task_index": "3",
+          "hostname": "pod-3", "pid": "41", "pod": "pod-3"}, 1.0)]
+
+
+def test_active_alerts_carry_job_and_optimizer():
+    from gradwatch.collector.alerts import Alert
+
+    def alert(job: str) -> Alert:
+        return Alert({"alertname": "GradientMissing", "severity": "warning",
+                      "training_job": job, "optimizer": "adam"})
+
+    exporter = Exporter(Registry(), Telemetry(), lambda: [alert("a"), alert("b"), alert("b")],
+                        dict)
+    assert parse_metrics(render_metrics(exporter).decode())["gradwatch_alerts_active"] == [
+        ({"alertname": "GradientMissing", "severity": "warning", "training_job": "a",
+          "optimizer": "adam"}, 1.0),
+        ({"alertname": "GradientMissing", "severity": "warning", "training_job": "b",
+          "optimizer": "adam"}, 2.0)]
 
 
 def test_missing_cause_info_for_variables_without_gradient():
