@@ -36,10 +36,15 @@ class TensorFlowSession(Session):
         # TensorFlow counts traces per code object; a partial is counted per session,
         # so many sessions (each traced once or twice) don't look like "retracing".
         self._record = tf.function(functools.partial(self._record_step), autograph=False)
+        #: The statistics as one function per session (they read no variable, so replicas
+        #: share it): a program tracing many updates per step (layer-wise training)
+        #: traces them once, and each update adds one call to its graph, which graph
+        #: optimisation and XLA inline.
+        self._statistics = tf.function(functools.partial(gradient_record), autograph=False)
 
     def _record_step(self, grads: list, step: tf.Tensor | None,
                      loss_scale: tf.Tensor | None) -> tf.Operation:
-        record = gradient_record(grads)
+        record = self._statistics(grads)
         if loss_scale is not None:  # report what the optimizer will apply: g / scale
             record = scale_record(record, len(grads), 1.0 / tf.cast(loss_scale, tf.float32))
         return self._recorder.record(record, step)
