@@ -46,6 +46,8 @@ class SessionBuffer:
     dropped: int = 0
     max_batch_steps: int = 256
     final_sent: bool = False
+    #: Reading its statistics failed once (a bug): it is not read again.
+    broken: bool = False
     #: Diagnoses sent since the session was (re-)registered, by variable id.
     diagnoses_sent: dict[int, pb.Diagnosis] = field(default_factory=dict)
     pending: collections.deque[pb.StepReport] = field(default_factory=collections.deque)
@@ -149,10 +151,14 @@ class Buffer:
             new, self._new = self._new, []
         self.sessions.extend(SessionBuffer(s) for s in new)
         for buffer in self.sessions:
+            if buffer.broken:
+                continue
             try:
                 reports, dropped = buffer.session.drain()
-            except Exception:  # a broken session must not stop the others
-                log.exception("gradwatch: reading statistics of %s failed", buffer.name)
+            except Exception:  # a broken session must not stop the others, nor flood
+                buffer.broken = True
+                log.exception("gradwatch: reading statistics of %s failed; it is no longer "
+                              "read", buffer.name)
                 continue
             buffer.dropped += dropped
             buffer.pending.extend(reports)

@@ -2,21 +2,59 @@
 
 Files are read again for every new connection, so certificates and tokens
 can be rotated under a running job (a mounted Kubernetes Secret). A token is
-only ever sent, never logged.
+only ever sent, never logged. A file that is missing or holds no usable
+certificate, key or token fails that connection with a `CredentialsError`
+naming the file, before gRPC sees it (gRPC would log its own lines at every
+attempt).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from gradwatch.agent.core.endpoints import Endpoint
-from gradwatch.agent.core.settings import AgentSettings
+from gradwatch.agent.core.settings import AgentSettings, parse_token
 
 log = logging.getLogger(__name__)
+
+
+class CredentialsError(OSError):
+    """A TLS or token file cannot be used; the message names it and says why."""
+
+
+def _read(what: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise CredentialsError(f"{what} {path}: {error.strerror or error}") from None
+
+
+def _check_pem(ca: bytes | None, cert_file: str | None, key_file: str | None,
+               ca_file: str | None) -> None:
+    """Loads the CA certificates and the client certificate and key the way a TLS
+    library does; raises `CredentialsError` for what would fail the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cadata=ca.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError) as error:
+            raise CredentialsError(f"TLS CA file {ca_file}: no usable PEM certificate "
+                                   f"({_why(error)})") from None
+    if cert_file and key_file:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError) as error:
+            raise CredentialsError(f"TLS client certificate {cert_file} and key {key_file}: "
+                                   f"not a matching PEM pair ({_why(error)})") from None
+
+
+def _why(error: Exception) -> str:
+    return str(getattr(error, "reason", None) or getattr(error, "strerror", None) or error)
 
 
 @dataclass(frozen=True)
@@ -47,10 +85,16 @@ class ChannelSettings:
         return self.tls or any((self.ca_file, self.cert_file, self.key_file))
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Call metadata: the bearer token, if any (read now)."""
+        """Call metadata: the bearer token, if any (read now; `CredentialsError` if the
+        file cannot be read or holds no token)."""
         token = self.token
         if self.token_file:
-            token = Path(self.token_file).read_text().strip()
+            raw = _read("token file", self.token_file)
+            try:
+                token = parse_token(raw.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raise CredentialsError(f"token file {self.token_file}: no bearer token in it "
+                                       "(printable ASCII without spaces)") from None
         return (("authorization", f"Bearer {token}"),) if token else ()
 
     def open(self, endpoint: Endpoint) -> grpc.aio.Channel:
@@ -59,12 +103,15 @@ class ChannelSettings:
         if not self.secure:
             return grpc.aio.insecure_channel(endpoint.address, options=options)
 
-        def read(path: str | None) -> bytes | None:
-            return Path(path).read_bytes() if path else None
+        def read(what: str, path: str | None) -> bytes | None:
+            return _read(what, path) if path else None
 
+        ca = read("TLS CA file", self.ca_file)
+        key = read("TLS key file", self.key_file)
+        cert = read("TLS certificate file", self.cert_file)
+        _check_pem(ca, self.cert_file, self.key_file, self.ca_file)
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_file), private_key=read(self.key_file),
-            certificate_chain=read(self.cert_file))
+            root_certificates=ca, private_key=key, certificate_chain=cert)
         if endpoint.address != endpoint.authority:  # an address resolved from a name
             host = endpoint.authority.rpartition(":")[0].strip("[]")
             options += [("grpc.ssl_target_name_override", host),

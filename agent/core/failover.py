@@ -5,10 +5,11 @@ Every task of a job ranks the collector replicas by the job's name
 that fails (unreachable, refused registration, broken or ended stream, no
 acknowledgement in time) moves on to the next replica; when every replica failed,
 the sender waits with exponential backoff (``flush_interval_s`` doubling to 5 s,
-jitter ±50 %) and starts over from the preferred one. While on a fallback, the
-preferred replicas' gRPC health is checked every ``failback_interval_s`` (±20 %);
-once one is SERVING the connection flushes, closes its sessions there and moves back,
-so all tasks of a job converge on one collector. Sender thread (its event loop) only.
+jitter ±50 %; still draining the sessions every flush interval) and starts over from
+the preferred one. While on a fallback, the preferred replicas' gRPC health is checked
+every ``failback_interval_s`` (±20 %); once one is SERVING the connection flushes,
+closes its sessions there and moves back, so all tasks of a job converge on one
+collector. Sender thread (its event loop) only.
 """
 
 from __future__ import annotations
@@ -75,9 +76,18 @@ class Failover:
                     backoff = self.flush_interval_s
                 between()
             else:  # every replica failed
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                await self._back_off(backoff * random.uniform(0.5, 1.5), between)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
-                between()
+
+    async def _back_off(self, seconds: float, between: Callable[[], None]) -> None:
+        """Waits ``seconds``, calling ``between`` every flush interval meanwhile, so the
+        front ends' device buffers are emptied into the host buffer while no collector
+        answers (they hold only a few hundred steps)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(left, self.flush_interval_s))
+            between()
 
     async def preferred_is_back(self, preferred: list[Endpoint]) -> None:
         """Returns once a replica of ``preferred`` reports SERVING."""

@@ -50,15 +50,21 @@ class MonitorCore:
         except SettingsError as error:
             log.error("gradwatch: disabled, invalid settings: %s", error)
             self.settings = AgentSettings(enabled=False)
-        self.identity: Identity = resolve_identity(self.settings, self.launchers)
         self.enabled = self.settings.enabled
+        self.identity: Identity = resolve_identity(self.settings, self.launchers,
+                                                   report=self.enabled)
         if not self.enabled:
             return
         channel = ChannelSettings.of(self.settings)
         if (channel.token or channel.token_file) and not channel.secure:
             log.warning("gradwatch: sending a token without TLS; anyone on the network path "
                         "can read it")
-        self._sender = Sender(self.settings, self.identity.training_job)
+        try:
+            self._sender = Sender(self.settings, self.identity.training_job)
+        except Exception as error:  # e.g. no thread can be started: never stop training
+            log.error("gradwatch: disabled, cannot start: %s: %s", type(error).__name__, error)
+            self.enabled = False
+            return
         atexit.register(self.close)
 
     @property

@@ -6,9 +6,10 @@ together: the `Buffer` of steps not yet acknowledged (bounded in bytes), one
 picks the collector replica. Nothing here ever blocks the training thread: it
 only hands over sessions under a lock.
 
-A collector being away is an expected state: the log gets one line when the
-reason a connection fails changes (and one when streaming resumes), never a
-traceback per attempt.
+A collector being away is an expected state: the log gets one line for each
+reason a connection fails for the first time in an outage (so replicas or errors
+that alternate cost a line each, not a line per attempt), one when streaming
+resumes, and a summary at close; never a traceback per attempt.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Callable
 
@@ -53,6 +55,8 @@ class Sender:
         self._stopping = asyncio.Event()
         self._drained = threading.Event()
         self._last_error = ""
+        #: Reasons logged since streaming last worked (each is logged once per outage).
+        self._reported: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="gradwatch-sender", daemon=True)
         self._thread.start()
 
@@ -76,10 +80,13 @@ class Sender:
             self._call_soon(self._cancel_all)
             self._thread.join(timeout=2.0)
         if not self._drained.is_set():
+            if not self._thread.is_alive():  # count the steps still on the device too
+                self.buffer.drain()
             steps = sum(b.buffered_steps() for b in self.buffer.sessions)
             dropped = sum(b.dropped for b in self.buffer.sessions)
-            log.warning("gradwatch: closed with %d steps not delivered (%d dropped before)%s",
-                        steps, dropped, f": {self._last_error}" if self._last_error else "")
+            reason = self._last_error or f"no acknowledgement within {timeout_s:g} s"
+            log.warning("gradwatch: closed with %d steps not delivered (%d dropped before): %s",
+                        steps, dropped, reason)
         return self._drained.is_set()
 
     def _call_soon(self, callback: Callable[[], object]) -> None:
@@ -127,7 +134,7 @@ class Sender:
         except Exception as error:  # a bug: never let the sender thread die with it
             log.debug("gradwatch: unexpected error talking to collector %s", endpoint,
                       exc_info=True)
-            connection.error = f"unexpected {type(error).__name__}: {error}"
+            connection.error = f"unexpected {_describe(error)}"
             outcome = Outcome.FAILED
         finally:
             self.endpoint = None
@@ -140,8 +147,22 @@ class Sender:
             log.info("gradwatch: streaming to collector %s again (%.1f kB buffered)",
                      endpoint, self.buffer.bytes() / 1e3)
             self._last_error = ""
+            self._reported.clear()
 
     def _report_error(self, message: str) -> None:
-        if message != self._last_error:
+        self._last_error = message
+        if message not in self._reported and len(self._reported) < _MAX_REASONS:
             log.warning("gradwatch: %s (training continues; reports are buffered)", message)
-            self._last_error = message
+            self._reported.add(message)
+
+
+#: Distinct reasons logged per outage at most (a reason that embeds a changing detail
+#: must not flood the log either).
+_MAX_REASONS = 8
+
+
+def _describe(error: Exception) -> str:
+    """``Type: first line of the message``, without object addresses, so that the same
+    failure reads the same every time (and is logged once)."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(error).partition("\n")[0])[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -205,6 +205,9 @@ class Connection:
                 # wait for it forever.
                 await asyncio.wait_for(call.write(batch), self.ack_timeout_s)
                 return
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no acknowledgement for {self.ack_timeout_s:g} s (a write "
+                                  "waited that long)") from None
         except asyncio.InvalidStateError:  # the RPC ended; its status says why
             await asyncio.wait([acks], timeout=self.rpc_timeout_s)
         if acks.done():

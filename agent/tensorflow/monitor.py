@@ -87,6 +87,10 @@ class GradientMonitor(MonitorCore):
         sessions (while the collector is away); beyond it the oldest steps are dropped
         and counted. Default 128 MiB.
       flush_interval_s: how often statistics leave the device.
+      ack_timeout_s: a collector that acknowledges nothing for this long is left for
+        another (default 10 s).
+      failback_interval_s: how often a preferred collector is checked while on a
+        fallback (default 30 s).
       enabled: ``False`` makes every method a no-op.
       diagnose: explain missing gradients (default on): patches ``tf.GradientTape``
         while the monitor is open; see `gradwatch.agent.tensorflow.tape`.
@@ -103,7 +107,8 @@ class GradientMonitor(MonitorCore):
     def __init__(self, collector: str | None = None, training_job: str | None = None, *,
                  task_type: str | None = None, task_index: int | None = None,
                  buffer_steps: int | None = None, max_buffer_bytes: int | None = None,
-                 flush_interval_s: float | None = None, enabled: bool | None = None,
+                 flush_interval_s: float | None = None, ack_timeout_s: float | None = None,
+                 failback_interval_s: float | None = None, enabled: bool | None = None,
                  diagnose: bool | None = None, tls: bool | None = None,
                  tls_ca_file: str | None = None, tls_cert_file: str | None = None,
                  tls_key_file: str | None = None, token: str | None = None,
@@ -111,9 +116,10 @@ class GradientMonitor(MonitorCore):
         super().__init__(
             collector=collector, training_job=training_job, task_type=task_type,
             task_index=task_index, buffer_steps=buffer_steps, max_buffer_bytes=max_buffer_bytes,
-            flush_interval_s=flush_interval_s, enabled=enabled, diagnose=diagnose, tls=tls,
-            tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
-            token=token, token_file=token_file)
+            flush_interval_s=flush_interval_s, ack_timeout_s=ack_timeout_s,
+            failback_interval_s=failback_interval_s, enabled=enabled, diagnose=diagnose,
+            tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file, token=token, token_file=token_file)
         self._stop_diagnosing = None
         if self.enabled and self.settings.diagnose:
             self._stop_diagnosing = tape.listen(self._on_diagnosis)

@@ -1,8 +1,10 @@
-"""Network faults on loopback: a TCP proxy that can move, delay and swallow traffic."""
+"""Network faults on loopback: a TCP proxy that can move, delay and swallow traffic, and
+listeners that never answer."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 
@@ -87,10 +89,11 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(run)
         done.wait(5)
 
-    def retarget(self, target: str) -> None:
+    def retarget(self, target: str, *, cut: bool = True) -> None:
+        """New connections go to ``target``; ``cut``: the open ones are closed."""
         def action() -> None:
             self.target = target
-            for connection in self._connections:
+            for connection in self._connections if cut else ():
                 for writer in connection["writers"]:
                     writer.close()
 
@@ -123,3 +126,29 @@ class TcpProxy:
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         self._thread.join(5)
+
+
+class Blackhole:
+    """A loopback address where connecting hangs: ``accepts`` (the default) completes the
+    TCP handshake and then never says a word; otherwise the listen queue is kept full, so
+    a connection is never even accepted (SYNs go unanswered, as behind a dropping
+    firewall). Nothing is ever read or closed until `close`."""
+
+    def __init__(self, *, accepts: bool = True) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        # The kernel completes up to backlog + 1 handshakes nobody accepts.
+        self._listener.listen(64 if accepts else 0)
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._fillers = [] if accepts else [
+            socket.create_connection(self._listener.getsockname(), timeout=5)]
+
+    def close(self) -> None:
+        for s in (*self._fillers, self._listener):
+            s.close()
+
+    def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

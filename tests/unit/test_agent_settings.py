@@ -37,11 +37,32 @@ def test_every_bad_value_is_reported_with_its_source():
     assert len(errors) == 6, errors
     text = "\n".join(errors)
     assert "task_index = 'abc' (from GRADWATCH_TASK_INDEX): expected an integer" in text
-    assert "ack_timeout_s = '-1' (from GRADWATCH_ACK_TIMEOUT): must be above 0" in text
+    assert "ack_timeout_s = '-1' (from GRADWATCH_ACK_TIMEOUT): must be at least 0.1" in text
     assert "collector = 'no-port' (from GRADWATCH_COLLECTOR)" in text
     assert "enabled = 'maybe' (from GRADWATCH_DISABLED)" in text
     assert "buffer_steps = 0 (from argument buffer_steps): must be at least 1" in text
     assert "tls_cert_file is set (from argument tls_cert_file) but tls_key_file is not" in text
+
+
+@pytest.mark.parametrize(("arguments", "error"), [
+    ({"task_index": float("inf")}, "task_index = inf (from argument task_index): expected a"),
+    ({"flush_interval_s": 10**400}, "flush_interval_s = 1000000"),
+    ({"task_index": 2**32}, "must be at most 4.29497e+09"),
+    ({"task_index": 2.5}, "expected an integer"),
+    ({"buffer_steps": 10**12}, "must be at most 65536"),
+    ({"flush_interval_s": 5e-324}, "must be at least 0.001"),
+    ({"training_job": "a\x01b"}, "must not contain control characters"),
+    ({"task_type": 7}, "expected text, not int"),
+    ({"collector": b"127.0.0.1:1"}, "expected text, not bytes"),
+    ({"token": "two words"}, "printable ASCII without spaces"),
+    ({"enabled": object()}, "enabled = <object object"),
+])
+def test_any_value_of_any_type_is_refused_with_a_reason_never_raised(arguments, error):
+    """Whatever the type (objects, huge ints, inf), a bad value is a `SettingsError`, and
+    values the wire, the collector or gRPC would refuse later are refused here."""
+    with pytest.raises(SettingsError) as raised:
+        AgentSettings.resolve({}, **arguments)
+    assert error in str(raised.value)
 
 
 def test_unknown_argument_is_a_programming_error():

@@ -2,8 +2,10 @@
 (TF_CONFIG, torchrun), Kubernetes, defaults."""
 
 import json
+import logging
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gradwatch.agent.core.identity import resolve_identity, tf_config, torchrun
@@ -46,6 +48,23 @@ def test_torchrun_rank_and_run_id():
     plain = identity({**environ, "TORCHELASTIC_RUN_ID": "none"}, launchers=(torchrun,))
     assert plain.training_job != "none" and plain.task_index == 5
     assert identity(environ).task_index == 0
+
+
+@pytest.mark.parametrize("environ", [
+    {"TF_CONFIG": '{"task": {"type": "worker", "index": 1e400}}'},
+    {"TF_CONFIG": '{"task": {"type": 7, "index": 4294967296}}'},
+    {"TF_CONFIG": '{"task": ["worker"]}'},
+    {"RANK": "\u00b2"}, {"RANK": "99999999999"}, {"JOB_COMPLETION_INDEX": "\u00b2"},
+    {"TORCHELASTIC_RUN_ID": "run\n2", "POD_NAME": "pod\x7f"},
+])
+def test_what_a_launcher_says_wrong_is_ignored_in_one_line(caplog, environ):
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        found = identity(environ, launchers=(tf_config, torchrun))
+    assert (found.task_type, found.task_index) == ("worker", 0)
+    assert "\n" not in found.training_job and found.hostname != "pod\x7f"
+    assert len(caplog.records) == 1, caplog.records
+    assert "ignoring what the launcher says" in caplog.records[0].getMessage()
+    assert all(name in caplog.records[0].getMessage() for name in environ)
 
 
 def test_kubernetes_indexed_job_and_pod_name():
