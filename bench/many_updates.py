@@ -11,7 +11,7 @@ Every run is a fresh process (tracing is what this program pays most for), the
 variants alternate, and each reports: the first step (trace and XLA compile), the
 median of the later steps, the whole ``fit`` and the graph ops of the traced step.
 
-    .venv/bin/python -m bench.many_updates [--runs 2] [--local-updates 50]
+    .venv/bin/python -m bench.many_updates [--runs 2] [--local-updates 50] [--statistics-every N]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-updates", type=int, default=50,
                         help="updates each layer makes per step")
     parser.add_argument("--units", type=int, default=500)
+    parser.add_argument("--statistics-every", type=int, default=1,
+                        help="gradwatch's statistics_every (1: every update)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--collector", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -51,7 +53,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.variant == "gradwatch":
         from gradwatch.agent import GradientMonitor
 
-        monitor = GradientMonitor(collector=args.collector, training_job="many-updates")
+        monitor = GradientMonitor(collector=args.collector, training_job="many-updates",
+                                  statistics_every=args.statistics_every)
 
     def watched(optimizer):
         return monitor.wrap(optimizer) if monitor is not None else optimizer
@@ -155,7 +158,8 @@ def main() -> None:
                 out = subprocess.run(
                     [sys.executable, "-m", "bench.many_updates", "--variant", variant,
                      "--collector", collector.grpc_target,
-                     "--local-updates", str(args.local_updates), "--units", str(args.units)],
+                     "--local-updates", str(args.local_updates), "--units", str(args.units),
+                     "--statistics-every", str(args.statistics_every)],
                     capture_output=True, text=True, timeout=1800, check=True)
                 results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 found = results[variant][-1]

@@ -139,7 +139,7 @@ def setting(default: Any, env: str, parse: Callable[[Any], Any], *,
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """What a monitor is told; see docs/agent.md (and the README's table) for each."""
+    """What a monitor is told; the README's table says what each does."""
 
     #: ``host:port``, a comma-separated list of replicas, or ``dns:///name:port``.
     collector: str = setting(DEFAULT_COLLECTOR, "GRADWATCH_COLLECTOR", _collector)
@@ -155,6 +155,11 @@ class AgentSettings:
     #: replica, 16 to 256 (`gradwatch.agent.core.session.ring_capacity`).
     buffer_steps: int | None = setting(None, "GRADWATCH_BUFFER_STEPS",
                                        _number(int, 1, maximum=MAX_BUFFER_STEPS))
+    #: Statistics (norms, NaN/Inf counts) at every Nth optimizer step only, to trade
+    #: resolution for cost on millisecond steps; 1 (the default): every step. Which
+    #: gradients are missing is still reported from the first step on (docs/limits.md).
+    statistics_every: int = setting(1, "GRADWATCH_STATISTICS_EVERY",
+                                    _number(int, 1, maximum=1_000_000))
     #: Host memory for steps not yet acknowledged, over all sessions.
     max_buffer_bytes: int = setting(DEFAULT_MAX_BUFFER_BYTES, "GRADWATCH_MAX_BUFFER_BYTES",
                                     _number(int, 0))

@@ -83,6 +83,8 @@ class GradientMonitor(MonitorCore):
       task_type, task_index: override ``TF_CONFIG``.
       buffer_steps: on-device ring buffer size per session; steps recorded
         faster than the host drains them are dropped and counted.
+      statistics_every: record statistics at every Nth optimizer step only (default
+        1: every step); what it costs in alert latency: docs/limits.md.
       max_buffer_bytes: host memory for statistics not yet acknowledged, across
         sessions (while the collector is away); beyond it the oldest steps are dropped
         and counted. Default 128 MiB.
@@ -106,7 +108,8 @@ class GradientMonitor(MonitorCore):
 
     def __init__(self, collector: str | None = None, training_job: str | None = None, *,
                  task_type: str | None = None, task_index: int | None = None,
-                 buffer_steps: int | None = None, max_buffer_bytes: int | None = None,
+                 buffer_steps: int | None = None, statistics_every: int | None = None,
+                 max_buffer_bytes: int | None = None,
                  flush_interval_s: float | None = None, ack_timeout_s: float | None = None,
                  failback_interval_s: float | None = None, enabled: bool | None = None,
                  diagnose: bool | None = None, tls: bool | None = None,
@@ -115,7 +118,8 @@ class GradientMonitor(MonitorCore):
                  token_file: str | None = None) -> None:
         super().__init__(
             collector=collector, training_job=training_job, task_type=task_type,
-            task_index=task_index, buffer_steps=buffer_steps, max_buffer_bytes=max_buffer_bytes,
+            task_index=task_index, buffer_steps=buffer_steps,
+            statistics_every=statistics_every, max_buffer_bytes=max_buffer_bytes,
             flush_interval_s=flush_interval_s, ack_timeout_s=ack_timeout_s,
             failback_interval_s=failback_interval_s, enabled=enabled, diagnose=diagnose,
             tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
@@ -207,7 +211,8 @@ class GradientMonitor(MonitorCore):
                 try:
                     session = TensorFlowSession(
                         self.identity, name, variables, self.settings.buffer_steps,
-                        strategy=strategy, versions=_versions(), loss_scaled=loss_scaled)
+                        strategy=strategy, versions=_versions(), loss_scaled=loss_scaled,
+                        every=self.settings.statistics_every)
                 except Exception:  # gradwatch must never break training
                     self._failed.add(key)
                     log.exception("gradwatch: cannot watch %s", name)

@@ -78,6 +78,10 @@ class StepRecorder:
         with tf.control_dependencies([write]):
             return self._count.assign_add(1)
 
+    def steps_recorded(self) -> tf.Tensor:
+        """How many steps this replica has recorded (int64, where `record` runs)."""
+        return self._count.read_value()
+
     def read_new(self) -> RecordedSteps:
         """Copies rows written since the previous call to the host (sender thread).
 

@@ -24,8 +24,10 @@ class TensorFlowSession(Session):
 
     def __init__(self, identity: Identity, optimizer: str, variables: Sequence[Any],
                  capacity: int | None, strategy: tf.distribute.Strategy,
-                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False):
-        """``capacity``: ring buffer rows (None: `ring_capacity`'s default)."""
+                 versions: Mapping[str, str] | None = None, loss_scaled: bool = False,
+                 every: int = 1):
+        """``capacity``: ring buffer rows (None: `ring_capacity`'s default); ``every``:
+        record only the steps whose number is a multiple of it (the first included)."""
         recorder = StepRecorder(len(variables),
                                 ring_capacity(row_bytes(len(variables)), capacity),
                                 name=f"gradwatch_{optimizer}", strategy=strategy)
@@ -33,6 +35,7 @@ class TensorFlowSession(Session):
                          strategy=type(strategy).__name__, versions=versions,
                          loss_scaled=loss_scaled)
         self._recorder = recorder
+        self._every = every
         # TensorFlow counts traces per code object; a partial is counted per session,
         # so many sessions (each traced once or twice) don't look like "retracing".
         self._record = tf.function(functools.partial(self._record_step), autograph=False)
@@ -43,11 +46,21 @@ class TensorFlowSession(Session):
         self._statistics = tf.function(functools.partial(gradient_record), autograph=False)
 
     def _record_step(self, grads: list, step: tf.Tensor | None,
-                     loss_scale: tf.Tensor | None) -> tf.Operation:
-        record = self._statistics(grads)
-        if loss_scale is not None:  # report what the optimizer will apply: g / scale
-            record = scale_record(record, len(grads), 1.0 / tf.cast(loss_scale, tf.float32))
-        return self._recorder.record(record, step)
+                     loss_scale: tf.Tensor | None) -> tf.Operation | tf.Tensor:
+        def write() -> tf.Operation:
+            record = self._statistics(grads)
+            if loss_scale is not None:  # report what the optimizer will apply: g / scale
+                record = scale_record(record, len(grads),
+                                      1.0 / tf.cast(loss_scale, tf.float32))
+            return self._recorder.record(record, step)
+
+        if self._every == 1:
+            return write()
+        # Presence is fixed when the step is traced, so the recorded steps report it for
+        # the others; the statistics of the others are not computed at all.
+        number = self._recorder.steps_recorded() if step is None else tf.cast(step, tf.int64)
+        return tf.cond(tf.equal(number % self._every, 0),
+                       lambda: (write(), tf.constant(True))[1], lambda: tf.constant(False))
 
     def record(self, grads: Sequence[Any], step: Any = None, loss_scale: Any = None) -> None:
         """Records one step: in replica context (or without a strategy), eagerly,

@@ -42,7 +42,8 @@ def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
         try:
             params, grads = bucket.parameters(), bucket.gradients()
             for watched in monitor.watching(params[:1]):
-                watched.add_part(params, measure(grads, watched.device))
+                if watched.measures():
+                    watched.add_part(params, measure(grads, watched.device))
         except Exception:  # never break the backward pass
             log.exception("gradwatch: measuring a DDP bucket failed")
         return hook(state, bucket)

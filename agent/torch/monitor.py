@@ -47,7 +47,7 @@ class GradientMonitor(MonitorCore):
     background sender's.
 
     Args: see the TensorFlow `gradwatch.agent.GradientMonitor`: ``collector``,
-    ``training_job``, ``task_type``, ``task_index``, ``buffer_steps``,
+    ``training_job``, ``task_type``, ``task_index``, ``buffer_steps``, ``statistics_every``,
     ``max_buffer_bytes``, ``flush_interval_s``, ``enabled``, ``tls``, ``tls_ca_file``,
     ``tls_cert_file``, ``tls_key_file``, ``token``, ``token_file``; each has a
     ``GRADWATCH_*`` variable. An invalid one disables the monitor with one log line.
@@ -185,6 +185,12 @@ class _Watched:
                     self._create()
         return self._session
 
+    def measures(self) -> bool:
+        """Whether this step's gradients are measured (any thread; see
+        `TorchSession.measures`)."""
+        session = self._session
+        return session is None or session.measures()
+
     def add_part(self, params: list[torch.Tensor], measures: torch.Tensor) -> None:
         """Measures of some parameters' gradients taken earlier in this step (any thread)."""
         with self._lock:
@@ -197,6 +203,7 @@ class _Watched:
             session = TorchSession(
                 monitor.identity, name, self.params, self.names, monitor.settings.buffer_steps,
                 strategy=self.strategy, loss_scaled=self.scaled,
+                every=monitor.settings.statistics_every,
                 sharded=self.strategy.startswith("FSDP")
                 or any(local_tensor(p) is not p for p in self.params),
                 versions={"gradwatch": __version__, "torch": torch.__version__})

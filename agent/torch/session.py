@@ -41,9 +41,10 @@ class TorchSession(Session):
     def __init__(self, identity: Identity, optimizer: str, params: Sequence[torch.Tensor],
                  names: Sequence[str], capacity: int | None, *, strategy: str = "",
                  versions: Mapping[str, str] | None = None, loss_scaled: bool = False,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, every: int = 1) -> None:
         """``sharded``: each rank holds a shard of every parameter (FSDP); a DTensor's
-        local shard is what is measured."""
+        local shard is what is measured. ``every``: statistics at every Nth step only
+        (see `measures`)."""
         self.params = list(params)
         self.device = local_tensor(self.params[0]).device
         ring = HostRing(len(self.params), ring_capacity(row_bytes(len(self.params)), capacity),
@@ -57,6 +58,8 @@ class TorchSession(Session):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._seen: list[tuple[weakref.ref, int] | None] = [None] * len(self.params)
         self._record: torch.Tensor | None = None
+        self._every = every
+        self._skipped = False  # this step is not recorded (see `measures`)
         self.steps = 0
         #: Variable ids without a gradient at the latest measured step.
         self.missing: set[int] = set()
@@ -76,12 +79,22 @@ class TorchSession(Session):
             return None
         return grad
 
+    def measures(self) -> bool:
+        """Whether the current step's statistics are due: every ``every``-th step (the
+        first included). `measure` also records a step whose set of missing gradients
+        differs from the last recorded one, so presence is reported when it changes."""
+        return self.steps % self._every == 0
+
     def measure(self, parts: list[tuple[list[int], torch.Tensor]],
                 scale: torch.Tensor | None = None) -> None:
         """Computes this step's record unless done already (training thread). ``parts``:
         (variable ids, ``[3, K]`` measures) taken earlier in the step; ``scale``: the loss
         scale the gradients still carry (their norms are divided by it)."""
-        if self._record is not None:
+        if self._record is not None or self._skipped:
+            return
+        if not self.measures() and not parts and self.missing == {
+                i for i in range(len(self.params)) if self._fresh(i) is None}:
+            self._skipped = True
             return
         parts = list(parts)
         covered = {i for ids, _ in parts for i in ids}
@@ -109,8 +122,9 @@ class TorchSession(Session):
     def finish(self) -> None:
         """Ends the step: writes its record and remembers the gradients seen (training
         thread; call after `measure` and the optimizer's update, or its skipping)."""
-        self._ring.write(self._record, self.steps)
-        self._record = None
+        if not self._skipped:
+            self._ring.write(self._record, self.steps)
+        self._record, self._skipped = None, False
         self.steps += 1
         self.remember_gradients()
 

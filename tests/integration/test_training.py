@@ -399,3 +399,31 @@ def test_checkpoint_restored_mid_run_reports_every_step(collector, job_name, tmp
     assert not select(parse_metrics(collector.scrape()),
                       "gradwatch_collector_rejected_messages_total", reason="step_order")
     assert "step counter set back to 3 (a checkpoint restored?)" in collector.log()
+
+
+def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webhook, job_name):
+    """``statistics_every=4``: steps 0, 4 and 8 of 10 are recorded; the unused layer's
+    missing gradient is reported (and pages) from step 0 on."""
+    model = ModelWithUnusedLayer()
+    model.build((None, 4))
+    with GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                         flush_interval_s=0.05, statistics_every=4) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.SGD(0.01, name="sgd"))
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            optimizer.apply(tape.gradient(loss, model.trainable_variables),
+                            model.trainable_variables)
+
+        for _ in range(10):
+            step()
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_steps_total").values()) == [3.0]
+    assert list(select(samples, "gradwatch_last_step").values()) == [8.0]
+    missing = select(samples, "gradwatch_gradient_missing_steps_total")
+    assert {variable: v for variable, v in missing.items() if v} == {
+        "partly_unused/unused/kernel": 3.0, "partly_unused/unused/bias": 3.0}
+    assert wait_for_alert(webhook, job_name)["labels"]["alertname"] == "GradientMissing"

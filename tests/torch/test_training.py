@@ -230,3 +230,21 @@ def test_steps_wait_for_a_late_collector_and_arrive_once(job_name):
         assert monitor.close(timeout_s=30)
         assert metrics(collector, "gradwatch_steps_total", job_name) == {
             f"optimizer=SGD,task_index=0,task_type=worker,training_job={job_name}": 15.0}
+
+
+def test_statistics_every_nth_step_and_whenever_presence_changes(collector, job_name):
+    """``statistics_every=3`` over 7 steps records steps 0, 3 and 6, plus step 4, where a
+    parameter stops getting gradients (presence is reported when it changes)."""
+    model = Net()
+    monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                              flush_interval_s=0.05, statistics_every=3)
+    optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+    for step in range(7):
+        model.out.bias.requires_grad_(step < 4)  # from step 4 on: no gradient
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        optimizer.step()
+    assert monitor.close() is True
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
+    assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[
+        "out.bias"] == 2.0  # steps 4 and 6
