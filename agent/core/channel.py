@@ -4,12 +4,13 @@ Files are read again for every new connection, so certificates and tokens
 can be rotated under a running job (a mounted Kubernetes Secret). A token is
 only ever sent, never logged. A file that is missing or holds no usable
 certificate, key or token fails that connection with a `CredentialsError`
-naming the file, before gRPC sees it (gRPC would log its own lines at every
-attempt).
+naming the file, before gRPC sees it, and so does a collector certificate that
+does not verify (gRPC would log its own lines at every attempt).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
@@ -96,6 +97,34 @@ class ChannelSettings:
                 raise CredentialsError(f"token file {self.token_file}: no bearer token in it "
                                        "(printable ASCII without spaces)") from None
         return (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def verify(self, endpoint: Endpoint, timeout_s: float = 5.0) -> None:
+        """Checks the collector's certificate with a TLS handshake of our own before gRPC
+        makes one: a certificate that does not verify raises `CredentialsError` (logged
+        once by the sender), where gRPC would print its own error lines to stderr at
+        every attempt. Other failures are left for gRPC to meet and report."""
+        if not self.secure:
+            return
+        host, _, port = endpoint.address.rpartition(":")
+        name = endpoint.authority.rpartition(":")[0].strip("[]") or host.strip("[]")
+        try:  # unusable files: `open` names them
+            context = ssl.create_default_context(cafile=self.ca_file)
+            context.set_alpn_protocols(["h2"])
+            if self.cert_file and self.key_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ValueError):
+            return
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(
+                host.strip("[]"), int(port), ssl=context, server_hostname=name), timeout_s)
+        except ssl.SSLCertVerificationError as error:
+            raise CredentialsError(
+                f"collector {endpoint.authority}: its certificate does not verify against "
+                f"{f'TLS CA file {self.ca_file}' if self.ca_file else 'the system roots'}: "
+                f"{error.verify_message or _why(error)}") from None
+        except (OSError, ValueError, asyncio.TimeoutError):
+            return
+        writer.transport.abort()  # no TLS shutdown to wait for: it was only a check
 
     def open(self, endpoint: Endpoint) -> grpc.aio.Channel:
         """A new channel to ``endpoint`` (call inside the sender's event loop)."""

@@ -89,6 +89,7 @@ class Connection:
         """Streams until an outcome; a failure's reason is left in `error`. Unexpected
         exceptions (bugs) propagate."""
         try:
+            await self.channel.verify(self.endpoint)
             async with self.channel.open(self.endpoint) as channel:
                 await self._serve(pb_grpc.GradientWatchStub(channel), failback)
         except _Ended as ended:

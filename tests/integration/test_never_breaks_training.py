@@ -532,10 +532,10 @@ print(json.dumps(job.weights()), flush=True)
 ended.append(time.monotonic())
 """
 #: Faults at exit: started after 10 steps, just before the last 10 and the exit; the last
-#: two are there from the start (gRPC's own lines are counted here, on real stderr).
+#: three are there from the start (gRPC's own lines are counted here, on real stderr).
 AT_EXIT = ["absent: collector killed", "token revoked", "blackholed: stops answering",
            "TLS: CA file removed", "TLS: CA file replaced", "blackholed: never accepts",
-           "TLS: CA file not a certificate"]
+           "TLS: CA file not a certificate", "TLS: wrong CA"]
 
 
 def run_to_exit(lab: Lab, name: str, folder: Path) -> dict[str, Any]:
