@@ -153,49 +153,10 @@ def test_the_shipped_example_is_valid_and_documents_every_default():
     assert loaded.rules.for_job("bert-base")["GradientVanishing"].steps == 500
 
 
-def test_runbook_url_reaches_the_alerts(tmp_path):
-    from gradwatch.collector.alerts import AlertTracker
-    from gradwatch.collector.ingest import decode_batch
-    from gradwatch.collector.rules import RuleEngine
-    from gradwatch.collector.state import Registry
-    from tests.support import wire
-
-    path = write(tmp_path, "runbook_url: https://wiki.example/gradwatch\n")
-    settings = config.load(config_file=path, environ={})
-    tracker = AlertTracker(lambda notification: None, 0.0)
-    engine = RuleEngine(settings.rules, tracker, runbook_url=settings.runbook_url)
-    session = Registry().register("job", "adam", "worker", 0, 1, ["a"])
-    batch = decode_batch(wire.batch(session.id, 1, wire.step(0, [0])), 1, 1, Limits())
-    session.apply(1, batch)
-    engine.on_batch(session, batch)
-    (alert,) = tracker.active()
-    assert alert.annotations["runbook_url"] == "https://wiki.example/gradwatch#gradientmissing"
-
-
-def test_dashboard_base_url_links_alerts_to_their_panel(tmp_path):
-    from gradwatch.collector.alerts import AlertTracker
-    from gradwatch.collector.ingest import decode_batch
-    from gradwatch.collector.links import ALERT_PANELS
-    from gradwatch.collector.rules import RuleEngine
-    from gradwatch.collector.state import Registry
-    from tests.support import wire
-
-    path = write(tmp_path, "dashboard_base_url: https://grafana.example/\n")
-    settings = config.load(config_file=path, environ={})
-    tracker = AlertTracker(lambda notification: None, 0.0)
-    engine = RuleEngine(settings.rules, tracker, dashboard_base_url=settings.dashboard_base_url)
-    session = Registry().register("my job", "adam", "worker", 0, 1, ["a"])
-    batch = decode_batch(wire.batch(session.id, 1, wire.step(0, [0])), 1, 1, Limits())
-    session.apply(1, batch)
-    engine.on_batch(session, batch)
-    (alert,) = tracker.active()
-    assert alert.annotations["dashboard_url"] == (
-        "https://grafana.example/d/gradwatch-job/gradwatch-job?var-training_job=my+job"
-        f"&var-optimizer=adam&viewPanel={ALERT_PANELS['GradientMissing']}")
-    assert "dashboard_url" not in _alert_without_base_url()
-
-
-def _alert_without_base_url() -> dict[str, str]:
+def missing_gradient_annotations(settings: config.CollectorConfig,
+                                 job: str = "job") -> dict[str, str]:
+    """The annotations of the GradientMissing alert that a collector with ``settings``
+    raises for a one-variable session whose gradient is missing."""
     from gradwatch.collector.alerts import AlertTracker
     from gradwatch.collector.ingest import decode_batch
     from gradwatch.collector.rules import RuleEngine
@@ -203,13 +164,31 @@ def _alert_without_base_url() -> dict[str, str]:
     from tests.support import wire
 
     tracker = AlertTracker(lambda notification: None, 0.0)
-    engine = RuleEngine(config.CollectorConfig().rules, tracker)
-    session = Registry().register("job", "adam", "worker", 0, 1, ["a"])
+    engine = RuleEngine(settings.rules, tracker, runbook_url=settings.runbook_url,
+                        dashboard_base_url=settings.dashboard_base_url)
+    session = Registry().register(job, "adam", "worker", 0, 1, ["a"])
     batch = decode_batch(wire.batch(session.id, 1, wire.step(0, [0])), 1, 1, Limits())
     session.apply(1, batch)
     engine.on_batch(session, batch)
     (alert,) = tracker.active()
     return alert.annotations
+
+
+def test_runbook_url_reaches_the_alerts(tmp_path):
+    path = write(tmp_path, "runbook_url: https://wiki.example/gradwatch\n")
+    annotations = missing_gradient_annotations(config.load(config_file=path, environ={}))
+    assert annotations["runbook_url"] == "https://wiki.example/gradwatch#gradientmissing"
+
+
+def test_dashboard_base_url_links_alerts_to_their_panel(tmp_path):
+    from gradwatch.collector.links import ALERT_PANELS
+
+    path = write(tmp_path, "dashboard_base_url: https://grafana.example/\n")
+    settings = config.load(config_file=path, environ={})
+    assert missing_gradient_annotations(settings, "my job")["dashboard_url"] == (
+        "https://grafana.example/d/gradwatch-job/gradwatch-job?var-training_job=my+job"
+        f"&var-optimizer=adam&viewPanel={ALERT_PANELS['GradientMissing']}")
+    assert "dashboard_url" not in missing_gradient_annotations(config.CollectorConfig())
 
 
 def test_grpc_security_files_are_relative_to_the_config_file_and_checked(tmp_path):
