@@ -52,6 +52,7 @@ class Sender:
         #: The collector currently streamed to (None while disconnected).
         self.endpoint: Endpoint | None = None
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(_quiet_loop_error)
         self._stopping = asyncio.Event()
         self._drained = threading.Event()
         self._last_error = ""
@@ -159,6 +160,15 @@ class Sender:
 #: Distinct reasons logged per outage at most (a reason that embeds a changing detail
 #: must not flood the log either).
 _MAX_REASONS = 8
+
+
+def _quiet_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """What the sender's private event loop could not deliver to a task (gRPC's poller
+    callback, at times, while channels close): one debug line, never asyncio's ERROR
+    with a traceback in the user's log. The sender recovers by reconnecting."""
+    error = context.get("exception")
+    log.debug("gradwatch: sender event loop: %s%s", context.get("message", ""),
+              f" ({_describe(error)})" if isinstance(error, Exception) else "")
 
 
 def _describe(error: Exception) -> str:

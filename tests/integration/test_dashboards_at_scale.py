@@ -144,7 +144,10 @@ def test_the_walkthrough_answers_each_alert_at_64_tasks():
             assert labels(q(overview["Non-finite steps by task"][0]), "task_index") == {
                 (str(NAN_TASK),)}
 
-            # WorkerSilent / a stuck task → where it runs, how far behind.
+            # WorkerSilent / a stuck task → where it runs, how far behind (once Prometheus
+            # has scraped every other task's last step: until then any task may lag).
+            prometheus.wait_for(f'count(gradwatch_last_step{{training_job="{JOB}"}} == '
+                                f'{STEPS - 1}) >= {TASKS - 1}', 30)
             lag = q(job["Step lag (10 furthest behind)"][0])
             worst = max(lag, key=lambda r: float(r["value"][1]))
             assert worst["metric"]["task_index"] == str(STUCK_TASK)
