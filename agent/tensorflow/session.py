@@ -59,8 +59,11 @@ class TensorFlowSession(Session):
         # Presence is fixed when the step is traced, so the recorded steps report it for
         # the others; the statistics of the others are not computed at all.
         number = self._recorder.steps_recorded() if step is None else tf.cast(step, tf.int64)
-        return tf.cond(tf.equal(number % self._every, 0),
-                       lambda: (write(), tf.constant(True))[1], lambda: tf.constant(False))
+        def recorded() -> tf.Tensor:
+            write()  # a stateful op: the branch runs it without returning it
+            return tf.constant(True)
+
+        return tf.cond(tf.equal(number % self._every, 0), recorded, lambda: tf.constant(False))
 
     def record(self, grads: Sequence[Any], step: Any = None, loss_scale: Any = None) -> None:
         """Records one step: in replica context (or without a strategy), eagerly,
