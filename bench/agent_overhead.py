@@ -184,15 +184,21 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
         if variant == "check_numerics":
             tf.debugging.disable_check_numerics()
     times = {variant: [] for variant in variants}
+    rounds = {variant: [] for variant in variants}  # each block's median
     for _ in range(ARGS.rounds):
         for variant, step in steps.items():
-            times[variant] += time_block(step, x, ARGS.steps)
+            block = time_block(step, x, ARGS.steps)
+            times[variant] += block
+            rounds[variant].append(statistics.median(block))
     base = statistics.median(times[variants[0]])
     for variant in variants:
         median = statistics.median(times[variant])
+        ratios = sorted(a / b for a, b in zip(rounds[variant], rounds[variants[0]], strict=True))
+        quartile = len(ratios) // 4
         print(f"{name:<20} {variant:<15} vars={len(model.trainable_variables):<4} median step "
               f"{median * 1e3:9.3f} ms, ratio to {variants[0]} {median / base:.3f} "
-              f"({len(times[variant])} steps)", flush=True)
+              f"({len(times[variant])} steps; per-round ratios {ratios[quartile]:.3f}-"
+              f"{ratios[-quartile - 1]:.3f} interquartile)", flush=True)
 
 
 def main() -> None:

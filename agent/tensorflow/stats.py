@@ -2,14 +2,25 @@
 
 Everything here is plain TensorFlow (no Python callbacks), so it runs eagerly,
 inside ``tf.function`` and under XLA. `gradient_record` returns what a step writes
-to the on-device ring buffer (`gradwatch.agent.core.record`).
+to the on-device ring buffer (`gradwatch.agent.tensorflow.recorder`); `to_norms`
+turns such records into the framework-neutral ones of `gradwatch.agent.core.record`
+on the host.
 
-The hot path reads each present gradient once: its sum of squares (``l2_loss``: one
-kernel, no temporary; small gradients are concatenated and reduced together when
-there are many). Presence is known at trace time and costs nothing. Non-finite
-gradients show in the sums (NaN or Inf), so a single ``tf.cond`` per step decides
-whether the rare branch runs: it counts NaN and Inf elements and recomputes
-overflowed norms with scaling, from O(1) ops over all gradients concatenated.
+A device record is float32 ``[value (N), nan_count (N), inf_count (N)]``, where a
+variable's value is
+
+- ``½‖g‖²``, what ``tf.nn.l2_loss`` returns: the hot path's only per-gradient work
+  (one kernel, no temporary; small gradients are concatenated and reduced together
+  when there are many), with no square root or scaling on the device;
+- `ABSENT` when the variable got no gradient (known at trace time: free);
+- ``-‖g‖`` when a finite gradient's ``½‖g‖²`` overflowed float32, from the rare
+  branch, which rescales (``‖g‖ = m·‖g/m‖``, m = max |g|).
+
+Non-finite gradients show in the values (NaN or +Inf), so one ``tf.cond`` per step
+decides whether the rare branch runs: it counts NaN and Inf elements and rescales
+overflowed norms. In a step that is not compiled the cond is lowered to switches,
+and a finite step runs a fixed handful of ops besides the reductions: one pack of
+all values, the finiteness check (2 ops) and the cond's switches.
 """
 
 from __future__ import annotations
@@ -19,13 +30,13 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
+from gradwatch.agent.core.record import ABSENT
 
 #: Gradients of at most this many elements (statically known) are reduced together
 #: (concatenated, squared, one segment sum) once there are more than `BATCH_FROM` of them;
 #: for small tensors the cost of running an op dominates.
 SMALL_GRADIENT_ELEMENTS = 4096
-BATCH_FROM = 4
+BATCH_FROM = 5
 
 
 def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
@@ -49,71 +60,59 @@ def _flat(value: tf.Tensor) -> tf.Tensor:
     return value if value.shape.rank == 1 else tf.reshape(value, [-1])
 
 
-def _computation_order(values: list[tf.Tensor], sparse: set[int]
-                       ) -> tuple[list[int], list[int]]:
-    """Positions of the gradients reduced together (small) and one by one (large). The
-    rows of an IndexedSlices are never batched: under XLA their inferred shape is a bound,
-    not their size."""
-    sizes = [None if k in sparse or not v.shape.is_fully_defined() else v.shape.num_elements()
-             for k, v in enumerate(values)]
+def _static_size(value: tf.Tensor, sparse: bool) -> int | None:
+    """Elements of a gradient whose size is known at trace time. Not the deduplicated
+    rows of an IndexedSlices: under XLA their inferred shape is a bound, not their size."""
+    return None if sparse or not value.shape.is_fully_defined() else value.shape.num_elements()
+
+
+def _segments(sizes: list[int]) -> tf.Tensor:
+    return tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+
+
+def _half_squares(values: list[tf.Tensor], sparse: set[int]) -> list[tf.Tensor]:
+    """``½‖g‖²`` of each gradient, as scalars in the order of ``values``: small ones
+    through one concatenation and segment sum (when there are more than `BATCH_FROM`),
+    the others one ``l2_loss`` each."""
+    sizes = [_static_size(v, k in sparse) for k, v in enumerate(values)]
     small = [k for k, n in enumerate(sizes) if n is not None and n <= SMALL_GRADIENT_ELEMENTS]
     if len(small) <= BATCH_FROM:
         small = []
-    large = [k for k in range(len(values)) if k not in set(small)]
-    return small, large
+    halves: dict[int, tf.Tensor] = {}
+    if small:
+        flat = tf.concat([_flat(values[k]) for k in small], 0)
+        sums = tf.math.unsorted_segment_sum(
+            tf.square(flat), _segments([sizes[k] for k in small]), len(small))
+        halves.update(zip(small, tf.unstack(0.5 * sums), strict=True))
+    for k, value in enumerate(values):
+        if k not in halves:
+            halves[k] = tf.nn.l2_loss(value)
+    return [halves[k] for k in range(len(values))]
 
 
-def _sums_of_squares(values: list[tf.Tensor], batched: int
-                     ) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Sum of squares of each gradient (the first ``batched`` ones reduced together), and
-    those first ones flattened and concatenated (None if none)."""
-    parts, flat = [], None
-    if batched:
-        sizes = [v.shape.num_elements() for v in values[:batched]]
-        flat = tf.concat([_flat(v) for v in values[:batched]], 0)
-        segments = tf.constant(np.repeat(np.arange(batched, dtype=np.int32), sizes))
-        parts.append(tf.math.unsorted_segment_sum(tf.square(flat), segments, batched))
-    if batched < len(values):
-        parts.append(2.0 * tf.stack([tf.nn.l2_loss(v) for v in values[batched:]]))
-    return (parts[0] if len(parts) == 1 else tf.concat(parts, 0)), flat
-
-
-def _count_and_rescale(flat: tf.Tensor, segments: tf.Tensor, count: int
-                       ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """NaN counts, Inf counts and overflow-safe norms of ``count`` segments of ``flat``."""
-    def segment_sum(x: tf.Tensor) -> tf.Tensor:
-        return tf.math.unsorted_segment_sum(x, segments, count)
-
-    nan = segment_sum(tf.cast(tf.math.is_nan(flat), tf.float32))
-    inf = segment_sum(tf.cast(tf.math.is_inf(flat), tf.float32))
-    finite = tf.where(tf.math.is_finite(flat), tf.abs(flat), 0.0)
-    scale = tf.maximum(tf.math.unsorted_segment_max(finite, segments, count), 1e-30)
-    norms = scale * tf.sqrt(segment_sum(tf.square(finite / tf.gather(scale, segments))))
-    return nan, inf, norms
-
-
-def _non_finite(values: list[tf.Tensor], sums: tf.Tensor, batched: int,
-                batched_flat: tf.Tensor | None, sparse: set[int]
-                ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The rare branch: NaN and Inf counts, and norms that survive overflow
-    (``||g|| = m * ||g / m||`` with m = max |g| over finite elements). Gradients of static
-    shape are concatenated and reduced by segments (constant ids); the others one by one:
-    the deduplicated rows of an IndexedSlices (``sparse``), whose shape under XLA is a bound
-    and not their size, and any of unknown shape."""
-    dynamic = [k for k, v in enumerate(values)
-               if k in sparse or not v.shape.is_fully_defined()]
-    static = [k for k in range(len(values)) if k not in set(dynamic)]
+def _counts_and_norms(values: list[tf.Tensor], sparse: set[int]
+                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """NaN counts, Inf counts and overflow-safe norms (``m·‖g/m‖``, m = max |g| over the
+    finite elements) of each gradient, as vectors in the order of ``values``. Gradients
+    of static size are concatenated and reduced by segments; the others one by one."""
+    sizes = [_static_size(v, k in sparse) for k, v in enumerate(values)]
+    static = [k for k, n in enumerate(sizes) if n is not None]
+    dynamic = [k for k, n in enumerate(sizes) if n is None]
     nans, infs, norms = [], [], []
-    if static:  # the batched ones (the first ``batched``) are all static
-        pieces = [] if batched_flat is None else [batched_flat]
-        flat = tf.concat(pieces + [_flat(values[k]) for k in static if k >= batched], 0)
-        sizes = [values[k].shape.num_elements() for k in static]
-        segments = tf.constant(np.repeat(np.arange(len(static), dtype=np.int32), sizes))
-        nan, inf, norm = _count_and_rescale(flat, segments, len(static))
-        nans.append(nan)
-        infs.append(inf)
-        norms.append(norm)
-    for k in dynamic:  # plain reductions: no segment ids to size
+    if static:
+        flat = tf.concat([_flat(values[k]) for k in static], 0)
+        segments = _segments([sizes[k] for k in static])
+
+        def segment_sum(x: tf.Tensor) -> tf.Tensor:
+            return tf.math.unsorted_segment_sum(x, segments, len(static))
+
+        nans.append(segment_sum(tf.cast(tf.math.is_nan(flat), tf.float32)))
+        infs.append(segment_sum(tf.cast(tf.math.is_inf(flat), tf.float32)))
+        finite = tf.where(tf.math.is_finite(flat), tf.abs(flat), 0.0)
+        scale = tf.maximum(tf.math.unsorted_segment_max(finite, segments, len(static)), 1e-30)
+        norms.append(scale * tf.sqrt(segment_sum(tf.square(finite / tf.gather(scale,
+                                                                            segments)))))
+    for k in dynamic:
         value = values[k]
         finite = tf.where(tf.math.is_finite(value), tf.abs(value), 0.0)
         scale = tf.maximum(tf.reduce_max(finite), 1e-30)
@@ -121,48 +120,55 @@ def _non_finite(values: list[tf.Tensor], sums: tf.Tensor, batched: int,
         infs.append(tf.reduce_sum(tf.cast(tf.math.is_inf(value), tf.float32))[None])
         norms.append((scale * tf.sqrt(tf.reduce_sum(tf.square(finite / scale))))[None])
     inverse = tf.constant(np.argsort(static + dynamic), tf.int32)
-    nan, inf, scaled = (tf.gather(tf.concat(parts, 0), inverse) for parts in (nans, infs, norms))
-    norms = tf.where(tf.equal(nan + inf, 0.0), scaled, tf.sqrt(sums))
-    return norms, tf.concat([nan, inf], 0)
+    return tuple(tf.gather(tf.concat(parts, 0), inverse) for parts in (nans, infs, norms))
+
+
+def _rare_branch(record: tf.Tensor, present: list[int], values: list[tf.Tensor],
+                 sparse: set[int]) -> tf.Tensor:
+    """The record of a step with a non-finite value: NaN and Inf counts, and ``-‖g‖``
+    in place of an overflowed ``½‖g‖²`` of a gradient with neither."""
+    n = record.shape[0] // 3
+    nan, inf, norms = _counts_and_norms(values, sparse)
+    where = tf.constant(present, tf.int32)[:, None]
+    old = tf.gather(record, present)
+    overflowed = tf.math.is_inf(old) & tf.equal(nan + inf, 0.0)
+    new = tf.where(overflowed, -norms, old)
+    return tf.concat([tf.tensor_scatter_nd_update(record[:n], where, new),
+                      tf.scatter_nd(where, nan, [n]), tf.scatter_nd(where, inf, [n])], 0)
 
 
 def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
-    """The float32 ``[RECORD_WIDTH * len(grads)]`` record of one step.
+    """The float32 ``[3 * len(grads)]`` device record of one step (see the module).
 
     Works in replica and cross-replica context alike: it only reads ``grads``.
     """
     n = len(grads)
     present = [i for i, g in enumerate(grads) if g is not None]
+    absent, zero = tf.constant(ABSENT), tf.constant(0.0)
     if not present:
         return tf.constant([ABSENT] * n + [0.0] * (2 * n))
     values = [_dense_values(grads[i]) for i in present]
     sparse = {k for k, i in enumerate(present) if isinstance(grads[i], tf.IndexedSlices)}
-    small, large = _computation_order(values, sparse)
-    order = small + large  # position in the computation -> index into values
-    values = [values[k] for k in order]
-    sparse = {position for position, k in enumerate(order) if k in sparse}
-    sums, batched_flat = _sums_of_squares(values, len(small))
-    p = len(present)
-    norms, counts = tf.cond(
-        tf.reduce_all(tf.math.is_finite(sums)),
-        lambda: (tf.sqrt(sums), tf.zeros([2 * p])),
-        lambda: _non_finite(values, sums, len(small), batched_flat, sparse))
-    # One gather puts the variables in order and fills in the absent ones.
-    where = {present[order[k]]: k for k in range(p)}
-    index = np.empty(RECORD_WIDTH * n, np.int32)
-    for i in range(n):
-        k = where.get(i)
-        index[i], index[n + i], index[2 * n + i] = (
-            (3 * p, 3 * p + 1, 3 * p + 1) if k is None else (k, p + k, 2 * p + k))
-    record = tf.concat([norms, counts], 0)
-    if np.array_equal(index, np.arange(RECORD_WIDTH * n)):
-        return record
-    return tf.gather(tf.concat([record, [ABSENT, 0.0]], 0), tf.constant(index))
+    half = dict(zip(present, _half_squares(values, sparse), strict=True))
+    # One pack puts the values in order, absent ones and zero counts included.
+    record = tf.stack([half.get(i, absent) for i in range(n)] + [zero] * (2 * n))
+    return tf.cond(tf.reduce_all(tf.math.is_finite(record)), lambda: record,
+                   lambda: _rare_branch(record, present, values, sparse))
 
 
 def scale_record(record: tf.Tensor, num_variables: int, factor: tf.Tensor) -> tf.Tensor:
-    """The record with its norms multiplied by ``factor`` (absent ones stay absent):
+    """The record of the gradients multiplied by ``factor`` (absent ones stay absent):
     what the optimizer applies when the loss was scaled (mixed precision)."""
     values, counts = record[:num_variables], record[num_variables:]
-    values = tf.where(values == ABSENT, values, values * tf.cast(factor, tf.float32))
-    return tf.concat([values, counts], 0)
+    factor = tf.cast(factor, tf.float32)
+    scaled = tf.where(values < 0, values * factor, values * (factor * factor))
+    return tf.concat([tf.where(values == ABSENT, values, scaled), counts], 0)
+
+
+def to_norms(records: np.ndarray, num_variables: int) -> np.ndarray:
+    """Device records ``[..., 3 * N]`` as `gradwatch.agent.core.record` records (values
+    as L2 norms), on the host."""
+    values = records[..., :num_variables].astype(np.float64)
+    norms = np.where(values >= 0, np.sqrt(np.abs(2 * values)),
+                     np.where(values == ABSENT, ABSENT, -values))
+    return np.concatenate([norms.astype(np.float32), records[..., num_variables:]], axis=-1)

@@ -9,8 +9,8 @@ from gradwatch.proto.layout import COLUMN, NUM_COLUMNS
 
 
 def stats_for(value: float, num_variables: int = 3) -> tf.Tensor:
-    """A record whose norms are ``value`` and counts 0."""
-    return tf.concat([tf.fill([num_variables], value),
+    """A device record whose norms are ``value`` (it holds ½‖g‖²) and counts 0."""
+    return tf.concat([tf.fill([num_variables], 0.5 * value * value),
                       tf.zeros([(RECORD_WIDTH - 1) * num_variables])], 0)
 
 
@@ -66,7 +66,7 @@ def test_records_from_tf_function_and_xla():
 
 def test_absent_gradients_read_as_absent():
     recorder = StepRecorder(2, capacity=4)
-    recorder.record(tf.constant([-1.0, 5.0, 0.0, 0.0, 0.0, 0.0]), step=7)
+    recorder.record(tf.constant([-1.0, 12.5, 0.0, 0.0, 0.0, 0.0]), step=7)
     stats = recorder.read_new().stats[0, 0]
     assert stats[:, COLUMN["present"]].tolist() == [0, 1]
     assert stats[:, COLUMN["l2_norm"]].tolist() == [0, 5]
