@@ -2,9 +2,10 @@
 
 The one definition both sides import. An agent computes a ``[replicas, variables,
 NUM_COLUMNS]`` float32 matrix per step, columns in `STATISTICS` order, and packs it
-with `pack_step`; the collector unpacks a batch with `unpack_steps` and checks each
-value against its statistic's `Kind`. Each statistic travels in the ``StepReport``
-field of the same name as one packed little-endian array, replica-major.
+with `pack_step` (many at once: `pack_steps`); the collector unpacks a batch with
+`unpack_steps` and checks each value against its statistic's `Kind`. Each statistic
+travels in the ``StepReport`` field of the same name as one packed little-endian array,
+replica-major.
 
 Adding a statistic: a ``bytes`` field in ``StepReport`` (gradwatch.proto), an entry
 here, the agents' computation, and what the collector does with it (see
@@ -57,18 +58,28 @@ COLUMN: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
 BYTES_PER_STATISTIC = sum(s.wire_dtype.itemsize for s in STATISTICS)
 
 
-def pack_step(step: int, stats: np.ndarray, wall_time: float) -> pb.StepReport:
-    """A StepReport from a ``[replicas, variables, NUM_COLUMNS]`` array (any float dtype)."""
+def pack_steps(steps: Sequence[int], stats: np.ndarray, wall_time: float
+               ) -> list[pb.StepReport]:
+    """StepReports from ``[steps, replicas, variables, NUM_COLUMNS]`` (any float dtype):
+    each column converted once for all steps, then sliced per step."""
     if stats.shape[-1] != NUM_COLUMNS:
         raise ValueError(f"expected {NUM_COLUMNS} columns ({', '.join(COLUMNS)}), "
                          f"got {stats.shape[-1]}")
-    arrays = {}
+    stats = stats.reshape(len(steps), int(np.prod(stats.shape[1:-1])), NUM_COLUMNS)
+    columns = []
     for i, statistic in enumerate(STATISTICS):
-        column = stats[..., i].reshape(-1)
+        column = stats[..., i]
         if statistic.kind is Kind.FLAG:
             column = column > 0
-        arrays[statistic.name] = column.astype(statistic.wire_dtype).tobytes()
-    return pb.StepReport(step=int(step), wall_time=wall_time, **arrays)
+        columns.append((statistic.name, np.ascontiguousarray(column, statistic.wire_dtype)))
+    return [pb.StepReport(step=int(step), wall_time=wall_time,
+                          **{name: column[k].tobytes() for name, column in columns})
+            for k, step in enumerate(steps)]
+
+
+def pack_step(step: int, stats: np.ndarray, wall_time: float) -> pb.StepReport:
+    """A StepReport from a ``[replicas, variables, NUM_COLUMNS]`` array (any float dtype)."""
+    return pack_steps([step], stats[None], wall_time)[0]
 
 
 class LayoutError(ValueError):

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradwatch.agent.core.diagnosis import Diagnosis
 from gradwatch.agent.core.identity import Identity
-from gradwatch.proto.layout import COLUMN, NUM_COLUMNS, pack_step
+from gradwatch.proto.layout import COLUMN, NUM_COLUMNS, pack_step, pack_steps
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 
@@ -150,8 +150,7 @@ class Session:
         (sender thread only)."""
         recorded = self.source.read_new()
         now = time.time()
-        reports = [pack_step(step, stats, now)
-                   for step, stats in zip(recorded.steps, recorded.stats, strict=True)]
+        reports = pack_steps(recorded.steps, recorded.stats, now)
         with self._lock:
             host, self._host_reports = self._host_reports, []
         if host:  # a step refused while tracing is reported ahead of the device's steps

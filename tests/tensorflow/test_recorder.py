@@ -70,3 +70,18 @@ def test_absent_gradients_read_as_absent():
     stats = recorder.read_new().stats[0, 0]
     assert stats[:, COLUMN["present"]].tolist() == [0, 1]
     assert stats[:, COLUMN["l2_norm"]].tolist() == [0, 5]
+
+
+def test_a_row_the_writer_reaches_during_the_copy_is_dropped_not_read_torn(monkeypatch):
+    """The reader copies rows below the count, then reads the count again: a row whose
+    slot the writer may have been writing meanwhile is counted as dropped."""
+    recorder = StepRecorder(1, capacity=4)
+    for i in range(4):
+        recorder.record(stats_for(float(i), 1), step=i)
+    counts = iter([np.array([4]), np.array([6])])  # two more rows written during the copy
+    monkeypatch.setattr(recorder, "_counts", lambda: next(counts))
+    got = recorder.read_new()
+    # Rows 5 and 6 go to the slots of rows 0 and 1 (5 slots: capacity + 1 spare); row 6
+    # may still be in progress, so row 1 is at risk too.
+    assert got.steps.tolist() == [2, 3]
+    assert got.dropped == 2

@@ -53,3 +53,13 @@ def test_a_wrong_length_names_the_array():
         unpack_steps([report], 1, 5)
     with pytest.raises(ValueError, match="columns"):
         pack_step(0, np.zeros((1, 4, NUM_COLUMNS + 1)), 0.0)
+
+
+def test_packing_many_steps_at_once_equals_packing_each():
+    from gradwatch.proto.layout import pack_steps
+
+    stats = np.random.default_rng(2).normal(size=(5, 2, 3, NUM_COLUMNS)).astype(np.float32)
+    stats[..., 0] = stats[..., 0] > 0  # present flags
+    many = pack_steps([10, 11, 12, 13, 14], stats, 2.5)
+    assert many == [pack_step(10 + k, stats[k], 2.5) for k in range(5)]
+    assert pack_steps([], stats[:0], 2.5) == []
