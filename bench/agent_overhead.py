@@ -197,8 +197,9 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
         quartile = len(ratios) // 4
         print(f"{name:<20} {variant:<15} vars={len(model.trainable_variables):<4} median step "
               f"{median * 1e3:9.3f} ms, ratio to {variants[0]} {median / base:.3f} "
-              f"({len(times[variant])} steps; per-round ratios {ratios[quartile]:.3f}-"
-              f"{ratios[-quartile - 1]:.3f} interquartile)", flush=True)
+              f"({len(times[variant])} steps; per-round ratios: median "
+              f"{statistics.median(ratios):.3f}, interquartile {ratios[quartile]:.3f}-"
+              f"{ratios[-quartile - 1]:.3f})", flush=True)
 
 
 def main() -> None:
