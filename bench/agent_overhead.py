@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -165,6 +166,19 @@ def time_block(step, x, n: int) -> list[float]:
     return times
 
 
+def sender_cpu_s() -> float:
+    """CPU seconds the agent's sender thread has used (Linux: /proc), 0 if not found."""
+    for thread in threading.enumerate():
+        if thread.name == "gradwatch-sender" and thread.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                return 0.0
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
     variants = ARGS.variants.split(",")
     steps = {}
@@ -185,11 +199,13 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
             tf.debugging.disable_check_numerics()
     times = {variant: [] for variant in variants}
     rounds = {variant: [] for variant in variants}  # each block's median
+    sender_before = sender_cpu_s()
     for _ in range(ARGS.rounds):
         for variant, step in steps.items():
             block = time_block(step, x, ARGS.steps)
             times[variant] += block
             rounds[variant].append(statistics.median(block))
+    sender = sender_cpu_s() - sender_before
     base = statistics.median(times[variants[0]])
     for variant in variants:
         median = statistics.median(times[variant])
@@ -200,6 +216,9 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
               f"({len(times[variant])} steps; per-round ratios: median "
               f"{statistics.median(ratios):.3f}, interquartile {ratios[quartile]:.3f}-"
               f"{ratios[-quartile - 1]:.3f})", flush=True)
+    if "gradwatch" in variants:
+        print(f"{name:<20} the sender thread used {sender:.2f} s of CPU, "
+              f"{sender / len(times['gradwatch']) * 1e6:.0f} us per gradwatch step", flush=True)
 
 
 def main() -> None:
