@@ -60,6 +60,7 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * ARGS.replicas)
 
 from bench.models import cnn_case  # noqa: E402
+from bench.spread import round_ratios  # noqa: E402
 from gradwatch.agent import GradientMonitor  # noqa: E402
 from gradwatch.demo.training import BrokenModel, make_data  # noqa: E402
 from tests.support.services import CollectorProcess  # noqa: E402
@@ -199,26 +200,24 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
             tf.debugging.disable_check_numerics()
     times = {variant: [] for variant in variants}
     rounds = {variant: [] for variant in variants}  # each block's median
-    sender_before = sender_cpu_s()
+    sender_before, wall_before = sender_cpu_s(), time.perf_counter()
     for _ in range(ARGS.rounds):
         for variant, step in steps.items():
             block = time_block(step, x, ARGS.steps)
             times[variant] += block
             rounds[variant].append(statistics.median(block))
-    sender = sender_cpu_s() - sender_before
+    sender, wall = sender_cpu_s() - sender_before, time.perf_counter() - wall_before
     base = statistics.median(times[variants[0]])
     for variant in variants:
         median = statistics.median(times[variant])
-        ratios = sorted(a / b for a, b in zip(rounds[variant], rounds[variants[0]], strict=True))
-        quartile = len(ratios) // 4
+        middle, low, high = round_ratios(rounds[variant], rounds[variants[0]])
         print(f"{name:<20} {variant:<15} vars={len(model.trainable_variables):<4} median step "
               f"{median * 1e3:9.3f} ms, ratio to {variants[0]} {median / base:.3f} "
-              f"({len(times[variant])} steps; per-round ratios: median "
-              f"{statistics.median(ratios):.3f}, interquartile {ratios[quartile]:.3f}-"
-              f"{ratios[-quartile - 1]:.3f})", flush=True)
+              f"({len(times[variant])} steps; per-round ratios: median {middle:.3f}, "
+              f"interquartile {low:.3f}-{high:.3f})", flush=True)
     if "gradwatch" in variants:
-        print(f"{name:<20} the sender thread used {sender:.2f} s of CPU, "
-              f"{sender / len(times['gradwatch']) * 1e6:.0f} us per gradwatch step", flush=True)
+        print(f"{name:<20} the sender thread used {sender:.2f} s of CPU in {wall:.1f} s "
+              f"({100 * sender / wall:.1f} % of one core)", flush=True)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import tensorflow as tf
 
+from bench.spread import round_ratios
 from gradwatch.agent.core.identity import Identity
 from gradwatch.agent.tensorflow import stats
 from gradwatch.agent.tensorflow.recorder import StepRecorder
@@ -110,12 +111,10 @@ def main() -> None:
     base = statistics.median(times["plain"])
     for variant in VARIANTS:
         median = statistics.median(times[variant])
-        ratios = sorted(a / b for a, b in zip(rounds[variant], rounds["plain"], strict=True))
-        quartile = len(ratios) // 4
+        middle, low, high = round_ratios(rounds[variant], rounds["plain"])
         print(f"{variant:<16} median step {median * 1e6:7.1f} us (+{(median - base) * 1e6:5.1f}), "
-              f"ratio {median / base:.3f}; per-round ratios median "
-              f"{statistics.median(ratios):.3f}, interquartile {ratios[quartile]:.3f}-"
-              f"{ratios[-quartile - 1]:.3f}", flush=True)
+              f"ratio {median / base:.3f}; per-round ratios median {middle:.3f}, "
+              f"interquartile {low:.3f}-{high:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from bench.spread import round_ratios
 from gradwatch.agent.torch import GradientMonitor
 
 
@@ -171,9 +172,8 @@ def run_case(case: str, args: argparse.Namespace, collector: str, rank: int = 0)
     result = {"case": case, "variables": len(list(model.parameters())),
               "plain_ms": statistics.median(times["plain"]) * 1e3,
               "gradwatch_ms": statistics.median(times["gradwatch"]) * 1e3}
-    ratios = sorted(g / p for g, p in zip(times["gradwatch"], times["plain"], strict=True))
     result["ratio"] = result["gradwatch_ms"] / result["plain_ms"]
-    result["ratio_iqr"] = (ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4])
+    result["ratio_iqr"] = round_ratios(times["gradwatch"], times["plain"])[1:]
     if args.profile and device.type == "cuda":
         result["stats_kernel_us"] = profile_statistics(steps["gradwatch"], device)
     result["acknowledged"] = monitor.close(timeout_s=30)
