@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.agent.core.record import ABSENT
+from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
 
 #: Gradients of at most this many elements (statically known) are reduced together
 #: (concatenated, squared, one segment sum) once there are more than `BATCH_FROM` of them;
@@ -127,7 +127,7 @@ def _rare_branch(record: tf.Tensor, present: list[int], values: list[tf.Tensor],
                  sparse: set[int]) -> tf.Tensor:
     """The record of a step with a non-finite value: NaN and Inf counts, and ``-‖g‖``
     in place of an overflowed ``½‖g‖²`` of a gradient with neither."""
-    n = record.shape[0] // 3
+    n = record.shape[0] // RECORD_WIDTH
     nan, inf, norms = _counts_and_norms(values, sparse)
     where = tf.constant(present, tf.int32)[:, None]
     old = tf.gather(record, present)
@@ -137,21 +137,30 @@ def _rare_branch(record: tf.Tensor, present: list[int], values: list[tf.Tensor],
                       tf.scatter_nd(where, nan, [n]), tf.scatter_nd(where, inf, [n])], 0)
 
 
+def _unchecked_record(grads: Sequence[tf.Tensor | tf.IndexedSlices]
+                      ) -> tuple[tf.Tensor, list[int], list[tf.Tensor], set[int]]:
+    """The hot path: the record as if every gradient were finite (zero counts), and what
+    the rare branch needs (the present positions, their dense values, which are sparse).
+    At least one gradient is present."""
+    n = len(grads)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    values = [_dense_values(grads[i]) for i in present]
+    sparse = {k for k, i in enumerate(present) if isinstance(grads[i], tf.IndexedSlices)}
+    half = dict(zip(present, _half_squares(values, sparse), strict=True))
+    absent, zero = tf.constant(ABSENT), tf.constant(0.0)
+    # One pack puts the values in order, absent ones and zero counts included.
+    record = tf.stack([half.get(i, absent) for i in range(n)] + [zero] * (2 * n))
+    return record, present, values, sparse
+
+
 def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """The float32 ``[3 * len(grads)]`` device record of one step (see the module).
 
     Works in replica and cross-replica context alike: it only reads ``grads``.
     """
-    n = len(grads)
-    present = [i for i, g in enumerate(grads) if g is not None]
-    absent, zero = tf.constant(ABSENT), tf.constant(0.0)
-    if not present:
-        return tf.constant([ABSENT] * n + [0.0] * (2 * n))
-    values = [_dense_values(grads[i]) for i in present]
-    sparse = {k for k, i in enumerate(present) if isinstance(grads[i], tf.IndexedSlices)}
-    half = dict(zip(present, _half_squares(values, sparse), strict=True))
-    # One pack puts the values in order, absent ones and zero counts included.
-    record = tf.stack([half.get(i, absent) for i in range(n)] + [zero] * (2 * n))
+    if all(g is None for g in grads):
+        return tf.constant([ABSENT] * len(grads) + [0.0] * (2 * len(grads)))
+    record, present, values, sparse = _unchecked_record(grads)
     return tf.cond(tf.reduce_all(tf.math.is_finite(record)), lambda: record,
                    lambda: _rare_branch(record, present, values, sparse))
 
@@ -169,6 +178,7 @@ def to_norms(records: np.ndarray, num_variables: int) -> np.ndarray:
     """Device records ``[..., 3 * N]`` as `gradwatch.agent.core.record` records (values
     as L2 norms), on the host."""
     values = records[..., :num_variables].astype(np.float64)
+    # abs: only the non-negative values take the square root (no warning for the others)
     norms = np.where(values >= 0, np.sqrt(np.abs(2 * values)),
                      np.where(values == ABSENT, ABSENT, -values))
     return np.concatenate([norms.astype(np.float32), records[..., num_variables:]], axis=-1)
