@@ -1,17 +1,23 @@
 """Agent overhead: median training-step time with the agent / without, interleaved.
 
-Identical models train side by side in one process; blocks of steps rotate
-between variants, so machine noise hits all alike:
+One model and one optimizer per case train under every variant, each its own
+traced step, in one process; blocks of steps rotate between the variants (their
+order rotating each round), so machine noise hits all alike:
 
 - plain: the optimizer as is;
 - gradwatch: optimizer wrapped by GradientMonitor, every variable reported every
-  step to a real collector subprocess on loopback (budget: <= 1.02 x plain);
+  step to a real collector subprocess on loopback (budget: <= 1.01 x plain for steps
+  of 50 ms and more, <= 1.03 for the 1 ms demo);
 - check_numerics: ``tf.debugging.enable_check_numerics()`` while the step is traced
   (what users reach for today to find NaNs);
 - host_norms: every variable's gradient norm pulled to the host every step and
-  looked at in Python (the other thing users write).
+  looked at in Python (the other thing users write);
+- plain_again: a second, identical plain model: an A/A control whose ratio to plain
+  is the resolution of the run (what the machine's noise alone moves a ratio by).
 
-Prints one line per case and variant: median step time and ratio to plain.
+Prints one line per case and variant: median step time and ratio to plain (wall
+time, and the process's CPU time per step, which a neighbour's stolen cycles do not
+inflate), with the spread of the per-round ratios.
 
     .venv/bin/python -m bench.agent_overhead [--rounds 15] [--steps 20] [--cases ...]
 """
@@ -19,6 +25,7 @@ Prints one line per case and variant: median step time and ratio to plain.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import threading
@@ -45,7 +52,10 @@ def parse_args() -> argparse.Namespace:
                              "Keras 3's model.fit does where XLA applies); cases without a "
                              "strategy only")
     parser.add_argument("--variants", default="plain,gradwatch",
-                        help="comma-separated: plain, gradwatch, check_numerics, host_norms")
+                        help="comma-separated: plain, gradwatch, check_numerics, host_norms, "
+                             "plain_again (an A/A control)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="also write every step's wall time, per case and variant, as JSON")
     return parser.parse_args()
 
 
@@ -158,13 +168,15 @@ def make_step(model, loss_fn, optimizer, strategy, host_norms: bool = False):
     return step_and_look
 
 
-def time_block(step, x, n: int) -> list[float]:
+def time_block(step, x, n: int) -> tuple[list[float], float]:
+    """Wall seconds of each of ``n`` steps, and the process's CPU seconds per step."""
     times = []
+    cpu_start = time.process_time()
     for _ in range(n):
         start = time.perf_counter()
         step(x)
         times.append(time.perf_counter() - start)
-    return times
+    return times, (time.process_time() - cpu_start) / n
 
 
 def sender_cpu_s() -> float:
@@ -180,44 +192,53 @@ def sender_cpu_s() -> float:
     return 0.0
 
 
-def run_case(name: str, build, strategy, monitor: GradientMonitor) -> None:
+def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, list[float]]:
+    """One model and one optimizer serve every variant, each its own traced step, so
+    that no variant gets a different memory layout: the plain steps are traced before
+    the optimizer is wrapped, the gradwatch step after."""
     variants = ARGS.variants.split(",")
-    steps = {}
     with strategy.scope():
-        for variant in variants:
-            model, x, loss = build()
-            optimizer = keras.optimizers.Adam(1e-3)
-            if variant == "gradwatch":
-                monitor.wrap(optimizer)
-            optimizer.build(model.trainable_variables)
-            steps[variant] = make_step(model, loss, optimizer, strategy,
-                                       host_norms=variant == "host_norms")
-    for variant, step in steps.items():  # trace and warm up
+        model, x, loss = build()
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+        steps = {variant: make_step(model, loss, optimizer, strategy,
+                                    host_norms=variant == "host_norms")
+                 for variant in variants}
+    for variant in sorted(variants, key=lambda v: v == "gradwatch"):  # trace and warm up
+        if variant == "gradwatch":
+            monitor.wrap(optimizer)
         if variant == "check_numerics":
             tf.debugging.enable_check_numerics()
-        time_block(step, x, 5)
+        time_block(steps[variant], x, 5)
         if variant == "check_numerics":
             tf.debugging.disable_check_numerics()
     times = {variant: [] for variant in variants}
     rounds = {variant: [] for variant in variants}  # each block's median
+    cpu = {variant: [] for variant in variants}  # each block's CPU seconds per step
     sender_before, wall_before = sender_cpu_s(), time.perf_counter()
-    for _ in range(ARGS.rounds):
-        for variant, step in steps.items():
-            block = time_block(step, x, ARGS.steps)
+    for r in range(ARGS.rounds):
+        # The order rotates each round, so that no variant always follows the same one.
+        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            block, cpu_per_step = time_block(steps[variant], x, ARGS.steps)
             times[variant] += block
             rounds[variant].append(statistics.median(block))
+            cpu[variant].append(cpu_per_step)
     sender, wall = sender_cpu_s() - sender_before, time.perf_counter() - wall_before
-    base = statistics.median(times[variants[0]])
+    base, first = statistics.median(times[variants[0]]), variants[0]
     for variant in variants:
         median = statistics.median(times[variant])
-        middle, low, high = round_ratios(rounds[variant], rounds[variants[0]])
+        middle, low, high = round_ratios(rounds[variant], rounds[first])
+        cpu_middle, cpu_low, cpu_high = round_ratios(cpu[variant], cpu[first])
         print(f"{name:<20} {variant:<15} vars={len(model.trainable_variables):<4} median step "
-              f"{median * 1e3:9.3f} ms, ratio to {variants[0]} {median / base:.3f} "
+              f"{median * 1e3:9.3f} ms, ratio to {first} {median / base:.3f} "
               f"({len(times[variant])} steps; per-round ratios: median {middle:.3f}, "
-              f"interquartile {low:.3f}-{high:.3f})", flush=True)
+              f"interquartile {low:.3f}-{high:.3f}; CPU time per step "
+              f"{statistics.median(cpu[variant]) * 1e3:.3f} ms, per-round ratios: median "
+              f"{cpu_middle:.3f}, interquartile {cpu_low:.3f}-{cpu_high:.3f})", flush=True)
     if "gradwatch" in variants:
         print(f"{name:<20} the sender thread used {sender:.2f} s of CPU in {wall:.1f} s "
               f"({100 * sender / wall:.1f} % of one core)", flush=True)
+    return times
 
 
 def main() -> None:
@@ -240,9 +261,13 @@ def main() -> None:
           f"{ARGS.rounds} rounds x {ARGS.steps} steps per variant, interleaved")
     with CollectorProcess() as collector:
         monitor = GradientMonitor(collector=collector.grpc_target, training_job="bench")
+        saved = {}
         for name in ARGS.cases.split(","):
             build, strategy = cases[name]
-            run_case(name, build, strategy, monitor)
+            saved[name] = run_case(name, build, strategy, monitor)
+            if ARGS.save:
+                with open(ARGS.save, "w") as out:
+                    json.dump(saved, out)
         acked = monitor.close(timeout_s=30)
         print(f"all statistics acknowledged by the collector: {acked}")
 

@@ -1,9 +1,10 @@
 """PyTorch agent overhead: median training-step time with the agent / without, interleaved.
 
-Two identical models train side by side in each process; blocks of steps rotate between
-them, so machine noise hits both alike. ``gradwatch``: the optimizer wrapped by
-`gradwatch.agent.torch.GradientMonitor`, every parameter reported every step to a real
-collector subprocess on loopback (budget: <= 1.02 on CPU, <= 1.01 on a GPU).
+Identical models (one per variant) train side by side in each process; blocks of steps
+rotate between them, their order rotating each round, so machine noise hits all alike.
+``gradwatch``: the optimizer wrapped by `gradwatch.agent.torch.GradientMonitor`, every
+parameter reported every step to a real collector subprocess on loopback (budget: <= 1.02
+on CPU, <= 1.01 on a GPU); ``plain_again``: a second plain model, an A/A control.
 
 - ``resnet50``: torchvision's ResNet-50 architecture (bottleneck blocks 3-4-6-3, 161
   parameter tensors, 25.6 M parameters), written out here; ``--image-size`` (64) and
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="resnet50,gpt")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved block pairs")
+    parser.add_argument("--variants", default="plain,gradwatch",
+                        help="comma-separated: plain, gradwatch, plain_again (a second plain "
+                             "model: an A/A control, whose ratio is the run's resolution)")
     parser.add_argument("--steps", type=int, default=5, help="steps per block")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image-size", type=int, default=64)
@@ -154,7 +158,8 @@ def run_case(case: str, args: argparse.Namespace, collector: str, rank: int = 0)
     distributed = case.endswith("-ddp")
     steps = {}
     monitor = GradientMonitor(collector=collector, training_job=f"bench-{case}")
-    for variant in ("plain", "gradwatch"):
+    variants = args.variants.split(",")
+    for variant in variants:
         model, x, loss_fn = build(case, args, device)
         if distributed:
             model = torch.nn.parallel.DistributedDataParallel(
@@ -166,14 +171,15 @@ def run_case(case: str, args: argparse.Namespace, collector: str, rank: int = 0)
     for step in steps.values():  # warm up (and the first step's diagnosis recording)
         time_block(step, 2, device)
     times = {variant: [] for variant in steps}
-    for _ in range(args.rounds):
-        for variant, step in steps.items():
-            times[variant].append(time_block(step, args.steps, device))
+    for r in range(args.rounds):
+        # The order rotates each round, so that no variant always follows the same one.
+        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            times[variant].append(time_block(steps[variant], args.steps, device))
     result = {"case": case, "variables": len(list(model.parameters())),
-              "plain_ms": statistics.median(times["plain"]) * 1e3,
-              "gradwatch_ms": statistics.median(times["gradwatch"]) * 1e3}
-    result["ratio"] = result["gradwatch_ms"] / result["plain_ms"]
-    result["ratio_iqr"] = round_ratios(times["gradwatch"], times["plain"])[1:]
+              "ms": {variant: statistics.median(times[variant]) * 1e3 for variant in variants}}
+    result["ratios"] = {variant: (result["ms"][variant] / result["ms"]["plain"],
+                                  *round_ratios(times[variant], times["plain"])[1:])
+                        for variant in variants if variant != "plain"}
     if args.profile and device.type == "cuda":
         result["stats_kernel_us"] = profile_statistics(steps["gradwatch"], device)
     result["acknowledged"] = monitor.close(timeout_s=30)
@@ -230,14 +236,13 @@ def main(argv: list[str] | None = None) -> None:
                 result = results.get()
             else:
                 result = run_case(case, args, collector.grpc_target)
-            low, high = result["ratio_iqr"]
             extra = (f", statistics' kernels {result['stats_kernel_us']:.0f} us/step"
                      if "stats_kernel_us" in result else "")
-            print(f"{case:<14} params={result['variables']:<4} plain {result['plain_ms']:8.2f} ms"
-                  f"  gradwatch {result['gradwatch_ms']:8.2f} ms  ratio {result['ratio']:.3f}"
-                  f" (per-round IQR {low:.3f}-{high:.3f}){extra}; all acknowledged: "
+            ratios = "; ".join(f"{variant} {ratio:.3f} (per-round IQR {low:.3f}-{high:.3f})"
+                               for variant, (ratio, low, high) in result["ratios"].items())
+            print(f"{case:<14} params={result['variables']:<4} plain {result['ms']['plain']:8.2f}"
+                  f" ms; ratios to plain: {ratios}{extra}; all acknowledged: "
                   f"{result['acknowledged']}", flush=True)
-
 
 if __name__ == "__main__":
     main()
