@@ -48,6 +48,13 @@ class SessionBuffer:
     final_sent: bool = False
     #: Reading its statistics failed once (a bug): it is not read again.
     broken: bool = False
+    #: The collector refused to register it (sent again, it would be refused again): it
+    #: is neither read nor sent any more.
+    retired: bool = False
+    #: Monotonic time before which it is not registered again, and why the collector
+    #: could not take it the last time ("" if it could).
+    register_after: float = 0.0
+    not_registered_because: str = ""
     #: Diagnoses sent since the session was (re-)registered, by variable id.
     diagnoses_sent: dict[int, pb.Diagnosis] = field(default_factory=dict)
     pending: collections.deque[pb.StepReport] = field(default_factory=collections.deque)
@@ -78,8 +85,16 @@ class SessionBuffer:
 
     def registered(self, address: str, response: pb.RegisterResponse) -> None:
         self.session_id = self.registrations[address] = response.session_id
+        self.not_registered_because = ""
         self.diagnoses_sent = {}
         self.max_batch_steps = response.max_batch_steps or self.max_batch_steps
+
+    def retire(self) -> None:
+        """Never to be sent: its buffered steps and batches go (not counted as dropped,
+        since no collector will hear of them)."""
+        self.retired = True
+        self.pending.clear()
+        self.unacked.clear()
 
     def forget(self, address: str) -> None:
         """The collector at ``address`` lost our session: register again there."""
@@ -151,7 +166,7 @@ class Buffer:
             new, self._new = self._new, []
         self.sessions.extend(SessionBuffer(s) for s in new)
         for buffer in self.sessions:
-            if buffer.broken:
+            if buffer.broken or buffer.retired:
                 continue
             try:
                 reports, dropped = buffer.session.drain()

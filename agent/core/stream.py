@@ -7,9 +7,14 @@ interval on one ordered ``Report`` stream, while a task reads the acks. It ends 
 an `Outcome` that tells `gradwatch.agent.core.failover` what to do next.
 
 A batch the collector refuses (``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``: it would be
-refused again) is dropped and its steps counted as dropped; the rest goes on. A
-collector that acknowledges nothing for ``ack_timeout_s`` (or whose flow-control
-window stays full that long) is given up. Sender thread (its event loop) only.
+refused again) is dropped and its steps counted as dropped; the rest goes on. A session
+whose registration is refused never holds up the others: ``INVALID_ARGUMENT`` (it would
+be refused again) retires it, and its statistics are no longer read or sent;
+``RESOURCE_EXHAUSTED`` and ``ALREADY_EXISTS`` (the collector is full, another process
+reports that task: both may clear) leave it waiting in the buffer, registered again
+every `REGISTER_RETRY_S`. A collector that acknowledges nothing for ``ack_timeout_s``
+(or whose flow-control window stays full that long) is given up. Sender thread (its
+event loop) only.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Report stream statuses that refuse a batch itself: sent again, it would be refused again.
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+#: Register statuses that may clear: the session is registered again later.
+_NOT_NOW = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS)
+#: Seconds between registrations of a session the collector could not take yet.
+REGISTER_RETRY_S = 30.0
 
 
 class Outcome(enum.Enum):
@@ -220,14 +229,33 @@ class Connection:
         for buffer in self.buffer.sessions:
             if not buffer.session_id:
                 buffer.connect(address)  # adopted since the connection opened
-            if not buffer.session_id:
+            if buffer.session_id or buffer.retired or time.monotonic() < buffer.register_after:
+                continue
+            try:
                 response = await stub.Register(buffer.session.registration(),
                                                timeout=self.rpc_timeout_s,
                                                metadata=self.channel.metadata())
-                buffer.registered(address, response)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    buffer.retire()
+                    log.error("gradwatch: collector %s refused to register %s: %s; its "
+                              "statistics are not sent", self.endpoint, buffer.name,
+                              error.details())
+                elif error.code() in _NOT_NOW:
+                    buffer.register_after = time.monotonic() + REGISTER_RETRY_S
+                    if buffer.not_registered_because != error.details():
+                        buffer.not_registered_because = error.details()
+                        log.warning("gradwatch: collector %s cannot take %s now: %s %s; "
+                                    "trying again every %g s", self.endpoint, buffer.name,
+                                    error.code().name, error.details(), REGISTER_RETRY_S)
+                else:
+                    raise
                 self._answered()
-                log.info("gradwatch: registered %s with %s as session %s",
-                         buffer.name, self.endpoint, buffer.session_id)
+                continue
+            buffer.registered(address, response)
+            self._answered()
+            log.info("gradwatch: registered %s with %s as session %s",
+                     buffer.name, self.endpoint, buffer.session_id)
 
     async def _read_acks(self, call) -> None:
         by_id: dict[str, SessionBuffer] = {}

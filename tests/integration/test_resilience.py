@@ -202,3 +202,61 @@ def test_agent_flushes_when_the_process_exits_without_close(job_name):
         metrics = job_metrics(collector, job_name)
     # With a 1 s flush interval, only the exit hook can have sent them this soon.
     assert metrics["gradwatch_steps_total"] == 7
+
+
+def test_a_session_the_collector_refuses_to_register_does_not_hold_up_the_others(
+        job_name, tmp_path, caplog):
+    """A collector stricter than the agent (here: labels of at most 64 characters) refuses
+    to register the session of a variable with a long name. That session is dropped, with
+    one error line that says why; the process's other session registers and reports every
+    step. Registering it again would be refused again, forever, and the others with it."""
+    config = tmp_path / "collector.yaml"
+    config.write_text("limits:\n  max_label_length: 64\n")
+    short = tf.Variable(tf.ones([4, 1]), name="short")
+    long = tf.Variable(tf.ones([4, 1]), name="a_layer_with_a_long_name_" + "x" * 60)
+    with CollectorProcess("--config", str(config)) as collector:
+        monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                                  flush_interval_s=0.05)
+        for _ in range(20):
+            for name, variable in (("refused", long), ("healthy", short)):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(tf.matmul(X, variable) - Y))
+                monitor.observe(tape.gradient(loss, [variable]), [variable], name=name)
+            time.sleep(0.01)
+        assert monitor.close(timeout_s=30), "nothing left waiting for the refused session"
+        metrics = job_metrics(collector, job_name)
+        refused = select(parse_metrics(collector.scrape()),
+                         "gradwatch_collector_rejected_messages_total")
+    assert metrics["gradwatch_last_step"] == 20, "the healthy session reported every step"
+    assert metrics["gradwatch_steps_total"] == 20
+    assert refused == {"code=INVALID_ARGUMENT,reason=label_length": 1.0}, "refused once"
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "refused to register" in errors[0], errors
+
+
+def test_a_session_the_collector_cannot_take_yet_waits_and_the_others_report(
+        job_name, tmp_path, caplog):
+    """A full collector (here: one session at most) answers the second session's
+    registration with RESOURCE_EXHAUSTED, which may clear. That session waits in the
+    buffer and is registered again every 30 s (one warning line); the first reports
+    every step meanwhile."""
+    config = tmp_path / "collector.yaml"
+    config.write_text("limits:\n  max_sessions: 1\n")
+    first = tf.Variable(tf.ones([4, 1]), name="first")
+    second = tf.Variable(tf.ones([4, 1]), name="second")
+    with CollectorProcess("--config", str(config)) as collector:
+        monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                                  flush_interval_s=0.05)
+        for _ in range(20):
+            for name, variable in (("healthy", first), ("waiting", second)):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(tf.matmul(X, variable) - Y))
+                monitor.observe(tape.gradient(loss, [variable]), [variable], name=name)
+            time.sleep(0.01)
+        wait_until(lambda: job_metrics(collector, job_name)["gradwatch_last_step"] == 20)
+        assert not monitor.close(timeout_s=1), "the waiting session's steps were not delivered"
+        metrics = job_metrics(collector, job_name)
+    assert metrics["gradwatch_steps_total"] == 20, "the first session reported every step"
+    warnings = [r.message for r in caplog.records
+                if r.levelname == "WARNING" and "cannot take" in r.message]
+    assert len(warnings) == 1 and "RESOURCE_EXHAUSTED" in warnings[0], warnings
