@@ -57,9 +57,17 @@ def parse_targets(spec: str) -> list[str]:
     return targets
 
 
+def unresolved(targets: list[str]) -> list[Endpoint]:
+    """``targets`` as they are, ``dns:///`` names included (gRPC resolves those itself
+    when it connects, and reports why it cannot)."""
+    names = [target.removeprefix(DNS_SCHEME) for target in targets]
+    return list(dict.fromkeys(Endpoint(name, name) for name in names))
+
+
 def resolve(targets: list[str]) -> list[Endpoint]:
     """The replicas behind ``targets``, in a stable order. A ``dns:///`` name that
-    does not resolve (yet) is kept as is, so gRPC reports why it cannot connect."""
+    does not resolve (yet) is kept as is, so gRPC reports why it cannot connect.
+    Blocks while the names are looked up."""
     endpoints: list[Endpoint] = []
     for target in targets:
         if not target.startswith(DNS_SCHEME):

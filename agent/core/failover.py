@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwatch.agent.core.channel import ChannelSettings
-from gradwatch.agent.core.endpoints import Endpoint, rank, resolve
+from gradwatch.agent.core.endpoints import Endpoint, rank, resolve, unresolved
 from gradwatch.agent.core.stream import Outcome
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
@@ -55,7 +55,7 @@ class Failover:
         runs after each failed connection (the sender drains the sessions meanwhile)."""
         backoff = self.flush_interval_s
         while True:
-            endpoints = rank(resolve(self.targets), self.training_job)
+            endpoints = rank(await self.resolve(), self.training_job)
             for preference, endpoint in enumerate(endpoints):
                 preferred = endpoints[:preference]
 
@@ -78,6 +78,18 @@ class Failover:
             else:  # every replica failed
                 await self._back_off(backoff * random.uniform(0.5, 1.5), between)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def resolve(self) -> list[Endpoint]:
+        """The replicas, looked up in a worker thread for at most ``rpc_timeout_s``: a DNS
+        server that does not answer must not hold up the sender's loop, which empties
+        the device buffers. Names not resolved in time are left to gRPC."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(resolve, self.targets),
+                                          self.rpc_timeout_s)
+        except asyncio.TimeoutError:
+            log.debug("gradwatch: no DNS answer for %s in %g s", self.targets,
+                      self.rpc_timeout_s)
+            return unresolved(self.targets)
 
     async def _back_off(self, seconds: float, between: Callable[[], None]) -> None:
         """Waits ``seconds``, calling ``between`` every flush interval meanwhile, so the

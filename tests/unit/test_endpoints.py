@@ -6,13 +6,17 @@ addresses, as a Kubernetes headless Service gives, cannot be created on loopback
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
+import time
 from collections import Counter
 
 import pytest
 
 from gradwatch.agent.core.channel import ChannelSettings
 from gradwatch.agent.core.endpoints import Endpoint, parse_targets, rank, resolve
+from gradwatch.agent.core.failover import Failover
 
 
 def test_parse_accepts_one_address_a_list_and_a_dns_name():
@@ -48,6 +52,46 @@ def test_unresolvable_dns_name_is_kept_so_grpc_can_say_why(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     assert resolve(["dns:///nowhere:1"]) == [Endpoint("nowhere:1", "nowhere:1")]
+
+
+def test_a_dns_server_that_does_not_answer_holds_up_the_sender_loop_at_most_a_timeout(
+        monkeypatch):
+    """The sender's event loop also empties the device buffers every flush interval: a
+    lookup that hangs runs in a worker thread, and after the RPC timeout the name is left
+    to gRPC (which says why it cannot connect)."""
+    answer = threading.Event()
+
+    def getaddrinfo(*args, **kwargs):
+        answer.wait(10)  # a DNS server that does not answer
+        raise socket.gaierror("Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    failover = Failover(["dns:///collector-headless:8470", "static:1"], "job",
+                        ChannelSettings(), flush_interval_s=0.05, failback_interval_s=1.0,
+                        rpc_timeout_s=0.3)
+
+    async def resolve_while_ticking():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        start = time.monotonic()
+        endpoints = await failover.resolve()
+        elapsed = time.monotonic() - start
+        ticker.cancel()
+        answer.set()  # let the lookup's thread end
+        return endpoints, elapsed, ticks
+
+    endpoints, elapsed, ticks = asyncio.run(resolve_while_ticking())
+    assert endpoints == [Endpoint("collector-headless:8470", "collector-headless:8470"),
+                         Endpoint("static:1", "static:1")]
+    assert 0.3 <= elapsed < 2.0, elapsed
+    assert ticks >= 10, "the loop ran while the name was looked up"
 
 
 REPLICAS = [Endpoint(f"10.0.0.{i}:8470", "c:8470") for i in range(1, 4)]
