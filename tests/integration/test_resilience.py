@@ -204,6 +204,17 @@ def test_agent_flushes_when_the_process_exits_without_close(job_name):
     assert metrics["gradwatch_steps_total"] == 7
 
 
+def observe_sessions(monitor: GradientMonitor, sessions: dict[str, tf.Variable],
+                     steps: int) -> None:
+    """``steps`` eager steps, each observing one gradient per session (name: variable)."""
+    for _ in range(steps):
+        for name, variable in sessions.items():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(tf.matmul(X, variable) - Y))
+            monitor.observe(tape.gradient(loss, [variable]), [variable], name=name)
+        time.sleep(0.01)
+
+
 def test_a_session_the_collector_refuses_to_register_does_not_hold_up_the_others(
         job_name, tmp_path, caplog):
     """A collector stricter than the agent (here: labels of at most 64 characters) refuses
@@ -217,12 +228,7 @@ def test_a_session_the_collector_refuses_to_register_does_not_hold_up_the_others
     with CollectorProcess("--config", str(config)) as collector:
         monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
                                   flush_interval_s=0.05)
-        for _ in range(20):
-            for name, variable in (("refused", long), ("healthy", short)):
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(tf.square(tf.matmul(X, variable) - Y))
-                monitor.observe(tape.gradient(loss, [variable]), [variable], name=name)
-            time.sleep(0.01)
+        observe_sessions(monitor, {"refused": long, "healthy": short}, steps=20)
         assert monitor.close(timeout_s=30), "nothing left waiting for the refused session"
         metrics = job_metrics(collector, job_name)
         refused = select(parse_metrics(collector.scrape()),
@@ -247,12 +253,7 @@ def test_a_session_the_collector_cannot_take_yet_waits_and_the_others_report(
     with CollectorProcess("--config", str(config)) as collector:
         monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
                                   flush_interval_s=0.05)
-        for _ in range(20):
-            for name, variable in (("healthy", first), ("waiting", second)):
-                with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(tf.square(tf.matmul(X, variable) - Y))
-                monitor.observe(tape.gradient(loss, [variable]), [variable], name=name)
-            time.sleep(0.01)
+        observe_sessions(monitor, {"healthy": first, "waiting": second}, steps=20)
         wait_until(lambda: job_metrics(collector, job_name)["gradwatch_last_step"] == 20)
         assert not monitor.close(timeout_s=1), "the waiting session's steps were not delivered"
         metrics = job_metrics(collector, job_name)
