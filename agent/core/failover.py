@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwatch.agent.core.channel import ChannelSettings
-from gradwatch.agent.core.endpoints import Endpoint, rank, resolve, unresolved
+from gradwatch.agent.core.endpoints import DNS_SCHEME, Endpoint, rank, resolve, unresolved
 from gradwatch.agent.core.stream import Outcome
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
@@ -80,15 +80,18 @@ class Failover:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def resolve(self) -> list[Endpoint]:
-        """The replicas, looked up in a worker thread for at most ``rpc_timeout_s``: a DNS
-        server that does not answer must not hold up the sender's loop, which empties
-        the device buffers. Names not resolved in time are left to gRPC."""
+        """The replicas. ``dns:///`` names are looked up in a worker thread for at most
+        ``rpc_timeout_s``: a DNS server that does not answer must not hold up the
+        sender's loop, which empties the device buffers. Names not resolved in time, or
+        while the interpreter exits (no new threads then), are left to gRPC."""
+        if not any(target.startswith(DNS_SCHEME) for target in self.targets):
+            return resolve(self.targets)
         try:
             return await asyncio.wait_for(asyncio.to_thread(resolve, self.targets),
                                           self.rpc_timeout_s)
-        except asyncio.TimeoutError:
-            log.debug("gradwatch: no DNS answer for %s in %g s", self.targets,
-                      self.rpc_timeout_s)
+        except (asyncio.TimeoutError, RuntimeError) as error:
+            log.debug("gradwatch: %s not looked up: %s", self.targets,
+                      error or f"no DNS answer in {self.rpc_timeout_s:g} s")
             return unresolved(self.targets)
 
     async def _back_off(self, seconds: float, between: Callable[[], None]) -> None:

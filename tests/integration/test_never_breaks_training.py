@@ -348,13 +348,15 @@ def fault(lab: Lab, name: str, folder: Path) -> Iterator[Setup]:
     elif name.startswith("blackholed") and name in AT_START:
         with Blackhole(accepts="never accepts" not in name) as hole:
             yield Setup({"collector": hole.address})
-    elif name == "absent: collector killed":
+    elif name.startswith("absent: ") and name.endswith("collector killed"):
         with CollectorProcess() as collector:
             def kill() -> None:
                 collector.process.kill()
                 collector.process.wait()
 
-            yield Setup({"collector": collector.grpc_target}, kill, collector)
+            # dns:///: looked up in a thread, which the exit hook cannot start any more
+            target = ("dns:///" if "dns:///" in name else "") + collector.grpc_target
+            yield Setup({"collector": target}, kill, collector)
     elif name in ("refusing: token's jobs changed", "token revoked"):
         path = folder / "tokens.yaml"
         write_tokens(path, **{GOOD_TOKEN: "faults-*"})
@@ -536,9 +538,9 @@ ended.append(time.monotonic())
 """
 #: Faults at exit: started after 10 steps, just before the last 10 and the exit; the last
 #: three are there from the start (gRPC's own lines are counted here, on real stderr).
-AT_EXIT = ["absent: collector killed", "token revoked", "blackholed: stops answering",
-           "TLS: CA file removed", "TLS: CA file replaced", "blackholed: never accepts",
-           "TLS: CA file not a certificate", "TLS: wrong CA"]
+AT_EXIT = ["absent: collector killed", "absent: dns:/// collector killed", "token revoked",
+           "blackholed: stops answering", "TLS: CA file removed", "TLS: CA file replaced",
+           "blackholed: never accepts", "TLS: CA file not a certificate", "TLS: wrong CA"]
 
 
 def run_to_exit(lab: Lab, name: str, folder: Path) -> dict[str, Any]:
