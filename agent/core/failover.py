@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +30,7 @@ from gradwatch.agent.core.stream import Outcome
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientWatch"].full_name
 MAX_BACKOFF_S = 5.0
 
@@ -87,7 +90,7 @@ class Failover:
         if not any(target.startswith(DNS_SCHEME) for target in self.targets):
             return resolve(self.targets)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(resolve, self.targets),
+            return await asyncio.wait_for(_in_daemon_thread(resolve, self.targets),
                                           self.rpc_timeout_s)
         except (asyncio.TimeoutError, RuntimeError) as error:
             log.debug("gradwatch: %s not looked up: %s", self.targets,
@@ -119,3 +122,32 @@ class Failover:
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     log.info("gradwatch: collector %s is back; moving there", endpoint)
                     return
+
+
+def _in_daemon_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``function(*args)`` in a daemon thread of its own: unlike the loop's executor, a
+    lookup that never returns does not hold up the process's exit. Raises RuntimeError
+    where no thread can start (the interpreter is exiting)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # given up on meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except Exception as caught:
+            result, error = None, caught
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="gradwatch-lookup", daemon=True).start()
+    return future

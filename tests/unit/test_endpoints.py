@@ -57,8 +57,9 @@ def test_unresolvable_dns_name_is_kept_so_grpc_can_say_why(monkeypatch):
 def test_a_dns_server_that_does_not_answer_holds_up_the_sender_loop_at_most_a_timeout(
         monkeypatch):
     """The sender's event loop also empties the device buffers every flush interval: a
-    lookup that hangs runs in a worker thread, and after the RPC timeout the name is left
-    to gRPC (which says why it cannot connect)."""
+    lookup that hangs runs in a daemon thread (so it cannot delay the process's exit
+    either), and after the RPC timeout the name is left to gRPC (which says why it cannot
+    connect)."""
     answer = threading.Event()
 
     def getaddrinfo(*args, **kwargs):
@@ -84,10 +85,12 @@ def test_a_dns_server_that_does_not_answer_holds_up_the_sender_loop_at_most_a_ti
         endpoints = await failover.resolve()
         elapsed = time.monotonic() - start
         ticker.cancel()
+        lookups = [t for t in threading.enumerate() if t.name == "gradwatch-lookup"]
         answer.set()  # let the lookup's thread end
-        return endpoints, elapsed, ticks
+        return endpoints, elapsed, ticks, lookups
 
-    endpoints, elapsed, ticks = asyncio.run(resolve_while_ticking())
+    endpoints, elapsed, ticks, lookups = asyncio.run(resolve_while_ticking())
+    assert lookups and all(t.daemon for t in lookups), "a hung lookup must not delay exit"
     assert endpoints == [Endpoint("collector-headless:8470", "collector-headless:8470"),
                          Endpoint("static:1", "static:1")]
     assert 0.3 <= elapsed < 2.0, elapsed
