@@ -83,8 +83,8 @@ class Failover:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def resolve(self) -> list[Endpoint]:
-        """The replicas. ``dns:///`` names are looked up in a worker thread for at most
-        ``rpc_timeout_s``: a DNS server that does not answer must not hold up the
+        """The replicas. ``dns:///`` names are looked up in a thread of their own for at
+        most ``rpc_timeout_s``: a DNS server that does not answer must not hold up the
         sender's loop, which empties the device buffers. Names not resolved in time, or
         while the interpreter exits (no new threads then), are left to gRPC."""
         if not any(target.startswith(DNS_SCHEME) for target in self.targets):
