@@ -224,7 +224,8 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, 
             rounds[variant].append(statistics.median(block))
             cpu[variant].append(cpu_per_step)
     sender, wall = sender_cpu_s() - sender_before, time.perf_counter() - wall_before
-    base, first = statistics.median(times[variants[0]]), variants[0]
+    first = variants[0]
+    base = statistics.median(times[first])
     for variant in variants:
         median = statistics.median(times[variant])
         middle, low, high = round_ratios(rounds[variant], rounds[first])

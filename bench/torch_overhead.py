@@ -244,5 +244,6 @@ def main(argv: list[str] | None = None) -> None:
                   f" ms; ratios to plain: {ratios}{extra}; all acknowledged: "
                   f"{result['acknowledged']}", flush=True)
 
+
 if __name__ == "__main__":
     main()
