@@ -8,15 +8,18 @@ agent does per update, and the run time per update is printed:
 - sums: the sum of squares of each gradient (the hot path's one read);
 - sums_every_10: the same inside a ``tf.cond`` taken at one update in ten;
 - record: the whole `gradient_record` (sums, the rare-branch ``tf.cond``, ordering);
+- branch_free: the sums with NaN and Inf counts as sibling reductions and no ``tf.cond``
+  (what the plan for accelerators would run; exact counts, no overflow rescaling);
 - record_and_write: that plus the ring-buffer write (what an update costs with gradwatch).
 
-    .venv/bin/python -m bench.xla_statistics [--updates 20] [--repeat 10] [--no-xla]
+    .venv/bin/python -m bench.xla_statistics [--updates 20] [--repeat 10] [--rounds 5] [--no-xla]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,9 +27,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
 
 from gradwatch.agent.tensorflow.recorder import StepRecorder
-from gradwatch.agent.tensorflow.stats import _sums_of_squares, gradient_record
+from gradwatch.agent.tensorflow.stats import _half_squares, gradient_record
 
-VARIANTS = ("plain", "sums", "sums_every_10", "record", "record_and_write")
+VARIANTS = ("plain", "sums", "sums_every_10", "record", "branch_free", "record_and_write")
+
+
+def sums(grads: list[tf.Tensor]) -> tf.Tensor:
+    return tf.reduce_sum(_half_squares(grads, set()))
+
+
+def branch_free_record(grads: list[tf.Tensor]) -> tf.Tensor:
+    def count(mask: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(tf.cast(mask, tf.float32))
+
+    return tf.stack([tf.nn.l2_loss(g) for g in grads]
+                    + [count(tf.math.is_nan(g)) for g in grads]
+                    + [count(tf.math.is_inf(g)) for g in grads])
 
 
 def step_function(variant: str, updates: int, xla: bool = True):
@@ -42,14 +58,16 @@ def step_function(variant: str, updates: int, xla: bool = True):
             for variable, grad in zip(variables, grads, strict=True):
                 variable.assign_sub(0.001 * grad)
             if variant == "sums":
-                total += tf.reduce_sum(_sums_of_squares(grads, 0)[0])
+                total += sums(grads)
             elif variant == "sums_every_10":
                 counter.assign_add(1)
                 total += tf.cond(tf.equal(counter % 10, 0),
-                                 lambda grads=grads: tf.reduce_sum(_sums_of_squares(grads, 0)[0]),
+                                 lambda grads=grads: sums(grads),
                                  lambda: tf.constant(0.0))
             elif variant == "record":
                 total += tf.reduce_sum(gradient_record(grads))
+            elif variant == "branch_free":
+                total += tf.reduce_sum(branch_free_record(grads))
             elif variant == "record_and_write":
                 recorder.record(gradient_record(grads))
         return total
@@ -60,21 +78,29 @@ def step_function(variant: str, updates: int, xla: bool = True):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-xla", action="store_true",
                         help="the same steps as plain TensorFlow graphs, for comparison")
     args = parser.parse_args()
-    for _ in range(args.rounds):
-        for variant in VARIANTS:
-            step = step_function(variant, args.updates, xla=not args.no_xla)
-            step()
-            step()  # compiled and warm
+    steps = {variant: step_function(variant, args.updates, xla=not args.no_xla)
+             for variant in VARIANTS}
+    for step in steps.values():
+        step()
+        step()  # compiled and warm
+    per_update: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.rounds):  # the variants interleaved, round by round
+        for variant, step in steps.items():
             start = time.perf_counter()
             for _ in range(args.repeat):
                 step()
-            per_update = (time.perf_counter() - start) / args.repeat / args.updates
-            print(f"{variant:17s} {per_update * 1e3:7.3f} ms per update", flush=True)
+            per_update[variant].append((time.perf_counter() - start) / args.repeat / args.updates)
+    print(f"tensorflow {tf.__version__}, {'XLA' if not args.no_xla else 'no XLA'}; "
+          f"{args.rounds} rounds x {args.repeat} steps x {args.updates} updates")
+    for variant, times in per_update.items():
+        ms = sorted(t * 1e3 for t in times)
+        print(f"{variant:17s} {statistics.median(ms):7.3f} ms per update "
+              f"(rounds {ms[0]:.3f}-{ms[-1]:.3f})", flush=True)
 
 
 if __name__ == "__main__":
