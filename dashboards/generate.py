@@ -78,7 +78,7 @@ RATE = "$__rate_interval"
 RANGE = "$__range"
 JOB = 'training_job="$training_job"'
 OPT = f'{JOB},optimizer=~"$optimizer"'
-TASK = f'{OPT},task_index=~"$task"'
+TASK = f'{OPT},task_type=~"$task_type",task_index=~"$task"'
 VAR = f'{OPT},variable=~"$variable"'
 TASK_LEGEND = "{{task_type}}/{{task_index}}"
 
@@ -451,8 +451,10 @@ def job_variables() -> list[Any]:
         datasource_variable(), job,
         multi("optimizer", "Optimizer", f"label_values(gradwatch_steps_total{{{JOB}}}, "
               "optimizer)", VariableSort.ALPHABETICAL_ASC),
-        multi("task", "Task index", f"label_values(gradwatch_steps_total{{{OPT}}}, "
-              "task_index)", VariableSort.NUMERICAL_ASC),
+        multi("task_type", "Task type", f"label_values(gradwatch_steps_total{{{OPT}}}, "
+              "task_type)", VariableSort.ALPHABETICAL_ASC),
+        multi("task", "Task index", f"label_values(gradwatch_steps_total{{{OPT},"
+              'task_type=~"$task_type"}, task_index)', VariableSort.NUMERICAL_ASC),
         multi("variable", "Variable", f"label_values(gradwatch_gradient_norm{{{OPT}}}, "
               "variable)", VariableSort.ALPHABETICAL_ASC),
     ]
@@ -488,7 +490,8 @@ TASK_COLUMNS: list[tuple[str, str, str, Steps]] = [
 def task_table() -> table.Panel:
     refs = "ABCDEFGH"
     info = query(f'max by (training_job, task_type, task_index, hostname, pod, pid) '
-                 f'(gradwatch_task_info{{{JOB},task_index=~"$task"}})', instant=True,
+                 f'(gradwatch_task_info{{{JOB},task_type=~"$task_type",'
+                 'task_index=~"$task"})', instant=True,
                  fmt="table")
     panel = grid(
         "Tasks", "One row per task: where it runs (host, pod, pid, from its registration), "
@@ -717,7 +720,7 @@ def job_detail() -> dashboard.Dashboard:
             "Global gradient norm by task and replica", "Replicas of one step should agree "
             f"(log scale; the line is max_norm {MAX_NORM:g}). Zero and NaN cannot show on a "
             "log axis: see the divergence panel and \"Replicas with a NaN or Inf global "
-            "norm\". Narrow with $task.", "sci",
+            "norm\". Narrow with $task_type and $task.", "sci",
             query(f"gradwatch_global_gradient_norm{{{TASK}}}",
                   TASK_LEGEND + " r{{replica}} {{optimizer}}"), log=True, steps=NORM,
             line=True, legend_mode="table", width=24))

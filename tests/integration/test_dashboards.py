@@ -89,14 +89,14 @@ def test_dashboards_are_complete():
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
     job = json.loads((ROOT / "dashboards" / "gradwatch-job.json").read_text())
-    assert {"training_job", "optimizer", "task", "variable"} <= {
+    assert {"training_job", "optimizer", "task_type", "task", "variable"} <= {
         name for name, _ in variable_queries(job)}
 
 
 def substitute(expr: str, job: str) -> str:
     """What Grafana sends for job ``job``, "All" for the multi-value variables, a 1 s
     scrape interval and a 5 minute dashboard range."""
-    for variable in ("$variable", "$optimizer", "$task"):
+    for variable in ("$variable", "$optimizer", "$task_type", "$task"):
         expr = expr.replace(variable, ".*")
     return (expr.replace("$training_job", job).replace("$__rate_interval", "1m")
             .replace("$__range", "5m"))

@@ -28,17 +28,19 @@ NAN_VARIABLE, NAN_TASK, STUCK_TASK = 5, 17, 42
 JOB = "bert-64"
 
 
-def panels(name: str) -> dict[str, list[str]]:
-    """Panel title → its queries, as Grafana would send them for JOB (variables "All",
-    a 1 s scrape interval, a 5 minute range)."""
+def panels(name: str, task_type: str = ".*", task: str = ".*") -> dict[str, list[str]]:
+    """Panel title → its queries, as Grafana would send them for JOB (the other variables
+    "All" unless given, a 1 s scrape interval, a 5 minute range)."""
     dashboard = json.loads((ROOT / "dashboards" / name).read_text())
+    values = {"$training_job": JOB, "$__rate_interval": "1m", "$__range": "5m",
+              "$optimizer": ".*", "$task_type": task_type, "$task": task, "$variable": ".*"}
     found = {}
     for panel in dashboard["panels"]:
         for p in [panel, *panel.get("panels", [])]:
-            found[p["title"]] = [
-                t["expr"].replace("$training_job", JOB).replace("$__rate_interval", "1m")
-                .replace("$__range", "5m").replace("$optimizer", ".*").replace("$task", ".*")
-                .replace("$variable", ".*") for t in p.get("targets", [])]
+            exprs = [t["expr"] for t in p.get("targets", [])]
+            for variable, value in values.items():  # in order: $task_type before $task
+                exprs = [e.replace(variable, value) for e in exprs]
+            found[p["title"]] = exprs
     return found
 
 
@@ -135,6 +137,12 @@ def test_the_walkthrough_answers_each_alert_at_64_tasks():
             share = q(job["Share of steps without gradient"][0])
             assert labels(share, "variable") == {(f"encoder/layer_{BROKEN:04d}/kernel",)}
             assert float(share[0]["value"][1]) == pytest.approx(1.0)
+
+            # $task_type and $task narrow the job dashboard to one task.
+            one = panels("gradwatch-job.json", task_type="worker", task=str(NAN_TASK))
+            assert labels(q(one["Tasks"][0]), "task_type", "task_index") == {
+                ("worker", str(NAN_TASK))}
+            assert q(panels("gradwatch-job.json", task_type="chief")["Tasks"][0]) == []
 
             # GradientNonFinite → which task and replica, which variable.
             assert labels(q(job["Non-finite steps by task"][0]), "task_index") == {
