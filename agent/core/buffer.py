@@ -48,8 +48,8 @@ class SessionBuffer:
     final_sent: bool = False
     #: Reading its statistics failed once (a bug): it is not read again.
     broken: bool = False
-    #: The collector refused to register it (sent again, it would be refused again): it
-    #: is neither read nor sent any more.
+    #: The collector of this connection refused to register it (asked again, it would
+    #: refuse again): it is neither read nor sent until the next connection asks again.
     retired: bool = False
     #: Monotonic time before which it is not registered again, and why the collector
     #: could not take it the last time ("" if it could).
@@ -79,9 +79,11 @@ class SessionBuffer:
         return bool(self.session_id) and bool(self.pending or self.unsent_diagnoses())
 
     def connect(self, address: str) -> None:
-        """A new connection to the collector at ``address``: resume its session, if any."""
+        """A new connection to the collector at ``address``: resume its session, if any;
+        a retired one is registered again (the collector may be another one now)."""
         self.session_id = self.registrations.get(address, "")
         self.final_sent = False
+        self.retired = False
 
     def registered(self, address: str, response: pb.RegisterResponse) -> None:
         self.session_id = self.registrations[address] = response.session_id
@@ -90,8 +92,8 @@ class SessionBuffer:
         self.max_batch_steps = response.max_batch_steps or self.max_batch_steps
 
     def retire(self) -> None:
-        """Never to be sent: its buffered steps and batches go (not counted as dropped,
-        since no collector will hear of them)."""
+        """Not to be sent on this connection: its buffered steps and batches go (not
+        counted as dropped, since this collector will not hear of them)."""
         self.retired = True
         self.pending.clear()
         self.unacked.clear()

@@ -9,7 +9,8 @@ an `Outcome` that tells `gradwatch.agent.core.failover` what to do next.
 A batch the collector refuses (``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``: it would be
 refused again) is dropped and its steps counted as dropped; the rest goes on. A session
 whose registration is refused never holds up the others: ``INVALID_ARGUMENT`` (it would
-be refused again) retires it, and its statistics are no longer read or sent;
+be refused again) retires it for the rest of the connection, its statistics neither read
+nor sent (the next connection, perhaps to a collector with other limits, asks again);
 ``RESOURCE_EXHAUSTED`` and ``ALREADY_EXISTS`` (the collector is full, another process
 reports that task: both may clear) leave it waiting in the buffer, registered again
 every `REGISTER_RETRY_S`. A collector that acknowledges nothing for ``ack_timeout_s``
@@ -227,7 +228,7 @@ class Connection:
     async def _register_new(self, stub: pb_grpc.GradientWatchStub) -> None:
         address = self.endpoint.address
         for buffer in self.buffer.sessions:
-            if not buffer.session_id:
+            if not buffer.session_id and not buffer.retired:
                 buffer.connect(address)  # adopted since the connection opened
             if buffer.session_id or buffer.retired or time.monotonic() < buffer.register_after:
                 continue
@@ -238,9 +239,12 @@ class Connection:
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     buffer.retire()
-                    log.error("gradwatch: collector %s refused to register %s: %s; its "
-                              "statistics are not sent", self.endpoint, buffer.name,
-                              error.details())
+                    # One line per reason: a flapping collector refuses it at every connection.
+                    if buffer.not_registered_because != error.details():
+                        buffer.not_registered_because = error.details()
+                        log.error("gradwatch: collector %s refused to register %s: %s; its "
+                                  "statistics are not sent", self.endpoint, buffer.name,
+                                  error.details())
                 elif error.code() in _NOT_NOW:
                     buffer.register_after = time.monotonic() + REGISTER_RETRY_S
                     if buffer.not_registered_because != error.details():

@@ -240,6 +240,39 @@ def test_a_session_the_collector_refuses_to_register_does_not_hold_up_the_others
     assert len(errors) == 1 and "refused to register" in errors[0], errors
 
 
+def test_a_refused_session_registers_with_the_collector_that_replaces_the_one_that_refused(
+        job_name, tmp_path, caplog):
+    """The operator reads the refusal, raises the limit and replaces the collector behind
+    the same address: the refused session registers with the new one and reports from
+    then on. The collector that refused it is not asked again while its connection
+    lasts, and the agent says so once."""
+    config = tmp_path / "collector.yaml"
+    config.write_text("limits:\n  max_label_length: 64\n")
+    short = tf.Variable(tf.ones([4, 1]), name="short")
+    long = tf.Variable(tf.ones([4, 1]), name="a_layer_with_a_long_name_" + "x" * 60)
+    sessions = {"refused": long, "healthy": short}
+    with CollectorProcess("--config", str(config)) as strict, \
+            TcpProxy(strict.grpc_target) as service:
+        monitor = GradientMonitor(collector=service.address, training_job=job_name,
+                                  flush_interval_s=0.05)
+        observe_sessions(monitor, sessions, steps=20)
+        wait_until(lambda: job_metrics(strict, job_name)["gradwatch_last_step"] == 20)
+        time.sleep(0.5)  # ten more flushes: the refused session is not registered again
+        refused = select(parse_metrics(strict.scrape()),
+                         "gradwatch_collector_rejected_messages_total")
+        with CollectorProcess() as lenient:
+            service.retarget(lenient.grpc_target)
+            observe_sessions(monitor, sessions, steps=20)
+            assert monitor.close(timeout_s=30)
+            samples = parse_metrics(lenient.scrape())
+    last_steps = {name: select(samples, "gradwatch_last_step", training_job=job_name,
+                               optimizer=name) for name in sessions}
+    assert refused == {"code=INVALID_ARGUMENT,reason=label_length": 1.0}, "asked once"
+    assert [list(steps.values()) for steps in last_steps.values()] == [[40], [40]], last_steps
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "refused to register refused" in errors[0], errors
+
+
 def test_a_session_the_collector_cannot_take_yet_waits_and_the_others_report(
         job_name, tmp_path, caplog):
     """A full collector (here: one session at most) answers the second session's
