@@ -38,7 +38,9 @@ class NormHistory:
 class GradientExploding(Rule[NormHistory]):
     """A gradient norm (global, or a variable's) above ``max_norm``, or above
     ``median_factor`` x its median over the previous ``window_steps`` steps (once at
-    least ``min_steps`` are known). Norms are maxima over replicas."""
+    least ``min_steps`` are known). Norms are maxima over replicas. A NaN or Inf norm
+    is GradientNonFinite's, unless no NaN or Inf element was counted: then the norm of
+    finite values overflowed float32 (TensorFlow under XLA on an accelerator)."""
 
     name = "GradientExploding"
     Params = ExplodingParams
@@ -65,14 +67,15 @@ class GradientExploding(Rule[NormHistory]):
             median = state.variable_median
             too_big_v |= ((per_variable > params.median_factor * median) &
                           (median > 0)).any(axis=0)
+        counted = (batch.nan_count + batch.inf_count).max(axis=1) > 0  # [S, N]
         finite = np.isfinite(global_norm)
         state.global_norms = np.concatenate(
             [state.global_norms, global_norm[finite]])[-params.window_steps:]
         state.variable_norms = np.concatenate(
             [state.variable_norms, per_variable[finite].astype(np.float32)]
         )[-params.window_steps:]
-        state.global_exploded = bool((too_big_g & finite).any())
-        state.variables_exploded = too_big_v & np.isfinite(per_variable).all(axis=0)
+        state.global_exploded = bool((too_big_g & ~counted.any(axis=1)).any())
+        state.variables_exploded = too_big_v & ~counted.any(axis=0)
         state.latest_global = float(global_norm[-1])
 
     def evaluate(self, group: Group, states: Mapping[str, NormHistory],

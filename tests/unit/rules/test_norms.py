@@ -41,6 +41,21 @@ def test_nan_norms_are_nonfinite_not_exploding():
     assert h.active("GradientNonFinite")
 
 
+def test_a_norm_that_overflowed_without_nan_or_inf_elements_is_exploding():
+    """TensorFlow under XLA on an accelerator reports a finite gradient whose norm is
+    beyond float32 as +Inf with no NaN or Inf element counted: an exploding gradient,
+    not a non-finite one (and not nothing)."""
+    h = Harness(GradientExploding={"min_steps": 1})
+    s = h.register()
+    h.feed(s, healthy(), {"present": [1, 1, 1], "norm": [1, np.inf, 1]})
+    (alert,) = h.active("GradientExploding")
+    assert alert.annotations["variables"] == "b"
+    assert h.active("GradientNonFinite") == []
+    h.feed(s, healthy(), {"present": [1, 1, 1], "norm": [1, np.inf, 1], "inf": [0, 3, 0]})
+    assert h.active("GradientExploding") == [], "Inf elements: GradientNonFinite's"
+    assert h.active("GradientNonFinite")
+
+
 def test_vanishing_needs_consecutive_steps_on_every_replica():
     h = Harness(GradientVanishing={"steps": 3, "epsilon": 1e-6})
     s = h.register(replicas=2)
