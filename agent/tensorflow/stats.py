@@ -21,6 +21,13 @@ decides whether the rare branch runs: it counts NaN and Inf elements and rescale
 overflowed norms. In a step that is not compiled the cond is lowered to switches,
 and a finite step runs a fixed handful of ops besides the reductions: one pack of
 all values, the finiteness check (2 ops) and the cond's switches.
+
+Compiled by XLA in a process with a GPU or TPU there is no branch: a conditional
+there waits on the host for its predicate (a sync per update), while the NaN and Inf
+counts, reductions of the same gradient, fuse with the sum of squares into one read.
+The counts are exact; a finite gradient whose ``½‖g‖²`` overflows float32 (‖g‖ above
+about 2.6e19) reads +Inf. On a CPU the cond is cheaper, even under XLA
+(``bench/xla_statistics.py``), so it stays.
 """
 
 from __future__ import annotations
@@ -153,13 +160,47 @@ def _unchecked_record(grads: Sequence[tf.Tensor | tf.IndexedSlices]
     return record, present, values, sparse
 
 
-def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
+def _branch_free_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
+    """The record with NaN and Inf counts reduced beside each sum of squares, no branch
+    (for XLA on accelerators, which fuses the three into one read)."""
+    def count(mask: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(tf.cast(mask, tf.float32))
+
+    absent, zero = tf.constant(ABSENT), tf.constant(0.0)
+    values = [None if g is None else _dense_values(g) for g in grads]
+    return tf.stack([absent if v is None else tf.nn.l2_loss(v) for v in values]
+                    + [zero if v is None else count(tf.math.is_nan(v)) for v in values]
+                    + [zero if v is None else count(tf.math.is_inf(v)) for v in values])
+
+
+def _accelerators() -> bool:
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def _compiled_for_an_accelerator() -> bool:
+    """Being traced for XLA (``jit_compile``, TPU replication) in a process with a GPU or
+    TPU. XLA's context is internal to TensorFlow: without it, False."""
+    try:
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:
+        return False
+    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()) and _accelerators()
+
+
+def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None], *,
+                    branch_free: bool | None = None) -> tf.Tensor:
     """The float32 ``[3 * len(grads)]`` device record of one step (see the module).
 
     Works in replica and cross-replica context alike: it only reads ``grads``.
+    ``branch_free``: counts without a ``tf.cond`` (default: when compiled by XLA for an
+    accelerator).
     """
     if all(g is None for g in grads):
         return tf.constant([ABSENT] * len(grads) + [0.0] * (2 * len(grads)))
+    if branch_free is None:
+        branch_free = _compiled_for_an_accelerator()
+    if branch_free:
+        return _branch_free_record(grads)
     record, present, values, sparse = _unchecked_record(grads)
     return tf.cond(tf.reduce_all(tf.math.is_finite(record)), lambda: record,
                    lambda: _rare_branch(record, present, values, sparse))

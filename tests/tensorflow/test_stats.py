@@ -183,10 +183,11 @@ def test_ops_per_update_stay_few(variables):
     assert traced <= 60 + 1.2 * variables, f"{traced} ops traced (measured: 52, 74 and 254)"
 
 
-def test_sparse_gradients_under_xla_in_both_branches():
+@pytest.mark.parametrize("branch_free", [None, True])
+def test_sparse_gradients_under_xla_in_both_branches(branch_free):
     """XLA compiles both branches of the cond, and pads the deduplicated rows of an
     IndexedSlices to a bound: the rare branch must not assume their size (it crashed a
-    transformer with an embedding under jit_compile)."""
+    transformer with an embedding under jit_compile). The same without a branch."""
     table = tf.Variable(tf.random.normal([100, 8], seed=1))
     dense = tf.Variable(tf.random.normal([8, 4], seed=2))
     ids = tf.constant([3, 7, 7, 42, 99])
@@ -195,7 +196,7 @@ def test_sparse_gradients_under_xla_in_both_branches():
     def record(poison):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.nn.embedding_lookup(table, ids) @ dense) * poison
-        return gradient_record(tape.gradient(loss, [table, dense]))
+        return gradient_record(tape.gradient(loss, [table, dense]), branch_free=branch_free)
 
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.nn.embedding_lookup(table, ids) @ dense)
@@ -206,6 +207,63 @@ def test_sparse_gradients_under_xla_in_both_branches():
     poisoned = to_statistics(to_norms(record(tf.constant(float("nan"))).numpy(), 2), 2)
     assert poisoned[0, NAN] == 4 * 8  # the 4 unique rows looked up, 8 columns each
     assert poisoned[1, NAN] == 8 * 4
+
+
+def branch_free_under_xla(grads):
+    return gradient_record(grads, branch_free=True)
+
+
+def test_without_a_branch_under_xla_the_statistics_are_the_same():
+    """What runs where XLA compiles for a GPU or TPU (no tf.cond), checked on this CPU:
+    norms and exact NaN and Inf counts, absent, sparse and half-precision gradients."""
+    rng = np.random.default_rng(5)
+    dense = rng.normal(size=(40, 30)).astype(np.float32)
+    broken = np.array([[np.nan, 1.0, np.inf], [-np.inf, np.nan, np.nan]], np.float32)
+    half = rng.normal(size=(7,)).astype(np.float16)
+    values = np.array([[1.0, 2.0], [3.0, -4.0], [0.5, 0.5]], np.float32)
+    indices = np.array([4, 1, 4], np.int64)
+    summed = np.zeros((6, 2), np.float32)
+    np.add.at(summed, indices, values)
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([6, 2]))
+    grads = [tf.constant(dense), None, tf.constant(broken), tf.constant(half), sparse,
+             tf.zeros([0, 3])]
+    stats = gradient_stats(grads, tf.function(branch_free_under_xla, jit_compile=True))
+    np.testing.assert_allclose(stats[0], reference(dense), rtol=1e-5)
+    assert stats[1].tolist() == [0] * len(COLUMNS)
+    assert stats[2, NAN] == 3 and stats[2, INF] == 2 and np.isnan(stats[2, NORM])
+    np.testing.assert_allclose(stats[3], reference(half), rtol=1e-3)
+    np.testing.assert_allclose(stats[4], reference(summed), rtol=1e-6)
+    assert stats[5].tolist() == [1, 0, 0, 0]
+
+    overflowing = gradient_stats([tf.constant([3e20, 4e20])],
+                                 tf.function(branch_free_under_xla, jit_compile=True))
+    assert overflowing[0].tolist() == [1, np.inf, 0, 0], "+Inf, not counted as non-finite"
+
+
+def branch_ops(function, grads) -> set[str]:
+    graph = function.get_concrete_function(grads).graph
+    library = graph.as_graph_def().library.function
+    types = {op.type for op in graph.get_operations()}
+    types |= {node.op for f in library for node in f.node_def}
+    return types & {"If", "StatelessIf", "Switch", "Merge"}
+
+
+def test_the_statistics_branch_except_where_xla_compiles_for_an_accelerator(monkeypatch):
+    from gradwatch.agent.tensorflow import stats
+
+    grads = [tf.constant([1.0, 2.0]), tf.constant([[3.0]])]
+    assert branch_ops(tf.function(gradient_record, jit_compile=True), grads), "CPU: the cond"
+    monkeypatch.setattr(stats, "_accelerators", lambda: True)
+    assert branch_ops(tf.function(gradient_record), grads), "not compiled: the cond"
+    assert not branch_ops(tf.function(gradient_record, jit_compile=True), grads)
+    # A step compiled as a whole, calling the statistics as their own function (a session).
+    statistics = tf.function(gradient_record)
+
+    @tf.function(jit_compile=True)
+    def step(grads):
+        return statistics(grads)
+
+    assert not branch_ops(step, grads)
 
 
 def test_a_step_with_many_updates_traces_the_statistics_once():
