@@ -179,12 +179,15 @@ def _accelerators() -> bool:
 
 def _compiled_for_an_accelerator() -> bool:
     """Being traced for XLA (``jit_compile``, TPU replication) in a process with a GPU or
-    TPU. XLA's context is internal to TensorFlow: without it, False."""
+    TPU. XLA's context is internal to TensorFlow: where it cannot be read, False (the
+    branch is correct everywhere)."""
     try:
         from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
-    except ImportError:
+
+        in_xla = GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    except Exception:  # another TensorFlow's internals
         return False
-    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()) and _accelerators()
+    return bool(in_xla) and _accelerators()
 
 
 def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None], *,
