@@ -26,7 +26,7 @@ Compiled by XLA in a process with a GPU or TPU there is no branch: a conditional
 there waits on the host for its predicate (a sync per update), while the NaN and Inf
 counts, reductions of the same gradient, fuse with the sum of squares into one read.
 The counts are exact; a finite gradient whose ``½‖g‖²`` overflows float32 (‖g‖ above
-about 2.6e19) reads +Inf. On a CPU the cond is cheaper, even under XLA
+about 1.8e19) reads +Inf. On a CPU the cond is cheaper, even under XLA
 (``bench/xla_statistics.py``), so it stays.
 """
 
