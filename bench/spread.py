@@ -1,9 +1,20 @@
-"""The spread of paired measurements: what every side-by-side benchmark reports."""
+"""The spread of paired measurements: what every side-by-side benchmark reports.
+
+Run on the step times `bench.agent_overhead --save` writes, it prints each variant's
+ratio of median step times to plain with a 95 % bootstrap interval over rounds, and
+the difference between gradwatch and the A/A control (``plain_again``):
+
+    .venv/bin/python -m bench.spread steps.json [--steps 3]
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from collections.abc import Sequence
+
+import numpy as np
 
 
 def round_ratios(measured: Sequence[float], baseline: Sequence[float]
@@ -12,3 +23,45 @@ def round_ratios(measured: Sequence[float], baseline: Sequence[float]
     ratios = sorted(m / b for m, b in zip(measured, baseline, strict=True))
     return (statistics.median(ratios), ratios[len(ratios) // 4],
             ratios[(3 * len(ratios)) // 4])
+
+
+def bootstrap_ratios(blocks: dict[str, np.ndarray], baseline: str = "plain",
+                     resamples: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+    """``blocks``: variant → step times ``[rounds, steps]``. Ratios of median step times to
+    ``baseline``, for the rounds as measured (element 0) and ``resamples`` resamplings of
+    the rounds with replacement (the same rounds for every variant)."""
+    rounds = len(blocks[baseline])
+    rng = np.random.default_rng(seed)
+    picks = [np.arange(rounds)] + [rng.integers(0, rounds, rounds) for _ in range(resamples)]
+    base = np.array([np.median(blocks[baseline][p]) for p in picks])
+    return {variant: np.array([np.median(times[p]) for p in picks]) / base
+            for variant, times in blocks.items() if variant != baseline}
+
+
+def interval(samples: np.ndarray) -> str:
+    low, high = np.percentile(samples[1:], [2.5, 97.5])
+    return f"{samples[0]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="JSON from bench.agent_overhead --save")
+    parser.add_argument("--steps", type=int, default=3, help="steps per block in that run")
+    args = parser.parse_args()
+    with open(args.path) as saved:
+        cases = json.load(saved)
+    for case, variants in cases.items():
+        rounds = len(variants["plain"]) // args.steps
+        blocks = {v: np.asarray(times[:rounds * args.steps]).reshape(rounds, args.steps)
+                  for v, times in variants.items()}
+        ratios = bootstrap_ratios(blocks)
+        parts = [f"{variant} {interval(r)}" for variant, r in ratios.items()]
+        if {"gradwatch", "plain_again"} <= ratios.keys():
+            difference = ratios["gradwatch"] - ratios["plain_again"]
+            low, high = np.percentile(difference[1:], [2.5, 97.5])
+            parts.append(f"gradwatch - plain_again {difference[0]:+.3f} [{low:+.3f}, {high:+.3f}]")
+        print(f"{case} ({rounds} rounds): " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
