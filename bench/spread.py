@@ -38,9 +38,10 @@ def bootstrap_ratios(blocks: dict[str, np.ndarray], baseline: str = "plain",
             for variant, times in blocks.items() if variant != baseline}
 
 
-def interval(samples: np.ndarray) -> str:
+def interval(samples: np.ndarray, form: str = ".3f") -> str:
+    """Element 0 (as measured) and the 95 % interval of the others (resampled)."""
     low, high = np.percentile(samples[1:], [2.5, 97.5])
-    return f"{samples[0]:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{samples[0]:{form}} [{low:{form}}, {high:{form}}]"
 
 
 def main() -> None:
@@ -58,8 +59,7 @@ def main() -> None:
         parts = [f"{variant} {interval(r)}" for variant, r in ratios.items()]
         if {"gradwatch", "plain_again"} <= ratios.keys():
             difference = ratios["gradwatch"] - ratios["plain_again"]
-            low, high = np.percentile(difference[1:], [2.5, 97.5])
-            parts.append(f"gradwatch - plain_again {difference[0]:+.3f} [{low:+.3f}, {high:+.3f}]")
+            parts.append(f"gradwatch - plain_again {interval(difference, '+.3f')}")
         print(f"{case} ({rounds} rounds): " + "; ".join(parts))
 
 

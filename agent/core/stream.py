@@ -239,21 +239,20 @@ class Connection:
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     buffer.retire()
-                    # One line per reason: a flapping collector refuses it at every connection.
-                    if buffer.not_registered_because != error.details():
-                        buffer.not_registered_because = error.details()
-                        log.error("gradwatch: collector %s refused to register %s: %s; its "
-                                  "statistics are not sent", self.endpoint, buffer.name,
-                                  error.details())
+                    level, line = logging.ERROR, ("refused to register %s: %s; its "
+                                                  "statistics are not sent")
                 elif error.code() in _NOT_NOW:
                     buffer.register_after = time.monotonic() + REGISTER_RETRY_S
-                    if buffer.not_registered_because != error.details():
-                        buffer.not_registered_because = error.details()
-                        log.warning("gradwatch: collector %s cannot take %s now: %s %s; "
-                                    "trying again every %g s", self.endpoint, buffer.name,
-                                    error.code().name, error.details(), REGISTER_RETRY_S)
+                    level, line = logging.WARNING, (f"cannot take %s now: {error.code().name} "
+                                                    f"%s; trying again every "
+                                                    f"{REGISTER_RETRY_S:g} s")
                 else:
                     raise
+                # One line per reason: a collector refuses again at every connection.
+                if buffer.not_registered_because != error.details():
+                    buffer.not_registered_because = error.details()
+                    log.log(level, "gradwatch: collector %s " + line, self.endpoint,
+                            buffer.name, error.details())
                 self._answered()
                 continue
             buffer.registered(address, response)
