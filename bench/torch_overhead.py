@@ -15,7 +15,8 @@ on CPU, <= 1.01 on a GPU); ``plain_again``: a second plain model, an A/A control
   NCCL on GPUs), rank 0 reporting.
 
 On a GPU (``--device cuda``) each block is timed between two synchronisations, models use
-bf16 autocast, and the profiler reports the statistics' own kernel time per step.
+bf16 autocast; ``--profile`` reports the device time of the kernels gradwatch's hooks launch
+per step, and the host time the hooks take.
 
     .venv/bin/python -m bench.torch_overhead [--cases resnet50,gpt,resnet50-ddp,gpt-ddp]
         [--rounds 10] [--steps 5] [--device cpu]
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--profile", action="store_true",
-                        help="report the statistics' kernel time per step (profiler)")
+                        help="report what gradwatch's hooks cost per step, from the profiler: "
+                             "their kernels' device time (GPU) and their host time")
     return parser.parse_args(argv)
 
 
@@ -180,26 +182,49 @@ def run_case(case: str, args: argparse.Namespace, collector: str, rank: int = 0)
     result["ratios"] = {variant: (result["ms"][variant] / result["ms"]["plain"],
                                   *round_ratios(times[variant], times["plain"])[1:])
                         for variant in variants if variant != "plain"}
-    if args.profile and device.type == "cuda":
-        result["stats_kernel_us"] = profile_statistics(steps["gradwatch"], device)
+    if args.profile:
+        result["profile"] = profile_statistics(steps["gradwatch"], device)
     result["acknowledged"] = monitor.close(timeout_s=30)
     return result
 
 
-def profile_statistics(step, device: torch.device) -> float:
-    """Microseconds per step of the kernels gradwatch launches (foreach norms, stack, the
-    record's index_select and copy), from the profiler's kernel table."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_statistics(step, device: torch.device, steps: int = 10) -> dict:
+    """Per step, what gradwatch's optimizer hooks cost, from the profiler: the device
+    time of the kernels they launch and the host time they take on the training thread
+    (each hook runs inside a ``record_function`` range while profiling; bench only)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    ours = ("foreach_tensor_norm", "multi_tensor_apply", "index_select", "CatArrayBatched",
-            "isnan", "isinf", "Memcpy DtoH")
-    total = sum(e.device_time_total for e in prof.key_averages()
-                if any(name in e.key for name in ours))
-    return total / 5
+    from gradwatch.agent.torch.monitor import _Watched
+
+    originals = {name: getattr(_Watched, name) for name in ("before_step", "after_step")}
+
+    def annotated(name, original):
+        def hook(self, *args, **kwargs):
+            with record_function(f"gradwatch.{name}"):
+                return original(self, *args, **kwargs)
+        return hook
+
+    for name, original in originals.items():
+        setattr(_Watched, name, annotated(name, original))
+    try:
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        for name, original in originals.items():
+            setattr(_Watched, name, original)
+    ours = [e for e in prof.events()
+            if e.name.startswith("gradwatch.") and e.device_type == DeviceType.CPU]
+    step_kernels = sum(e.device_time_total for e in prof.events()
+                       if e.device_type == DeviceType.CPU and not e.cpu_parent)
+    return {"kernel_us": sum(e.device_time_total for e in ours) / steps,
+            "host_us": sum(e.cpu_time_total for e in ours) / steps,
+            "step_kernel_us": step_kernels / steps}
 
 
 def ddp_worker(rank: int, args: argparse.Namespace, case: str, collector: str, port: int,
@@ -236,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
                 result = results.get()
             else:
                 result = run_case(case, args, collector.grpc_target)
-            extra = (f", statistics' kernels {result['stats_kernel_us']:.0f} us/step"
-                     if "stats_kernel_us" in result else "")
+            profiled = result.get("profile")
+            extra = (f"; per step, gradwatch's hooks: kernels {profiled['kernel_us']:.0f} us "
+                     f"of {profiled['step_kernel_us']:.0f} us, host {profiled['host_us']:.0f} us"
+                     if profiled else "")
             ratios = "; ".join(f"{variant} {ratio:.3f} (per-round IQR {low:.3f}-{high:.3f})"
                                for variant, (ratio, low, high) in result["ratios"].items())
             print(f"{case:<14} params={result['variables']:<4} plain {result['ms']['plain']:8.2f}"

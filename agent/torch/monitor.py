@@ -216,14 +216,15 @@ class _Watched:
         self._session = session
 
     def _patch_zero_grad(self, owner: Any) -> None:
-        """After ``zero_grad``, the zeroed gradients are not gradients of the next step."""
+        """After ``zero_grad``, gradients zeroed in place (``set_to_none=False``) are not
+        gradients of the next step."""
         original = owner.zero_grad
 
         @functools.wraps(original)
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             if self._session is not None:
-                self._guarded(self._session.remember_gradients)
+                self._guarded(self._session.gradients_zeroed)
             return result
 
         owner.zero_grad = zero_grad

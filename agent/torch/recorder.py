@@ -1,8 +1,9 @@
 """A ring of step records in host memory, filled by asynchronous device-to-host copies.
 
 The training thread `write`s each step's record (a tensor on the gradients' device)
-into the next row with ``copy_(non_blocking=True)`` — into pinned memory, plus a CUDA
-event, for a CUDA device; a plain copy for the CPU — and never waits. The sender
+into the next row with ``copy_(non_blocking=True)`` — into pinned memory, plus the
+slot's CUDA event recorded after it, for a CUDA device; a plain copy for the CPU — and
+never waits. The sender
 thread's `read_new` takes the rows whose copies have completed (events queried, never
 waited on), oldest first. A row is trusted only if the training thread had not yet
 started writing the step that reuses its slot when the read finished; others count as
@@ -45,9 +46,10 @@ class HostRing:
         slot = self._written % self.capacity
         self._rows[slot].copy_(record, non_blocking=self._asynchronous)
         if self._asynchronous:
-            event = torch.cuda.Event()
+            event = self._events[slot]
+            if event is None:  # one per slot, recorded again when the slot is reused
+                event = self._events[slot] = torch.cuda.Event()
             event.record()
-            self._events[slot] = event
         self._steps[slot] = step
         self._written += 1  # last: the row is complete from the host's point of view
 

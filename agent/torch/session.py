@@ -56,6 +56,7 @@ class TorchSession(Session):
         self._ring = ring
         self._build = RecordBuilder(len(self.params), self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._sharded = sharded
         self._seen: list[tuple[weakref.ref, int] | None] = [None] * len(self.params)
         self._record: torch.Tensor | None = None
         self._every = every
@@ -69,15 +70,10 @@ class TorchSession(Session):
         ids = [self._index.get(id(p)) for p in params]
         return None if None in ids else ids
 
-    def _fresh(self, index: int) -> torch.Tensor | None:
-        """The gradient of parameter ``index`` if it is new since the previous step."""
-        grad = self.params[index].grad
-        if grad is None:
-            return None
-        seen = self._seen[index]
-        if seen is not None and seen[0]() is grad and seen[1] == grad._version:
-            return None
-        return grad
+    def _gradients(self) -> list[torch.Tensor | None]:
+        """Each parameter's gradient if it is new since the previous step, else None."""
+        return [None if g is None or (s is not None and s[0]() is g and s[1] == g._version)
+                else g for g, s in zip([p.grad for p in self.params], self._seen, strict=True)]
 
     def measures(self) -> bool:
         """Whether the current step's statistics are due: every ``every``-th step (the
@@ -92,25 +88,23 @@ class TorchSession(Session):
         scale the gradients still carry (their norms are divided by it)."""
         if self._record is not None or self._skipped:
             return
+        grads = self._gradients()
         if not self.measures() and not parts and self.missing == {
-                i for i in range(len(self.params)) if self._fresh(i) is None}:
+                i for i, g in enumerate(grads) if g is None}:
             self._skipped = True
             return
         parts = list(parts)
         covered = {i for ids, _ in parts for i in ids}
         # Measured before the all-reduce, but present only if the rank's .grad is fresh:
         # DDP leaves a gradient no rank produced as None.
-        absent = frozenset(i for i in covered if self._fresh(i) is None)
-        ids, grads = [], []
-        for i in range(len(self.params)):
-            if i not in covered:
-                grad = self._fresh(i)
-                if grad is not None:
-                    ids.append(i)
-                    grads.append(local_tensor(grad))
+        absent = frozenset(i for i in covered if grads[i] is None)
+        ids = [i for i, g in enumerate(grads) if g is not None and i not in covered]
         if ids:
-            parts.append((ids, measure(grads, self.device)))
-        self.missing = (set(range(len(self.params))) - covered - set(ids)) | set(absent)
+            tensors = [grads[i] for i in ids]
+            if self._sharded:
+                tensors = [local_tensor(t) for t in tensors]
+            parts.append((ids, measure(tensors, self.device)))
+        self.missing = {i for i, g in enumerate(grads) if g is None and i not in covered} | absent
         record = self._build(parts, absent)
         if scale is not None:
             n = len(self.params)
@@ -128,9 +122,15 @@ class TorchSession(Session):
         self.steps += 1
         self.remember_gradients()
 
+    def gradients_zeroed(self) -> None:
+        """After ``zero_grad``: remembers the gradients zeroed in place, if any (with
+        ``set_to_none``, the default, every gradient is None and there is nothing to do)."""
+        grads = [p.grad for p in self.params]
+        if grads.count(None) < len(grads):
+            self.remember_gradients()
+
     def remember_gradients(self) -> None:
         """Takes the gradients as they are now as already seen (after a step, or after
         ``zero_grad(set_to_none=False)``)."""
-        for i, p in enumerate(self.params):
-            grad = p.grad
-            self._seen[i] = None if grad is None else (weakref.ref(grad), grad._version)
+        self._seen = [None if g is None else (weakref.ref(g), g._version)
+                      for g in [p.grad for p in self.params]]

@@ -26,20 +26,25 @@ from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
 
 
 def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float32 L2 norms of ``tensors`` on ``device``, in order."""
-    groups: dict[tuple, list[int]] = {}
-    for k, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype, t.is_sparse), []).append(k)
+    """float32 L2 norms of ``tensors`` on ``device``, in order. ``torch._foreach_norm``
+    takes one multi-tensor kernel per (device, dtype) group of dense tensors, and all
+    dense tensors on ``device``, the common case, cost no Python work per tensor."""
+    if not any(t.is_sparse for t in tensors):
+        found = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        try:
+            return torch.stack(found).to(device, non_blocking=True)
+        except RuntimeError:  # norms on several devices (a model split across devices)
+            return torch.stack([n.to(device, non_blocking=True) for n in found])
+    # nn.Embedding(sparse=True): the norm of the summed rows; the dense ones as above
+    dense = [k for k, t in enumerate(tensors) if not t.is_sparse]
     norms: list[torch.Tensor | None] = [None] * len(tensors)
-    for (_, _, sparse), positions in groups.items():
-        if sparse:  # nn.Embedding(sparse=True): the norm of the summed rows
-            found = [torch.linalg.vector_norm(tensors[k].coalesce().values(),
-                                              dtype=torch.float32) for k in positions]
-        else:
-            found = torch._foreach_norm([tensors[k] for k in positions], 2,
-                                        dtype=torch.float32)
-        for k, norm in zip(positions, found, strict=True):
-            norms[k] = norm if norm.device == device else norm.to(device, non_blocking=True)
+    if dense:
+        for k, norm in zip(dense, _norms([tensors[k] for k in dense], device), strict=True):
+            norms[k] = norm
+    for k, t in enumerate(tensors):
+        if t.is_sparse:
+            norms[k] = torch.linalg.vector_norm(t.coalesce().values(),
+                                                dtype=torch.float32).to(device)
     return torch.stack(norms)
 
 
@@ -67,7 +72,14 @@ def measure(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tens
             zeros = torch.zeros_like(norms)
             return torch.stack([norms, zeros, zeros])
         return _exact(tensors, norms)
-    return torch.stack([norms, torch.isnan(norms).float(), torch.isinf(norms).float()])
+    return marked(norms)
+
+
+def marked(norms: torch.Tensor) -> torch.Tensor:
+    """What an accelerator reports without waiting for the device: ``[3, K]`` of the
+    norms, a NaN count of 1 where a norm is NaN and an Inf count of 1 where it is
+    infinite (three kernels)."""
+    return torch.cat([norms, torch.isnan(norms), torch.isinf(norms)]).view(3, -1)
 
 
 class RecordBuilder:
@@ -77,6 +89,7 @@ class RecordBuilder:
     def __init__(self, num_variables: int, device: torch.device) -> None:
         self.num_variables = num_variables
         self.device = device
+        self._in_order = list(range(num_variables))
         self._index: dict[tuple, torch.Tensor] = {}
         self._tail = torch.tensor([ABSENT, 0.0], device=device)  # what absent ones read
         self._absent = torch.tensor([ABSENT] * num_variables + [0.0] * (2 * num_variables),
@@ -87,6 +100,8 @@ class RecordBuilder:
         """The record from measured ``parts``: (variable ids, their ``[3, K]`` measures).
         Variables in no part, or in ``absent`` (measured, but without a gradient), are
         absent."""
+        if len(parts) == 1 and not absent and parts[0][0] == self._in_order:
+            return parts[0][1].reshape(-1)  # every variable measured, in order: the record
         order = tuple(i for ids, _ in parts for i in ids)
         if not order or set(order) <= absent:
             return self._absent

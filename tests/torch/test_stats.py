@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradwatch.agent.core.record import ABSENT, to_statistics
-from gradwatch.agent.torch.stats import RecordBuilder, measure
+from gradwatch.agent.torch.stats import RecordBuilder, marked, measure
 from gradwatch.proto.layout import COLUMN
 
 CPU = torch.device("cpu")
@@ -43,6 +43,22 @@ def test_sparse_gradient_of_an_embedding():
     assert norm == pytest.approx(float(embedding.weight.grad.to_dense().norm()), rel=1e-6)
 
 
+def test_an_accelerator_marks_the_variables_whose_norm_is_not_finite():
+    norms = torch.tensor([2.0, float("nan"), float("inf"), 0.0])
+    assert marked(norms).tolist() == [[2.0, pytest.approx(float("nan"), nan_ok=True),
+                                       float("inf"), 0.0],
+                                      [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    assert marked(norms).dtype == torch.float32
+
+
+def test_dense_gradients_beside_a_sparse_one_keep_their_order():
+    embedding = torch.nn.Embedding(50, 4, sparse=True)
+    embedding(torch.tensor([2, 3])).sum().backward()
+    dense = [torch.full((3,), 2.0), torch.full((2, 2), 1.0, dtype=torch.float16)]
+    norms, _, _ = measure([dense[0], embedding.weight.grad, dense[1]], CPU).numpy()
+    np.testing.assert_allclose(norms, [np.sqrt(12.0), np.sqrt(8.0), 2.0], rtol=1e-6)
+
+
 def test_record_puts_variables_in_order_and_marks_the_absent():
     build = RecordBuilder(5, CPU)
     parts = [([3, 0], torch.tensor([[3.0, 1.0], [0.0, 2.0], [0.0, 0.0]])),
@@ -52,3 +68,12 @@ def test_record_puts_variables_in_order_and_marks_the_absent():
     assert stats[:, COLUMN["l2_norm"]].tolist() == [1.0, 0, 0, 3.0, 0]
     assert stats[:, COLUMN["nan_count"]].tolist() == [2.0, 0, 0, 0, 0]
     assert build([]).tolist() == [ABSENT] * 5 + [0.0] * 10
+
+
+def test_a_record_of_every_variable_in_order_is_the_measures_themselves():
+    build = RecordBuilder(3, CPU)
+    measures = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    record = build([([0, 1, 2], measures)])
+    assert record.tolist() == measures.reshape(-1).tolist()
+    shuffled = build([([2, 0, 1], measures)])  # another order goes through the index
+    assert shuffled[:3].tolist() == [2.0, 3.0, 1.0]

@@ -1,0 +1,145 @@
+"""Host time the PyTorch agent adds to an optimizer step, by parameter count.
+
+Where a GPU step is bound by how fast the host launches kernels (small models, small
+batches), every microsecond the training thread spends in gradwatch lengthens the step,
+while the kernels the statistics launch take microseconds of device time. Two identical
+sets of ``--params`` small parameters train side by side, one watched, in interleaved
+rounds, so that the model's own work is small; prints the added time per step (watched
+minus plain, the median over rounds, with their range), and how much of it the hooks
+themselves take (`before_step`, `after_step` and `zero_grad`'s note, wall clock on the
+training thread). No collector (the sender buffers, as it would with one away).
+``--profile`` adds a cProfile table of the watched steps.
+
+    .venv/bin/python -m bench.torch_host_cost [--params 53,161] [--device cpu] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import logging
+import pstats
+import statistics
+import time
+
+import torch
+
+from gradwatch.agent.torch import GradientMonitor
+from gradwatch.agent.torch.monitor import _Watched
+from gradwatch.agent.torch.session import TorchSession
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="53,161", help="comma-separated parameter counts")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=1024, help="elements per parameter")
+    parser.add_argument("--steps", type=int, default=200, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the hooks")
+    return parser.parse_args(argv)
+
+
+class HookTimer:
+    """Sums the wall time of gradwatch's step hooks while installed (training thread)."""
+
+    HOOKS = ((_Watched, "before_step"), (_Watched, "after_step"),
+             (TorchSession, "gradients_zeroed"))
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._originals: list[tuple[type, str, object]] = []
+
+    def __enter__(self) -> HookTimer:
+        for owner, name in self.HOOKS:
+            original = getattr(owner, name, None)
+            if original is None:  # an older agent
+                continue
+            self._originals.append((owner, name, original))
+            setattr(owner, name, self._timed(original))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for owner, name, original in self._originals:
+            setattr(owner, name, original)
+
+    def _timed(self, original):
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
+def make_step(count: int, args: argparse.Namespace, monitor: GradientMonitor | None):
+    device = torch.device(args.device)
+    params = [torch.nn.Parameter(torch.randn(args.size, device=device)) for _ in range(count)]
+    optimizer = torch.optim.SGD(params, 1e-3, foreach=True)
+    if monitor is not None:
+        monitor.wrap(optimizer)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.stack([p.sum() for p in params]).sum().backward()
+        optimizer.step()
+    return step
+
+
+def measure(count: int, args: argparse.Namespace) -> dict:
+    """Per round, microseconds per step: added by gradwatch, and spent in its hooks."""
+    monitor = GradientMonitor(collector="127.0.0.1:9", training_job="host-cost")
+    plain, watched = make_step(count, args, None), make_step(count, args, monitor)
+    cuda = args.device.startswith("cuda")
+
+    def block(step) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps * 1e6
+
+    added, hooks = [], []
+    profile = cProfile.Profile()
+    with HookTimer() as timer:
+        block(plain), block(watched)  # warm up
+        for r in range(args.rounds):
+            timer.seconds = 0.0
+            if r % 2:
+                watched_us, plain_us = block(watched), block(plain)
+            else:
+                plain_us, watched_us = block(plain), block(watched)
+            added.append(watched_us - plain_us)
+            hooks.append(timer.seconds / args.steps * 1e6)
+        if args.profile:
+            profile.enable()
+            block(watched)
+            profile.disable()
+    monitor.close(timeout_s=0.1)
+    return {"added": added, "hooks": hooks, "plain_us": plain_us, "profile": profile}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # the sender's "collector away" lines
+    print(f"torch {torch.__version__}, device {args.device}, {args.size} elements per "
+          f"parameter, {args.rounds} rounds x {args.steps} steps")
+    for count in map(int, args.params.split(",")):
+        result = measure(count, args)
+        added, hooks = result["added"], result["hooks"]
+        print(f"{count:5d} parameters: plain step {result['plain_us']:7.1f} us; gradwatch adds "
+              f"{statistics.median(added):7.1f} us per step (rounds {min(added):.1f} to "
+              f"{max(added):.1f}), {statistics.median(added) / count:.2f} us per parameter; "
+              f"its hooks take {statistics.median(hooks):7.1f} us", flush=True)
+        if args.profile:
+            pstats.Stats(result["profile"]).sort_stats("tottime").print_stats(
+                "agent|torch/_|built-in", 15)
+
+if __name__ == "__main__":
+    main()
