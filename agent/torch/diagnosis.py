@@ -97,14 +97,15 @@ class Call:
     source: Source | None
 
 
-#: Tensors a recording may keep alive (their storages); beyond, it gives up.
+#: Tensors a recording may keep alive (their storages; parameters, alive anyway, do not
+#: count); beyond, it gives up.
 MAX_RECORDED_BYTES = 256 * 2**20
 
 
 class StepRecording(TorchFunctionMode):
     """The calls made on the thread that entered it, and the loss's id once known.
-    Keeps the step's tensors alive, so ids stay unique, up to `MAX_RECORDED_BYTES`;
-    beyond that it stops recording and is `abandoned`."""
+    Keeps the step's tensors alive, so ids stay unique, up to `MAX_RECORDED_BYTES` of
+    them besides parameters; beyond that it stops recording and is `abandoned`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -142,6 +143,8 @@ class StepRecording(TorchFunctionMode):
         if id(tensor) in self._alive:
             return
         self._alive[id(tensor)] = tensor
+        if isinstance(tensor, torch.nn.Parameter):  # the model keeps it alive anyway
+            return
         try:
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in self._storages:

@@ -217,3 +217,25 @@ def test_healthy_training_is_not_diagnosed():
     with diagnose_missing_gradients() as report:
         train(Base(), full, steps=3)
     assert not report, str(report)
+
+
+def test_parameters_do_not_count_towards_what_a_recording_keeps_alive(monkeypatch):
+    """A model larger than the recording limit is still explained when its step's other
+    tensors fit: its parameters are alive whether recorded or not."""
+    from gradwatch.agent.torch import diagnosis
+
+    class Wide(Base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(2**19))  # 2 MiB
+
+        def healthy(self, x):
+            h, out = super().healthy(x)
+            return h, out + self.table.mean()
+
+    monkeypatch.setattr(diagnosis, "MAX_RECORDED_BYTES", 2**20)
+    model = Wide()
+    with diagnose_missing_gradients() as report:
+        train(model, unused_layer)
+    assert {d.cause for d in report.diagnoses.values()} == {Cause.UNUSED}, str(report)
+    assert set(report.diagnoses) == {"broken.weight", "broken.bias"}
