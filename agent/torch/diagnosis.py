@@ -215,6 +215,41 @@ class Recorder:
             self._original_backward = None
 
 
+#: A missing gradient that recorded steps do not explain (present in each of them: a head
+#: used every other step, an expert routed away now and then) is looked for in bursts of
+#: `BURST_STEPS` consecutive recorded steps; after each burst that explained nothing the
+#: recorder rests `FIRST_REST_STEPS` steps, twice as long each time, `MAX_REST_STEPS` at most.
+BURST_STEPS = 3
+FIRST_REST_STEPS = 10
+MAX_REST_STEPS = 10_000
+
+
+class Retries:
+    """When to record again while some missing gradient is unexplained (training thread):
+    recording slows the steps it records, so fruitless recordings back off."""
+
+    def __init__(self) -> None:
+        self._step = 0
+        self._fruitless = 0  # recordings in a row that explained nothing
+        self._rests = 0
+        self._resume_at = 0
+
+    def recorded(self, explained: int) -> None:
+        """A recording ended, explaining ``explained`` new parameters."""
+        if explained:
+            self._fruitless = self._rests = 0
+            return
+        self._fruitless += 1
+        if self._fruitless % BURST_STEPS == 0:
+            self._resume_at = self._step + min(FIRST_REST_STEPS << self._rests, MAX_REST_STEPS)
+            self._rests += 1
+
+    def step_ended(self) -> bool:
+        """Counts a step; whether the next one may be recorded."""
+        self._step += 1
+        return self._step > self._resume_at
+
+
 def _flow(calls: Sequence[Call], start: set[int],
           passes: Callable[[Call], bool]) -> tuple[set[int], list[Call]]:
     """Tensors reached from ``start`` through calls that ``passes``, and the calls that

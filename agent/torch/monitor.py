@@ -32,7 +32,7 @@ from gradwatch import __version__
 from gradwatch.agent.core.identity import torchrun
 from gradwatch.agent.core.monitor import MonitorCore
 from gradwatch.agent.torch import ddp, patches
-from gradwatch.agent.torch.diagnosis import Recorder, StepRecording, diagnose
+from gradwatch.agent.torch.diagnosis import Recorder, Retries, StepRecording, diagnose
 from gradwatch.agent.torch.names import parameter_names, strategy_of
 from gradwatch.agent.torch.session import TorchSession, local_tensor
 
@@ -61,6 +61,8 @@ class GradientMonitor(MonitorCore):
         self._watched: dict[int, _Watched] = {}
         self._recorder = Recorder() if self.enabled and self.settings.diagnose else None
         self._explained: set[int] = set()  # parameters diagnosed (ids)
+        self._unexplained: set[int] = set()  # parameters seen without gradient, not yet
+        self._retries = Retries()
         self._logged: set[str] = set()
         if self.enabled:
             patches.install(self)
@@ -113,13 +115,18 @@ class GradientMonitor(MonitorCore):
             return
         recording = self._recorder.take()
         if recording is not None:
-            self._explain(recording)
+            explained = self._explain(recording)
             recording.release()
-        unexplained = any(id(session.params[i]) not in self._explained for i in session.missing)
-        if unexplained and not self._recorder.recording:
+            self._retries.recorded(explained)
+        self._unexplained.update(id(session.params[i]) for i in session.missing)
+        self._unexplained -= self._explained
+        if self._retries.step_ended() and self._unexplained and not self._recorder.recording:
             self._recorder.start()
 
-    def _explain(self, recording: StepRecording) -> None:
+    def _explain(self, recording: StepRecording) -> int:
+        """Diagnoses the parameters without gradient at this step that have no verdict yet
+        with ``recording`` (this step's); returns how many."""
+        explained = 0
         for watched in list(self._watched.values()):
             session = watched.session()
             if session is None:
@@ -129,11 +136,13 @@ class GradientMonitor(MonitorCore):
                 if id(param) in self._explained:
                     continue
                 self._explained.add(id(param))
+                explained += 1
                 verdict = diagnose(recording, param, watched.names[i])
                 self.add_diagnosis(param, watched.names[i], verdict)
                 if verdict.explanation() not in self._logged:
                     self._logged.add(verdict.explanation())
                     log.warning("gradwatch: %s", verdict.message())
+        return explained
 
     def watched(self, optimizer: Any) -> _Watched | None:
         return self._watched.get(id(optimizer))

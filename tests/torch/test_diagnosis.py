@@ -239,3 +239,22 @@ def test_parameters_do_not_count_towards_what_a_recording_keeps_alive(monkeypatc
         train(model, unused_layer)
     assert {d.cause for d in report.diagnoses.values()} == {Cause.UNUSED}, str(report)
     assert set(report.diagnoses) == {"broken.weight", "broken.bias"}
+
+
+def test_recordings_that_explain_nothing_back_off():
+    """A missing gradient no recorded step explains costs bursts of 3 recorded steps,
+    resting 10, 20, 40, ... steps between them; one that explains something resets it."""
+    from gradwatch.agent.torch.diagnosis import Retries
+
+    retries, recorded, due = Retries(), [], True
+    for step in range(1000):
+        if due:
+            recorded.append(step)
+            retries.recorded(explained=0)
+        due = retries.step_ended()
+    assert recorded[:9] == [0, 1, 2, 13, 14, 15, 36, 37, 38]
+    assert len(recorded) == 3 * 7  # rests of 10 ... 640 steps fit in 1,000
+    retries = Retries()
+    for explained in (0, 0, 1, 0, 0):  # the third explained something: no burst ended
+        retries.recorded(explained=explained)
+        assert retries.step_ended()

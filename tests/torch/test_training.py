@@ -152,6 +152,33 @@ def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name
         "unused.weight"] == 2
 
 
+def test_a_head_used_every_other_step_is_explained_by_few_recorded_steps(collector, job_name,
+                                                                       monkeypatch):
+    """An auxiliary loss on even steps only: its head is missing at odd steps. The step
+    after a missing one has it present, so recording only that step never explains it
+    and records every other step for good; bursts of consecutive steps do, then rest."""
+    from gradwatch.agent.torch import diagnosis
+
+    started = []
+    start = diagnosis.Recorder.start
+    monkeypatch.setattr(diagnosis.Recorder, "start", lambda self: (
+        started.append(1) if self._recording is None else None, start(self))[1])
+    model = Net(extra=True)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for step in range(40):
+            optimizer.zero_grad()
+            out = model(X)
+            if step % 2 == 0:
+                out = out + model.unused(torch.relu(model.hidden(X))).mean(1, keepdim=True)
+            torch.nn.functional.mse_loss(out, Y).backward()
+            optimizer.step()
+    causes = metrics(collector, "gradwatch_gradient_missing_cause_info", job_name,
+                     cause="unused")
+    assert causes == {"unused.weight": 1.0, "unused.bias": 1.0}
+    assert len(started) <= 4, f"{len(started)} steps recorded in 40"
+
+
 def test_grad_scaler_overflow_is_skipped_not_nan_and_norms_are_unscaled(collector, webhook,
                                                                          job_name):
     model = Net()
