@@ -13,7 +13,9 @@ order rotating each round), so machine noise hits all alike:
 - host_norms: every variable's gradient norm pulled to the host every step and
   looked at in Python (the other thing users write);
 - plain_again: a second, identical plain model: an A/A control whose ratio to plain
-  is the resolution of the run (what the machine's noise alone moves a ratio by).
+  is the resolution of the run (what the machine's noise alone moves a ratio by);
+- unchecked: gradwatch without the finiteness check (the statistics' hot path and the
+  write, no ``tf.cond``): what the check and the gradients it holds cost.
 
 Prints one line per case and variant: median step time and ratio to plain (wall
 time, and the process's CPU time per step, which a neighbour's stolen cycles do not
@@ -25,6 +27,7 @@ inflate), with the spread of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -53,7 +56,8 @@ def parse_args() -> argparse.Namespace:
                              "strategy only")
     parser.add_argument("--variants", default="plain,gradwatch",
                         help="comma-separated: plain, gradwatch, check_numerics, host_norms, "
-                             "plain_again (an A/A control)")
+                             "plain_again (an A/A control), unchecked (gradwatch without "
+                             "the finiteness check; with gradwatch)")
     parser.add_argument("--save", metavar="PATH",
                         help="also write every step's wall time, per case and variant, as JSON")
     return parser.parse_args()
@@ -72,6 +76,7 @@ tf.config.set_logical_device_configuration(
 from bench.models import cnn_case  # noqa: E402
 from bench.spread import round_ratios  # noqa: E402
 from gradwatch.agent import GradientMonitor  # noqa: E402
+from gradwatch.agent.tensorflow import stats  # noqa: E402
 from gradwatch.demo.training import BrokenModel, make_data  # noqa: E402
 from tests.support.services import CollectorProcess  # noqa: E402
 
@@ -192,6 +197,30 @@ def sender_cpu_s() -> float:
     return 0.0
 
 
+@contextlib.contextmanager
+def unchecked_statistics(monitor: GradientMonitor):
+    """Steps traced inside record the statistics' hot path only: no finiteness check, so
+    no ``tf.cond`` holding every gradient until the sums are done (what the check costs;
+    needs the ``gradwatch`` variant traced first, which creates the session)."""
+    sessions = list(monitor._sessions.values())
+    originals = [session._statistics for session in sessions]
+    traced = []
+
+    def unchecked(grads):
+        traced.append(len(grads))
+        return stats._unchecked_record(grads)[0]
+
+    for session in sessions:
+        session._statistics = tf.function(unchecked, autograph=False)
+    try:
+        yield
+    finally:
+        for session, original in zip(sessions, originals, strict=True):
+            session._statistics = original
+    if not traced:
+        raise RuntimeError("the unchecked variant traced gradwatch's own statistics")
+
+
 def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, list[float]]:
     """One model and one optimizer serve every variant, each its own traced step, so
     that no variant gets a different memory layout: the plain steps are traced before
@@ -204,12 +233,17 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, 
         steps = {variant: make_step(model, loss, optimizer, strategy,
                                     host_norms=variant == "host_norms")
                  for variant in variants}
-    for variant in sorted(variants, key=lambda v: v == "gradwatch"):  # trace and warm up
+    order = ("gradwatch", "unchecked")  # traced last, in this order: wrapped optimizer
+    for variant in sorted(variants, key=lambda v: order.index(v) + 1 if v in order else 0):
         if variant == "gradwatch":
             monitor.wrap(optimizer)
         if variant == "check_numerics":
             tf.debugging.enable_check_numerics()
-        time_block(steps[variant], x, 5)
+        if variant == "unchecked":
+            with unchecked_statistics(monitor):
+                time_block(steps[variant], x, 5)
+        else:
+            time_block(steps[variant], x, 5)
         if variant == "check_numerics":
             tf.debugging.disable_check_numerics()
     times = {variant: [] for variant in variants}
