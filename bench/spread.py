@@ -2,7 +2,8 @@
 
 Run on the step times `bench.agent_overhead --save` writes, it prints each variant's
 ratio of median step times to plain with a 95 % bootstrap interval over rounds, and
-the difference between gradwatch and the A/A control (``plain_again``):
+the differences between gradwatch and the A/A control (``plain_again``) and, where
+measured, between gradwatch and its ``unchecked`` variant:
 
     .venv/bin/python -m bench.spread steps.json [--steps 3]
 """
@@ -38,6 +39,12 @@ def bootstrap_ratios(blocks: dict[str, np.ndarray], baseline: str = "plain",
             for variant, times in blocks.items() if variant != baseline}
 
 
+#: Differences of ratios worth an interval: the agent against the A/A control, and
+#: what the finiteness check adds (``bench.agent_overhead``'s unchecked variant).
+DIFFERENCES = (("gradwatch", "plain_again"), ("unchecked", "plain_again"),
+               ("gradwatch", "unchecked"))
+
+
 def interval(samples: np.ndarray, form: str = ".3f") -> str:
     """Element 0 (as measured) and the 95 % interval of the others (resampled)."""
     low, high = np.percentile(samples[1:], [2.5, 97.5])
@@ -57,9 +64,10 @@ def main() -> None:
                   for v, times in variants.items()}
         ratios = bootstrap_ratios(blocks)
         parts = [f"{variant} {interval(r)}" for variant, r in ratios.items()]
-        if {"gradwatch", "plain_again"} <= ratios.keys():
-            difference = ratios["gradwatch"] - ratios["plain_again"]
-            parts.append(f"gradwatch - plain_again {interval(difference, '+.3f')}")
+        for variant, control in DIFFERENCES:
+            if {variant, control} <= ratios.keys():
+                difference = ratios[variant] - ratios[control]
+                parts.append(f"{variant} - {control} {interval(difference, '+.3f')}")
         print(f"{case} ({rounds} rounds): " + "; ".join(parts))
 
 
