@@ -61,7 +61,7 @@ class GradientMonitor(MonitorCore):
         self._watched: dict[int, _Watched] = {}
         self._recorder = Recorder() if self.enabled and self.settings.diagnose else None
         self._explained: set[int] = set()  # parameters diagnosed (ids)
-        self._unexplained: set[int] = set()  # parameters seen without gradient, not yet
+        self._unexplained: set[int] = set()  # seen without gradient, no verdict yet (ids)
         self._retries = Retries()
         self._logged: set[str] = set()
         if self.enabled:
