@@ -16,12 +16,14 @@ training thread). No collector (the sender buffers, as it would with one away).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import functools
 import logging
 import pstats
 import statistics
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -41,30 +43,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class HookTimer:
-    """Sums the wall time of gradwatch's step hooks while installed (training thread)."""
+#: gradwatch's work on the training thread at each step: the optimizer's pre- and
+#: post-step hooks, and the note `zero_grad` takes.
+HOOKS = ((_Watched, "before_step"), (_Watched, "after_step"),
+         (TorchSession, "gradients_zeroed"))
 
-    HOOKS = ((_Watched, "before_step"), (_Watched, "after_step"),
-             (TorchSession, "gradients_zeroed"))
+
+@contextlib.contextmanager
+def around_hooks(wrap: Callable[[str, Callable], Callable]) -> Iterator[None]:
+    """Replaces each of `HOOKS` by ``wrap(name, original)`` inside the block (bench only;
+    a hook an older agent lacks is left out)."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name in HOOKS
+                 if hasattr(owner, name)]
+    for owner, name, original in originals:
+        setattr(owner, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+class HookTimer:
+    """Sums the wall time of gradwatch's hooks while entered (training thread)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._originals: list[tuple[type, str, object]] = []
+        self._installed = around_hooks(self._timed)
 
     def __enter__(self) -> HookTimer:
-        for owner, name in self.HOOKS:
-            original = getattr(owner, name, None)
-            if original is None:  # an older agent
-                continue
-            self._originals.append((owner, name, original))
-            setattr(owner, name, self._timed(original))
+        self._installed.__enter__()
         return self
 
-    def __exit__(self, *_: object) -> None:
-        for owner, name, original in self._originals:
-            setattr(owner, name, original)
+    def __exit__(self, *exc: object) -> None:
+        self._installed.__exit__(*exc)
 
-    def _timed(self, original):
+    def _timed(self, name: str, original: Callable) -> Callable:
         @functools.wraps(original)
         def timed(*args, **kwargs):
             start = time.perf_counter()

@@ -189,35 +189,27 @@ def run_case(case: str, args: argparse.Namespace, collector: str, rank: int = 0)
 
 
 def profile_statistics(step, device: torch.device, steps: int = 10) -> dict:
-    """Per step, what gradwatch's optimizer hooks cost, from the profiler: the device
-    time of the kernels they launch and the host time they take on the training thread
-    (each hook runs inside a ``record_function`` range while profiling; bench only)."""
+    """Per step, what gradwatch's hooks cost, from the profiler: the device time of the
+    kernels they launch and the host time they take on the training thread (each hook
+    runs inside a ``record_function`` range while profiling; bench only)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from gradwatch.agent.torch.monitor import _Watched
-
-    originals = {name: getattr(_Watched, name) for name in ("before_step", "after_step")}
+    from bench.torch_host_cost import around_hooks
 
     def annotated(name, original):
-        def hook(self, *args, **kwargs):
+        def hook(*args, **kwargs):
             with record_function(f"gradwatch.{name}"):
-                return original(self, *args, **kwargs)
+                return original(*args, **kwargs)
         return hook
 
-    for name, original in originals.items():
-        setattr(_Watched, name, annotated(name, original))
-    try:
-        activities = [ProfilerActivity.CPU] + (
-            [ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-    finally:
-        for name, original in originals.items():
-            setattr(_Watched, name, original)
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with around_hooks(annotated), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     ours = [e for e in prof.events()
             if e.name.startswith("gradwatch.") and e.device_type == DeviceType.CPU]
     step_kernels = sum(e.device_time_total for e in prof.events()

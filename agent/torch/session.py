@@ -120,17 +120,15 @@ class TorchSession(Session):
             self._ring.write(self._record, self.steps)
         self._record, self._skipped = None, False
         self.steps += 1
-        self.remember_gradients()
+        self._remember([p.grad for p in self.params])
 
     def gradients_zeroed(self) -> None:
         """After ``zero_grad``: remembers the gradients zeroed in place, if any (with
         ``set_to_none``, the default, every gradient is None and there is nothing to do)."""
         grads = [p.grad for p in self.params]
         if grads.count(None) < len(grads):
-            self.remember_gradients()
+            self._remember(grads)
 
-    def remember_gradients(self) -> None:
-        """Takes the gradients as they are now as already seen (after a step, or after
-        ``zero_grad(set_to_none=False)``)."""
-        self._seen = [None if g is None else (weakref.ref(g), g._version)
-                      for g in [p.grad for p in self.params]]
+    def _remember(self, grads: list[torch.Tensor | None]) -> None:
+        """Takes ``grads``, the parameters' gradients now, as already seen."""
+        self._seen = [None if g is None else (weakref.ref(g), g._version) for g in grads]
