@@ -8,9 +8,12 @@ rounds, so that the model's own work is small; prints the added time per step (w
 minus plain, the median over rounds, with their range), and how much of it the hooks
 themselves take (`before_step`, `after_step` and `zero_grad`'s note, wall clock on the
 training thread). No collector (the sender buffers, as it would with one away).
-``--profile`` adds a cProfile table of the watched steps.
+Also prints how many ATen ops gradwatch adds to a step (each a kernel launch, or more
+host work, on an accelerator). ``--profile`` adds a cProfile table of the watched steps;
+``--norms-alone`` runs, on the CPU, what an accelerator runs.
 
     .venv/bin/python -m bench.torch_host_cost [--params 53,161] [--device cpu] [--steps 200]
+        [--norms-alone]
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from gradwatch.agent.torch import GradientMonitor
+from gradwatch.agent.torch import GradientMonitor, stats
 from gradwatch.agent.torch.monitor import _Watched
 from gradwatch.agent.torch.session import TorchSession
+from tests.support.torch_ops import OpCounter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="steps per round")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the hooks")
+    parser.add_argument("--norms-alone", action="store_true",
+                        help="record the norms alone, as on an accelerator (on the CPU the "
+                             "agent also counts NaN and Inf elements)")
     return parser.parse_args(argv)
 
 
@@ -135,22 +142,32 @@ def measure(count: int, args: argparse.Namespace) -> dict:
             profile.enable()
             block(watched)
             profile.disable()
+    ops = []
+    for step in (plain, watched):
+        with OpCounter() as counter:
+            step()
+        ops.append(counter.ops)
     monitor.close(timeout_s=0.1)
-    return {"added": added, "hooks": hooks, "plain_us": plain_us, "profile": profile}
+    return {"added": added, "hooks": hooks, "plain_us": plain_us, "profile": profile,
+            "ops": ops[1] - ops[0]}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the sender's "collector away" lines
+    if args.norms_alone:
+        stats.counts_exactly = lambda device: False
     print(f"torch {torch.__version__}, device {args.device}, {args.size} elements per "
-          f"parameter, {args.rounds} rounds x {args.steps} steps")
+          f"parameter, {args.rounds} rounds x {args.steps} steps"
+          + (", norms alone" if args.norms_alone else ""))
     for count in map(int, args.params.split(",")):
         result = measure(count, args)
         added, hooks = result["added"], result["hooks"]
         print(f"{count:5d} parameters: plain step {result['plain_us']:7.1f} us; gradwatch adds "
               f"{statistics.median(added):7.1f} us per step (rounds {min(added):.1f} to "
               f"{max(added):.1f}), {statistics.median(added) / count:.2f} us per parameter; "
-              f"its hooks take {statistics.median(hooks):7.1f} us", flush=True)
+              f"its hooks take {statistics.median(hooks):7.1f} us and add {result['ops']} "
+              "ATen ops", flush=True)
         if args.profile:
             pstats.Stats(result["profile"]).sort_stats("tottime").print_stats(
                 "agent|torch/_|built-in", 15)

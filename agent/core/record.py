@@ -17,6 +17,14 @@ RECORD_WIDTH = 3
 ABSENT = -1.0
 
 
+def from_norms(norms: np.ndarray) -> np.ndarray:
+    """Records ``[..., RECORD_WIDTH * N]`` of norms ``[..., N]`` alone (`ABSENT` included):
+    a NaN count of 1 where a norm is NaN, an Inf count of 1 where it is infinite (what a
+    front end that never waits for its device knows)."""
+    return np.concatenate([norms, np.isnan(norms), np.isinf(norms)], axis=-1,
+                          dtype=np.float32)
+
+
 def to_statistics(records: np.ndarray, num_variables: int) -> np.ndarray:
     """Records ``[..., RECORD_WIDTH * N]`` as layout statistics ``[..., N, NUM_COLUMNS]``
     (vectorized)."""

@@ -178,7 +178,7 @@ class _Watched:
         self.scaled = False
         #: This step's update ran (GradScaler.step skips it when gradients overflowed).
         self.stepped = False
-        #: Measures taken earlier in the step (DDP hook, autograd thread): (params, [3, K]).
+        #: Measures taken earlier in the step (DDP hook, autograd thread): (params, measures).
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.before_step()),
                        optimizer.register_step_post_hook(lambda *_: self.after_step())]

@@ -15,26 +15,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradwatch.agent.core.record import RECORD_WIDTH, to_statistics
+from gradwatch.agent.core.record import RECORD_WIDTH, from_norms, to_statistics
 from gradwatch.agent.core.session import RecordedSteps
 
 
-def row_bytes(num_variables: int) -> int:
-    return 4 * RECORD_WIDTH * num_variables
+def row_bytes(num_variables: int, width: int = RECORD_WIDTH) -> int:
+    return 4 * width * num_variables
 
 
 class HostRing:
-    """``capacity`` rows of one session's records (one replica: the process's own)."""
+    """``capacity`` rows of one session's ``[width, N]`` records (one replica: the
+    process's own): full records (width 3), or the norms alone (width 1), which the
+    reader marks (`gradwatch.agent.core.record.from_norms`)."""
 
     num_replicas = 1
 
-    def __init__(self, num_variables: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, num_variables: int, capacity: int, device: torch.device,
+                 width: int = RECORD_WIDTH) -> None:
         self.num_variables = num_variables
         self.capacity = capacity
         self.device = device
         self._asynchronous = device.type == "cuda"
-        self._rows = torch.zeros((capacity, RECORD_WIDTH * num_variables),
+        self._rows = torch.zeros((capacity, width, num_variables),
                                  pin_memory=self._asynchronous)
+        self._row = self._rows.unbind()  # each slot's view, made once
         self._rows_np = self._rows.numpy()
         self._steps = np.zeros(capacity, np.int64)
         self._events: list = [None] * capacity
@@ -42,9 +46,9 @@ class HostRing:
         self._read = 0
 
     def write(self, record: torch.Tensor, step: int) -> None:
-        """Enqueues one step's record (training thread; returns at once)."""
+        """Enqueues one step's ``[width, N]`` record (training thread; returns at once)."""
         slot = self._written % self.capacity
-        self._rows[slot].copy_(record, non_blocking=self._asynchronous)
+        self._row[slot].copy_(record, non_blocking=self._asynchronous)
         if self._asynchronous:
             event = self._events[slot]
             if event is None:  # one per slot, recorded again when the slot is reused
@@ -69,6 +73,9 @@ class HostRing:
         rows, steps = self._rows_np[slots].copy(), self._steps[slots].copy()
         intact = seqs + self.capacity > self._written  # their slots not reused meanwhile
         self._read = ready
+        rows = rows[intact]
+        records = (from_norms(rows[:, 0]) if rows.shape[1] == 1
+                   else rows.reshape(len(rows), RECORD_WIDTH * self.num_variables))
         return RecordedSteps(steps[intact],
-                             to_statistics(rows[intact][:, None, :], self.num_variables),
+                             to_statistics(records[:, None, :], self.num_variables),
                              dropped + int((~intact).sum()))

@@ -21,8 +21,8 @@ import torch
 
 from gradwatch.agent.core.identity import Identity
 from gradwatch.agent.core.session import Session, Variable, ring_capacity
+from gradwatch.agent.torch import stats
 from gradwatch.agent.torch.recorder import HostRing, row_bytes
-from gradwatch.agent.torch.stats import RecordBuilder, measure
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,14 +47,15 @@ class TorchSession(Session):
         (see `measures`)."""
         self.params = list(params)
         self.device = local_tensor(self.params[0]).device
-        ring = HostRing(len(self.params), ring_capacity(row_bytes(len(self.params)), capacity),
-                        self.device)
+        width = stats.width(self.device)
+        ring = HostRing(len(self.params), ring_capacity(row_bytes(len(self.params), width),
+                                                         capacity), self.device, width)
         super().__init__(identity, optimizer, [
             Variable(name, tuple(p.shape), _dtype(p), id(p))
             for name, p in zip(names, self.params, strict=True)], ring, strategy=strategy,
             versions=versions, loss_scaled=loss_scaled, sharded=sharded)
         self._ring = ring
-        self._build = RecordBuilder(len(self.params), self.device)
+        self._build = stats.RecordBuilder(len(self.params), self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._sharded = sharded
         self._seen: list[tuple[weakref.ref, int] | None] = [None] * len(self.params)
@@ -84,7 +85,7 @@ class TorchSession(Session):
     def measure(self, parts: list[tuple[list[int], torch.Tensor]],
                 scale: torch.Tensor | None = None) -> None:
         """Computes this step's record unless done already (training thread). ``parts``:
-        (variable ids, ``[3, K]`` measures) taken earlier in the step; ``scale``: the loss
+        (variable ids, their `stats.measure`) taken earlier in the step; ``scale``: the loss
         scale the gradients still carry (their norms are divided by it)."""
         if self._record is not None or self._skipped:
             return
@@ -103,14 +104,13 @@ class TorchSession(Session):
             tensors = [grads[i] for i in ids]
             if self._sharded:
                 tensors = [local_tensor(t) for t in tensors]
-            parts.append((ids, measure(tensors, self.device)))
+            parts.append((ids, stats.measure(tensors, self.device)))
         self.missing = {i for i, g in enumerate(grads) if g is None and i not in covered} | absent
         record = self._build(parts, absent)
         if scale is not None:
-            n = len(self.params)
-            norms = record[:n]
+            norms = record[:1]
             record = torch.cat([torch.where(norms >= 0, norms / scale.to(norms.device), norms),
-                                record[n:]])
+                                record[1:]])
         self._record = record
 
     def finish(self) -> None:

@@ -5,24 +5,39 @@ multi-tensor kernel per (device, dtype) group (float32 accumulation, whatever th
 gradient's dtype), so the cost is a few launches per step, not one per parameter.
 A non-finite gradient shows in its norm (NaN or Inf).
 
-NaN and Inf elements: on the CPU, where looking at a value costs no synchronisation,
-a non-finite norm triggers the rare path: exact NaN and Inf counts, and the norm in
-float64 when a finite gradient overflowed float32. On an accelerator the step never
-waits for the device, so counts mark the variable instead (NaN count 1 when its norm
-is NaN, Inf count 1 when it is infinite): which variables went bad on which rank is
-exact, how many elements is not (docs/pytorch.md).
+NaN and Inf elements (`counts_exactly`): on the CPU, where looking at a value costs no
+synchronisation, a non-finite norm triggers the rare path: exact NaN and Inf counts, and
+the norm in float64 when a finite gradient overflowed float32. On an accelerator the
+step never waits for the device, so it measures the norms alone, and the host marks
+the variables whose norm is not finite (`gradwatch.agent.core.record.from_norms`):
+which variables went bad on which rank is exact, how many elements is not
+(docs/pytorch.md).
 
-`RecordBuilder` assembles one step's record (`gradwatch.agent.core.record`) on a
-session's device from measured parts, absent variables included.
+Measures are ``[width(device), K]``: the norms, then on the CPU the NaN and Inf counts
+(the rows of a `gradwatch.agent.core.record`). `RecordBuilder` assembles one step's
+``[width, N]`` record on a session's device from measured parts, absent variables
+included.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
+
+
+def counts_exactly(device: torch.device) -> bool:
+    """Whether NaN and Inf elements are counted on ``device``: only on the CPU, where the
+    step may look at a value without waiting for a device."""
+    return device.type == "cpu"
+
+
+def width(device: torch.device) -> int:
+    """Rows of a measure on ``device``: norms, then NaN and Inf counts where counted."""
+    return RECORD_WIDTH if counts_exactly(device) else 1
 
 
 def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -63,45 +78,39 @@ def _exact(tensors: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor
 
 
 def measure(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``[3, len(tensors)]`` float32 on ``device``: norms, NaN counts, Inf counts."""
+    """``[width(device), len(tensors)]`` float32 on ``device``: norms, then on the CPU NaN
+    counts and Inf counts."""
     if not tensors:
-        return torch.zeros((3, 0), device=device)
+        return torch.zeros((width(device), 0), device=device)
     norms = _norms(tensors, device)
-    if device.type == "cpu":  # synchronous anyway: look, and count exactly when needed
-        if bool(torch.isfinite(norms).all()):
-            zeros = torch.zeros_like(norms)
-            return torch.stack([norms, zeros, zeros])
-        return _exact(tensors, norms)
-    return marked(norms)
-
-
-def marked(norms: torch.Tensor) -> torch.Tensor:
-    """What an accelerator reports without waiting for the device: ``[3, K]`` of the
-    norms, a NaN count of 1 where a norm is NaN and an Inf count of 1 where it is
-    infinite (three kernels)."""
-    return torch.cat([norms, torch.isnan(norms), torch.isinf(norms)]).view(3, -1)
+    if not counts_exactly(device):
+        return norms.view(1, -1)  # no kernel: the host marks what is not finite
+    if math.isfinite(norms.sum()):  # synchronous anyway: look (norms are not negative)
+        return torch.nn.functional.pad(norms, (0, 2 * len(norms))).view(RECORD_WIDTH, -1)
+    return _exact(tensors, norms)
 
 
 class RecordBuilder:
-    """Records of one session's N variables on ``device``. Thread-safety: one caller at
-    a time (the training thread)."""
+    """``[width(device), N]`` records of one session's N variables on ``device``.
+    Thread-safety: one caller at a time (the training thread)."""
 
     def __init__(self, num_variables: int, device: torch.device) -> None:
         self.num_variables = num_variables
         self.device = device
+        self.width = width(device)
         self._in_order = list(range(num_variables))
         self._index: dict[tuple, torch.Tensor] = {}
         self._tail = torch.tensor([ABSENT, 0.0], device=device)  # what absent ones read
-        self._absent = torch.tensor([ABSENT] * num_variables + [0.0] * (2 * num_variables),
-                                    device=device)
+        self._absent = torch.tensor([[ABSENT] * num_variables]
+                                    + [[0.0] * num_variables] * (self.width - 1), device=device)
 
     def __call__(self, parts: Sequence[tuple[Sequence[int], torch.Tensor]],
                  absent: frozenset[int] = frozenset()) -> torch.Tensor:
-        """The record from measured ``parts``: (variable ids, their ``[3, K]`` measures).
-        Variables in no part, or in ``absent`` (measured, but without a gradient), are
-        absent."""
+        """The record from measured ``parts``: (variable ids, their ``[width, K]``
+        measures). Variables in no part, or in ``absent`` (measured, but without a
+        gradient), are absent."""
         if len(parts) == 1 and not absent and parts[0][0] == self._in_order:
-            return parts[0][1].reshape(-1)  # every variable measured, in order: the record
+            return parts[0][1]  # every variable measured, in order: the record
         order = tuple(i for ids, _ in parts for i in ids)
         if not order or set(order) <= absent:
             return self._absent
@@ -111,14 +120,17 @@ class RecordBuilder:
         if index is None:  # once per pattern of present variables: no copy per step
             index = self._index[key] = self._make_index(order, absent)
         padded = torch.cat([measured.reshape(-1), self._tail])
-        return padded.index_select(0, index)
+        return padded.index_select(0, index).view(self.width, -1)
 
     def _make_index(self, order: tuple[int, ...], absent: frozenset[int]) -> torch.Tensor:
+        """Where each entry of the record is in ``[measures of order (row by row), ABSENT,
+        0]``."""
         n, p = self.num_variables, len(order)
         where = {i: k for k, i in enumerate(order) if i not in absent}
+        tail = self.width * p
         index = []
-        for row in range(RECORD_WIDTH):  # value, then NaN, then Inf counts
+        for row in range(self.width):  # norms, then NaN, then Inf counts
             for i in range(n):
                 k = where.get(i)
-                index.append((3 * p if row == 0 else 3 * p + 1) if k is None else row * p + k)
+                index.append((tail if row == 0 else tail + 1) if k is None else row * p + k)
         return torch.tensor(index, dtype=torch.long, device=self.device)

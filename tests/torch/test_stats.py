@@ -5,11 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from gradwatch.agent.core.record import ABSENT, to_statistics
-from gradwatch.agent.torch.stats import RecordBuilder, marked, measure
+from gradwatch.agent.core.record import ABSENT, from_norms, to_statistics
+from gradwatch.agent.torch import stats
+from gradwatch.agent.torch.recorder import HostRing
+from gradwatch.agent.torch.stats import RecordBuilder, measure
 from gradwatch.proto.layout import COLUMN
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def norms_alone(monkeypatch):
+    """What a device that is not the CPU measures (norms alone), on CPU tensors: no
+    accelerator runs here."""
+    monkeypatch.setattr(stats, "counts_exactly", lambda device: False)
 
 
 def test_norms_match_numpy_for_every_dtype_and_shape():
@@ -43,12 +52,29 @@ def test_sparse_gradient_of_an_embedding():
     assert norm == pytest.approx(float(embedding.weight.grad.to_dense().norm()), rel=1e-6)
 
 
-def test_an_accelerator_marks_the_variables_whose_norm_is_not_finite():
-    norms = torch.tensor([2.0, float("nan"), float("inf"), 0.0])
-    assert marked(norms).tolist() == [[2.0, pytest.approx(float("nan"), nan_ok=True),
-                                       float("inf"), 0.0],
-                                      [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
-    assert marked(norms).dtype == torch.float32
+def test_an_accelerator_measures_the_norms_alone_and_the_host_marks_what_is_not_finite(
+        norms_alone):
+    g = torch.tensor([[float("nan"), 1.0, float("inf")], [-float("inf"), float("nan"), 2.0]])
+    measures = measure([torch.tensor([3.0, 4.0]), g, torch.tensor([float("inf")])], CPU)
+    assert measures.shape == (1, 3) and measures.dtype == torch.float32
+    record = from_norms(np.append(measures[0].numpy(), ABSENT))
+    assert record.dtype == np.float32
+    assert record[4:].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert record[0] == pytest.approx(5.0) and np.isnan(record[1]) and record[3] == ABSENT
+
+
+def test_a_ring_of_norms_alone_reads_as_marked_records(norms_alone):
+    ring = HostRing(3, 4, CPU, width=1)
+    build = RecordBuilder(3, CPU)
+    ring.write(build([([0, 2], torch.tensor([[3.0, float("nan")]]))]), 7)
+    ring.write(build([([0, 1, 2], torch.tensor([[1.0, 2.0, float("inf")]]))]), 8)
+    read = ring.read_new()
+    assert read.steps.tolist() == [7, 8] and read.dropped == 0
+    steps = read.stats[:, 0]  # one replica
+    assert steps[..., COLUMN["present"]].tolist() == [[1, 0, 1], [1, 1, 1]]
+    assert steps[1, :, COLUMN["l2_norm"]].tolist() == [1.0, 2.0, float("inf")]
+    assert steps[..., COLUMN["nan_count"]].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert steps[..., COLUMN["inf_count"]].tolist() == [[0, 0, 0], [0, 0, 1]]
 
 
 def test_dense_gradients_beside_a_sparse_one_keep_their_order():
@@ -63,17 +89,16 @@ def test_record_puts_variables_in_order_and_marks_the_absent():
     build = RecordBuilder(5, CPU)
     parts = [([3, 0], torch.tensor([[3.0, 1.0], [0.0, 2.0], [0.0, 0.0]])),
              ([4], torch.tensor([[5.0], [0.0], [1.0]]))]
-    stats = to_statistics(build(parts, absent=frozenset({4})).numpy(), 5)
-    assert stats[:, COLUMN["present"]].tolist() == [1, 0, 0, 1, 0]
-    assert stats[:, COLUMN["l2_norm"]].tolist() == [1.0, 0, 0, 3.0, 0]
-    assert stats[:, COLUMN["nan_count"]].tolist() == [2.0, 0, 0, 0, 0]
-    assert build([]).tolist() == [ABSENT] * 5 + [0.0] * 10
+    columns = to_statistics(build(parts, absent=frozenset({4})).numpy().reshape(-1), 5)
+    assert columns[:, COLUMN["present"]].tolist() == [1, 0, 0, 1, 0]
+    assert columns[:, COLUMN["l2_norm"]].tolist() == [1.0, 0, 0, 3.0, 0]
+    assert columns[:, COLUMN["nan_count"]].tolist() == [2.0, 0, 0, 0, 0]
+    assert build([]).tolist() == [[ABSENT] * 5, [0.0] * 5, [0.0] * 5]
 
 
 def test_a_record_of_every_variable_in_order_is_the_measures_themselves():
     build = RecordBuilder(3, CPU)
     measures = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
-    record = build([([0, 1, 2], measures)])
-    assert record.tolist() == measures.reshape(-1).tolist()
+    assert build([([0, 1, 2], measures)]) is measures
     shuffled = build([([2, 0, 1], measures)])  # another order goes through the index
-    assert shuffled[:3].tolist() == [2.0, 3.0, 1.0]
+    assert shuffled[0].tolist() == [2.0, 3.0, 1.0] and shuffled[2].tolist() == [0.0, 2.0, 0.0]

@@ -11,8 +11,9 @@ import logging
 import pytest
 import torch
 
-from gradwatch.agent.torch import GradientMonitor
+from gradwatch.agent.torch import GradientMonitor, stats
 from tests.support.metrics import parse_metrics, select
+from tests.support.torch_ops import OpCounter
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +31,16 @@ class Net(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.hidden(x)))
+
+
+@pytest.fixture(params=["exact counts", "norms alone"])
+def layout(request, monkeypatch) -> str:
+    """The records of the CPU (NaN and Inf counted exactly) and of an accelerator (the
+    norms alone, marked by the sender), the latter on CPU tensors: no accelerator runs
+    here."""
+    if request.param == "norms alone":
+        monkeypatch.setattr(stats, "counts_exactly", lambda device: False)
+    return request.param
 
 
 def monitor_for(collector, job: str) -> GradientMonitor:
@@ -55,7 +66,7 @@ def train(model, optimizer, steps: int, *, before_step=None) -> list[dict[str, f
     return norms
 
 
-def test_every_parameter_of_every_step_is_reported_by_name(collector, job_name):
+def test_every_parameter_of_every_step_is_reported_by_name(collector, job_name, layout):
     model = Net()
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-2), model)
@@ -68,7 +79,7 @@ def test_every_parameter_of_every_step_is_reported_by_name(collector, job_name):
     assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
 
 
-def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, job_name):
+def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, job_name, layout):
     model = Net(extra=True)
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
@@ -180,7 +191,7 @@ def test_a_head_used_every_other_step_is_explained_by_few_recorded_steps(collect
 
 
 def test_grad_scaler_overflow_is_skipped_not_nan_and_norms_are_unscaled(collector, webhook,
-                                                                         job_name):
+                                                                         job_name, layout):
     model = Net()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows float32 at first
     with monitor_for(collector, job_name) as monitor:
@@ -210,7 +221,29 @@ def test_grad_scaler_overflow_is_skipped_not_nan_and_norms_are_unscaled(collecto
                 and a["labels"]["alertname"] == "GradientNonFinite"]
 
 
-def test_a_nan_gradient_pages(collector, webhook, job_name):
+def test_a_step_adds_a_few_ops_whatever_the_parameter_count(collector, job_name, layout):
+    """gradwatch's part of ``optimizer.step()`` is a fixed handful of ops (one multi-tensor
+    norm, its stack, the copy to the ring; on the CPU also the finiteness look and the
+    zero counts), never one per parameter."""
+    added = {}
+    for n in (2, 200):
+        ops = []
+        for watched in (False, True):
+            params = [torch.nn.Parameter(torch.randn(64)) for _ in range(n)]
+            with GradientMonitor(collector=collector.grpc_target, enabled=watched,
+                                 training_job=f"{job_name}-{n}") as monitor:
+                optimizer = monitor.wrap(torch.optim.SGD(params, 1e-3, foreach=True))
+                for _ in range(3):  # the first step creates the session and is diagnosed
+                    optimizer.zero_grad()
+                    sum((p * p).sum() for p in params).backward()
+                    with OpCounter() as counter:
+                        optimizer.step()
+            ops.append(counter.ops)
+        added[n] = ops[1] - ops[0]
+    assert added[2] == added[200] <= (7 if layout == "exact counts" else 4), added
+
+
+def test_a_nan_gradient_pages(collector, webhook, job_name, layout):
     model = Net()
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
@@ -221,7 +254,7 @@ def test_a_nan_gradient_pages(collector, webhook, job_name):
                              and a["labels"]["alertname"] == "GradientNonFinite", 10)
     assert alert is not None
     assert metrics(collector, "gradwatch_gradient_nan_values_total", job_name)[
-        "out.weight"] == 8  # exact on the CPU
+        "out.weight"] == (8 if layout == "exact counts" else 1)  # else the variable marked
 
 
 def test_a_misconfigured_monitor_says_so_once_and_training_goes_on(monkeypatch, caplog):
