@@ -58,7 +58,10 @@ class TorchSession(Session):
         self._build = stats.RecordBuilder(len(self.params), self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._sharded = sharded
-        self._seen: list[tuple[weakref.ref, int] | None] = [None] * len(self.params)
+        self._all = list(range(len(self.params)))
+        #: The gradients of the previous step (weakly, with their versions), or None when
+        #: every gradient was None after it (``zero_grad`` with ``set_to_none``, the default).
+        self._seen: list[tuple[weakref.ref, int] | None] | None = None
         self._record: torch.Tensor | None = None
         self._every = every
         self._skipped = False  # this step is not recorded (see `measures`)
@@ -73,8 +76,11 @@ class TorchSession(Session):
 
     def _gradients(self) -> list[torch.Tensor | None]:
         """Each parameter's gradient if it is new since the previous step, else None."""
+        grads = [p.grad for p in self.params]
+        if self._seen is None:
+            return grads
         return [None if g is None or (s is not None and s[0]() is g and s[1] == g._version)
-                else g for g, s in zip([p.grad for p in self.params], self._seen, strict=True)]
+                else g for g, s in zip(grads, self._seen, strict=True)]
 
     def measures(self) -> bool:
         """Whether the current step's statistics are due: every ``every``-th step (the
@@ -94,18 +100,23 @@ class TorchSession(Session):
                 i for i, g in enumerate(grads) if g is None}:
             self._skipped = True
             return
-        parts = list(parts)
-        covered = {i for ids, _ in parts for i in ids}
-        # Measured before the all-reduce, but present only if the rank's .grad is fresh:
-        # DDP leaves a gradient no rank produced as None.
-        absent = frozenset(i for i in covered if grads[i] is None)
-        ids = [i for i, g in enumerate(grads) if g is not None and i not in covered]
-        if ids:
+        # (`is`, not `in` or `count`: comparing a tensor with None costs microseconds)
+        if parts or any(g is None for g in grads):
+            covered = {i for ids, _ in parts for i in ids}
+            # Measured before the all-reduce, but present only if the rank's .grad is
+            # fresh: DDP leaves a gradient no rank produced as None.
+            absent = frozenset(i for i in covered if grads[i] is None)
+            ids = [i for i, g in enumerate(grads) if g is not None and i not in covered]
             tensors = [grads[i] for i in ids]
+            self.missing = absent | {i for i, g in enumerate(grads)
+                                     if g is None and i not in covered}
+        else:  # the common step: every gradient fresh, none measured earlier
+            absent, ids, tensors, self.missing = frozenset(), self._all, grads, set()
+        parts = list(parts)
+        if ids:
             if self._sharded:
                 tensors = [local_tensor(t) for t in tensors]
             parts.append((ids, stats.measure(tensors, self.device)))
-        self.missing = {i for i, g in enumerate(grads) if g is None and i not in covered} | absent
         record = self._build(parts, absent)
         if scale is not None:
             norms = record[:1]
@@ -120,15 +131,14 @@ class TorchSession(Session):
             self._ring.write(self._record, self.steps)
         self._record, self._skipped = None, False
         self.steps += 1
-        self._remember([p.grad for p in self.params])
+        self._remember()
 
     def gradients_zeroed(self) -> None:
-        """After ``zero_grad``: remembers the gradients zeroed in place, if any (with
-        ``set_to_none``, the default, every gradient is None and there is nothing to do)."""
-        grads = [p.grad for p in self.params]
-        if grads.count(None) < len(grads):
-            self._remember(grads)
+        """After ``zero_grad``: remembers the gradients zeroed in place, if any."""
+        self._remember()
 
-    def _remember(self, grads: list[torch.Tensor | None]) -> None:
-        """Takes ``grads``, the parameters' gradients now, as already seen."""
-        self._seen = [None if g is None else (weakref.ref(g), g._version) for g in grads]
+    def _remember(self) -> None:
+        """Takes the parameters' gradients now as already seen."""
+        grads = [p.grad for p in self.params]
+        self._seen = ([None if g is None else (weakref.ref(g), g._version) for g in grads]
+                      if any(g is not None for g in grads) else None)
