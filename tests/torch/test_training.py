@@ -143,20 +143,27 @@ def test_two_optimizers_are_two_sessions(collector, job_name):
     assert {k.split(",")[0] for k in steps} == {"optimizer=Adam", "optimizer=Adam_2"}
 
 
-def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name):
-    """zero_grad(set_to_none=False) keeps zeroed tensors: a branch taken only at the
-    first step must show as missing afterwards, not as present with norm 0."""
+@pytest.mark.parametrize("reset", ["zero_grad(set_to_none=False)", "p.grad = None", "never"])
+def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name, reset):
+    """However gradients are reset between steps — zeroed in place (a zero tensor stays),
+    set to None by hand (PyTorch's performance tuning guide), or not at all (they
+    accumulate) — a branch taken only at the first step shows as missing afterwards, not
+    as present with norm 0."""
     model = Net(extra=True)
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
         for step in range(3):
-            optimizer.zero_grad(set_to_none=False)
+            if reset == "zero_grad(set_to_none=False)":
+                optimizer.zero_grad(set_to_none=False)
+            elif reset == "p.grad = None":
+                for p in model.parameters():
+                    p.grad = None
             out = model(X)
             if step == 0:
                 out = out + model.unused(torch.relu(model.hidden(X))).sum(1, keepdim=True)
             torch.nn.functional.mse_loss(out, Y).backward()
             optimizer.step()
-    assert model.unused.weight.grad is not None  # a zero tensor, left from step 0
+    assert (model.unused.weight.grad is None) == (reset == "p.grad = None")
     present = metrics(collector, "gradwatch_gradient_present", job_name)
     assert present["unused.weight"] == 0 and present["hidden.weight"] == 1
     assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[
