@@ -13,7 +13,7 @@ host work, on an accelerator). ``--profile`` adds a cProfile table of the watche
 ``--norms-alone`` runs, on the CPU, what an accelerator runs.
 
     .venv/bin/python -m bench.torch_host_cost [--params 53,161] [--device cpu] [--steps 200]
-        [--norms-alone]
+        [--zero-in-place] [--norms-alone]
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="steps per round")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the hooks")
+    parser.add_argument("--zero-in-place", action="store_true",
+                        help="zero_grad(set_to_none=False), as gradient accumulation loops "
+                             "often write it (default: zero_grad(), which sets them to None)")
     parser.add_argument("--norms-alone", action="store_true",
                         help="record the norms alone, as on an accelerator (on the CPU the "
                              "agent also counts NaN and Inf elements)")
@@ -104,7 +107,7 @@ def make_step(count: int, args: argparse.Namespace, monitor: GradientMonitor | N
         monitor.wrap(optimizer)
 
     def step() -> None:
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=not args.zero_in_place)
         torch.stack([p.sum() for p in params]).sum().backward()
         optimizer.step()
     return step
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         stats.counts_exactly = lambda device: False
     print(f"torch {torch.__version__}, device {args.device}, {args.size} elements per "
           f"parameter, {args.rounds} rounds x {args.steps} steps"
+          + (", zero_grad(set_to_none=False)" if args.zero_in_place else "")
           + (", norms alone" if args.norms_alone else ""))
     for count in map(int, args.params.split(",")):
         result = measure(count, args)
