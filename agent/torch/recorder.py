@@ -38,7 +38,7 @@ class HostRing:
         self._asynchronous = device.type == "cuda"
         self._rows = torch.zeros((capacity, width, num_variables),
                                  pin_memory=self._asynchronous)
-        self._row = self._rows.unbind()  # each slot's view, made once
+        self._slots = self._rows.unbind()  # each slot's row as a view, made once
         self._rows_np = self._rows.numpy()
         self._steps = np.zeros(capacity, np.int64)
         self._events: list = [None] * capacity
@@ -48,7 +48,7 @@ class HostRing:
     def write(self, record: torch.Tensor, step: int) -> None:
         """Enqueues one step's ``[width, N]`` record (training thread; returns at once)."""
         slot = self._written % self.capacity
-        self._row[slot].copy_(record, non_blocking=self._asynchronous)
+        self._slots[slot].copy_(record, non_blocking=self._asynchronous)
         if self._asynchronous:
             event = self._events[slot]
             if event is None:  # one per slot, recorded again when the slot is reused
