@@ -111,6 +111,9 @@ def test_the_walkthrough_answers_each_alert_at_64_tasks():
             prometheus.wait_for(f'gradwatch_task_info{{training_job="{JOB}"}}', 30)
             prometheus.wait_for(f'gradwatch_gradient_nan_values_total{{training_job="{JOB}"'
                                 f'}} > 0', 30)
+            # Rules run up to batch_evaluation_interval_seconds after a batch is counted.
+            prometheus.wait_for(f'gradwatch_alerts_active{{training_job="{JOB}",'
+                                f'alertname="GradientNonFinite"}}', 30)
             overview, job = panels("gradwatch-overview.json"), panels("gradwatch-job.json")
             q = prometheus.query
 
