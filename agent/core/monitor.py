@@ -38,6 +38,7 @@ class MonitorCore:
     def __init__(self, **arguments: Any) -> None:
         self._sender: Sender | None = None
         self._closed = False
+        self._delivered = False  # what the first close() found
         self._lock = threading.Lock()
         self._sessions: dict[Hashable, Session] = {}
         self._failed: set[Hashable] = set()
@@ -73,13 +74,16 @@ class MonitorCore:
 
     def close(self, timeout_s: float = 5.0) -> bool:
         """Flushes buffered statistics (waiting at most ``timeout_s``) and stops.
-        Returns True if the collector acknowledged everything."""
-        if self._closed or self._sender is None:
+        Returns True if the collector acknowledged everything (a disabled monitor: True;
+        a later call: what the first one found)."""
+        if self._sender is None:
             return True
-        self._closed = True
-        atexit.unregister(self.close)
-        self._on_close()
-        return self._sender.close(timeout_s)
+        if not self._closed:
+            self._closed = True
+            atexit.unregister(self.close)
+            self._on_close()
+            self._delivered = self._sender.close(timeout_s)
+        return self._delivered
 
     def __enter__(self):
         return self

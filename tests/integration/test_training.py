@@ -237,6 +237,7 @@ def test_training_goes_on_without_a_collector(job_name):
         monitor.observe(grads, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
     assert monitor.close(timeout_s=1.0) is False  # nothing acknowledged, nothing raised
+    assert monitor.close() is False  # asked again (as a `with` block's exit does): the same
 
 
 def test_disabled_monitor_is_a_no_op(monkeypatch, job_name):
