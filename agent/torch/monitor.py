@@ -259,8 +259,10 @@ class _Watched:
         self.stepped = True
         session = self._session
         if session is not None and not self.monitor._closed:
-            self._guarded(session.finish)
+            # Diagnoses first: they then leave with this step's record or before it, so the
+            # first alert on a missing gradient already says why.
             self._guarded(self.monitor.step_ended, self)
+            self._guarded(session.finish)
 
     def _guarded(self, action, *args: Any) -> None:
         """A failure of gradwatch on the training thread is logged once and never reaches
