@@ -65,6 +65,9 @@ def main(mode: str) -> int:
         except RuntimeError as error:  # DDP's own complaint about unused parameters
             print(f"rank {rank} DDP raised: {str(error).splitlines()[0]}", flush=True)
             status = 3
+    if not monitor.close():  # the tests read the collector after the job: all must be in
+        print(f"rank {rank}: gradwatch did not deliver everything", flush=True)
+        status = 4
     dist.destroy_process_group()
     return status
 

@@ -48,6 +48,7 @@ def scrape(collector, name: str, job: str, **labels: str) -> dict[str, float]:
 @pytest.mark.parametrize("mode", ["unused", "unused-found"])
 def test_unused_parameters_are_named_from_the_first_step(collector, webhook, mode):
     job, result = torchrun(collector, mode)
+    assert "did not deliver" not in result.stdout
     if mode == "unused":
         assert "DDP raised: Expected to have finished reduction" in result.stdout, result.stderr
     else:
