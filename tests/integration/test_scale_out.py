@@ -110,7 +110,9 @@ def test_replicas_share_jobs_and_take_over_a_killed_ones(monkeypatch):
             for monitor in monitors.values():
                 assert monitor.close(timeout_s=30)
             final = {job: trainers[job].steps - 1 for job in jobs}
-            time.sleep(1.0)  # two more scrapes
+            for job in jobs:  # scraped since
+                prometheus.wait_for(f'max(gradwatch_last_step{{training_job="{job}"}}) '
+                                    f'== {final[job]}', 10)
             series = {job: prometheus.query_range(
                 f'max by (training_job) (gradwatch_last_step{{training_job="{job}"}})',
                 started, time.time(), step=0.25) for job in jobs}
