@@ -155,12 +155,14 @@ class GradientMonitor(MonitorCore):
 
 class _Watched:
     """One wrapped optimizer: its patched methods and its session (created at the first
-    step, when it is known whether a GradScaler drives it)."""
+    step, when it is known whether a GradScaler drives it and which parameters are
+    frozen)."""
 
     def __init__(self, monitor: GradientMonitor, optimizer: torch.optim.Optimizer,
                  model: torch.nn.Module | None) -> None:
         self.monitor = monitor
         self.name = monitor.optimizer_name(optimizer)
+        #: The optimizer's parameters; from the first step, the watched ones (see `_create`).
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if not self.params:
             raise ValueError("the optimizer has no parameters")
@@ -208,6 +210,16 @@ class _Watched:
     def _create(self) -> None:
         monitor = self.monitor
         name = self.name
+        # Parameters frozen when training starts (requires_grad False: fine-tuning freezes a
+        # backbone while the optimizer holds every parameter) get no gradient on purpose;
+        # like Keras's non-trainable variables they are not watched.
+        trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
+        if trainable and len(trainable) < len(self.params):
+            log.info("gradwatch: %s: %d of %d parameters are frozen (requires_grad=False) "
+                     "and not watched", name, len(self.params) - len(trainable),
+                     len(self.params))
+            self.params = [self.params[i] for i in trainable]
+            self.names = [self.names[i] for i in trainable]
         try:
             session = TorchSession(
                 monitor.identity, name, self.params, self.names, monitor.settings.buffer_steps,

@@ -97,6 +97,27 @@ def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, jo
     assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
 
 
+def test_parameters_frozen_before_training_are_not_watched(collector, webhook, job_name, caplog):
+    """Fine-tuning as the PyTorch forum's "Best practice for freezing layers?" does it:
+    requires_grad = False on the frozen layers, every parameter in the optimizer (it skips
+    those without a gradient). Frozen on purpose, they must not page; a layer that is
+    never called still does."""
+    model = Net(extra=True)
+    model.hidden.requires_grad_(False)
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        train(model, optimizer, 3)
+    assert monitor.close() is True
+    present = metrics(collector, "gradwatch_gradient_present", job_name)
+    assert present == {"out.weight": 1, "out.bias": 1, "unused.weight": 0, "unused.bias": 0}
+    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name, 10)
+    assert alert is not None and alert["labels"]["alertname"] == "GradientMissing"
+    assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
+    assert "SGD: 2 of 6 parameters are frozen (requires_grad=False) and not watched" \
+        in caplog.text
+
+
 def test_compiled_model_names_and_norms(collector, job_name):
     model = Net()
     compiled = torch.compile(model)
