@@ -5,7 +5,7 @@
     ...                                          # loss.backward(); optimizer.step() as usual
     monitor.close()                              # also a context manager; closes at exit
 
-Every parameter of every param group is reported at every ``optimizer.step()``, but
+Every parameter of every param group is reported at every ``optimizer.step()``, except
 those frozen (``requires_grad`` False) when the first step runs.
 Statistics are taken at the first of these in a step, so they are of the gradients
 the backward pass produced: ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
