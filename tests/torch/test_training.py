@@ -118,6 +118,52 @@ def test_parameters_frozen_before_training_are_not_watched(collector, webhook, j
         in caplog.text
 
 
+class LoRALinear(torch.nn.Module):
+    """A frozen linear layer with a trainable low-rank adapter beside it."""
+
+    def __init__(self, width: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(width, width).requires_grad_(False)
+        self.lora_a = torch.nn.Parameter(0.01 * torch.randn(rank, width))
+        self.lora_b = torch.nn.Parameter(0.01 * torch.randn(width, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+def test_lora_under_reentrant_checkpointing_pages_the_adapters_alone(collector, webhook,
+                                                                      job_name):
+    """LoRA with reentrant gradient checkpointing and frozen embeddings (microsoft/LoRA#120,
+    huggingface/transformers#21381): no input of a checkpointed block needs a gradient, so
+    the adapters silently get none while the head trains. The page names the adapters
+    alone (the frozen base is not watched) and says to use use_reentrant=False."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(16, 8).requires_grad_(False)
+    blocks = torch.nn.ModuleList([LoRALinear(8), LoRALinear(8)])
+    head = torch.nn.Linear(8, 1)
+    model = torch.nn.ModuleDict({"embed": embed, "blocks": blocks, "head": head})
+    ids = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(0))
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.AdamW(model.parameters(), 1e-3), model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            h = embed(ids)
+            for block in blocks:
+                h = checkpoint(block, h, use_reentrant=True)
+            head(h).pow(2).mean().backward()
+            optimizer.step()
+    assert monitor.close() is True
+    adapters = [f"blocks.{i}.lora_{m}" for i in (0, 1) for m in "ab"]
+    present = metrics(collector, "gradwatch_gradient_present", job_name)
+    assert present == {**dict.fromkeys(adapters, 0), "head.weight": 1, "head.bias": 1}
+    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name, 10)
+    assert alert is not None and alert["labels"]["alertname"] == "GradientMissing"
+    assert alert["annotations"]["variables"] == ", ".join(adapters)
+    assert "use_reentrant=False" in alert["annotations"]["causes"]
+
+
 def test_compiled_model_names_and_norms(collector, job_name):
     model = Net()
     compiled = torch.compile(model)
