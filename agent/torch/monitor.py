@@ -39,6 +39,9 @@ from gradwatch.agent.torch.session import TorchSession, local_tensor
 
 log = logging.getLogger(__name__)
 
+#: How often (optimizer steps) parameters frozen at the first step are checked for thawing.
+THAW_CHECK_STEPS = 100
+
 
 class GradientMonitor(MonitorCore):
     """Watches the gradients of one training process (one rank) for a collector.
@@ -175,6 +178,8 @@ class _Watched:
         self.device = local_tensor(self.params[0]).device
         self.strategy = strategy_of(model)
         self._session: TorchSession | None = None
+        #: Parameters frozen at the first step (not watched), until one is seen training.
+        self._frozen: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self._failed = False
         #: A GradScaler drives this optimizer (its skipped steps are not alarming).
@@ -219,6 +224,7 @@ class _Watched:
             log.info("gradwatch: %s: %d of %d parameters are frozen (requires_grad=False) "
                      "and not watched", name, len(self.params) - len(trainable),
                      len(self.params))
+            self._frozen = [p for p in self.params if not p.requires_grad]
             self.params = [self.params[i] for i in trainable]
             self.names = [self.names[i] for i in trainable]
         try:
@@ -276,6 +282,17 @@ class _Watched:
             # first alert on a missing gradient already says why.
             self._guarded(self.monitor.step_ended, self)
             self._guarded(session.finish)
+            if self._frozen and session.steps % THAW_CHECK_STEPS == 0:
+                self._say_if_thawed()
+
+    def _say_if_thawed(self) -> None:
+        """Says once when parameters frozen at the first step train (training thread)."""
+        thawed = sum(p.requires_grad for p in self._frozen)
+        if thawed:
+            self._frozen = []
+            log.warning("gradwatch: %s: %d parameters frozen at the first step now require "
+                        "a gradient and are not watched (a newly wrapped optimizer watches "
+                        "them)", self.name, thawed)
 
     def _guarded(self, action, *args: Any) -> None:
         """A failure of gradwatch on the training thread is logged once and never reaches

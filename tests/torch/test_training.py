@@ -118,6 +118,28 @@ def test_parameters_frozen_before_training_are_not_watched(collector, webhook, j
         in caplog.text
 
 
+def test_parameters_unfrozen_later_are_named_once_as_unwatched(collector, job_name, caplog):
+    """fastai's fine_tune: freeze, train, unfreeze, train on with the same optimizer. The
+    thawed parameters are not watched (the session's set is fixed at its first step), and
+    the log says so once, within 100 steps."""
+    from gradwatch.agent.torch.monitor import THAW_CHECK_STEPS
+
+    model = Net()
+    model.hidden.requires_grad_(False)
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        train(model, optimizer, 2)
+        model.hidden.requires_grad_(True)
+        train(model, optimizer, 2 * THAW_CHECK_STEPS)
+    assert monitor.close() is True
+    said = [r.getMessage() for r in caplog.records if "frozen at the first step" in r.message]
+    assert said == ["gradwatch: SGD: 2 parameters frozen at the first step now require a "
+                    "gradient and are not watched (a newly wrapped optimizer watches them)"]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
+        "out.weight", "out.bias"}
+
+
 class LoRALinear(torch.nn.Module):
     """A frozen linear layer with a trainable low-rank adapter beside it."""
 
