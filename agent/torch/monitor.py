@@ -219,14 +219,13 @@ class _Watched:
         # Parameters frozen when training starts (requires_grad False: fine-tuning freezes a
         # backbone while the optimizer holds every parameter) get no gradient on purpose;
         # like Keras's non-trainable variables they are not watched.
-        trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
-        if trainable and len(trainable) < len(self.params):
+        trainable = [p.requires_grad for p in self.params]
+        if any(trainable) and not all(trainable):
+            self._frozen = [p for p, t in zip(self.params, trainable, strict=True) if not t]
             log.info("gradwatch: %s: %d of %d parameters are frozen (requires_grad=False) "
-                     "and not watched", name, len(self.params) - len(trainable),
-                     len(self.params))
-            self._frozen = [p for p in self.params if not p.requires_grad]
-            self.params = [self.params[i] for i in trainable]
-            self.names = [self.names[i] for i in trainable]
+                     "and not watched", name, len(self._frozen), len(self.params))
+            self.params = [p for p, t in zip(self.params, trainable, strict=True) if t]
+            self.names = [n for n, t in zip(self.names, trainable, strict=True) if t]
         try:
             session = TorchSession(
                 monitor.identity, name, self.params, self.names, monitor.settings.buffer_steps,
