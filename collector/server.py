@@ -58,7 +58,8 @@ class Collector:
         self.rules = RuleEngine(config.rules, self.alerts,
                                 min_interval_s=config.batch_evaluation_interval_seconds,
                                 runbook_url=config.runbook_url,
-                                dashboard_base_url=config.dashboard_base_url)
+                                dashboard_base_url=config.dashboard_base_url,
+                                call_later=_call_later)
         tokens = TokenAuthority(config.tokens_file) if config.tokens_file else None
         self.service = GradientWatchService(self.registry, self.rules, self.telemetry,
                                             config.limits, tokens=tokens)
@@ -146,7 +147,6 @@ class Collector:
         timers = [
             (config.evaluation_interval_seconds, self._evaluate),
             (config.resend_interval_seconds, self._resend),
-            (config.batch_evaluation_interval_seconds, self.rules.evaluate_pending),
             (5.0, self.web.rate.sample),
         ]
         if self.web_security:
@@ -199,6 +199,11 @@ class Collector:
         if self._http is not None:
             await self._http.cleanup()
         log.info("stopped in %.2f s", grace_s - (deadline - loop.time()))
+
+
+def _call_later(delay_s: float, callback) -> asyncio.TimerHandle:
+    """Runs ``callback`` on the running event loop after ``delay_s`` (event loop only)."""
+    return asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -2,8 +2,9 @@
 
 Every batch is observed by every enabled rule at once. A group is evaluated after a
 batch unless it was evaluated less than ``min_interval_s`` ago; then it waits for
-`RuleEngine.evaluate_pending`, which the server calls every ``min_interval_s``, so a
-job with many tasks costs one evaluation per interval, not one per task's batch.
+`RuleEngine.evaluate_pending`, which the engine schedules (``call_later``) when the
+first group starts waiting, so a job with many tasks costs one evaluation per interval,
+not one per task's batch, and an idle collector runs no timer for it.
 The active alerts go to `AlertTracker`, which owns firing, hysteresis and
 resolution. Event-loop only.
 """
@@ -66,8 +67,13 @@ def _contained(rule: Rule) -> Iterator[None]:
 class RuleEngine:
     def __init__(self, settings: RuleSettings, tracker: AlertTracker,
                  clock: Callable[[], float] = time.time, min_interval_s: float = 0.0,
-                 runbook_url: str = RUNBOOK, dashboard_base_url: str | None = None) -> None:
+                 runbook_url: str = RUNBOOK, dashboard_base_url: str | None = None,
+                 call_later: Callable[[float, Callable[[], None]], object] | None = None
+                 ) -> None:
+        """``call_later(delay_s, callback)`` (the event loop's) runs `evaluate_pending`
+        once groups wait; without it the owner calls `evaluate_pending`."""
         self.settings = settings
+        self.call_later = call_later
         self.runbook_url = runbook_url
         #: Grafana's root URL: alerts then link to their panel (``dashboard_url``).
         self.dashboard_base_url = dashboard_base_url
@@ -76,6 +82,7 @@ class RuleEngine:
         self.min_interval_s = min_interval_s
         self._evaluated_at: dict[GroupKey, float] = {}
         self._pending: dict[GroupKey, Group] = {}
+        self._pending_scheduled = False
         #: Rule history: group → session id → rule name → that rule's state.
         self._states: dict[GroupKey, dict[str, dict[str, Any]]] = {}
 
@@ -101,12 +108,18 @@ class RuleEngine:
                         if states[rule.name] is not None:
                             rule.observe(states[rule.name], session, batch, params[rule.name])
         key = self._key(group)
-        if self.clock() - self._evaluated_at.get(key, -np.inf) >= self.min_interval_s:
+        since = self.clock() - self._evaluated_at.get(key, -np.inf)
+        if since >= self.min_interval_s:
             self.evaluate(group)
-        else:
-            self._pending[key] = group
+            return
+        self._pending[key] = group
+        if self.call_later is not None and not self._pending_scheduled:
+            self._pending_scheduled = True
+            self.call_later(self.min_interval_s - since, self.evaluate_pending)
 
     def evaluate_pending(self) -> None:
+        """Evaluates every group with batches not yet evaluated."""
+        self._pending_scheduled = False
         pending, self._pending = self._pending, {}
         for group in pending.values():
             self.evaluate(group)

@@ -72,3 +72,24 @@ def test_a_bad_batch_followed_at_once_by_a_good_one_still_alerts():
     h.feed(w0, [1, 1, 1])  # evaluated alone: the flags start afresh
     assert not h.engine.state("GradientMissing", w0).flags.any()
     assert not h.engine.state("GradientNonFinite", w0).flags.any()
+
+
+def test_a_waiting_batch_schedules_one_evaluation_when_its_interval_ends():
+    """With the event loop's call_later, the engine runs evaluate_pending itself: once for
+    all groups waiting, when the interval since the last evaluation ends."""
+    h = Harness()
+    scheduled = []
+    h.engine.min_interval_s = 0.05
+    h.engine.call_later = lambda delay, callback: scheduled.append((delay, callback))
+    w0, w1 = h.register(0), h.register(1)
+    h.feed(w0, [1, 1, 1])  # evaluated at once: nothing to schedule
+    assert scheduled == []
+    h.clock.now += 0.02
+    h.feed(w1, [1, 0, 1])  # waits
+    h.feed(w0, [1, 1, 1])  # waits too: no second evaluation scheduled
+    ((delay, callback),) = scheduled
+    assert delay == pytest.approx(0.03) and h.active("GradientMissing") == []
+    callback()
+    assert [a.annotations["tasks"] for a in h.active("GradientMissing")] == ["worker/1"]
+    h.feed(w1, [1, 1, 1])  # the next wait schedules again
+    assert len(scheduled) == 2
