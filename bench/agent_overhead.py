@@ -19,7 +19,9 @@ order rotating each round), so machine noise hits all alike:
 
 Prints one line per case and variant: median step time and ratio to plain (wall
 time, and the process's CPU time per step, which a neighbour's stolen cycles do not
-inflate), with the spread of the per-round ratios.
+inflate), with the spread of the per-round ratios; then what the agent's sender thread
+and the collector process (on the same cores here, on another machine in production)
+used of the CPU per step while each variant ran.
 
     .venv/bin/python -m bench.agent_overhead [--rounds 15] [--steps 20] [--cases ...]
 """
@@ -184,17 +186,31 @@ def time_block(step, x, n: int) -> tuple[list[float], float]:
     return times, (time.process_time() - cpu_start) / n
 
 
-def sender_cpu_s() -> float:
-    """CPU seconds the agent's sender thread has used (Linux: /proc), 0 if not found."""
+def cpu_s(task: str) -> float:
+    """CPU seconds a thread (``self/task/TID``) or a process's main thread (``PID``) has
+    run, in nanoseconds' resolution (Linux ``/proc/.../schedstat``), 0 if unreadable."""
+    try:
+        with open(f"/proc/{task}/schedstat") as schedstat:
+            return int(schedstat.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds all threads of process ``pid`` have run (see `cpu_s`)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    return sum(cpu_s(f"{pid}/task/{tid}") for tid in tasks)
+
+
+def sender_task() -> str:
+    """The sender thread's ``/proc`` task ("" if there is none)."""
     for thread in threading.enumerate():
         if thread.name == "gradwatch-sender" and thread.native_id is not None:
-            try:
-                with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                return 0.0
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+            return f"self/task/{thread.native_id}"
+    return ""
 
 
 @contextlib.contextmanager
@@ -221,7 +237,8 @@ def unchecked_statistics(monitor: GradientMonitor):
         raise RuntimeError("the unchecked variant traced gradwatch's own statistics")
 
 
-def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, list[float]]:
+def run_case(name: str, build, strategy, monitor: GradientMonitor,
+             collector_pid: int) -> dict[str, list[float]]:
     """One model and one optimizer serve every variant, each its own traced step, so
     that no variant gets a different memory layout: the plain steps are traced before
     the optimizer is wrapped, the gradwatch step after."""
@@ -249,15 +266,21 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, 
     times = {variant: [] for variant in variants}
     rounds = {variant: [] for variant in variants}  # each block's median
     cpu = {variant: [] for variant in variants}  # each block's CPU seconds per step
-    sender_before, wall_before = sender_cpu_s(), time.perf_counter()
+    # CPU seconds the sender thread and the collector process used during each variant's
+    # blocks (read outside the timed steps).
+    sender = sender_task()
+    clocks = {"sender": lambda: cpu_s(sender), "collector": lambda: process_cpu_s(collector_pid)}
+    host = {variant: dict.fromkeys(clocks, 0.0) for variant in variants}
     for r in range(ARGS.rounds):
         # The order rotates each round, so that no variant always follows the same one.
         for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            before = {part: clock() for part, clock in clocks.items()}
             block, cpu_per_step = time_block(steps[variant], x, ARGS.steps)
+            for part, clock in clocks.items():
+                host[variant][part] += clock() - before[part]
             times[variant] += block
             rounds[variant].append(statistics.median(block))
             cpu[variant].append(cpu_per_step)
-    sender, wall = sender_cpu_s() - sender_before, time.perf_counter() - wall_before
     first = variants[0]
     base = statistics.median(times[first])
     for variant in variants:
@@ -270,9 +293,13 @@ def run_case(name: str, build, strategy, monitor: GradientMonitor) -> dict[str, 
               f"interquartile {low:.3f}-{high:.3f}; CPU time per step "
               f"{statistics.median(cpu[variant]) * 1e3:.3f} ms, per-round ratios: median "
               f"{cpu_middle:.3f}, interquartile {cpu_low:.3f}-{cpu_high:.3f})", flush=True)
-    if "gradwatch" in variants:
-        print(f"{name:<20} the sender thread used {sender:.2f} s of CPU in {wall:.1f} s "
-              f"({100 * sender / wall:.1f} % of one core)", flush=True)
+    for variant in variants:
+        per_step = {part: used / len(times[variant]) * 1e3 for part, used in host[variant].items()}
+        wall = sum(times[variant])
+        print(f"{name:<20} {variant:<15} CPU per step outside the step: sender thread "
+              f"{per_step['sender']:.3f} ms, collector process {per_step['collector']:.3f} ms "
+              f"({100 * host[variant]['sender'] / wall:.1f} % and "
+              f"{100 * host[variant]['collector'] / wall:.1f} % of one core)", flush=True)
     return times
 
 
@@ -299,7 +326,7 @@ def main() -> None:
         saved = {}
         for name in ARGS.cases.split(","):
             build, strategy = cases[name]
-            saved[name] = run_case(name, build, strategy, monitor)
+            saved[name] = run_case(name, build, strategy, monitor, collector.process.pid)
             if ARGS.save:
                 with open(ARGS.save, "w") as out:
                     json.dump(saved, out)
