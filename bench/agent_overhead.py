@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import statistics
-import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -75,6 +74,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * ARGS.replicas)
 
+from bench.cpu import cpu_s, process_cpu_s, sender_task  # noqa: E402
 from bench.models import cnn_case  # noqa: E402
 from bench.spread import round_ratios  # noqa: E402
 from gradwatch.agent import GradientMonitor  # noqa: E402
@@ -184,33 +184,6 @@ def time_block(step, x, n: int) -> tuple[list[float], float]:
         step(x)
         times.append(time.perf_counter() - start)
     return times, (time.process_time() - cpu_start) / n
-
-
-def cpu_s(task: str) -> float:
-    """CPU seconds a thread (``self/task/TID``) or a process's main thread (``PID``) has
-    run, in nanoseconds' resolution (Linux ``/proc/.../schedstat``), 0 if unreadable."""
-    try:
-        with open(f"/proc/{task}/schedstat") as schedstat:
-            return int(schedstat.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds all threads of process ``pid`` have run (see `cpu_s`)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    return sum(cpu_s(f"{pid}/task/{tid}") for tid in tasks)
-
-
-def sender_task() -> str:
-    """The sender thread's ``/proc`` task ("" if there is none)."""
-    for thread in threading.enumerate():
-        if thread.name == "gradwatch-sender" and thread.native_id is not None:
-            return f"self/task/{thread.native_id}"
-    return ""
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
-LIBRARIES = {"models"}  # imported by the benchmarks, not run
+LIBRARIES = {"cpu", "models"}  # imported by the benchmarks, not run
 COMMAND = re.compile(r"python -m bench\.(\w+)((?:(?:[ \t]+|[ \t]*\\\n[ \t]*)[^\s`|\\]+)*)")
 
 

@@ -113,9 +113,12 @@ def test_replicas_share_jobs_and_take_over_a_killed_ones(monkeypatch):
             for job in jobs:  # scraped since
                 prometheus.wait_for(f'max(gradwatch_last_step{{training_job="{job}"}}) '
                                     f'== {final[job]}', 10)
+            # The range's points lie on a 0.25 s grid from `started`: its last one must
+            # come after the scrapes that saw the last steps.
+            seen = time.time() + 0.25
             series = {job: prometheus.query_range(
                 f'max by (training_job) (gradwatch_last_step{{training_job="{job}"}})',
-                started, time.time(), step=0.25) for job in jobs}
+                started, seen, step=0.25) for job in jobs}
             dropped = prometheus.query("sum(gradwatch_dropped_steps_total)")
     finally:
         for collector in collectors:
