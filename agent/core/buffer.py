@@ -16,7 +16,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from gradwatch.agent.core.pace import ReadPace
 from gradwatch.agent.core.session import Session
 from gradwatch.proto.layout import BYTES_PER_STATISTIC
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
@@ -37,8 +36,6 @@ class SessionBuffer:
     """One session's buffered steps and its place in the collector's sequence."""
 
     session: Session
-    #: When its step buffer is next worth reading.
-    pace: ReadPace
     session_id: str = ""  # on the current connection's collector
     #: Session ids by collector address: a reconnect to the same collector resumes the
     #: session, so batches it applied but never acknowledged are recognised as duplicates.
@@ -152,12 +149,10 @@ class SessionBuffer:
 
 
 class Buffer:
-    """Every session's `SessionBuffer`, bounded by ``max_bytes`` together; read every
-    ``flush_interval_s`` at most (see `ReadPace`)."""
+    """Every session's `SessionBuffer`, bounded by ``max_bytes`` together."""
 
-    def __init__(self, max_bytes: int, flush_interval_s: float) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.flush_interval_s = flush_interval_s
         self.sessions: list[SessionBuffer] = []
         self._lock = threading.Lock()
         self._new: list[Session] = []
@@ -167,26 +162,21 @@ class Buffer:
         with self._lock:
             self._new.append(session)
 
-    def drain(self, everything: bool = False) -> None:
-        """Moves every session's new steps into the buffer, then enforces the limit. A
-        session whose next step is not due yet (`ReadPace`) is not read, unless
-        ``everything`` (closing)."""
+    def drain(self) -> None:
+        """Moves every session's new steps into the buffer, then enforces the limit."""
         with self._lock:
             new, self._new = self._new, []
-        self.sessions.extend(SessionBuffer(s, ReadPace(self.flush_interval_s)) for s in new)
+        self.sessions.extend(SessionBuffer(s) for s in new)
         for buffer in self.sessions:
             if buffer.broken or buffer.retired:
                 continue
-            read = everything or buffer.pace.due()
             try:
-                reports, dropped = buffer.session.drain(read_source=read)
+                reports, dropped = buffer.session.drain()
             except Exception:  # a broken session must not stop the others, nor flood
                 buffer.broken = True
                 log.exception("gradwatch: reading statistics of %s failed; it is no longer "
                               "read", buffer.name)
                 continue
-            if read:
-                buffer.pace.read(len(reports))
             buffer.dropped += dropped
             buffer.pending.extend(reports)
         excess = self.bytes() - self.max_bytes

@@ -43,7 +43,7 @@ class Sender:
                  rpc_timeout_s: float = 5.0) -> None:
         self.settings = settings
         self.channel = ChannelSettings.of(settings)
-        self.buffer = Buffer(settings.max_buffer_bytes, settings.flush_interval_s)
+        self.buffer = Buffer(settings.max_buffer_bytes)
         self.failover = Failover(
             parse_targets(settings.collector), training_job, self.channel,
             flush_interval_s=settings.flush_interval_s,
@@ -82,7 +82,7 @@ class Sender:
             self._thread.join(timeout=2.0)
         if not self._drained.is_set():
             if not self._thread.is_alive():  # count the steps still on the device too
-                self.buffer.drain(everything=True)
+                self.buffer.drain()
             steps = sum(b.buffered_steps() for b in self.buffer.sessions)
             dropped = sum(b.dropped for b in self.buffer.sessions)
             reason = self._last_error or f"no acknowledgement within {timeout_s:g} s"

@@ -145,16 +145,14 @@ class Session:
         with self._lock:
             return dict(self._diagnoses)
 
-    def drain(self, read_source: bool = True) -> tuple[list[pb.StepReport], int]:
+    def drain(self) -> tuple[list[pb.StepReport], int]:
         """New step reports and the count of steps dropped since the last call
-        (sender thread only); without ``read_source``, only the host-made reports."""
-        reports, dropped = [], 0
-        if read_source:
-            recorded = self.source.read_new()
-            reports = pack_steps(recorded.steps, recorded.stats, time.time())
-            dropped = recorded.dropped
+        (sender thread only)."""
+        recorded = self.source.read_new()
+        now = time.time()
+        reports = pack_steps(recorded.steps, recorded.stats, now)
         with self._lock:
             host, self._host_reports = self._host_reports, []
         if host:  # a step refused while tracing is reported ahead of the device's steps
             reports = sorted(host + reports, key=lambda r: r.step)
-        return reports, dropped
+        return reports, recorded.dropped

@@ -179,7 +179,7 @@ class Connection:
                 raise ConnectionError("collector ended the report stream")
             self._check_acks_arrive()
             if not moving:
-                self.buffer.drain(everything=self.stopping.is_set())
+                self.buffer.drain()
 
     async def _done_writing(self, call, acks: asyncio.Future) -> None:
         """Half-closes the stream; a stream that failed already says why."""
