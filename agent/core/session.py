@@ -31,6 +31,12 @@ class RecordedSteps:
     stats: np.ndarray  # float32 [n, num_replicas, num_variables, NUM_COLUMNS]
     dropped: int  # steps lost (overwritten before they were read) since the previous read
 
+    @classmethod
+    def none(cls, num_replicas: int, num_variables: int) -> RecordedSteps:
+        """No new step: what most reads find, so sources make it once and return it."""
+        return cls(np.zeros(0, np.int64),
+                   np.zeros((0, num_replicas, num_variables, NUM_COLUMNS), np.float32), 0)
+
 
 #: Device memory a front end's ring buffer takes per replica unless told otherwise.
 DEVICE_BUFFER_BYTES = 4 * 2**20
@@ -149,8 +155,8 @@ class Session:
         """New step reports and the count of steps dropped since the last call
         (sender thread only)."""
         recorded = self.source.read_new()
-        now = time.time()
-        reports = pack_steps(recorded.steps, recorded.stats, now)
+        reports = pack_steps(recorded.steps, recorded.stats, time.time()) if len(
+            recorded.steps) else []
         with self._lock:
             host, self._host_reports = self._host_reports, []
         if host:  # a step refused while tracing is reported ahead of the device's steps

@@ -75,6 +75,7 @@ class StepRecorder:
         self._replica_steps = strategy.experimental_local_results(self._steps)
         self._replica_counts = strategy.experimental_local_results(self._count)
         self.num_replicas = len(self._replica_rows)
+        self._nothing = RecordedSteps.none(self.num_replicas, num_variables)
 
     def record(self, record: tf.Tensor, step: tf.Tensor | int | None = None) -> tf.Operation:
         """Appends one step's record (`gradient_record`) for the current replica.
@@ -111,11 +112,10 @@ class StepRecorder:
         count = int(self._counts().min())
         first = max(self._next, count - self.capacity)
         dropped = first - self._next
-        rows = np.arange(first, count, dtype=np.int64)
         self._next = max(self._next, count)
-        if rows.size == 0:
-            return RecordedSteps(np.zeros(0, np.int64), to_statistics(
-                np.zeros((0, self.num_replicas, RECORD_WIDTH * n), np.float32), n), dropped)
+        if first >= count:  # most reads (then nothing was dropped): nothing is allocated
+            return self._nothing
+        rows = np.arange(first, count, dtype=np.int64)
         slots = rows % self._slots
         records = np.stack([self._gather(r, slots) for r in self._replica_rows], axis=1)
         steps = self._gather(self._replica_steps[0], slots)

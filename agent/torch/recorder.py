@@ -12,6 +12,8 @@ dropped, as do steps overwritten before they were read.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -44,6 +46,7 @@ class HostRing:
         self._events: list = [None] * capacity
         self._written = 0  # steps enqueued (training thread only writes it)
         self._read = 0
+        self._nothing = RecordedSteps.none(self.num_replicas, num_variables)
 
     def write(self, record: torch.Tensor, step: int) -> None:
         """Enqueues one step's ``[width, N]`` record (training thread; returns at once)."""
@@ -68,6 +71,9 @@ class HostRing:
             if event is not None and not event.query():
                 break  # copies complete in order: the rest are not done either
             ready += 1
+        if ready == first:  # most reads: nothing is allocated
+            self._read = ready
+            return dataclasses.replace(self._nothing, dropped=dropped) if dropped else self._nothing
         seqs = np.arange(first, ready)
         slots = seqs % self.capacity
         rows, steps = self._rows_np[slots].copy(), self._steps[slots].copy()
