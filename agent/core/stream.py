@@ -126,8 +126,10 @@ class Connection:
         # left: either way retrieved, so asyncio does not log it as lost.
         acks.add_done_callback(lambda task: task.cancelled() or task.exception())
         watcher = asyncio.ensure_future(failback()) if failback is not None else None
+        # One waiter for the connection: a wait_for per flush creates and cancels a task.
+        stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            await self._stream(call, stub, acks, watcher)
+            await self._stream(call, stub, acks, watcher, stop)
         except grpc.aio.AioRpcError as error:
             if call.done() and await call.code() in _REFUSED:
                 await asyncio.wait([acks], timeout=self.rpc_timeout_s)  # acks before it
@@ -136,12 +138,14 @@ class Connection:
             raise
         finally:
             acks.cancel()
+            stop.cancel()
             if watcher is not None:
                 watcher.cancel()
             call.cancel()
 
     async def _stream(self, call, stub: pb_grpc.GradientWatchStub, acks: asyncio.Future,
-                      failback: asyncio.Future | None) -> None:
+                      failback: asyncio.Future | None, stop: asyncio.Future) -> None:
+        """Streams until done; ``stop`` completes when the monitor closes."""
         self._waiting_since = time.monotonic()
         for buffer in self.buffer.sessions:  # replay what the previous connection left unacked
             for batch in list(buffer.unacked):  # acks arriving meanwhile remove from it
@@ -170,10 +174,7 @@ class Connection:
             if self.stopping.is_set() or moving:  # wait for the last acks
                 await asyncio.sleep(0.01)
             else:
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), self.flush_interval_s)
-                except asyncio.TimeoutError:
-                    pass
+                await asyncio.wait((stop,), timeout=self.flush_interval_s)
             if acks.done():
                 acks.result()  # raises the stream's error
                 raise ConnectionError("collector ended the report stream")
