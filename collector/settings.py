@@ -98,7 +98,7 @@ def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
     for item in declared(config_type):
         default = item.default if item.default not in (None, [], "") else "none"
         parser.add_argument(
-            item.flag, dest=item.dest, metavar=item.setting.metavar or None,
+            item.flag, dest=item.dest, metavar=item.setting.metavar or item.attribute.upper(),
             action="append" if item.setting.repeatable else "store",
             help=f"{item.setting.help} (env {item.env}, YAML {item.key}; "
                  f"default: {default})")

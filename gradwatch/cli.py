@@ -11,11 +11,18 @@ import logging
 import os
 import sys
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradwatch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gradwatch",
+        description="Gradient-health monitoring for training jobs: the collector, a live "
+                    "demo, and a doctor that explains missing gradients.")
     parser.add_argument("--log-level", default=os.environ.get("GRADWATCH_LOG_LEVEL", "INFO"),
-                        help="logging level (env GRADWATCH_LOG_LEVEL); default %(default)s")
+                        metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (env GRADWATCH_LOG_LEVEL); "
+                             "default %(default)s")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from gradwatch import doctor_cli
@@ -26,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_cli.add_parser(subparsers)
     doctor_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
+    if args.log_level.upper() not in LOG_LEVELS:
+        parser.error(f"--log-level (or GRADWATCH_LOG_LEVEL): expected one of "
+                     f"{', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -25,13 +25,16 @@ JOB = "gradwatch-demo"
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="run a collector and a broken training job; show the alert",
-        description=__doc__.splitlines()[0])
+        description="Start a collector and a real, broken, distributed training run; print "
+                    "the alert it fires, its cause and the metrics that show it. Exit status "
+                    "0 when the alert arrived.")
     parser.add_argument("--framework", choices=("tensorflow", "torch"), default="tensorflow",
                         help="tensorflow: Keras model.fit under MirroredStrategy; torch: "
                              "DistributedDataParallel over 2 processes under torchrun")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--replicas", type=int, default=2,
-                        help="replicas (tensorflow) or processes (torch)")
+    parser.add_argument("--epochs", type=int, default=2, metavar="N",
+                        help="epochs to train (default %(default)s)")
+    parser.add_argument("--replicas", type=int, default=2, metavar="N",
+                        help="replicas (tensorflow) or processes (torch) (default %(default)s)")
     parser.add_argument("--keep", action="store_true",
                         help="leave the collector running (its web UI open) until Ctrl-C")
     parser.set_defaults(func=run)

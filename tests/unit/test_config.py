@@ -73,6 +73,8 @@ def test_every_setting_has_a_flag_a_variable_and_a_yaml_key():
     text = parser.format_help()
     for item in items:
         assert item.flag in text and item.env in text, item.key
+    assert "setting:" not in text  # argparse's destinations are ours, not the user's
+    assert "--limits.max-jobs MAX_JOBS" in text
 
 
 @pytest.mark.parametrize("source", ["flag", "env", "yaml"])

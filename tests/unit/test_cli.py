@@ -1,0 +1,38 @@
+"""The ``gradwatch`` command's help and errors, as a user reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradwatch import cli
+
+
+def help_of(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*argv, "--help"])
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [(), ("collector",), ("demo",), ("doctor",)])
+def test_help_shows_user_words_not_internals(capsys, command):
+    text = help_of(capsys, *command)
+    assert text.startswith("usage: gradwatch")
+    assert "``" not in text  # docstring markup
+    assert "setting:" not in text  # argparse destinations
+
+
+def test_every_option_with_a_value_says_what_it_is(capsys):
+    text = help_of(capsys, "demo")
+    assert "--epochs N" in text and "epochs to train (default 2)" in text
+    assert "--limits.max-jobs MAX_JOBS" in help_of(capsys, "collector")
+
+
+def test_an_unknown_log_level_is_one_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("GRADWATCH_LOG_LEVEL", "verbose")
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["doctor", "train.py"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert "GRADWATCH_LOG_LEVEL" in error and "'verbose'" in error
+    assert "Traceback" not in error
