@@ -14,7 +14,7 @@ unless set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -25,7 +25,7 @@ from gradwatch.agent.core.identity import tf_config
 from gradwatch.agent.core.monitor import MonitorCore
 from gradwatch.agent.tensorflow import tape
 from gradwatch.agent.tensorflow.optimizers import wrap_optimizer
-from gradwatch.agent.tensorflow.session import TensorFlowSession
+from gradwatch.agent.tensorflow.session import Gradients, TensorFlowSession
 from gradwatch.agent.tensorflow.variables import variable_name
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,36 @@ def _is_loss_scaled(optimizer: Any) -> bool:
     return "LossScaleOptimizer" in type(optimizer).__name__
 
 
+def _accumulation(optimizer: Any, grads: list, variables: list
+                  ) -> tuple[tf.Tensor, Callable[[], list]] | None:
+    """For a Keras 3 optimizer with ``gradient_accumulation_steps`` (N): whether this call
+    applies an update (every Nth; the others only add to the accumulators), and a function
+    returning the gradients that update applies: per replica, the mean of the N
+    micro-batches' (before clipping, as any update's). None for any other optimizer.
+
+    Reads the optimizer's accumulators and micro-step counter: Keras internals (3.15),
+    so any error here means "record each micro-batch as it comes". Builds the optimizer
+    first if it is not (as ``apply`` would, a moment later)."""
+    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    if not steps:
+        return None
+    if not optimizer.built:
+        import keras
+
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(variables)
+        optimizer.built = True
+    sums = [optimizer._accumulated_gradients[optimizer._get_variable_index(v)]
+            for v in variables]
+    due = tf.equal((optimizer._iterations + 1) % steps, 0)
+
+    def mean() -> list:
+        return [None if g is None else (tf.convert_to_tensor(g) + s) / steps
+                for g, s in zip(grads, sums, strict=True)]
+
+    return due, mean
+
+
 def _warn_if_known_broken(optimizer: Any) -> None:
     """Says so when the combination cannot train, whatever gradwatch does."""
     strategy = tf.distribute.get_strategy()
@@ -56,6 +86,13 @@ def _warn_if_known_broken(optimizer: Any) -> None:
             "('unsupported type PerReplica', keras-team/keras#20585). Custom loops "
             "(strategy.run + optimizer.apply or monitor.observe) and tf-keras model.fit work, "
             "and gradwatch watches them.")
+    if (keras3 and getattr(optimizer, "gradient_accumulation_steps", None)
+            and strategy.num_replicas_in_sync > 1):
+        log.warning(
+            "gradwatch: Keras 3's gradient_accumulation_steps fails upstream under %s with "
+            "more than one replica ('merge_call called while defining a new graph', "
+            "keras-team/keras#20582); gradwatch watches the optimizer all the same.",
+            type(strategy).__name__)
 
 
 def _versions() -> dict[str, str]:
@@ -125,6 +162,7 @@ class GradientMonitor(MonitorCore):
             tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file, token=token, token_file=token_file)
         self._stop_diagnosing = None
+        self._unread_accumulators: set[str] = set()
         if self.enabled and self.settings.diagnose:
             self._stop_diagnosing = tape.listen(self._on_diagnosis)
 
@@ -157,9 +195,19 @@ class GradientMonitor(MonitorCore):
 
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         step = getattr(optimizer, "iterations", None)
-        self._record(self.optimizer_name(optimizer), grads, variables,
+        name = self.optimizer_name(optimizer)
+        try:
+            accumulation = _accumulation(optimizer, grads, variables)
+        except Exception as error:  # another Keras's internals
+            accumulation = None
+            if name not in self._unread_accumulators:
+                self._unread_accumulators.add(name)
+                log.warning("gradwatch: cannot read %s's gradient accumulators (%s); each "
+                            "micro-batch is reported as a step instead", name, error)
+        self._record(name, grads if accumulation is None else accumulation[1], variables,
                      None if step is None else tf.convert_to_tensor(step),
-                     loss_scale=_loss_scale(optimizer), loss_scaled=_is_loss_scaled(optimizer))
+                     loss_scale=_loss_scale(optimizer), loss_scaled=_is_loss_scaled(optimizer),
+                     due=None if accumulation is None else accumulation[0])
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
         if tf.distribute.in_cross_replica_context() and not self._closed:
@@ -220,9 +268,9 @@ class GradientMonitor(MonitorCore):
                 self.adopt(key, session)
         return session
 
-    def _record(self, name: str, grads: list, variables: list, step: Any, *,
-                loss_scale: Any = None, loss_scaled: bool = False) -> None:
-        if len(grads) != len(variables):
+    def _record(self, name: str, grads: Gradients, variables: list, step: Any, *,
+                loss_scale: Any = None, loss_scaled: bool = False, due: Any = None) -> None:
+        if not callable(grads) and len(grads) != len(variables):
             raise ValueError(f"gradwatch: {len(grads)} gradients for {len(variables)} variables")
         key = self._session_key(name, variables)
         if key in self._failed or self._closed:
@@ -230,7 +278,7 @@ class GradientMonitor(MonitorCore):
         try:
             session = self._session(name, variables, loss_scaled)
             if session is not None:
-                session.record(grads, step, loss_scale)
+                session.record(grads, step, loss_scale, due)
         except Exception:  # gradwatch must never break training
             self._failed.add(key)
             log.exception("gradwatch: cannot record gradients of %s; it is no longer watched",

@@ -7,7 +7,7 @@ compiled, in replica context); the framework-neutral `Session` does the rest.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -17,6 +17,9 @@ from gradwatch.agent.core.session import Session, ring_capacity
 from gradwatch.agent.tensorflow.recorder import StepRecorder, row_bytes
 from gradwatch.agent.tensorflow.stats import gradient_record, scale_record
 from gradwatch.agent.tensorflow.variables import describe
+
+#: One step's gradients (None where a variable got none), or a function returning them.
+Gradients = Sequence[Any] | Callable[[], Sequence[Any]]
 
 
 class TensorFlowSession(Session):
@@ -45,31 +48,44 @@ class TensorFlowSession(Session):
         #: optimisation and XLA inline.
         self._statistics = tf.function(functools.partial(gradient_record), autograph=False)
 
-    def _record_step(self, grads: list, step: tf.Tensor | None,
-                     loss_scale: tf.Tensor | None) -> tf.Operation | tf.Tensor:
+    def _record_step(self, grads: Gradients, step: tf.Tensor | None,
+                     loss_scale: tf.Tensor | None, due: tf.Tensor | None = None
+                     ) -> tf.Operation | tf.Tensor:
         def write() -> tf.Operation:
-            record = self._statistics(grads)
+            record = self._statistics(grads() if callable(grads) else grads)
             if loss_scale is not None:  # report what the optimizer will apply: g / scale
-                record = scale_record(record, len(grads),
+                record = scale_record(record, self._recorder.num_variables,
                                       1.0 / tf.cast(loss_scale, tf.float32))
             return self._recorder.record(record, step)
 
-        if self._every == 1:
+        if self._every == 1 and due is None:
             return write()
         # Presence is fixed when the step is traced, so the recorded steps report it for
         # the others; the statistics of the others are not computed at all.
         number = self._recorder.steps_recorded() if step is None else tf.cast(step, tf.int64)
+        recording = tf.equal(number % self._every, 0)
+        if due is not None:
+            recording = tf.logical_and(due, recording)
+
         def recorded() -> tf.Tensor:
             write()  # a stateful op: the branch runs it without returning it
             return tf.constant(True)
 
-        return tf.cond(tf.equal(number % self._every, 0), recorded, lambda: tf.constant(False))
+        return tf.cond(recording, recorded, lambda: tf.constant(False))
 
-    def record(self, grads: Sequence[Any], step: Any = None, loss_scale: Any = None) -> None:
+    def record(self, grads: Gradients, step: Any = None, loss_scale: Any = None,
+               due: Any = None) -> None:
         """Records one step: in replica context (or without a strategy), eagerly,
         while tracing, or compiled. Eager calls go through a cached tf.function.
-        ``loss_scale``: the factor the gradients are scaled by (mixed precision)."""
+
+        ``grads``: a list, or a function returning it, called only if the step is
+        recorded (in a traced step: inside the branch that records it).
+        ``loss_scale``: the factor the gradients are scaled by (mixed precision).
+        ``due``: a boolean tensor; False skips this call (the optimizer applies nothing).
+        """
         if tf.inside_function():
-            self._record_step(list(grads), step, loss_scale)
-        else:
-            self._record(list(grads), step, loss_scale)
+            self._record_step(grads, step, loss_scale, due)
+            return
+        if due is not None and not bool(due):
+            return
+        self._record(list(grads() if callable(grads) else grads), step, loss_scale)

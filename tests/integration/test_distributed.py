@@ -30,6 +30,25 @@ def test_mirrored_custom_loop_reports_each_replica(collector, webhook, job_name)
     assert not [a for a in webhook.alerts if a["labels"]["training_job"] == job_name]
 
 
+ACCUMULATING_UNDER_MIRRORED = """
+import keras, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from gradwatch.agent import GradientMonitor
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    GradientMonitor(collector="127.0.0.1:9").wrap(
+        keras.optimizers.Adam(gradient_accumulation_steps=2))
+"""
+
+
+def test_accumulation_under_a_multi_replica_strategy_is_named_as_broken_upstream():
+    result = subprocess.run([sys.executable, "-c", ACCUMULATING_UNDER_MIRRORED],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr
+    assert "keras-team/keras#20582" in result.stderr
+
+
 def run_workers(script: str, job_name: str, collector, **env_extra: str) -> list[str]:
     """Runs two worker processes of ``script`` under MultiWorkerMirroredStrategy (TF_CONFIG
     on loopback); returns their outputs once both finished (bounded, killed on timeout)."""

@@ -302,6 +302,34 @@ def test_loss_scale_optimizer_reports_unscaled_norms_and_skipped_steps(collector
     assert alerts_for(webhook, job_name) == []
 
 
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+def test_accumulated_gradients_are_reported_once_per_update(collector, job_name, mode):
+    """Keras 3's ``gradient_accumulation_steps=4``: each update applies the mean of four
+    micro-batches' gradients; that mean is reported, once per update, numbered as
+    ``optimizer.iterations`` counts updates (as the PyTorch agent reports
+    ``optimizer.step()``). With a zero learning rate the mean of the four quarters of X
+    is X's own gradient."""
+    model = small_model()
+    variables = model.trainable_variables
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.SGD(0.0, gradient_accumulation_steps=4))
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            optimizer.apply(tape.gradient(loss, variables), variables)
+
+        step = tf.function(step) if mode == "tf.function" else step
+        for micro in range(12):
+            quarter = slice(8 * (micro % 4), 8 * (micro % 4 + 1))
+            step(X[quarter], Y[quarter])
+    assert int(optimizer.iterations) == 3
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_steps_total").values()) == [3.0]
+    assert list(select(samples, "gradwatch_last_step").values()) == [2.0]
+    assert_norms(samples, variables, mse_gradients(model))
+
+
 def test_two_optimizers_in_one_job_are_reported_separately(collector, job_name):
     """A GAN-style step: generator and discriminator, each with its own optimizer."""
     generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
