@@ -10,7 +10,8 @@ those frozen (``requires_grad`` False) when the first step runs.
 Statistics are taken at the first of these in a step, so they are of the gradients
 the backward pass produced: ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
 (norms *before* clipping), ``GradScaler.step`` (norms divided by the loss scale; a step
-the scaler skips is reported as skipped), ``optimizer.step``. Under DDP each rank's
+the scaler skips is reported as skipped), ``optimizer.step`` (given a closure: after
+the closure's first call). Under DDP each rank's
 gradients are measured before the all-reduce, by a communication hook. The training
 thread never waits for the device or the network.
 
@@ -188,7 +189,7 @@ class _Watched:
         self.stepped = False
         #: Measures taken earlier in the step (DDP hook, autograd thread): (params, measures).
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.before_step()),
+        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(lambda *_: self.after_step())]
         for owner in (optimizer, model):
             if owner is not None:
@@ -260,6 +261,26 @@ class _Watched:
         for handle in self._hooks:
             handle.remove()
 
+    def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple | None:
+        """Before ``optimizer.step``: measures now, or, when the step is given a closure
+        (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
+        the closure's first call. Returns the arguments with the closure wrapped
+        (``args`` starts with the optimizer itself)."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            self.before_step()
+            return None
+
+        @functools.wraps(closure)
+        def measured(*closure_args: Any, **closure_kwargs: Any) -> Any:
+            result = closure(*closure_args, **closure_kwargs)
+            self.before_step()  # once a step: later calls (line searches) change nothing
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": measured}
+        return (args[0], measured, *args[2:]), kwargs
+
     def before_step(self, scale: torch.Tensor | None = None) -> None:
         """Measures the step's gradients unless done already this step (``scale``: the
         loss scale they still carry)."""
@@ -277,6 +298,7 @@ class _Watched:
         self.stepped = True
         session = self._session
         if session is not None and not self.monitor._closed:
+            self.before_step()  # a no-op, unless the step's closure was never called
             # Diagnoses first: they then leave with this step's record or before it, so the
             # first alert on a missing gradient already says why.
             self._guarded(self.monitor.step_ended, self)

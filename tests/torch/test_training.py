@@ -223,6 +223,37 @@ def test_norms_are_taken_before_clipping(collector, job_name):
     assert reported["out.weight"] > 1e-2  # clipped, it would be below 1e-3
 
 
+@pytest.mark.parametrize("make, keyword", [
+    (lambda params: torch.optim.LBFGS(params, max_iter=4), False),
+    (lambda params: torch.optim.SGD(params, 1e-2), True)])
+def test_a_step_given_a_closure_reports_the_gradients_the_closure_computes(
+        collector, job_name, make, keyword):
+    """``optimizer.step(closure)`` (LBFGS, as PyTorch's neural style tutorial uses it):
+    the gradients exist only once the step has called the closure. The first call's are
+    reported (later calls are LBFGS's own evaluations), not the stale or absent ones the
+    step started with."""
+    model = Net()
+    calls: list[list[dict[str, float]]] = []  # per step, each call's gradient norms
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X), Y)
+        loss.backward()
+        calls[-1].append({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+        return loss
+
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(make(model.parameters()), model)
+        for _ in range(3):
+            calls.append([])
+            optimizer.step(closure=closure) if keyword else optimizer.step(closure)
+    assert monitor.close() is True
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert reported == pytest.approx(calls[-1][0], rel=1e-5)
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
