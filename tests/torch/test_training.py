@@ -254,6 +254,37 @@ def test_a_step_given_a_closure_reports_the_gradients_the_closure_computes(
     assert reported == pytest.approx(calls[-1][0], rel=1e-5)
 
 
+def test_pytorch_lightning_automatic_optimization(collector, job_name, tmp_path):
+    """Lightning's ``Trainer`` steps the optimizer with a closure that runs
+    ``training_step`` and the backward pass: every parameter is present, every step."""
+    pl = pytest.importorskip("pytorch_lightning")
+    monitor = monitor_for(collector, job_name)
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def training_step(self, batch, batch_index):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return monitor.wrap(torch.optim.Adam(self.parameters(), 1e-3), self)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=8)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with monitor:
+        trainer.fit(Regression(), loader)
+    assert monitor.close() is True
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [8.0]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    assert set(metrics(collector, "gradwatch_gradient_norm", job_name)) == {
+        "net.hidden.weight", "net.hidden.bias", "net.out.weight", "net.out.bias"}
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
