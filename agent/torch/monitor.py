@@ -11,9 +11,9 @@ Statistics are taken at the first of these in a step, so they are of the gradien
 the backward pass produced: ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
 (norms *before* clipping), ``GradScaler.step`` (norms divided by the loss scale; a step
 the scaler skips is reported as skipped), ``optimizer.step`` (given a closure: after
-the closure's first call). Under DDP each rank's
-gradients are measured before the all-reduce, by a communication hook. The training
-thread never waits for the device or the network.
+the closure's first call). Under DDP each rank's gradients are measured before the
+all-reduce, by a communication hook. The training thread never waits for the device or
+the network.
 
 Identity comes from torchrun (``RANK`` is the task index, ``TORCHELASTIC_RUN_ID`` the
 default job); every setting is an argument or a ``GRADWATCH_*`` variable
