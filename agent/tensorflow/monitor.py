@@ -14,7 +14,7 @@ unless set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -47,18 +47,18 @@ def _is_loss_scaled(optimizer: Any) -> bool:
 
 
 def _accumulation(optimizer: Any, grads: list, variables: list
-                  ) -> tuple[tf.Tensor, Callable[[], list]] | None:
-    """For a Keras 3 optimizer with ``gradient_accumulation_steps`` (N): whether this call
-    applies an update (every Nth; the others only add to the accumulators), and a function
-    returning the gradients that update applies: per replica, the mean of the N
-    micro-batches' (before clipping, as any update's). None for any other optimizer.
+                  ) -> tuple[tf.Tensor | None, Gradients]:
+    """Whether this call applies an update (None: every call does) and the gradients it
+    applies. For a Keras 3 optimizer with ``gradient_accumulation_steps`` (N) only every
+    Nth call does, and it applies, per replica, the mean of the N micro-batches' (before
+    clipping, as any update's): returned as a function, to run only on those calls.
 
     Reads the optimizer's accumulators and micro-step counter: Keras internals (3.15),
     so any error here means "record each micro-batch as it comes". Builds the optimizer
     first if it is not (as ``apply`` would, a moment later)."""
     steps = getattr(optimizer, "gradient_accumulation_steps", None)
     if not steps:
-        return None
+        return None, grads
     if not optimizer.built:
         import keras
 
@@ -197,17 +197,17 @@ class GradientMonitor(MonitorCore):
         step = getattr(optimizer, "iterations", None)
         name = self.optimizer_name(optimizer)
         try:
-            accumulation = _accumulation(optimizer, grads, variables)
+            due, applied = _accumulation(optimizer, grads, variables)
         except Exception as error:  # another Keras's internals
-            accumulation = None
+            due, applied = None, grads
             if name not in self._unread_accumulators:
                 self._unread_accumulators.add(name)
                 log.warning("gradwatch: cannot read %s's gradient accumulators (%s); each "
                             "micro-batch is reported as a step instead", name, error)
-        self._record(name, grads if accumulation is None else accumulation[1], variables,
+        self._record(name, applied, variables,
                      None if step is None else tf.convert_to_tensor(step),
                      loss_scale=_loss_scale(optimizer), loss_scaled=_is_loss_scaled(optimizer),
-                     due=None if accumulation is None else accumulation[0])
+                     due=due)
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
         if tf.distribute.in_cross_replica_context() and not self._closed:

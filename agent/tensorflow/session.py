@@ -58,14 +58,16 @@ class TensorFlowSession(Session):
                                       1.0 / tf.cast(loss_scale, tf.float32))
             return self._recorder.record(record, step)
 
-        if self._every == 1 and due is None:
-            return write()
         # Presence is fixed when the step is traced, so the recorded steps report it for
         # the others; the statistics of the others are not computed at all.
-        number = self._recorder.steps_recorded() if step is None else tf.cast(step, tf.int64)
-        recording = tf.equal(number % self._every, 0)
-        if due is not None:
-            recording = tf.logical_and(due, recording)
+        conditions = [] if due is None else [due]
+        if self._every != 1:
+            number = self._recorder.steps_recorded() if step is None else tf.cast(step,
+                                                                                  tf.int64)
+            conditions.append(tf.equal(number % self._every, 0))
+        if not conditions:
+            return write()
+        recording = tf.reduce_all(tf.stack(conditions))
 
         def recorded() -> tf.Tensor:
             write()  # a stateful op: the branch runs it without returning it
