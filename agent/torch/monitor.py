@@ -15,13 +15,14 @@ the closure's first call). Under DDP each rank's gradients are measured before t
 all-reduce, by a communication hook. The training thread never waits for the device or
 the network.
 
-Identity comes from torchrun (``RANK`` is the task index, ``TORCHELASTIC_RUN_ID`` the
-default job); every setting is an argument or a ``GRADWATCH_*`` variable
-(`gradwatch.agent.core.settings.AgentSettings`).
+Identity: the task index is the process group's rank at the first step, else torchrun's
+``RANK``; ``TORCHELASTIC_RUN_ID`` is the default job. Every setting is an argument or a
+``GRADWATCH_*`` variable (`gradwatch.agent.core.settings.AgentSettings`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -109,6 +110,18 @@ class GradientMonitor(MonitorCore):
         patches.uninstall(self)
         for watched in self._watched.values():
             watched.remove_hooks()
+
+    def identify_by_process_group(self) -> None:
+        """Before the first session (under `session_lock`): in an initialized process
+        group the task index is this process's rank, unless a setting names it. Launchers
+        that set no ``RANK`` (``mp.spawn``, Lightning's) are covered: by the first step
+        the group exists, even where the monitor was made before it."""
+        if (self._sessions or self.settings.task_index is not None
+                or not torch.distributed.is_available()
+                or not torch.distributed.is_initialized()):
+            return
+        self.identity = dataclasses.replace(self.identity,
+                                            task_index=torch.distributed.get_rank())
 
     # -- called by the patches and hooks ---------------------------------------------------
 
@@ -227,6 +240,8 @@ class _Watched:
                      "and not watched", name, len(self._frozen), len(self.params))
             self.params = [p for p, t in zip(self.params, trainable, strict=True) if t]
             self.names = [n for n, t in zip(self.names, trainable, strict=True) if t]
+        with monitor.session_lock:
+            monitor.identify_by_process_group()
         try:
             session = TorchSession(
                 monitor.identity, name, self.params, self.names, monitor.settings.buffer_steps,

@@ -68,6 +68,27 @@ def test_unused_parameters_are_named_from_the_first_step(collector, webhook, mod
 
 
 @pytest.mark.timeout(240)
+def test_ranks_started_by_mp_spawn_report_as_their_rank(collector, job_name):
+    """PyTorch's DDP tutorial starts ranks with ``mp.spawn``: no ``RANK`` in their
+    environment (once, every rank reported as worker 0 and the collector refused all
+    but one). The task index is the process group's rank."""
+    env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target,
+           "GRADWATCH_TRAINING_JOB": job_name, "OMP_NUM_THREADS": "1"}
+    for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GRADWATCH_TASK_INDEX"):
+        env.pop(variable, None)
+    result = subprocess.run([sys.executable, str(JOB_SCRIPT.with_name("spawned_job.py")),
+                             str(free_port())], env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    steps = scrape(collector, "gradwatch_steps_total", job_name)
+    assert {k.split("task_index=")[1].split(",")[0]: v for k, v in steps.items()} == {
+        "0": 3.0, "1": 3.0}, result.stderr[-3000:]
+    norms = scrape(collector, "gradwatch_global_gradient_norm", job_name)
+    assert len(set(norms.values())) == 2  # each rank's own, before the all-reduce
+    assert "ALREADY_EXISTS" not in result.stderr
+
+
+@pytest.mark.timeout(240)
 def test_a_nan_on_one_rank_is_that_ranks(collector):
     job, result = torchrun(collector, "nan")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
