@@ -195,7 +195,9 @@ class Buffer:
             return not self.sessions and not self._new
 
     def any_unacked(self) -> bool:
-        return any(b.unacked for b in self.sessions)
+        """Batches sent on this connection wait for acks (those of a session not
+        registered here wait unsent)."""
+        return any(b.unacked for b in self.sessions if b.session_id)
 
     def all_acked(self) -> bool:
         return all(not b.pending and not b.unacked for b in self.sessions)

@@ -12,10 +12,11 @@ whose registration is refused never holds up the others: ``INVALID_ARGUMENT`` (i
 be refused again) retires it for the rest of the connection, its statistics neither read
 nor sent (the next connection, perhaps to a collector with other limits, asks again);
 ``RESOURCE_EXHAUSTED`` and ``ALREADY_EXISTS`` (the collector is full, another process
-reports that task: both may clear) leave it waiting in the buffer, registered again
-every `REGISTER_RETRY_S`. A collector that acknowledges nothing for ``ack_timeout_s``
-(or whose flow-control window stays full that long) is given up. Sender thread (its
-event loop) only.
+reports that task: both may clear) leave it waiting in the buffer, batches sent to an
+earlier collector and not acknowledged included (sent again once it registers),
+registered again every `REGISTER_RETRY_S`. A collector that acknowledges nothing for
+``ack_timeout_s`` (or whose flow-control window stays full that long) is given up.
+Sender thread (its event loop) only.
 """
 
 from __future__ import annotations
@@ -148,11 +149,11 @@ class Connection:
         """Streams until done; ``stop`` completes when the monitor closes."""
         self._waiting_since = time.monotonic()
         for buffer in self.buffer.sessions:  # replay what the previous connection left unacked
-            for batch in list(buffer.unacked):  # acks arriving meanwhile remove from it
-                batch.session_id = buffer.session_id
-                await self._write(call, buffer, batch, acks)
+            if buffer.session_id:
+                await self._replay(call, buffer, acks)
         while True:
-            await self._register_new(stub)
+            for buffer in await self._register_new(stub):  # taken only now: what waited
+                await self._replay(call, buffer, acks)
             for buffer in self.buffer.sessions:
                 while buffer.has_news():
                     await self._send(call, buffer, acks)
@@ -202,6 +203,12 @@ class Connection:
         elif time.monotonic() - self._waiting_since > self.ack_timeout_s:
             raise ConnectionError(f"no acknowledgement for {self.ack_timeout_s:g} s")
 
+    async def _replay(self, call, buffer: SessionBuffer, acks: asyncio.Future) -> None:
+        """Sends again, under its session id here, what ``buffer`` has had no ack for."""
+        for batch in list(buffer.unacked):  # acks arriving meanwhile remove from it
+            batch.session_id = buffer.session_id
+            await self._write(call, buffer, batch, acks)
+
     async def _send(self, call, buffer: SessionBuffer, acks: asyncio.Future,
                     final: bool = False) -> None:
         if not self.buffer.any_unacked():
@@ -226,8 +233,11 @@ class Connection:
             acks.result()  # raises the stream's error
         raise ConnectionError("collector ended the report stream")
 
-    async def _register_new(self, stub: pb_grpc.GradientWatchStub) -> None:
+    async def _register_new(self, stub: pb_grpc.GradientWatchStub) -> list[SessionBuffer]:
+        """Registers the sessions not registered here that may be; returns those that
+        were."""
         address = self.endpoint.address
+        registered = []
         for buffer in self.buffer.sessions:
             if not buffer.session_id and not buffer.retired:
                 buffer.connect(address)  # adopted since the connection opened
@@ -260,6 +270,8 @@ class Connection:
             self._answered()
             log.info("gradwatch: registered %s with %s as session %s",
                      buffer.name, self.endpoint, buffer.session_id)
+            registered.append(buffer)
+        return registered
 
     async def _read_acks(self, call) -> None:
         by_id: dict[str, SessionBuffer] = {}

@@ -294,3 +294,41 @@ def test_a_session_the_collector_cannot_take_yet_waits_and_the_others_report(
     warnings = [r.message for r in caplog.records
                 if r.levelname == "WARNING" and "cannot take" in r.message]
     assert len(warnings) == 1 and "RESOURCE_EXHAUSTED" in warnings[0], warnings
+
+
+def test_a_session_with_unacknowledged_steps_that_a_new_collector_cannot_take_yet_waits(
+        job_name, tmp_path, caplog, monkeypatch):
+    """The collector is replaced while two sessions' last batches wait for acks (the acks
+    were lost), and the new one is full (one session at most). The session it cannot take
+    keeps its unacknowledged batches for later, without sending them under no session id:
+    the collector would answer NOT_FOUND, the agent would drop the connection and register
+    every session again, at every reconnection (15 times a second, a warning each, before
+    the fix). The other session reports every step."""
+    monkeypatch.setenv("GRADWATCH_ACK_TIMEOUT", "60")  # only the cut ends the connection
+    config = tmp_path / "collector.yaml"
+    config.write_text("limits:\n  max_sessions: 1\n")
+    sessions = {"healthy": tf.Variable(tf.ones([4, 1]), name="first"),
+                "waiting": tf.Variable(tf.ones([4, 1]), name="second")}
+    with CollectorProcess() as old, TcpProxy(old.grpc_target) as service:
+        monitor = GradientMonitor(collector=service.address, training_job=job_name,
+                                  flush_interval_s=0.05)
+        observe_sessions(monitor, sessions, steps=10)
+        wait_until(lambda: job_metrics(old, job_name)["gradwatch_steps_total"] == 20)
+        service.blackhole_responses()
+        observe_sessions(monitor, sessions, steps=10)
+        time.sleep(0.3)  # sent, never acknowledged
+        with CollectorProcess("--config", str(config)) as full:
+            service.retarget(full.grpc_target)
+            observe_sessions(monitor, sessions, steps=10)
+            # (the healthy session's alone: the other is not registered there)
+            wait_until(lambda: job_metrics(full, job_name)["gradwatch_last_step"] == 30)
+            time.sleep(1.0)  # twenty flushes
+            refused = select(parse_metrics(full.scrape()),
+                             "gradwatch_collector_rejected_messages_total")
+            registrations = full.log().count("registered ")
+            monitor.close(timeout_s=1)
+    assert refused == {  # the old collector's session id, once; the full collector, once
+        "code=NOT_FOUND,reason=unknown_session": 1.0,
+        "code=RESOURCE_EXHAUSTED,reason=sessions": 1.0}, refused
+    assert registrations == 1, "the healthy session registered once, and stayed"
+    assert not [r for r in caplog.records if "session_id ''" in r.getMessage()]
