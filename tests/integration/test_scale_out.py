@@ -94,6 +94,9 @@ def test_replicas_share_jobs_and_take_over_a_killed_ones(monkeypatch):
                     for c in collectors]
     try:
         with PrometheusProcess(targets_http, scrape_interval="250ms") as prometheus:
+            # Prometheus applies its targets up to 5 s after it starts: measure from its
+            # first scrapes, or the kill below may fall before any data.
+            prometheus.wait_for(f"count(up == 1) == {len(collectors)}")
             started = time.time()
             wait_for_owners({job: preferred[job][0] for job in jobs})
 
