@@ -28,6 +28,12 @@ from gradwatch.agent.core.settings import AgentSettings, SettingsError
 log = logging.getLogger(__name__)
 
 
+def optimizer_base_name(optimizer: Any) -> str:
+    """What ``optimizer`` reports as before names are made unique: its ``name`` (Keras),
+    else its class name."""
+    return str(getattr(optimizer, "name", None) or type(optimizer).__name__)
+
+
 class MonitorCore:
     """Settings (arguments win over ``GRADWATCH_*``; see `AgentSettings`), identity, and
     one background `Sender` for all of this process's sessions."""
@@ -42,7 +48,7 @@ class MonitorCore:
         self._lock = threading.Lock()
         self._sessions: dict[Hashable, Session] = {}
         self._failed: set[Hashable] = set()
-        self._optimizer_names: dict[int, str] = {}
+        self._names: dict[Hashable, str] = {}
         #: Diagnoses seen so far, by the variable's id() (the variable is kept, so its id is
         #: not reused): sessions created later get them too.
         self._diagnoses: dict[int, tuple[Any, str, Diagnosis]] = {}
@@ -99,16 +105,22 @@ class MonitorCore:
     def optimizer_name(self, optimizer: Any) -> str:
         """A name for ``optimizer`` unique within this process: its ``name`` (Keras) or
         class name, with ``_2``, ``_3`` ... for further ones."""
+        return self.unique_name(id(optimizer), optimizer_base_name(optimizer))
+
+    def unique_name(self, key: Hashable, base: str) -> str:
+        """The optimizer name ``key`` reports under, the same at every call: ``base``, or
+        ``base_2``, ``base_3`` ... where another key of this process holds it. A collector
+        knows a task's session by this name: two sessions sharing it would keep replacing
+        each other there. Takes `session_lock`."""
         with self._lock:
-            name = self._optimizer_names.get(id(optimizer))
+            name = self._names.get(key)
             if name is None:
-                base = str(getattr(optimizer, "name", None) or type(optimizer).__name__)
-                taken = set(self._optimizer_names.values())
+                taken = set(self._names.values())
                 name, n = base, 1
                 while name in taken:
                     n += 1
                     name = f"{base}_{n}"
-                self._optimizer_names[id(optimizer)] = name
+                self._names[key] = name
             return name
 
     def adopt(self, key: Hashable, session: Session) -> None:

@@ -14,7 +14,7 @@ unless set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -22,7 +22,7 @@ import tensorflow as tf
 from gradwatch import __version__
 from gradwatch.agent.core.diagnosis import Diagnosis
 from gradwatch.agent.core.identity import tf_config
-from gradwatch.agent.core.monitor import MonitorCore
+from gradwatch.agent.core.monitor import MonitorCore, optimizer_base_name
 from gradwatch.agent.tensorflow import tape
 from gradwatch.agent.tensorflow.optimizers import wrap_optimizer
 from gradwatch.agent.tensorflow.session import Gradients, TensorFlowSession
@@ -185,7 +185,7 @@ class GradientMonitor(MonitorCore):
         replica context); ``step`` defaults to a per-call-site counter.
         """
         if self.enabled:
-            self._record(name, list(grads), list(variables), step)
+            self._record(("observe", name), name, list(grads), list(variables), step)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ class GradientMonitor(MonitorCore):
 
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         step = getattr(optimizer, "iterations", None)
-        name = self.optimizer_name(optimizer)
+        name = optimizer_base_name(optimizer)
         try:
             due, applied = _accumulation(optimizer, grads, variables)
         except Exception as error:  # another Keras's internals
@@ -204,14 +204,14 @@ class GradientMonitor(MonitorCore):
                 self._unread_accumulators.add(name)
                 log.warning("gradwatch: cannot read %s's gradient accumulators (%s); each "
                             "micro-batch is reported as a step instead", name, error)
-        self._record(name, applied, variables,
+        self._record(id(optimizer), name, applied, variables,
                      None if step is None else tf.convert_to_tensor(step),
                      loss_scale=_loss_scale(optimizer), loss_scaled=_is_loss_scaled(optimizer),
                      due=due)
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
         if tf.distribute.in_cross_replica_context() and not self._closed:
-            self._session(self.optimizer_name(optimizer), variables,
+            self._session(id(optimizer), optimizer_base_name(optimizer), variables,
                           loss_scaled=_is_loss_scaled(optimizer))
 
     def _on_rejected(self, optimizer: Any, grads: list, variables: list, error: Exception) -> None:
@@ -219,8 +219,7 @@ class GradientMonitor(MonitorCore):
         Inside a trace our in-graph record never runs, so report from the host."""
         if not tf.inside_function():
             return
-        session = self._sessions.get(self._session_key(self.optimizer_name(optimizer),
-                                                       variables))
+        session = self._sessions.get(self._session_key(id(optimizer), variables))
         if session is not None:
             with tf.init_scope():
                 iterations = getattr(optimizer, "iterations", None)
@@ -232,30 +231,38 @@ class GradientMonitor(MonitorCore):
         self.add_diagnosis(variable, variable_name(variable), diagnosis)
 
     @staticmethod
-    def _session_key(name: str, variables: Sequence[Any]) -> tuple:
-        return (name, *(id(v) for v in variables))
+    def _session_key(owner: Hashable, variables: Sequence[Any]) -> tuple:
+        """A session per owner (an optimizer's id, or an `observe` name) and variable list."""
+        return (owner, *(id(v) for v in variables))
 
-    def _session(self, name: str, variables: list,
+    def _session(self, owner: Hashable, base: str, variables: list,
                  loss_scaled: bool = False) -> TensorFlowSession | None:
         """The session for these variables, created on first use (None if that failed).
         In replica context creation goes through ``merge_call``, so all replicas share
         one session; that merge function must never raise, or the other replicas hang."""
-        key = self._session_key(name, variables)
+        key = self._session_key(owner, variables)
         session = self._sessions.get(key)
         if session is not None:
             return session
         if tf.distribute.in_cross_replica_context():
-            return self._new_session(tf.distribute.get_strategy(), key, name, variables,
+            return self._new_session(tf.distribute.get_strategy(), key, base, variables,
                                      loss_scaled)
         # A closure, not merge_call args: those are regrouped into PerReplica values.
         return tf.distribute.get_replica_context().merge_call(
-            lambda strategy: self._new_session(strategy, key, name, variables, loss_scaled))
+            lambda strategy: self._new_session(strategy, key, base, variables, loss_scaled))
 
-    def _new_session(self, strategy: tf.distribute.Strategy, key: tuple, name: str,
+    def _new_session(self, strategy: tf.distribute.Strategy, key: tuple, base: str,
                      variables: list, loss_scaled: bool = False) -> TensorFlowSession | None:
+        """Creates the session for ``key``, named ``base`` unless another session of
+        this process has that name (another optimizer, or the same one updating another
+        set of variables): then ``base_2`` ..."""
+        name = self.unique_name(key, base)
         with self.session_lock:
             session = self._sessions.get(key)
             if session is None and key not in self._failed:
+                if any(other[0] == key[0] for other in self._sessions):
+                    log.info("gradwatch: %s updates another set of %d variables; they are "
+                             "reported as optimizer %s", base, len(variables), name)
                 try:
                     session = TensorFlowSession(
                         self.identity, name, variables, self.settings.buffer_steps,
@@ -268,15 +275,16 @@ class GradientMonitor(MonitorCore):
                 self.adopt(key, session)
         return session
 
-    def _record(self, name: str, grads: Gradients, variables: list, step: Any, *,
-                loss_scale: Any = None, loss_scaled: bool = False, due: Any = None) -> None:
+    def _record(self, owner: Hashable, name: str, grads: Gradients, variables: list,
+                step: Any, *, loss_scale: Any = None, loss_scaled: bool = False,
+                due: Any = None) -> None:
         if not callable(grads) and len(grads) != len(variables):
             raise ValueError(f"gradwatch: {len(grads)} gradients for {len(variables)} variables")
-        key = self._session_key(name, variables)
+        key = self._session_key(owner, variables)
         if key in self._failed or self._closed:
             return
         try:
-            session = self._session(name, variables, loss_scaled)
+            session = self._session(owner, name, variables, loss_scaled)
             if session is not None:
                 session.record(grads, step, loss_scale, due)
         except Exception:  # gradwatch must never break training

@@ -7,6 +7,7 @@ asserts on the scraped ``/metrics`` and on alerts the webhook received.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 
 import keras
@@ -360,6 +361,94 @@ def test_two_optimizers_in_one_job_are_reported_separately(collector, job_name):
     assert select(samples, "gradwatch_gradient_norm", optimizer="generator_adam").keys() == {
         "generator/g/kernel", "generator/g/bias"}
     assert set(select(samples, "gradwatch_steps_total").values()) == {3.0}
+
+
+def gan() -> tuple[keras.Model, keras.Model]:
+    generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
+                                 name="generator")
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="d")],
+                                     name="discriminator")
+    return generator, discriminator
+
+
+def variables_by_optimizer(samples: dict) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for labels, _ in samples["gradwatch_gradient_norm"]:
+        found.setdefault(labels["optimizer"], set()).add(labels["variable"])
+    return found
+
+
+def steps_by_optimizer(samples: dict) -> dict[str, float]:
+    return {labels["optimizer"]: value for labels, value in samples["gradwatch_steps_total"]}
+
+
+def assert_no_session_was_replaced(caplog) -> None:
+    """Two sessions of one process under one optimizer name replace each other at the
+    collector: each batch of the other one is refused (NOT_FOUND) and registers again."""
+    assert not [r.getMessage() for r in caplog.records
+                if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+
+
+def test_observe_called_for_two_models_reports_each_under_its_own_name(
+        collector, job_name, caplog):
+    """A GAN loop calling ``monitor.observe`` for each model, with no names: each call
+    site is its own session, named ``observe`` and ``observe_2``."""
+    generator, discriminator = gan()
+    with monitor_for(collector, job_name) as monitor:
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+                fake = generator(x)
+                d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
+                g_loss = -tf.reduce_mean(discriminator(fake))
+            monitor.observe(g_tape.gradient(g_loss, generator.trainable_variables),
+                            generator.trainable_variables)
+            monitor.observe(d_tape.gradient(d_loss, discriminator.trainable_variables),
+                            discriminator.trainable_variables)
+
+        for _ in range(3):
+            step(X)
+        time.sleep(0.5)  # several flushes, each a chance for the two to collide
+        assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert variables_by_optimizer(samples) == {
+        "observe": {"generator/g/kernel", "generator/g/bias"},
+        "observe_2": {"discriminator/d/kernel", "discriminator/d/bias"}}
+    assert steps_by_optimizer(samples) == {"observe": 3.0, "observe_2": 3.0}
+    assert_no_session_was_replaced(caplog)
+
+
+def test_one_optimizer_updating_parts_of_a_model_in_turn(collector, job_name, caplog):
+    """The remedy Keras's "can only be called for the variables it was originally built
+    with" suggests: build the optimizer with every variable, then update each part on its
+    own. Each part is reported as its own optimizer, with every step."""
+    generator, discriminator = gan()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.Adam(1e-3, name="shared_adam"))
+        optimizer.build(generator.trainable_variables + discriminator.trainable_variables)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+                fake = generator(x)
+                d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
+                g_loss = -tf.reduce_mean(discriminator(fake))
+            optimizer.apply(d_tape.gradient(d_loss, discriminator.trainable_variables),
+                            discriminator.trainable_variables)
+            optimizer.apply(g_tape.gradient(g_loss, generator.trainable_variables),
+                            generator.trainable_variables)
+
+        for _ in range(3):
+            step(X)
+        time.sleep(0.5)
+        assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert variables_by_optimizer(samples) == {
+        "shared_adam": {"discriminator/d/kernel", "discriminator/d/bias"},
+        "shared_adam_2": {"generator/g/kernel", "generator/g/bias"}}
+    assert steps_by_optimizer(samples) == {"shared_adam": 3.0, "shared_adam_2": 3.0}
+    assert_no_session_was_replaced(caplog)
 
 
 def test_model_fit_under_xla_keeps_every_step(collector, webhook, job_name):
