@@ -46,8 +46,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q "torch==$TORCH_CPU" 2>/dev/null \
         || "$VENV/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cpu \
             "torch==${TORCH_CPU%+cpu}"
-    # PyTorch Lightning, for the test of its automatic optimization (step(closure=...));
-    # after torch, so that pip keeps the CPU build.
-    "$VENV/bin/python" -m pip install -q "pytorch-lightning>=2.5,<2.7"
+    # PyTorch Lightning (its automatic optimization steps with a closure) and Hugging Face
+    # Accelerate (its optimizer wrapper), for their tests; after torch, so that pip keeps
+    # the CPU build.
+    "$VENV/bin/python" -m pip install -q "pytorch-lightning>=2.5,<2.7" "accelerate>=1.0,<2"
     echo "$want" > "$stamp"
 fi

@@ -80,14 +80,15 @@ class GradientMonitor(MonitorCore):
         ``group{i}.param{j}``. Under DDP, pass the DDP model: its communication hook
         measures each rank's gradients before the all-reduce (wrap before the first
         backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``)."""
-        if not self.enabled or id(optimizer) in self._watched:
+        updating = _updating_optimizer(optimizer)
+        if not self.enabled or id(updating) in self._watched:
             return optimizer
         try:
-            watched = _Watched(self, optimizer, model)
+            watched = _Watched(self, updating, model)
         except Exception:  # gradwatch must never break training
             log.exception("gradwatch: cannot watch %s", type(optimizer).__name__)
             return optimizer
-        self._watched[id(optimizer)] = watched
+        self._watched[id(updating)] = watched
         if self._recorder is not None:  # the first step is explained at its end
             self._recorder.start()
         if ddp.is_ddp(model) and not ddp.has_comm_hook(model):
@@ -169,6 +170,17 @@ class GradientMonitor(MonitorCore):
         """The wrapped optimizers that update any of ``params``."""
         ids = {id(p) for p in params}
         return [w for w in list(self._watched.values()) if ids & w.param_ids]
+
+
+def _updating_optimizer(optimizer: Any) -> Any:
+    """The optimizer that updates the parameters, behind wrappers that hold it as
+    ``.optimizer`` and are not set up as torch optimizers themselves (no step hooks):
+    Hugging Face Accelerate's ``AcceleratedOptimizer``, which also steps it only when
+    accumulated gradients are due. Anything else is returned as is."""
+    while (not hasattr(optimizer, "_optimizer_step_pre_hooks")
+           and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class _Watched:

@@ -285,6 +285,51 @@ def test_pytorch_lightning_automatic_optimization(collector, job_name, tmp_path)
         "net.hidden.weight", "net.hidden.bias", "net.out.weight", "net.out.bias"}
 
 
+@pytest.mark.parametrize("wrapped", ["before prepare", "after prepare"])
+def test_hugging_face_accelerate_with_gradient_accumulation(collector, job_name, wrapped):
+    """Accelerate's quick-tour loop: ``accelerator.accumulate``, ``accelerator.backward``,
+    ``clip_grad_norm_`` when gradients sync, an LR scheduler. Whether the user wraps the
+    optimizer before ``prepare`` or the ``AcceleratedOptimizer`` it returns, each update
+    (every second batch) is reported once, with the accumulated norms before clipping."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    model = Net()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=4)
+    unclipped = []
+    try:
+        with monitor_for(collector, job_name) as monitor:
+            optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+            if wrapped == "before prepare":
+                optimizer = monitor.wrap(optimizer, model)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+            accelerator = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+            model, optimizer, loader, scheduler = accelerator.prepare(
+                model, optimizer, loader, scheduler)
+            if wrapped == "after prepare":
+                optimizer = monitor.wrap(optimizer, model)
+            for x, y in loader:
+                with accelerator.accumulate(model):
+                    accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+                    if accelerator.sync_gradients:
+                        unclipped.append({n: p.grad.norm().item()
+                                          for n, p in model.named_parameters()})
+                        accelerator.clip_grad_norm_(model.parameters(), 1e-3)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+        assert monitor.close() is True
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert len(unclipped) == 4  # 8 batches, an update every second one
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
+    assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [3.0]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        unclipped[-1], rel=1e-5)
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
