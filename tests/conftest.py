@@ -10,6 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest
 from hypothesis import settings
 
+# Before anything imports grpc, as a training script would: gradwatch turns gRPC's fork
+# handlers off (gradwatch.agent.core.forking), and this process forks too.
+import gradwatch.agent.core  # noqa: F401
 from tests.support.services import CollectorProcess, WebhookReceiver
 
 # Property tests: thorough by default (make test, CI); `make unit` picks the quick profile.

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
+from gradwatch.agent.core import forking
 from gradwatch.agent.core.channel import ChannelSettings
 from gradwatch.agent.core.diagnosis import Diagnosis
 from gradwatch.agent.core.identity import Identity, Launcher, resolve_identity
@@ -66,6 +67,7 @@ class MonitorCore:
         if (channel.token or channel.token_file) and not channel.secure:
             log.warning("gradwatch: sending a token without TLS; anyone on the network path "
                         "can read it")
+        forking.watch(self)
         try:
             self._sender = Sender(self.settings, self.identity.training_job)
         except Exception as error:  # e.g. no thread can be started: never stop training
@@ -99,6 +101,23 @@ class MonitorCore:
 
     def _on_close(self) -> None:
         """Front-end clean-up before the last flush (e.g. removing hooks)."""
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child (`forking`): switched off for good, as if closed, without
+        touching the sender (its thread stayed in the parent; finalising its gRPC objects
+        here could crash) and without taking a lock another thread may have held at the
+        fork. ``close`` then returns True: nothing of this process is pending."""
+        self.enabled = False
+        self._closed = True
+        self._delivered = True
+        atexit.unregister(self.close)
+        try:
+            self._on_fork_in_child()
+        except Exception:  # never break the child
+            pass
+
+    def _on_fork_in_child(self) -> None:
+        """Front-end part of `after_fork_in_child`: lock-free, e.g. stopping a recorder."""
 
     # -- for front ends -----------------------------------------------------------------
 

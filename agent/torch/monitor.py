@@ -105,6 +105,12 @@ class GradientMonitor(MonitorCore):
         monitor.comm_hook(hook))``."""
         return ddp.measuring_hook(self, hook)
 
+    def _on_fork_in_child(self) -> None:
+        """A DataLoader worker forked while a step is recorded must not record its own
+        calls (the hooks left behind see the monitor closed and do nothing)."""
+        if self._recorder is not None:
+            self._recorder.stop()
+
     def _on_close(self) -> None:
         if self._recorder is not None:
             self._recorder.stop()
