@@ -28,6 +28,10 @@ from gradwatch.agent.core.settings import AgentSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
+#: The open monitor of each front end and task in this process (`MonitorCore._take_over`).
+_open: dict[tuple, MonitorCore] = {}
+_open_lock = threading.Lock()
+
 
 def optimizer_base_name(optimizer: Any) -> str:
     """What ``optimizer`` reports as before names are made unique: its ``name`` (Keras),
@@ -45,6 +49,7 @@ class MonitorCore:
     def __init__(self, **arguments: Any) -> None:
         self._sender: Sender | None = None
         self._closed = False
+        self._open_key: tuple = ()  # set by `_take_over`
         self._delivered = False  # what the first close() found
         self._lock = threading.Lock()
         self._sessions: dict[Hashable, Session] = {}
@@ -75,6 +80,7 @@ class MonitorCore:
             self.enabled = False
             return
         atexit.register(self.close)
+        self._take_over()
 
     @property
     def collector(self) -> str:
@@ -88,10 +94,29 @@ class MonitorCore:
             return True
         if not self._closed:
             self._closed = True
+            with _open_lock:
+                if _open.get(self._open_key) is self:
+                    del _open[self._open_key]
             atexit.unregister(self.close)
             self._on_close()
             self._delivered = self._sender.close(timeout_s)
         return self._delivered
+
+    def _take_over(self) -> None:
+        """One open monitor per front end and task in this process: a new one closes the
+        one before (a notebook cell run again). Two would report the same optimizer
+        names for one task, and each session would keep replacing the other's at the
+        collector."""
+        identity = self.identity
+        self._open_key = (type(self), identity.training_job, identity.task_type,
+                          identity.task_index)
+        with _open_lock:
+            previous, _open[self._open_key] = _open.get(self._open_key), self
+        if previous is not None and not previous._closed:
+            log.warning("gradwatch: a new monitor for %s (%s:%d) replaces the one open in "
+                        "this process, which is closed; wrap the optimizer with the new one",
+                        identity.training_job, identity.task_type, identity.task_index)
+            previous.close(timeout_s=1.0)
 
     def __enter__(self):
         return self

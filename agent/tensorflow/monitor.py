@@ -24,7 +24,7 @@ from gradwatch.agent.core.diagnosis import Diagnosis
 from gradwatch.agent.core.identity import tf_config
 from gradwatch.agent.core.monitor import MonitorCore, optimizer_base_name
 from gradwatch.agent.tensorflow import tape
-from gradwatch.agent.tensorflow.optimizers import wrap_optimizer
+from gradwatch.agent.tensorflow.optimizers import Hooks, wrap_optimizer
 from gradwatch.agent.tensorflow.session import Gradients, TensorFlowSession
 from gradwatch.agent.tensorflow.variables import variable_name
 
@@ -174,8 +174,8 @@ class GradientMonitor(MonitorCore):
         if not self.enabled:
             return optimizer
         _warn_if_known_broken(optimizer)
-        return wrap_optimizer(optimizer, self._on_optimizer_gradients, self._on_rejected,
-                              self._on_optimizer_built)
+        return wrap_optimizer(optimizer, Hooks(self._on_optimizer_gradients, self._on_rejected,
+                                               self._on_optimizer_built))
 
     def observe(self, grads: Sequence[Any], variables: Sequence[Any], *,
                 step: Any = None, name: str = "observe") -> None:

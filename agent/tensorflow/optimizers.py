@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 #: ``on_gradients(optimizer, grads, variables)``: called in the caller's
 #: context (eager, ``tf.function`` trace, replica context) before the update.
@@ -21,25 +21,37 @@ RejectionHook = Callable[[Any, Sequence[Any], Sequence[Any], Exception], None]
 #: eagerly, in cross-replica context: the moment to allocate per-session state).
 BuildHook = Callable[[Any, Sequence[Any]], None]
 
-_WRAPPED = "_gradwatch_wrapped"
+class Hooks(NamedTuple):
+    """Where a wrapped optimizer reports: one monitor's callbacks."""
+
+    on_gradients: GradientHook
+    on_rejected: RejectionHook
+    on_build: BuildHook
 
 
-def is_wrapped(optimizer: Any) -> bool:
-    return bool(getattr(optimizer, _WRAPPED, False))
+_HOOKS = "_gradwatch_hooks"
 
 
-def wrap_optimizer(optimizer: Any, on_gradients: GradientHook, on_rejected: RejectionHook,
-                   on_build: BuildHook) -> Any:
-    """Patches ``optimizer`` in place and returns it; wrapping twice is a no-op."""
-    if is_wrapped(optimizer):
+def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
+    """Patches ``optimizer`` in place and returns it. Wrapping it again only points it
+    at the new ``hooks`` (a new monitor's; functions traced before keep calling the
+    ones they were traced with)."""
+    wrapped = hasattr(optimizer, _HOOKS)
+    # Past Keras's and tf.Module's attribute tracking: this is not optimizer state.
+    object.__setattr__(optimizer, _HOOKS, hooks)
+    if wrapped:
         return optimizer
+
+    def current() -> Hooks:
+        return getattr(optimizer, _HOOKS)
+
     if callable(getattr(optimizer, "build", None)):
         original_build = optimizer.build
 
         @functools.wraps(original_build)
         def build(variables, *args, **kwargs):
             result = original_build(variables, *args, **kwargs)
-            on_build(optimizer, list(variables))
+            current().on_build(optimizer, list(variables))
             return result
 
         optimizer.build = build
@@ -51,11 +63,11 @@ def wrap_optimizer(optimizer: Any, on_gradients: GradientHook, on_rejected: Reje
             grads = list(grads)
             variables = (list(trainable_variables) if trainable_variables is not None
                          else list(optimizer._trainable_variables))
-            on_gradients(optimizer, grads, variables)
+            current().on_gradients(optimizer, grads, variables)
             try:
                 return original(grads, trainable_variables)
             except ValueError as error:
-                on_rejected(optimizer, grads, variables, error)
+                current().on_rejected(optimizer, grads, variables, error)
                 raise
 
         optimizer.apply = apply
@@ -67,11 +79,11 @@ def wrap_optimizer(optimizer: Any, on_gradients: GradientHook, on_rejected: Reje
             pairs = list(grads_and_vars)
             grads = [g for g, _ in pairs]
             variables = [v for _, v in pairs]
-            on_gradients(optimizer, grads, variables)
+            current().on_gradients(optimizer, grads, variables)
             try:
                 return original(pairs, *args, **kwargs)
             except ValueError as error:
-                on_rejected(optimizer, grads, variables, error)
+                current().on_rejected(optimizer, grads, variables, error)
                 raise
 
         optimizer.apply_gradients = apply_gradients
@@ -80,5 +92,4 @@ def wrap_optimizer(optimizer: Any, on_gradients: GradientHook, on_rejected: Reje
             f"gradwatch cannot wrap {type(optimizer).__name__}: expected a Keras optimizer "
             "with apply() or apply_gradients(); use GradientMonitor.observe() instead"
         )
-    setattr(optimizer, _WRAPPED, True)
     return optimizer

@@ -451,6 +451,30 @@ def test_one_optimizer_updating_parts_of_a_model_in_turn(collector, job_name, ca
     assert_no_session_was_replaced(caplog)
 
 
+def test_a_notebook_cell_run_again_reports_through_the_new_monitor(collector, job_name,
+                                                                      caplog):
+    """The cell that makes a monitor, compiles with the wrapped optimizer (the same object)
+    and fits, run twice without closing the first monitor: the optimizer reports through
+    the second (once the first wrap made wrapping again a no-op: it kept reporting to the
+    first), which closed the first."""
+    model = small_model()
+    optimizer = keras.optimizers.Adam(0.01, name="adam")
+    monitors = []
+    for _ in range(2):
+        monitors.append(monitor_for(collector, job_name))
+        model.compile(optimizer=monitors[-1].wrap(optimizer), loss="mse")
+        model.fit(X, Y, batch_size=4, epochs=1, verbose=0)
+        time.sleep(0.3)  # a few flushes
+    assert monitors[1].close()
+    monitors[0].close()  # what its exit hook does
+    samples = scrape(collector, job_name)
+    assert steps_by_optimizer(samples) == {"adam": 8.0}
+    assert list(select(samples, "gradwatch_last_step").values()) == [15.0]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
+
+
 def test_model_fit_under_xla_keeps_every_step(collector, webhook, job_name):
     """jit_compile and steps_per_execution: several steps per host call, each reported."""
     model = small_model()

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,30 @@ def test_forked_data_loader_workers_and_children_run_while_the_monitor_streams(
     assert "skipping fork() handlers" not in result.stderr
     assert "gradwatch: gRPC's fork handlers are on" not in result.stderr
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [24.0]
+
+
+@pytest.mark.parametrize("optimizer_each_run", ["new", "same"])
+def test_a_notebook_cell_run_again_replaces_its_monitor(collector, job_name, caplog,
+                                                        optimizer_each_run):
+    """A notebook cell that makes a monitor, wraps and trains, run twice: the first
+    monitor is never closed. Both reported the task's ``Adam`` and kept replacing each
+    other's session at the collector (NOT_FOUND every flush; the first one's exit hook
+    left a session with 0 steps). The second monitor closes the first."""
+    model = Net()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    monitors = []
+    for _ in range(2):
+        monitors.append(monitor_for(collector, job_name))
+        if optimizer_each_run == "new":
+            optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+        train(model, monitors[-1].wrap(optimizer, model), 5)
+        time.sleep(0.3)  # a few flushes
+    assert monitors[1].close() is True
+    monitors[0].close()  # what its exit hook does
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
 
 
 def test_two_optimizers_are_two_sessions(collector, job_name):
