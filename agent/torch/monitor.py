@@ -294,6 +294,10 @@ class _Watched:
         for handle in self._hooks:
             handle.remove()
 
+    # The hooks run eagerly where the step is compiled (PyTorch's "compiling the optimizer"
+    # recipe): Dynamo would trace their bookkeeping, recompile at every step for the ring's
+    # index, and break the optimizer's graph inside them.
+    @torch.compiler.disable
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple | None:
         """Before ``optimizer.step``: measures now, or, when the step is given a closure
         (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
@@ -314,6 +318,7 @@ class _Watched:
             return args, {**kwargs, "closure": measured}
         return (args[0], measured, *args[2:]), kwargs
 
+    @torch.compiler.disable
     def before_step(self, scale: torch.Tensor | None = None) -> None:
         """Measures the step's gradients unless done already this step (``scale``: the
         loss scale they still carry)."""
@@ -327,6 +332,7 @@ class _Watched:
                  if ids is not None]
         self._guarded(session.measure, parts, scale)
 
+    @torch.compiler.disable
     def after_step(self) -> None:
         self.stepped = True
         session = self._session

@@ -202,6 +202,42 @@ def test_compiled_model_names_and_norms(collector, job_name):
     assert reported["out.weight"] == pytest.approx(norms[-1]["_orig_mod.out.weight"], rel=1e-5)
 
 
+def compiled_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int
+                   ) -> tuple[int, dict[str, float]]:
+    """Trains with ``optimizer.step()`` inside a ``torch.compile``d function; returns the
+    graphs Dynamo made and the last step's gradient norms."""
+    from torch._dynamo.utils import counters
+
+    @torch.compile(backend="eager")  # Dynamo's part is at stake; no code generation
+    def step() -> None:
+        optimizer.step()
+
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        norms = {n: float(p.grad.norm()) for n, p in model.named_parameters()}
+        step()
+    return counters["stats"]["unique_graphs"], norms
+
+
+def test_a_compiled_optimizer_step_compiles_without_the_hooks(collector, job_name):
+    """PyTorch's "compiling the optimizer" recipe: ``torch.compile`` of a function that
+    calls ``optimizer.step()``. Dynamo traced the hooks' bookkeeping too: 11 graphs where
+    the plain step makes 1 (the ring's index recompiled the write at every step). The
+    hooks run eagerly; the step compiles as without gradwatch."""
+    model = Net()
+    plain, _ = compiled_steps(model, torch.optim.Adam(model.parameters(), torch.tensor(0.01)), 6)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), torch.tensor(0.01)), model)
+        graphs, norms = compiled_steps(model, optimizer, 6)
+    assert graphs == plain
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [6.0]
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms, rel=1e-5)
+
+
 def test_accumulated_gradients_are_reported_once_per_optimizer_step(collector, job_name):
     model = Net()
     with monitor_for(collector, job_name) as monitor:
