@@ -38,12 +38,17 @@ def _as_list(parameters: Any) -> list[torch.Tensor]:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
+@torch.compiler.disable  # eager inside a compiled step; the clipping itself compiles
+def _measure_before_clipping(parameters: list[torch.Tensor]) -> None:
+    for watched in _each_watched(parameters):
+        watched.before_step()
+
+
 def _clipping(original: Callable) -> Callable:
     @functools.wraps(original)
     def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
         parameters = _as_list(parameters)
-        for watched in _each_watched(parameters):
-            watched.before_step()
+        _measure_before_clipping(parameters)
         return original(parameters, *args, **kwargs)
 
     return clip

@@ -238,6 +238,36 @@ def test_a_compiled_optimizer_step_compiles_without_the_hooks(collector, job_nam
         norms, rel=1e-5)
 
 
+def test_a_compiled_training_step_with_clipping_is_watched_and_diagnosed(collector, job_name):
+    """The whole step compiled: forward, ``backward()``, ``clip_grad_norm_``,
+    ``optimizer.step()`` and ``zero_grad()`` in one ``torch.compile``d function, with a
+    layer the forward never calls: every step reported, the layer paged with its cause."""
+    model, unused = Net(), torch.nn.Linear(3, 3)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.AdamW(
+            [*model.parameters(), *unused.parameters()], 1e-3), model)
+
+        @torch.compile(backend="eager")
+        def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            optimizer.step()
+            optimizer.zero_grad()
+            return loss
+
+        torch._dynamo.reset()
+        for _ in range(5):
+            train_step(X, Y)
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
+    present = metrics(collector, "gradwatch_gradient_present", job_name)
+    assert sorted(v for v in present.values()) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert set(metrics(collector, "gradwatch_gradient_missing_cause_info", job_name,
+                       cause="unused")) == {"group0.param4", "group0.param5"}
+    norms = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert max(norms.values()) > 1e-3  # before clipping
+
+
 def test_accumulated_gradients_are_reported_once_per_optimizer_step(collector, job_name):
     model = Net()
     with monitor_for(collector, job_name) as monitor:
