@@ -172,6 +172,10 @@ class GradientMonitor(MonitorCore):
     def watched(self, optimizer: Any) -> _Watched | None:
         return self._watched.get(id(optimizer))
 
+    def zeroed_with(self, model: torch.nn.Module) -> list[_Watched]:
+        """The wrapped optimizers whose model is ``model``."""
+        return [w for w in list(self._watched.values()) if w.model is model]
+
     def watching(self, params: Iterable[torch.Tensor]) -> list[_Watched]:
         """The wrapped optimizers that update any of ``params``."""
         ids = {id(p) for p in params}
@@ -222,9 +226,9 @@ class _Watched:
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(lambda *_: self.after_step())]
-        for owner in (optimizer, model):
-            if owner is not None:
-                self._patch_zero_grad(owner)
+        #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called).
+        self.model = model
+        self._patch_zero_grad(optimizer)
 
     def session(self) -> TorchSession | None:
         """The session, created at the first step (training thread)."""
@@ -276,19 +280,25 @@ class _Watched:
             monitor.adopt(id(self), session)
         self._session = session
 
-    def _patch_zero_grad(self, owner: Any) -> None:
-        """After ``zero_grad``, gradients zeroed in place (``set_to_none=False``) are not
-        gradients of the next step."""
-        original = owner.zero_grad
+    def _patch_zero_grad(self, optimizer: Any) -> None:
+        """After ``optimizer.zero_grad``, gradients zeroed in place (``set_to_none=False``)
+        are not gradients of the next step. The optimizer's own method is patched: it
+        pickles and copies without it (its ``__getstate__``); a model's is seen through
+        ``torch.nn.Module.zero_grad`` instead (`patches`), so that the model still pickles
+        (``torch.save(model)``) and a deep copy zeroes its own gradients."""
+        original = optimizer.zero_grad
 
         @functools.wraps(original)
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
-            if self._session is not None:
-                self._guarded(self._session.gradients_zeroed)
+            self.gradients_zeroed()
             return result
 
-        owner.zero_grad = zero_grad
+        optimizer.zero_grad = zero_grad
+
+    def gradients_zeroed(self) -> None:
+        if self._session is not None:
+            self._guarded(self._session.gradients_zeroed)
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

@@ -11,7 +11,9 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
 - ``GradScaler.unscale_``: measured right after unscaling (before any clipping);
 - ``GradScaler.step``: measured (norms divided by the scale, if not unscaled yet), and
   a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
-  is reported — as skipped, since the session says its loss is scaled.
+  is reported — as skipped, since the session says its loss is scaled;
+- ``torch.nn.Module.zero_grad``: a wrapped optimizer's model zeroing its gradients
+  (in place, ``set_to_none=False``) says its gradients are not the next step's yet.
 """
 
 from __future__ import annotations
@@ -90,6 +92,23 @@ def _step(original: Callable) -> Callable:
     return step
 
 
+@torch.compiler.disable
+def _zeroed(model: torch.nn.Module) -> None:
+    for monitor in list(_monitors):
+        for watched in monitor.zeroed_with(model):
+            watched.gradients_zeroed()
+
+
+def _module_zero_grad(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def zero_grad(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        _zeroed(self)
+        return result
+
+    return zero_grad
+
+
 def _watched(optimizer: Any) -> Any:
     for monitor in list(_monitors):
         watched = monitor.watched(optimizer)
@@ -105,6 +124,7 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
     (torch.nn.utils.clip_grad, "clip_grad_value_", _clipping),
     (GradScaler, "unscale_", _unscale),
     (GradScaler, "step", _step),
+    (torch.nn.Module, "zero_grad", _module_zero_grad),
 ]
 
 

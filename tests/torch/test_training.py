@@ -6,6 +6,8 @@ Each test closes its monitor (everything acknowledged), then asserts on the scra
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import os
 import subprocess
@@ -458,7 +460,9 @@ def test_two_optimizers_are_two_sessions(collector, job_name):
     assert {k.split(",")[0] for k in steps} == {"optimizer=Adam", "optimizer=Adam_2"}
 
 
-@pytest.mark.parametrize("reset", ["zero_grad(set_to_none=False)", "p.grad = None", "never"])
+@pytest.mark.parametrize("reset", ["zero_grad(set_to_none=False)",
+                                   "model.zero_grad(set_to_none=False)", "p.grad = None",
+                                   "never"])
 def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name, reset):
     """However gradients are reset between steps — zeroed in place (a zero tensor stays),
     set to None by hand (PyTorch's performance tuning guide), or not at all (they
@@ -470,6 +474,8 @@ def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name
         for step in range(3):
             if reset == "zero_grad(set_to_none=False)":
                 optimizer.zero_grad(set_to_none=False)
+            elif reset == "model.zero_grad(set_to_none=False)":
+                model.zero_grad(set_to_none=False)
             elif reset == "p.grad = None":
                 for p in model.parameters():
                     p.grad = None
@@ -483,6 +489,30 @@ def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name
     assert present["unused.weight"] == 0 and present["hidden.weight"] == 1
     assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[
         "unused.weight"] == 2
+
+
+def test_a_watched_model_pickles_and_its_deep_copy_zeroes_its_own_gradients(collector,
+                                                                          job_name):
+    """``torch.save(model)`` (PyTorch's "saving and loading models": the entire model)
+    failed once the model was wrapped ("Can't pickle <function Module.zero_grad>": its
+    ``zero_grad`` was patched on the instance), and ``copy.deepcopy(model).zero_grad()``
+    zeroed the original's gradients instead of the copy's."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        train(model, optimizer, 2)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+        assert torch.equal(restored(X), model(X))
+        twin = copy.deepcopy(model)
+        torch.nn.functional.mse_loss(twin(X), Y).backward()
+        twin.zero_grad()
+        assert twin.out.weight.grad is None
+        assert model.out.weight.grad is not None
+        train(model, optimizer, 1)
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
 
 
 def test_a_head_used_every_other_step_is_explained_by_few_recorded_steps(collector, job_name,
