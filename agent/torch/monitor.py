@@ -224,8 +224,15 @@ class _Watched:
         self.stepped = False
         #: Measures taken earlier in the step (DDP hook, autograd thread): (params, measures).
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
-                       optimizer.register_step_post_hook(lambda *_: self.after_step())]
+        # The hooks run eagerly where the step is compiled (PyTorch's "compiling the
+        # optimizer" recipe): Dynamo would trace their bookkeeping, recompile at every step
+        # for the ring's index, and break the optimizer's graph inside them. Disabled here,
+        # not at import: importing Dynamo takes 1.5 s, which making the optimizer has paid.
+        self.before_step = torch.compiler.disable(self.before_step)
+        self.after_step = torch.compiler.disable(self.after_step)
+        self._hooks = [
+            optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
+            optimizer.register_step_post_hook(lambda *_: self.after_step())]
         #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called).
         self.model = model
         self._patch_zero_grad(optimizer)
@@ -304,10 +311,6 @@ class _Watched:
         for handle in self._hooks:
             handle.remove()
 
-    # The hooks run eagerly where the step is compiled (PyTorch's "compiling the optimizer"
-    # recipe): Dynamo would trace their bookkeeping, recompile at every step for the ring's
-    # index, and break the optimizer's graph inside them.
-    @torch.compiler.disable
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple | None:
         """Before ``optimizer.step``: measures now, or, when the step is given a closure
         (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
@@ -328,7 +331,6 @@ class _Watched:
             return args, {**kwargs, "closure": measured}
         return (args[0], measured, *args[2:]), kwargs
 
-    @torch.compiler.disable
     def before_step(self, scale: torch.Tensor | None = None) -> None:
         """Measures the step's gradients unless done already this step (``scale``: the
         loss scale they still carry)."""
@@ -342,7 +344,6 @@ class _Watched:
                  if ids is not None]
         self._guarded(session.measure, parts, scale)
 
-    @torch.compiler.disable
     def after_step(self) -> None:
         self.stepped = True
         session = self._session

@@ -40,17 +40,18 @@ def _as_list(parameters: Any) -> list[torch.Tensor]:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-@torch.compiler.disable  # eager inside a compiled step; the clipping itself compiles
 def _measure_before_clipping(parameters: list[torch.Tensor]) -> None:
     for watched in _each_watched(parameters):
         watched.before_step()
 
 
 def _clipping(original: Callable) -> Callable:
+    measure = torch.compiler.disable(_measure_before_clipping)  # see `install`
+
     @functools.wraps(original)
     def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
         parameters = _as_list(parameters)
-        _measure_before_clipping(parameters)
+        measure(parameters)
         return original(parameters, *args, **kwargs)
 
     return clip
@@ -92,7 +93,6 @@ def _step(original: Callable) -> Callable:
     return step
 
 
-@torch.compiler.disable
 def _zeroed(model: torch.nn.Module) -> None:
     for monitor in list(_monitors):
         for watched in monitor.zeroed_with(model):
@@ -100,10 +100,12 @@ def _zeroed(model: torch.nn.Module) -> None:
 
 
 def _module_zero_grad(original: Callable) -> Callable:
+    zeroed = torch.compiler.disable(_zeroed)  # see `install`
+
     @functools.wraps(original)
     def zero_grad(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        _zeroed(self)
+        zeroed(self)
         return result
 
     return zero_grad
@@ -129,6 +131,9 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
 
 
 def install(monitor: Any) -> None:
+    """Patches while ``monitor`` is open. Where a caller is compiled, gradwatch's part of
+    each patch runs eagerly (`torch.compiler.disable`), applied here rather than at import:
+    Dynamo takes 1.5 s to import, which making a torch optimizer pays anyway."""
     with _lock:
         if not _monitors:
             for owner, name, wrapper in _PATCHES:
