@@ -5,12 +5,17 @@
 MODE: ``unused`` (DDP, a layer never called, find_unused_parameters=False: DDP raises at
 the second step), ``unused-found`` (the same with find_unused_parameters=True), ``nan``
 (DDP with find_unused_parameters=True; rank 1's loss turns NaN at step 1), ``fsdp2``
-(fully_shard; rank 0 prints the full gradients' norms as JSON). The agent is configured
+(fully_shard; rank 0 prints the full gradients' norms as JSON), ``no-sync`` (DDP gradient
+accumulation: 4 micro-batches of the rank's own data, the first 3 under ``no_sync()``;
+each rank prints the norm of its accumulated gradients as DDP never saw them, from a
+plain copy of the model). The agent is configured
 by GRADWATCH_* variables; the job name comes from torchrun's run id.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import sys
 
@@ -46,6 +51,8 @@ def main(mode: str) -> int:
         model = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=mode != "unused")
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    if mode == "no-sync":
+        return accumulate_without_sync(model, rank)
     status = 0
     with GradientMonitor(flush_interval_s=0.05) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
@@ -70,6 +77,27 @@ def main(mode: str) -> int:
         status = 4
     dist.destroy_process_group()
     return status
+
+
+def accumulate_without_sync(model: torch.nn.parallel.DistributedDataParallel, rank: int
+                            ) -> int:
+    plain = copy.deepcopy(model.module)
+    data = torch.Generator().manual_seed(rank)
+    batches = [torch.randn(8, 4, generator=data) for _ in range(4)]
+    for x in batches:
+        plain(x).pow(2).mean().backward()
+    local = sum(float(p.grad.norm()) ** 2 for p in plain.parameters() if p.grad is not None)
+    print(f"LOCAL {rank} {local ** 0.5!r}", flush=True)
+    with GradientMonitor(flush_interval_s=0.05) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        optimizer.zero_grad()
+        for i, x in enumerate(batches):
+            with model.no_sync() if i < 3 else contextlib.nullcontext():
+                model(x).pow(2).mean().backward()
+        optimizer.step()
+    delivered = monitor.close()
+    dist.destroy_process_group()
+    return 0 if delivered else 4
 
 
 if __name__ == "__main__":

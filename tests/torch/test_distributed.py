@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -86,6 +87,21 @@ def test_ranks_started_by_mp_spawn_report_as_their_rank(collector, job_name):
     norms = scrape(collector, "gradwatch_global_gradient_norm", job_name)
     assert len(set(norms.values())) == 2  # each rank's own, before the all-reduce
     assert "ALREADY_EXISTS" not in result.stderr
+
+
+@pytest.mark.timeout(240)
+def test_gradients_accumulated_under_no_sync_are_each_ranks_own(collector):
+    """DDP's ``no_sync()`` for gradient accumulation: the all-reduce runs once, after the
+    last micro-batch, and each rank reports the gradients it accumulated, before it."""
+    job, result = torchrun(collector, "no-sync")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    # The ranks' lines can run together in torchrun's output.
+    local = {rank: float(norm) for rank, norm in
+             re.findall(r"LOCAL (\d+) (\d+\.\d+(?:e-?\d+)?)", result.stdout)}
+    norms = scrape(collector, "gradwatch_global_gradient_norm", job)
+    by_rank = {k.split("task_index=")[1].split(",")[0]: v for k, v in norms.items()}
+    assert by_rank == pytest.approx(local, rel=1e-5) and len(local) == 2, result.stdout
+    assert sorted(scrape(collector, "gradwatch_steps_total", job).values()) == [1.0, 1.0]
 
 
 @pytest.mark.timeout(240)
