@@ -207,6 +207,9 @@ class _Watched:
         if not self.params:
             raise ValueError("the optimizer has no parameters")
         self.param_ids = {id(p) for p in self.params}
+        #: Param groups when wrapped (``add_param_group`` adds parameters not watched);
+        #: None once that was said.
+        self._groups: int | None = len(optimizer.param_groups)
         names = parameter_names(model) if model is not None else {}
         self.names = [names.get(id(p)) or f"group{g}.param{j}"
                       for g, group in enumerate(optimizer.param_groups)
@@ -316,6 +319,8 @@ class _Watched:
         (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
         the closure's first call. Returns the arguments with the closure wrapped
         (``args`` starts with the optimizer itself)."""
+        if self._groups is not None and len(optimizer.param_groups) != self._groups:
+            self._say_if_grown(optimizer)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self.before_step()
@@ -355,6 +360,17 @@ class _Watched:
             self._guarded(session.finish)
             if self._frozen and session.steps % THAW_CHECK_STEPS == 0:
                 self._say_if_thawed()
+
+    def _say_if_grown(self, optimizer: Any) -> None:
+        """Says once when ``add_param_group`` added parameters (gradual unfreezing)."""
+        self._groups = len(optimizer.param_groups)
+        added = sum(id(p) not in self.param_ids
+                    for group in optimizer.param_groups for p in group["params"])
+        if added:
+            self._groups = None
+            log.warning("gradwatch: %s: %d parameters added with add_param_group are not "
+                        "watched (the parameters watched are those the optimizer held when "
+                        "wrapped; see docs/pytorch.md)", self.name, added)
 
     def _say_if_thawed(self) -> None:
         """Says once when parameters frozen at the first step train (training thread)."""

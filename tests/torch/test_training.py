@@ -147,6 +147,28 @@ def test_parameters_unfrozen_later_are_named_once_as_unwatched(collector, job_na
         "out.weight", "out.bias"}
 
 
+def test_parameters_added_with_add_param_group_are_named_once_as_unwatched(collector,
+                                                                           job_name, caplog):
+    """Gradual unfreezing as ULMFiT does it: the head trains, then the body joins the
+    optimizer with ``add_param_group``. Its parameters are not watched; that went unsaid."""
+    model = Net()
+    model.hidden.requires_grad_(False)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.out.parameters(), 1e-3), model)
+        train(model, optimizer, 2)
+        model.hidden.requires_grad_(True)
+        optimizer.add_param_group({"params": list(model.hidden.parameters()), "lr": 1e-4})
+        train(model, optimizer, 3)
+    assert monitor.close() is True
+    said = [r.getMessage() for r in caplog.records if "add_param_group" in r.getMessage()]
+    assert said == ["gradwatch: Adam: 2 parameters added with add_param_group are not watched "
+                    "(the parameters watched are those the optimizer held when wrapped; see "
+                    "docs/pytorch.md)"]
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
+        "out.weight", "out.bias"}
+
+
 class LoRALinear(torch.nn.Module):
     """A frozen linear layer with a trainable low-rank adapter beside it."""
 
