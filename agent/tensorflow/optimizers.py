@@ -21,6 +21,7 @@ RejectionHook = Callable[[Any, Sequence[Any], Sequence[Any], Exception], None]
 #: eagerly, in cross-replica context: the moment to allocate per-session state).
 BuildHook = Callable[[Any, Sequence[Any]], None]
 
+
 class Hooks(NamedTuple):
     """Where a wrapped optimizer reports: one monitor's callbacks."""
 
