@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -331,44 +332,45 @@ def test_accumulated_gradients_are_reported_once_per_update(collector, job_name,
     assert_norms(samples, variables, mse_gradients(model))
 
 
-def test_two_optimizers_in_one_job_are_reported_separately(collector, job_name):
-    """A GAN-style step: generator and discriminator, each with its own optimizer."""
-    generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
-                                 name="generator")
-    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="d")],
-                                     name="discriminator")
-    with monitor_for(collector, job_name) as monitor:
-        g_opt = monitor.wrap(keras.optimizers.Adam(1e-3, name="generator_adam"))
-        d_opt = monitor.wrap(keras.optimizers.Adam(1e-3, name="discriminator_adam"))
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-                fake = generator(x)
-                d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
-                g_loss = -tf.reduce_mean(discriminator(fake))
-            d_opt.apply(d_tape.gradient(d_loss, discriminator.trainable_variables),
-                        discriminator.trainable_variables)
-            g_opt.apply(g_tape.gradient(g_loss, generator.trainable_variables),
-                        generator.trainable_variables)
-
-        for _ in range(3):
-            step(X)
-    samples = scrape(collector, job_name)
-    norms = {labels["optimizer"]: labels["variable"]
-             for labels, _ in samples["gradwatch_gradient_norm"]}
-    assert set(norms) == {"generator_adam", "discriminator_adam"}
-    assert select(samples, "gradwatch_gradient_norm", optimizer="generator_adam").keys() == {
-        "generator/g/kernel", "generator/g/bias"}
-    assert set(select(samples, "gradwatch_steps_total").values()) == {3.0}
-
-
 def gan() -> tuple[keras.Model, keras.Model]:
     generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
                                  name="generator")
     discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="d")],
                                      name="discriminator")
     return generator, discriminator
+
+
+def train_gan(generator: keras.Model, discriminator: keras.Model, steps: int,
+              update: Callable[[keras.Model, list], None]) -> None:
+    """GAN steps (one ``tf.function``): ``update(model, gradients)`` for the discriminator,
+    then for the generator."""
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            fake = generator(x)
+            d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
+            g_loss = -tf.reduce_mean(discriminator(fake))
+        update(discriminator, d_tape.gradient(d_loss, discriminator.trainable_variables))
+        update(generator, g_tape.gradient(g_loss, generator.trainable_variables))
+
+    for _ in range(steps):
+        step(X)
+
+
+def test_two_optimizers_in_one_job_are_reported_separately(collector, job_name):
+    """A GAN-style step: generator and discriminator, each with its own optimizer."""
+    generator, discriminator = gan()
+    with monitor_for(collector, job_name) as monitor:
+        optimizers = {model: monitor.wrap(keras.optimizers.Adam(1e-3, name=f"{model}_adam"))
+                      for model in ("generator", "discriminator")}
+        train_gan(generator, discriminator, 3, lambda model, grads: optimizers[
+            model.name].apply(grads, model.trainable_variables))
+    samples = scrape(collector, job_name)
+    assert variables_by_optimizer(samples) == {
+        "discriminator_adam": {"discriminator/d/kernel", "discriminator/d/bias"},
+        "generator_adam": {"generator/g/kernel", "generator/g/bias"}}
+    assert steps_by_optimizer(samples) == {"discriminator_adam": 3.0, "generator_adam": 3.0}
 
 
 def variables_by_optimizer(samples: dict) -> dict[str, set[str]]:
@@ -395,26 +397,14 @@ def test_observe_called_for_two_models_reports_each_under_its_own_name(
     site is its own session, named ``observe`` and ``observe_2``."""
     generator, discriminator = gan()
     with monitor_for(collector, job_name) as monitor:
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-                fake = generator(x)
-                d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
-                g_loss = -tf.reduce_mean(discriminator(fake))
-            monitor.observe(g_tape.gradient(g_loss, generator.trainable_variables),
-                            generator.trainable_variables)
-            monitor.observe(d_tape.gradient(d_loss, discriminator.trainable_variables),
-                            discriminator.trainable_variables)
-
-        for _ in range(3):
-            step(X)
+        train_gan(generator, discriminator, 3,
+                  lambda model, grads: monitor.observe(grads, model.trainable_variables))
         time.sleep(0.5)  # several flushes, each a chance for the two to collide
         assert monitor.close()
     samples = scrape(collector, job_name)
     assert variables_by_optimizer(samples) == {
-        "observe": {"generator/g/kernel", "generator/g/bias"},
-        "observe_2": {"discriminator/d/kernel", "discriminator/d/bias"}}
+        "observe": {"discriminator/d/kernel", "discriminator/d/bias"},
+        "observe_2": {"generator/g/kernel", "generator/g/bias"}}
     assert steps_by_optimizer(samples) == {"observe": 3.0, "observe_2": 3.0}
     assert_no_session_was_replaced(caplog)
 
@@ -427,20 +417,8 @@ def test_one_optimizer_updating_parts_of_a_model_in_turn(collector, job_name, ca
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(keras.optimizers.Adam(1e-3, name="shared_adam"))
         optimizer.build(generator.trainable_variables + discriminator.trainable_variables)
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-                fake = generator(x)
-                d_loss = tf.reduce_mean(discriminator(fake)) - tf.reduce_mean(discriminator(x))
-                g_loss = -tf.reduce_mean(discriminator(fake))
-            optimizer.apply(d_tape.gradient(d_loss, discriminator.trainable_variables),
-                            discriminator.trainable_variables)
-            optimizer.apply(g_tape.gradient(g_loss, generator.trainable_variables),
-                            generator.trainable_variables)
-
-        for _ in range(3):
-            step(X)
+        train_gan(generator, discriminator, 3,
+                  lambda model, grads: optimizer.apply(grads, model.trainable_variables))
         time.sleep(0.5)
         assert monitor.close()
     samples = scrape(collector, job_name)
