@@ -320,7 +320,7 @@ class _Watched:
         the closure's first call. Returns the arguments with the closure wrapped
         (``args`` starts with the optimizer itself)."""
         if self._groups is not None and len(optimizer.param_groups) != self._groups:
-            self._say_if_grown(optimizer)
+            self._say_grown(optimizer)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self.before_step()
@@ -361,16 +361,15 @@ class _Watched:
             if self._frozen and session.steps % THAW_CHECK_STEPS == 0:
                 self._say_if_thawed()
 
-    def _say_if_grown(self, optimizer: Any) -> None:
-        """Says once when ``add_param_group`` added parameters (gradual unfreezing)."""
-        self._groups = len(optimizer.param_groups)
+    def _say_grown(self, optimizer: Any) -> None:
+        """Says once that ``add_param_group`` added parameters (gradual unfreezing; torch
+        refuses a parameter already in a group, so every one added is new)."""
+        self._groups = None
         added = sum(id(p) not in self.param_ids
                     for group in optimizer.param_groups for p in group["params"])
-        if added:
-            self._groups = None
-            log.warning("gradwatch: %s: %d parameters added with add_param_group are not "
-                        "watched (the parameters watched are those the optimizer held when "
-                        "wrapped; see docs/pytorch.md)", self.name, added)
+        log.warning("gradwatch: %s: %d parameters added with add_param_group are not "
+                    "watched (the parameters watched are those the optimizer held when "
+                    "wrapped; see docs/pytorch.md)", self.name, added)
 
     def _say_if_thawed(self) -> None:
         """Says once when parameters frozen at the first step train (training thread)."""
