@@ -132,6 +132,24 @@ class SessionState:
         self.group.history.add(self.id, self.columns, batch.steps, batch.present, batch.l2_norm,
                                nonfinite, batch.global_norm, len(self.group.names))
 
+    def continue_totals(self, previous: SessionState) -> None:
+        """Takes over the totals of ``previous``, an open session of the same process that
+        this one replaces (the agent watches more of the optimizer's variables now): the
+        task's counters go on, as they reset only when its process does. Per-variable
+        totals follow the variables by name."""
+        self.steps_total = previous.steps_total
+        self.nonfinite_steps_total = previous.nonfinite_steps_total
+        self.skipped_steps_total = previous.skipped_steps_total
+        self.step_rate = previous.step_rate
+        position = {int(c): i for i, c in enumerate(self.columns)}
+        kept = [(position[int(c)], j) for j, c in enumerate(previous.columns)
+                if int(c) in position]
+        if kept:
+            mine, theirs = (np.array(x) for x in zip(*kept, strict=True))
+            self.missing_steps_total[mine] += previous.missing_steps_total[theirs]
+            self.nan_total[mine] += previous.nan_total[theirs]
+            self.inf_total[mine] += previous.inf_total[theirs]
+
     def set_causes(self, causes: dict[int, MissingCause]) -> None:
         """Records the agent's diagnoses, by this session's variable ids."""
         for variable_id, cause in causes.items():
@@ -196,9 +214,13 @@ class Registry:
             num_replicas=num_replicas, columns=group.columns_for(variable_names), **details,
         )
         # A task that registers again (restarted, or reconnected to a collector that
-        # lost it) replaces its previous session, so stale state cannot linger.
+        # lost it) replaces its previous session, so stale state cannot linger; one whose
+        # open session grew continues its totals.
         previous = self.find_task(training_job, optimizer, task_type, task_index)
         if previous is not None:
+            if (not previous.closed and previous.pid and previous.num_replicas == num_replicas
+                    and (previous.hostname, previous.pid) == (session.hostname, session.pid)):
+                session.continue_totals(previous)
             self.remove(previous.id)
         group.sessions[session.id] = session
         self.sessions[session.id] = session

@@ -55,6 +55,11 @@ class SessionBuffer:
     #: could not take it the last time ("" if it could).
     register_after: float = 0.0
     not_registered_because: str = ""
+    #: It continues the session of this buffer (see `Session.predecessor`): it is not
+    #: registered until that one's steps are all acknowledged and it is gone.
+    predecessor: SessionBuffer | None = None
+    #: A successor took over: once its last steps are acknowledged, it goes.
+    ending: bool = False
     #: Diagnoses sent since the session was (re-)registered, by variable id.
     diagnoses_sent: dict[int, pb.Diagnosis] = field(default_factory=dict)
     pending: collections.deque[pb.StepReport] = field(default_factory=collections.deque)
@@ -73,6 +78,11 @@ class SessionBuffer:
     def unsent_diagnoses(self) -> list[pb.Diagnosis]:
         return [d for i, d in self.session.diagnoses().items()
                 if self.diagnoses_sent.get(i) is not d]
+
+    def finished(self) -> bool:
+        """Ended, with nothing left to send or to have acknowledged."""
+        return self.ending and (self.retired or self.broken
+                                or not (self.pending or self.unacked))
 
     def has_news(self) -> bool:
         """Registered here, with steps or diagnoses to send."""
@@ -166,7 +176,14 @@ class Buffer:
         """Moves every session's new steps into the buffer, then enforces the limit."""
         with self._lock:
             new, self._new = self._new, []
-        self.sessions.extend(SessionBuffer(s) for s in new)
+        for session in new:
+            buffer = SessionBuffer(session)
+            buffer.predecessor = next(
+                (b for b in self.sessions if b.session is session.predecessor), None)
+            if buffer.predecessor is not None:
+                # Its source gets no more steps: this drain reads its last ones.
+                buffer.predecessor.ending = True
+            self.sessions.append(buffer)
         for buffer in self.sessions:
             if buffer.broken or buffer.retired:
                 continue
@@ -184,6 +201,17 @@ class Buffer:
             if excess <= 0:
                 break
             excess = buffer.drop_oldest(excess)
+
+    def remove_finished(self) -> None:
+        """Forgets the ended sessions whose steps are all acknowledged; their successors
+        may register now."""
+        finished = [b for b in self.sessions if b.finished()]
+        if not finished:
+            return
+        self.sessions = [b for b in self.sessions if not b.finished()]
+        for buffer in self.sessions:
+            if buffer.predecessor in finished:
+                buffer.predecessor = None
 
     def bytes(self) -> int:
         """Host memory held by steps not yet acknowledged."""

@@ -169,7 +169,10 @@ class MonitorCore:
 
     def adopt(self, key: Hashable, session: Session) -> None:
         """Starts shipping ``session`` (created by the caller for ``key``) and gives it the
-        diagnoses known so far (any thread; call under `session_lock`)."""
+        diagnoses known so far (any thread; call under `session_lock`). A second session
+        for ``key`` continues the first (the same optimizer, more variables): the first
+        ends once its steps are delivered, then this one replaces it at the collector."""
+        session.predecessor = self._sessions.get(key)
         self._sessions[key] = session
         for key, (_, name, diagnosis) in self._diagnoses.items():
             session.add_diagnosis(key, name, diagnosis)

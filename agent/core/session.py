@@ -117,6 +117,10 @@ class Session:
             self._ids_by_key.setdefault(variable.key, index)
             self._ids_by_name.setdefault(variable.name, index)
         self._diagnoses: dict[int, pb.Diagnosis] = {}
+        #: The session this one continues with a grown variable table (set by
+        #: `MonitorCore.adopt`): it registers under the same name, which replaces that
+        #: one at the collector, so it registers only once all of that one's steps are in.
+        self.predecessor: Session | None = None
 
     @property
     def num_replicas(self) -> int:

@@ -152,6 +152,7 @@ class Connection:
             if buffer.session_id:
                 await self._replay(call, buffer, acks)
         while True:
+            self.buffer.remove_finished()
             for buffer in await self._register_new(stub):  # taken only now: what waited
                 await self._replay(call, buffer, acks)
             for buffer in self.buffer.sessions:
@@ -241,7 +242,8 @@ class Connection:
         for buffer in self.buffer.sessions:
             if not buffer.session_id and not buffer.retired:
                 buffer.connect(address)  # adopted since the connection opened
-            if buffer.session_id or buffer.retired or time.monotonic() < buffer.register_after:
+            if (buffer.session_id or buffer.retired or buffer.predecessor is not None
+                    or time.monotonic() < buffer.register_after):
                 continue
             try:
                 response = await stub.Register(buffer.session.registration(),

@@ -6,7 +6,7 @@
     monitor.close()                              # also a context manager; closes at exit
 
 Every parameter of every param group is reported at every ``optimizer.step()``, except
-those frozen (``requires_grad`` False) when the first step runs.
+those frozen (``requires_grad`` False) when the first step runs, until they train.
 Statistics are taken at the first of these in a step, so they are of the gradients
 the backward pass produced: ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
 (norms *before* clipping), ``GradScaler.step`` (norms divided by the loss scale; a step
@@ -41,7 +41,7 @@ from gradwatch.agent.torch.session import TorchSession, local_tensor
 
 log = logging.getLogger(__name__)
 
-#: How often (optimizer steps) parameters frozen at the first step are checked for thawing.
+#: How often (optimizer steps) the frozen parameters are checked for thawing.
 THAW_CHECK_STEPS = 100
 
 
@@ -196,28 +196,29 @@ def _updating_optimizer(optimizer: Any) -> Any:
 class _Watched:
     """One wrapped optimizer: its patched methods and its session (created at the first
     step, when it is known whether a GradScaler drives it and which parameters are
-    frozen)."""
+    frozen; succeeded by a larger one when more of its parameters train)."""
 
     def __init__(self, monitor: GradientMonitor, optimizer: torch.optim.Optimizer,
                  model: torch.nn.Module | None) -> None:
         self.monitor = monitor
+        self.optimizer = optimizer
+        #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called); it names
+        #: the parameters.
+        self.model = model
         self.name = monitor.optimizer_name(optimizer)
         #: The optimizer's parameters; from the first step, the watched ones (see `_create`).
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if not self.params:
             raise ValueError("the optimizer has no parameters")
+        #: Every parameter of the optimizer, watched or not (clipping them measures).
         self.param_ids = {id(p) for p in self.params}
-        #: Param groups when wrapped (``add_param_group`` adds parameters not watched);
-        #: None once that was said.
-        self._groups: int | None = len(optimizer.param_groups)
-        names = parameter_names(model) if model is not None else {}
-        self.names = [names.get(id(p)) or f"group{g}.param{j}"
-                      for g, group in enumerate(optimizer.param_groups)
-                      for j, p in enumerate(group["params"])]
+        #: Param groups at the latest look (``add_param_group`` adds parameters to watch).
+        self._groups = len(optimizer.param_groups)
+        self.names = self._names(self.params)
         self.device = local_tensor(self.params[0]).device
         self.strategy = strategy_of(model)
         self._session: TorchSession | None = None
-        #: Parameters frozen at the first step (not watched), until one is seen training.
+        #: The optimizer's parameters not watched because frozen, until one trains.
         self._frozen: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self._failed = False
@@ -236,9 +237,15 @@ class _Watched:
         self._hooks = [
             optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
             optimizer.register_step_post_hook(lambda *_: self.after_step())]
-        #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called).
-        self.model = model
         self._patch_zero_grad(optimizer)
+
+    def _names(self, params: list[torch.Tensor]) -> list[str]:
+        """``params``' names in the model, else ``group{i}.param{j}`` (their place in the
+        optimizer)."""
+        names = parameter_names(self.model) if self.model is not None else {}
+        places = {id(p): f"group{g}.param{j}" for g, group in
+                  enumerate(self.optimizer.param_groups) for j, p in enumerate(group["params"])}
+        return [names.get(id(p)) or places[id(p)] for p in params]
 
     def session(self) -> TorchSession | None:
         """The session, created at the first step (training thread)."""
@@ -261,34 +268,66 @@ class _Watched:
 
     def _create(self) -> None:
         monitor = self.monitor
-        name = self.name
         # Parameters frozen when training starts (requires_grad False: fine-tuning freezes a
         # backbone while the optimizer holds every parameter) get no gradient on purpose;
-        # like Keras's non-trainable variables they are not watched.
+        # like Keras's non-trainable variables they are not watched, until they train.
         trainable = [p.requires_grad for p in self.params]
         if any(trainable) and not all(trainable):
             self._frozen = [p for p, t in zip(self.params, trainable, strict=True) if not t]
             log.info("gradwatch: %s: %d of %d parameters are frozen (requires_grad=False) "
-                     "and not watched", name, len(self._frozen), len(self.params))
+                     "and not watched until they train", self.name, len(self._frozen),
+                     len(self.params))
             self.params = [p for p, t in zip(self.params, trainable, strict=True) if t]
             self.names = [n for n, t in zip(self.names, trainable, strict=True) if t]
         with monitor.session_lock:
             monitor.identify_by_process_group()
+        self._session = self._start(self.params, self.names)
+        self._failed = self._session is None
+
+    def _start(self, params: list[torch.Tensor], names: list[str],
+               first_step: int = 0) -> TorchSession | None:
+        """A session for ``params``, shipped from now on; None if it cannot be made."""
+        monitor = self.monitor
         try:
             session = TorchSession(
-                monitor.identity, name, self.params, self.names, monitor.settings.buffer_steps,
+                monitor.identity, self.name, params, names, monitor.settings.buffer_steps,
                 strategy=self.strategy, loss_scaled=self.scaled,
-                every=monitor.settings.statistics_every,
+                every=monitor.settings.statistics_every, first_step=first_step,
                 sharded=self.strategy.startswith("FSDP")
-                or any(local_tensor(p) is not p for p in self.params),
+                or any(local_tensor(p) is not p for p in params),
                 versions={"gradwatch": __version__, "torch": torch.__version__})
         except Exception:  # gradwatch must never break training
-            self._failed = True
-            log.exception("gradwatch: cannot watch %s", name)
-            return
+            log.exception("gradwatch: cannot watch %s", self.name)
+            return None
         with monitor.session_lock:
             monitor.adopt(id(self), session)
-        self._session = session
+        return session
+
+    def _grow(self) -> None:
+        """Watches, from the next step on, the optimizer's parameters that train now and
+        were not watched: frozen ones that thawed (fastai's ``unfreeze``) and those added
+        with ``add_param_group`` (gradual unfreezing). A successor session with the larger
+        table continues the step count; the collector gets it once the current session's
+        steps are in (training thread, between steps)."""
+        optimizer = self.optimizer
+        self._groups = len(optimizer.param_groups)
+        everything = [p for group in optimizer.param_groups for p in group["params"]]
+        self.param_ids = {id(p) for p in everything}
+        watched = {id(p) for p in self.params}
+        unwatched = [p for p in everything if id(p) not in watched]
+        self._frozen = [p for p in unwatched if not p.requires_grad]
+        added = [p for p in unwatched if p.requires_grad]
+        if not added:
+            return
+        params, names = self.params + added, self.names + self._names(added)
+        previous = self._session
+        session = self._start(params, names, first_step=previous.steps)
+        if session is None:  # the current session goes on
+            return
+        session.gradients_zeroed()  # what the parameters hold now is of steps before
+        self.params, self.names, self._session = params, names, session
+        log.info("gradwatch: %s: %d more parameters train and are watched from step %d on "
+                 "(%d in all)", self.name, len(added), session.steps, len(params))
 
     def _patch_zero_grad(self, optimizer: Any) -> None:
         """After ``optimizer.zero_grad``, gradients zeroed in place (``set_to_none=False``)
@@ -319,8 +358,6 @@ class _Watched:
         (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
         the closure's first call. Returns the arguments with the closure wrapped
         (``args`` starts with the optimizer itself)."""
-        if self._groups is not None and len(optimizer.param_groups) != self._groups:
-            self._say_grown(optimizer)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self.before_step()
@@ -358,27 +395,13 @@ class _Watched:
             # first alert on a missing gradient already says why.
             self._guarded(self.monitor.step_ended, self)
             self._guarded(session.finish)
-            if self._frozen and session.steps % THAW_CHECK_STEPS == 0:
-                self._say_if_thawed()
+            if len(self.optimizer.param_groups) != self._groups or self._thawed(session):
+                self._guarded(self._grow)
 
-    def _say_grown(self, optimizer: Any) -> None:
-        """Says once that ``add_param_group`` added parameters (gradual unfreezing; torch
-        refuses a parameter already in a group, so every one added is new)."""
-        self._groups = None
-        added = sum(id(p) not in self.param_ids
-                    for group in optimizer.param_groups for p in group["params"])
-        log.warning("gradwatch: %s: %d parameters added with add_param_group are not "
-                    "watched (the parameters watched are those the optimizer held when "
-                    "wrapped; see docs/pytorch.md)", self.name, added)
-
-    def _say_if_thawed(self) -> None:
-        """Says once when parameters frozen at the first step train (training thread)."""
-        thawed = sum(p.requires_grad for p in self._frozen)
-        if thawed:
-            self._frozen = []
-            log.warning("gradwatch: %s: %d parameters frozen at the first step now require "
-                        "a gradient and are not watched (a newly wrapped optimizer watches "
-                        "them)", self.name, thawed)
+    def _thawed(self, session: TorchSession) -> bool:
+        """Whether a frozen parameter trains now (looked at every `THAW_CHECK_STEPS`)."""
+        return (bool(self._frozen) and session.steps % THAW_CHECK_STEPS == 0
+                and any(p.requires_grad for p in self._frozen))
 
     def _guarded(self, action, *args: Any) -> None:
         """A failure of gradwatch on the training thread is logged once and never reaches

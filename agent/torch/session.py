@@ -41,10 +41,11 @@ class TorchSession(Session):
     def __init__(self, identity: Identity, optimizer: str, params: Sequence[torch.Tensor],
                  names: Sequence[str], capacity: int | None, *, strategy: str = "",
                  versions: Mapping[str, str] | None = None, loss_scaled: bool = False,
-                 sharded: bool = False, every: int = 1) -> None:
+                 sharded: bool = False, every: int = 1, first_step: int = 0) -> None:
         """``sharded``: each rank holds a shard of every parameter (FSDP); a DTensor's
         local shard is what is measured. ``every``: statistics at every Nth step only
-        (see `measures`)."""
+        (see `measures`). ``first_step``: the number of its first step (a session that
+        continues another continues its count)."""
         self.params = list(params)
         self.device = local_tensor(self.params[0]).device
         width = stats.width(self.device)
@@ -65,7 +66,7 @@ class TorchSession(Session):
         self._record: torch.Tensor | None = None
         self._every = every
         self._skipped = False  # this step is not recorded (see `measures`)
-        self.steps = 0
+        self.steps = first_step
         #: Variable ids without a gradient at the latest measured step.
         self.missing: set[int] = set()
 

@@ -125,10 +125,16 @@ def test_parameters_frozen_before_training_are_not_watched(collector, webhook, j
         in caplog.text
 
 
-def test_parameters_unfrozen_later_are_named_once_as_unwatched(collector, job_name, caplog):
+def gradwatch_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+
+
+def test_parameters_unfrozen_later_are_watched_within_100_steps(collector, job_name, caplog):
     """fastai's fine_tune: freeze, train, unfreeze, train on with the same optimizer. The
-    thawed parameters are not watched (the session's set is fixed at its first step), and
-    the log says so once, within 100 steps."""
+    thawed parameters are watched within 100 steps, by the same task and optimizer: its
+    step count and per-variable totals go on, and nothing is lost or refused on the way
+    (the larger session registers once the smaller one's steps are in)."""
     from gradwatch.agent.torch.monitor import THAW_CHECK_STEPS
 
     model = Net()
@@ -138,35 +144,80 @@ def test_parameters_unfrozen_later_are_named_once_as_unwatched(collector, job_na
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
         train(model, optimizer, 2)
         model.hidden.requires_grad_(True)
-        train(model, optimizer, 2 * THAW_CHECK_STEPS)
+        norms = train(model, optimizer, THAW_CHECK_STEPS + 2)
     assert monitor.close() is True
-    said = [r.getMessage() for r in caplog.records if "frozen at the first step" in r.message]
-    assert said == ["gradwatch: SGD: 2 parameters frozen at the first step now require a "
-                    "gradient and are not watched (a newly wrapped optimizer watches them)"]
-    assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
-        "out.weight", "out.bias"}
+    assert gradwatch_warnings(caplog) == []
+    assert "SGD: 2 more parameters train and are watched from step 100 on (4 in all)" \
+        in caplog.text
+    steps = THAW_CHECK_STEPS + 4
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [steps]
+    assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [steps - 1]
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms[-1], rel=1e-5)
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    missing = metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)
+    assert missing == {"out.weight": 0, "out.bias": 0, "hidden.weight": 0, "hidden.bias": 0}
 
 
-def test_parameters_added_with_add_param_group_are_named_once_as_unwatched(collector,
-                                                                           job_name, caplog):
+def test_parameters_added_with_add_param_group_are_watched_from_the_next_step(
+        collector, job_name, caplog):
     """Gradual unfreezing as ULMFiT does it: the head trains, then the body joins the
-    optimizer with ``add_param_group``. Its parameters are not watched; that went unsaid."""
+    optimizer with ``add_param_group``; it is watched from the step after."""
     model = Net()
     model.hidden.requires_grad_(False)
+    caplog.set_level(logging.INFO, logger="gradwatch")
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.Adam(model.out.parameters(), 1e-3), model)
         train(model, optimizer, 2)
         model.hidden.requires_grad_(True)
         optimizer.add_param_group({"params": list(model.hidden.parameters()), "lr": 1e-4})
-        train(model, optimizer, 3)
+        norms = train(model, optimizer, 3)
     assert monitor.close() is True
-    said = [r.getMessage() for r in caplog.records if "add_param_group" in r.getMessage()]
-    assert said == ["gradwatch: Adam: 2 parameters added with add_param_group are not watched "
-                    "(the parameters watched are those the optimizer held when wrapped; see "
-                    "docs/pytorch.md)"]
+    assert gradwatch_warnings(caplog) == []
+    assert "Adam: 2 more parameters train and are watched from step 3 on (4 in all)" \
+        in caplog.text
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
-    assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
-        "out.weight", "out.bias"}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms[-1], rel=1e-5)
+
+
+def test_pytorch_lightning_backbone_finetuning(collector, job_name, tmp_path, caplog):
+    """Lightning's ``BackboneFinetuning`` callback, as its docstring's transfer-learning
+    model uses it: the optimizer holds the head; at the unfreezing epoch the callback
+    thaws the backbone and adds it with ``add_param_group``. The backbone is watched from
+    the step after, in the same session's count."""
+    pl = pytest.importorskip("pytorch_lightning")
+    monitor = monitor_for(collector, job_name)
+
+    class TransferLearning(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+            self.head = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_index):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.head(self.backbone(x)), y)
+
+        def configure_optimizers(self):
+            return monitor.wrap(torch.optim.Adam(self.head.parameters(), 1e-3), self)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=8)
+    finetuning = pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=[finetuning],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    with monitor:
+        trainer.fit(TransferLearning(), loader)
+    assert monitor.close() is True
+    assert gradwatch_warnings(caplog) == []
+    assert "Adam: 2 more parameters train and are watched from step 5 on (4 in all)" \
+        in caplog.text
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [12.0]
+    assert metrics(collector, "gradwatch_gradient_present", job_name) == {
+        "head.weight": 1, "head.bias": 1, "backbone.0.weight": 1, "backbone.0.bias": 1}
 
 
 class LoRALinear(torch.nn.Module):

@@ -43,3 +43,27 @@ def test_crashed_tasks_stop_counting_against_the_session_limit():
     registry.expire_inactive(older_than=70.0)
     assert not registry.sessions and not registry.groups
     admit_registration(request, ["dense/v0"], registry, limits)
+
+
+@pytest.mark.parametrize("previous", ["open, same process", "closed", "another process"])
+def test_a_session_replaced_by_its_own_process_continues_its_totals(previous):
+    """An agent that watches more of an optimizer's variables (they thawed) registers a
+    larger session in their place: the task's counters go on, per variable by name. A
+    session that said goodbye, or another process's, is a new start."""
+    registry = Registry()
+    first = registry.register("job", "sgd", "worker", 0, 1, ["a", "b"], hostname="h", pid=7)
+    first.steps_total, first.nonfinite_steps_total = 100, 3
+    first.missing_steps_total[:] = [0, 4]
+    first.nan_total[:] = [1, 2]
+    first.closed = previous == "closed"
+    pid = 8 if previous == "another process" else 7
+    grown = registry.register("job", "sgd", "worker", 0, 1, ["c", "b", "a"], hostname="h",
+                              pid=pid)
+    assert list(registry.sessions) == [grown.id]
+    if previous == "open, same process":
+        assert (grown.steps_total, grown.nonfinite_steps_total) == (100, 3)
+        assert grown.missing_steps_total.tolist() == [0, 4, 0]
+        assert grown.nan_total.tolist() == [0, 2, 1]
+    else:
+        assert (grown.steps_total, grown.nonfinite_steps_total) == (0, 0)
+        assert grown.missing_steps_total.tolist() == [0, 0, 0]
