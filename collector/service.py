@@ -117,6 +117,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
         return pb.RegisterResponse(
             session_id=session.id,
             max_batch_steps=self.limits.batch_steps_for(len(names) * request.num_replicas),
+            max_cause=max(pb.Diagnosis.Cause.values()),
         )
 
     async def Report(self, request_iterator: AsyncIterator[pb.ReportBatch],

@@ -22,6 +22,8 @@ from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+#: What a collector that does not say (`pb.RegisterResponse.max_cause` 0) knows.
+OLDEST_MAX_CAUSE = pb.Diagnosis.NOT_TRACKED
 #: Bytes of a buffered step besides its statistics (step, wall time, field headers).
 BYTES_PER_STEP = 48
 
@@ -45,6 +47,8 @@ class SessionBuffer:
     last_step: int = -1  # of the last step put in a batch
     dropped: int = 0
     max_batch_steps: int = 256
+    #: The highest diagnosis cause the collector knows (`pb.RegisterResponse.max_cause`).
+    max_cause: int = OLDEST_MAX_CAUSE
     final_sent: bool = False
     #: Reading its statistics failed once (a bug): it is not read again.
     broken: bool = False
@@ -100,6 +104,7 @@ class SessionBuffer:
         self.not_registered_because = ""
         self.diagnoses_sent = {}
         self.max_batch_steps = response.max_batch_steps or self.max_batch_steps
+        self.max_cause = response.max_cause or OLDEST_MAX_CAUSE
 
     def retire(self) -> None:
         """Not to be sent on this connection: its buffered steps and batches go (not
@@ -126,6 +131,9 @@ class SessionBuffer:
         batch = pb.ReportBatch(session_id=self.session_id, sequence=self.next_sequence,
                                dropped_steps=self.dropped, diagnoses=diagnoses, steps=steps,
                                final=final)
+        for diagnosis in batch.diagnoses:  # copies: an older collector refuses newer causes
+            if diagnosis.cause > self.max_cause:
+                diagnosis.cause = pb.Diagnosis.UNKNOWN
         self.next_sequence += 1
         self.unacked.append(batch)
         return batch

@@ -109,6 +109,7 @@ class Cause(enum.Enum):
     OUTSIDE_TAPE = "outside_tape"
     UNKNOWN = "unknown"
     NOT_TRACKED = "not_tracked"
+    CLEARED = "cleared"
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,13 @@ class Diagnosis:
         cause are listed together in alerts)."""
         where = f" at {self.source}" if self.source else ""
         torch = self.framework == "PyTorch"
+        because = f"; {self.reason}" if self.reason else ""
         op = (f"{self.op_name}(){where}" if torch
               else f"{self.op_type} op '{self.op_name}'{where}")
         text = {
-            Cause.UNUSED: "it is never read by the computation of the loss",
+            Cause.UNUSED: "it is never read by the computation of the loss" + because,
             Cause.NOT_ON_LOSS_PATH: f"it is read by {op}, but nothing computed from it "
-                                    "reaches the loss",
+                                    "reaches the loss" + because,
             Cause.LEFT_TENSORFLOW: (f"a value computed from it left {self.framework} at "
                                     f"{op} ({self.reason}) and nothing else of it reaches "
                                     "the loss") if torch else
@@ -152,6 +154,8 @@ class Diagnosis:
                                 else f"{op} {self.reason or 'ran outside the GradientTape'}",
             Cause.UNKNOWN: "gradwatch found a differentiable path to the loss; "
                            "the gradient was lost elsewhere",
+            Cause.CLEARED: f"its gradient was computed by {op}, then cleared before the "
+                           f"optimizer step ({self.reason})",
             Cause.NOT_TRACKED: f"{self.framework} does not track its gradient "
                                f"({self.reason})" + (f"; it is read by {op}"
                                                      if self.op_name and not torch else ""),

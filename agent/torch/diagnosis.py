@@ -17,8 +17,12 @@ towards the loss:
   or an op with an integer or boolean result (``argmax``, comparisons, casts);
 - **outside gradient tracking** (``OUTSIDE_TAPE``): the path ran under
   ``torch.no_grad()`` or ``torch.inference_mode()``;
-- **unknown**: a differentiable path exists (e.g. ``torch.autograd.grad`` was asked
-  for other inputs).
+- **cleared** (``CLEARED``): a differentiable path exists and ``backward()`` ran on the
+  loss, so the gradient was computed, then cleared before the optimizer step
+  (``zero_grad()`` between ``backward()`` and ``step()``, or ``.grad`` set to None);
+- **unknown**: a differentiable path exists, but the gradient was not asked for
+  (``backward(inputs=...)`` without it) or no ``backward()`` ended the recording
+  (``torch.autograd.grad``).
 
 Recording costs time and keeps the step's tensors alive until the step ends (at most
 `MAX_RECORDED_BYTES`); it runs for the first step (so a problem is explained at once,
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +71,14 @@ HINTS = {
                   "torch.sigmoid(k * (a - b))) instead of a boolean test.",
     "cast": "keep the value in a floating-point dtype on the path to the loss.",
     "round": "use a straight-through estimator, x + (torch.round(x) - x).detach().",
+    "stand-in": "build the optimizer from the parameters of the model that computes the "
+                "loss: a model created again, copied (deepcopy) or reloaded after the "
+                "optimizer holds new parameters.",
+    Cause.CLEARED: "call optimizer.zero_grad() before loss.backward() or after "
+                   "optimizer.step(), never between them.",
 }
+#: Why an unused parameter has a stand-in (see `_stand_in`).
+STAND_IN = "the loss reads another parameter of its shape, which no optimizer updates"
 _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})
 
@@ -111,7 +122,13 @@ class StepRecording(TorchFunctionMode):
         super().__init__()
         self.calls: list[Call] = []
         self.loss: int | None = None
+        #: Where ``backward()`` was called on the loss, and the ids of its ``inputs=``
+        #: (None: every leaf).
+        self.backward: Call | None = None
+        self.backward_inputs: set[int] | None = None
         self.abandoned = False
+        #: Trainable parameters the calls read: id -> shape.
+        self.parameters: dict[int, torch.Size] = {}
         self._alive: dict[int, torch.Tensor] = {}
         self._storages: set[int] = set()
         self._bytes = 0
@@ -144,6 +161,8 @@ class StepRecording(TorchFunctionMode):
             return
         self._alive[id(tensor)] = tensor
         if isinstance(tensor, torch.nn.Parameter):  # the model keeps it alive anyway
+            if tensor.requires_grad:
+                self.parameters[id(tensor)] = tensor.shape
             return
         try:
             storage = tensor.untyped_storage()
@@ -183,16 +202,21 @@ class Recorder:
         recorder = self
 
         def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            recorder._reached_loss(tensor)
+            recorder._reached_loss(tensor, kwargs.get("inputs", args[3] if len(args) > 3
+                                                      else None))
             return original(tensor, *args, **kwargs)
 
         torch.Tensor.backward = backward
 
-    def _reached_loss(self, loss: torch.Tensor) -> None:
+    def _reached_loss(self, loss: torch.Tensor, inputs: Any) -> None:
         recording = self._recording
         if recording is None or threading.get_ident() != self._thread:
             return
         recording.loss = id(loss)
+        recording.backward = Call(len(recording.calls), "backward", [id(loss)], [], [],
+                                  torch.is_grad_enabled(), caller_source())
+        if inputs is not None:
+            recording.backward_inputs = {id(t) for t in tree_flatten(inputs)[0]}
         self.stop()
         if recording.abandoned:
             self.abandoned = True
@@ -299,8 +323,20 @@ def _why(call: Call) -> tuple[Cause, str, str]:
     return Cause.BROKEN_AT_OP, reason, HINTS["cast"]
 
 
-def diagnose(recording: StepRecording, param: torch.Tensor, name: str) -> Diagnosis:
-    """The verdict for ``param`` (called ``name``), which got no gradient."""
+def _stand_in(recording: StepRecording, param: torch.Tensor, updated: Collection[int],
+              upstream: set[int]) -> bool:
+    """Whether the loss was computed from a trainable parameter shaped like ``param`` that
+    no optimizer updates (not in ``updated``): the model that trains is another instance
+    than the optimizer's (created again, copied or reloaded after the optimizer)."""
+    return bool(updated) and any(
+        shape == param.shape and other not in updated and other in upstream
+        for other, shape in recording.parameters.items())
+
+
+def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
+             updated: Collection[int] = ()) -> Diagnosis:
+    """The verdict for ``param`` (called ``name``), which got no gradient. ``updated``:
+    the ids of the parameters the optimizers known update (this one's included)."""
     def verdict(cause: Cause, call: Call | None = None, reason: str = "",
                 hint: str = "") -> Diagnosis:
         return Diagnosis(name, cause, call.name if call else "", call.name if call else "",
@@ -311,11 +347,13 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str) -> Diagno
         return verdict(Cause.NOT_TRACKED, reason="requires_grad is False")
     calls, start = recording.calls, {id(param)}
     readers = [c for c in calls if id(param) in c.inputs]
+    upstream = _ancestors(calls, recording.loss) if recording.loss is not None else set()
+    stand_in = ({"reason": STAND_IN, "hint": HINTS["stand-in"]}
+                if _stand_in(recording, param, updated, upstream) else {})
     if not readers:
-        return verdict(Cause.UNUSED)
+        return verdict(Cause.UNUSED, **stand_in)
     if recording.loss is None:
         return verdict(Cause.UNKNOWN)
-    upstream = _ancestors(calls, recording.loss)
     everything, _ = _flow(calls, start, lambda call: call.name not in CONVERSIONS)
     if recording.loss not in everything:
         conversions = [c for c in calls if c.name in CONVERSIONS
@@ -324,16 +362,16 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str) -> Diagno
             call = conversions[0]
             return verdict(Cause.LEFT_TENSORFLOW, call, f"via {call.name}")
         first = next((c for c in readers if c.source is not None), readers[0])
-        return verdict(Cause.NOT_ON_LOSS_PATH, first)
+        return verdict(Cause.NOT_ON_LOSS_PATH, first, **stand_in)
     reached, stopped = _flow(calls, start, _tracked)
     if recording.loss in reached:
-        return verdict(Cause.UNKNOWN)
+        asked = recording.backward_inputs is None or id(param) in recording.backward_inputs
+        if recording.backward is None or not asked:
+            return verdict(Cause.UNKNOWN)
+        return verdict(Cause.CLEARED, recording.backward,
+                       "zero_grad() between backward() and step(), or .grad set to None")
     on_path = [c for c in stopped if upstream.intersection(c.outputs)]
     call = (on_path or stopped)[0]
     cause, reason, hint = _why(call)
     return verdict(cause, call, reason, hint)
 
-
-def diagnose_all(recording: StepRecording, params: Iterable[tuple[torch.Tensor, str]]
-                 ) -> list[tuple[torch.Tensor, Diagnosis]]:
-    return [(param, diagnose(recording, param, name)) for param, name in params]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,12 +36,14 @@ def _names(optimizer: torch.optim.Optimizer) -> dict[int, str]:
     (the outermost of those that hold as many)."""
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     best, best_key = None, (0, 0)
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.nn.Module):
-            params = [id(p) for p in obj.parameters()]
-            key = (len(ids.intersection(params)), len(params))
-            if key > best_key:
-                best, best_key = obj, key
+    with warnings.catch_warnings():  # isinstance() on deprecated objects (reduce_op) warns
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
+    for module in modules:
+        params = [id(p) for p in module.parameters()]
+        key = (len(ids.intersection(params)), len(params))
+        if key > best_key:
+            best, best_key = module, key
     return parameter_names(best) if best is not None else {}
 
 
@@ -51,11 +54,14 @@ class _Watch:
         self.report = report
         self.recorder = Recorder()
         self.explained: set[int] = set()
+        #: The parameters of every optimizer stepped in the block (ids).
+        self.updated: set[int] = set()
 
     def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Explains the parameters without gradient with the step's recording; records the
         next step if some could not be explained yet."""
         recording = self.recorder.take()
+        self.updated.update(id(p) for group in optimizer.param_groups for p in group["params"])
         missing = [(g, j, p) for g, group in enumerate(optimizer.param_groups)
                    for j, p in enumerate(group["params"])
                    if p.grad is None and id(p) not in self.explained]
@@ -65,7 +71,7 @@ class _Watch:
         if recording is not None:
             for param, name in missing:
                 self.explained.add(id(param))
-                self.report.add(param, diagnose(recording, param, name))
+                self.report.add(param, diagnose(recording, param, name, self.updated))
             recording.release()
         elif missing:
             self.recorder.start()

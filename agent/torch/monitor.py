@@ -152,7 +152,9 @@ class GradientMonitor(MonitorCore):
         """Diagnoses the parameters without gradient at this step that have no verdict yet
         with ``recording`` (this step's); returns how many."""
         explained = 0
-        for watched in list(self._watched.values()):
+        everything = list(self._watched.values())
+        updated = set().union(*(w.param_ids for w in everything))
+        for watched in everything:
             session = watched.session()
             if session is None:
                 continue
@@ -162,7 +164,7 @@ class GradientMonitor(MonitorCore):
                     continue
                 self._explained.add(id(param))
                 explained += 1
-                verdict = diagnose(recording, param, watched.names[i])
+                verdict = diagnose(recording, param, watched.names[i], updated)
                 self.add_diagnosis(param, watched.names[i], verdict)
                 if verdict.explanation() not in self._logged:
                     self._logged.add(verdict.explanation())

@@ -53,12 +53,14 @@ class RegisterRequest(_message.Message):
     def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., loss_scaled: _Optional[bool] = ..., sharded: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("session_id", "max_batch_steps")
+    __slots__ = ("session_id", "max_batch_steps", "max_cause")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAUSE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_batch_steps: int
-    def __init__(self, session_id: _Optional[str] = ..., max_batch_steps: _Optional[int] = ...) -> None: ...
+    max_cause: int
+    def __init__(self, session_id: _Optional[str] = ..., max_batch_steps: _Optional[int] = ..., max_cause: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("step", "wall_time", "present", "l2_norm", "nan_count", "inf_count", "rewound")
@@ -106,6 +108,7 @@ class Diagnosis(_message.Message):
         OUTSIDE_TAPE: _ClassVar[Diagnosis.Cause]
         UNKNOWN: _ClassVar[Diagnosis.Cause]
         NOT_TRACKED: _ClassVar[Diagnosis.Cause]
+        CLEARED: _ClassVar[Diagnosis.Cause]
     CAUSE_UNSPECIFIED: Diagnosis.Cause
     UNUSED: Diagnosis.Cause
     NOT_ON_LOSS_PATH: Diagnosis.Cause
@@ -114,6 +117,7 @@ class Diagnosis(_message.Message):
     OUTSIDE_TAPE: Diagnosis.Cause
     UNKNOWN: Diagnosis.Cause
     NOT_TRACKED: Diagnosis.Cause
+    CLEARED: Diagnosis.Cause
     VARIABLE_ID_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     OP_NAME_FIELD_NUMBER: _ClassVar[int]

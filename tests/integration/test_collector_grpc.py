@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradwatch.proto.v1 import gradwatch_pb2 as pb
 from gradwatch.proto.v1 import gradwatch_pb2_grpc as pb_grpc
 from tests.support import wire
 from tests.support.faults import TcpProxy
@@ -80,6 +81,7 @@ def test_http_health_endpoint(collector):
 def test_register_returns_a_session_and_batch_limit(stub):
     response = stub.Register(wire.registration(job="reg"), timeout=5)
     assert len(response.session_id) == 32 and response.max_batch_steps >= 1
+    assert response.max_cause == max(pb.Diagnosis.Cause.values())  # every cause it knows
 
 
 def test_invalid_registration_gets_a_precise_status(stub):

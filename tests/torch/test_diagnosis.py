@@ -11,12 +11,14 @@ rebuilt after its optimizer, freezing the wrong layer.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
 import torch
 
 from gradwatch.agent.core.diagnosis import Cause
+from gradwatch.agent.torch.diagnosis import STAND_IN
 from gradwatch.agent.torch.doctor import diagnose_missing_gradients
 
 X = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
@@ -200,13 +202,69 @@ def test_requires_grad_turned_off_after_the_optimizer_was_built():
 
 
 def test_model_rebuilt_after_its_optimizer():
+    """The optimizer still holds the first model's parameters; the loss reads the second
+    model's, which no optimizer updates: the verdict says so."""
     model = Base()
     optimizer = torch.optim.SGD(model.parameters(), 1e-2)
-    model = Base()  # the optimizer still holds the first model's parameters
+    model = Base()
     with diagnose_missing_gradients() as report:
         train(model, unused_layer, optimizer=optimizer)
     assert len(report.diagnoses) == 6
     assert {d.cause for d in report.diagnoses.values()} == {Cause.UNUSED}
+    assert {d.reason for d in report.diagnoses.values()} == {STAND_IN}
+    assert all("created again, copied (deepcopy) or reloaded" in d.hint
+               for d in report.diagnoses.values())
+
+
+def test_a_copy_of_the_model_trained_instead_of_the_optimizers():
+    """An EMA-style deep copy made each step computes the loss: the optimizer's own
+    parameters are only read by the copying."""
+    model = Base()
+
+    def forward(m, x):
+        return unused_layer(copy.deepcopy(m), x)
+
+    with diagnose_missing_gradients() as report:
+        train(model, forward)
+    verdict = report.diagnoses["trunk.weight"]
+    assert verdict.cause is Cause.NOT_ON_LOSS_PATH, verdict.message()
+    assert verdict.reason == STAND_IN
+    # The unused layer of a model that does train is not blamed on a stand-in: the layers
+    # shaped like it are the optimizer's own.
+    with diagnose_missing_gradients() as report:
+        train(Base(), unused_layer)
+    assert {d.reason for d in report.diagnoses.values()} == {""}
+
+
+def test_zero_grad_between_backward_and_step():
+    """The beginner's loop that never learns: the gradients backward() computed are
+    cleared before the update."""
+    model = Base()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+
+    def step(clear):
+        loss = torch.nn.functional.mse_loss(unused_layer(model, X), Y)
+        loss.backward()  # <- here
+        clear()
+        optimizer.step()
+
+    for clear in (optimizer.zero_grad, model.zero_grad,
+                  lambda: [setattr(p, "grad", None) for p in model.parameters()]):
+        with diagnose_missing_gradients() as report:
+            for _ in range(2):
+                step(clear)
+        verdict = report.diagnoses["trunk.weight"]
+        assert verdict.cause is Cause.CLEARED, verdict.message()
+        assert (verdict.op_name, verdict.source.line) == ("backward", marked_line(step))
+        assert report.diagnoses["broken.weight"].cause is Cause.UNUSED
+    # backward(inputs=...) that leaves a parameter out is not a clearing
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(unused_layer(model, X), Y)
+            loss.backward(inputs=list(model.head.parameters()))
+            optimizer.step()
+    assert report.diagnoses["trunk.weight"].cause is Cause.UNKNOWN
 
 
 def test_healthy_training_is_not_diagnosed():

@@ -104,6 +104,27 @@ def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, jo
     assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
 
 
+def test_zero_grad_between_backward_and_step_pages_as_cleared(collector, webhook, job_name):
+    """The loop that never learns because ``zero_grad()`` runs after ``backward()``: every
+    parameter pages, with the cause ``cleared`` and the line of the backward call."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for _ in range(3):
+            backward_line = sys._getframe().f_lineno + 1
+            torch.nn.functional.mse_loss(model(X), Y).backward()
+            optimizer.zero_grad()
+            optimizer.step()
+    assert monitor.close() is True
+    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name, 10)
+    assert alert is not None and alert["labels"]["alertname"] == "GradientMissing"
+    assert "then cleared before the optimizer step" in alert["annotations"]["causes"]
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    mine = [labels for labels, _ in causes if labels["training_job"] == job_name]
+    assert {(c["variable"], c["cause"], c["source"]) for c in mine} == {
+        (name, "cleared", f"{__file__}:{backward_line}") for name, _ in model.named_parameters()}
+
+
 def test_parameters_frozen_before_training_are_not_watched(collector, webhook, job_name, caplog):
     """Fine-tuning as the PyTorch forum's "Best practice for freezing layers?" does it:
     requires_grad = False on the frozen layers, every parameter in the optimizer (it skips
