@@ -90,6 +90,33 @@ def test_ranks_started_by_mp_spawn_report_as_their_rank(collector, job_name):
 
 
 @pytest.mark.timeout(240)
+def test_pytorch_lightning_ddp_script_reports_every_rank(collector, job_name):
+    """``python train.py`` with ``Trainer(strategy="ddp", devices=2)``: Lightning starts
+    the second rank itself (its environment has no ``RANK``), the monitor is made in
+    ``configure_optimizers``. Each rank reports as its rank, and the layer never called is
+    named at once with its cause; given the DDP module, each rank's own gradients."""
+    pytest.importorskip("pytorch_lightning")
+    env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target,
+           "GRADWATCH_TRAINING_JOB": job_name, "OMP_NUM_THREADS": "1"}
+    for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GRADWATCH_TASK_INDEX"):
+        env.pop(variable, None)
+    result = subprocess.run([sys.executable, str(JOB_SCRIPT.with_name("lightning_ddp_job.py"))],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    steps = scrape(collector, "gradwatch_steps_total", job_name)
+    assert {k.split("task_index=")[1].split(",")[0]: v for k, v in steps.items()} == {
+        "0": 4.0, "1": 4.0}, result.stderr[-3000:]
+    present = scrape(collector, "gradwatch_gradient_present", job_name)
+    assert {name for name, value in present.items() if not value} == {
+        "unused.weight", "unused.bias"}
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    assert {labels["cause"] for labels, _ in causes
+            if labels["training_job"] == job_name} == {"unused"}
+    norms = scrape(collector, "gradwatch_global_gradient_norm", job_name)
+    assert len(set(norms.values())) == 2  # each rank's own, before the all-reduce
+
+
+@pytest.mark.timeout(240)
 def test_gradients_accumulated_under_no_sync_are_each_ranks_own(collector):
     """DDP's ``no_sync()`` for gradient accumulation: the all-reduce runs once, after the
     last micro-batch, and each rank reports the gradients it accumulated, before it."""
