@@ -334,9 +334,12 @@ def _stand_in(recording: StepRecording, param: torch.Tensor, updated: Collection
 
 
 def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
-             updated: Collection[int] = ()) -> Diagnosis:
+             updated: Collection[int] = (), stepped: bool = True) -> Diagnosis:
     """The verdict for ``param`` (called ``name``), which got no gradient. ``updated``:
-    the ids of the parameters the optimizers known update (this one's included)."""
+    the ids of the parameters the optimizers known update (this one's included);
+    ``stepped``: the optimizer of ``param`` is the one whose step ended the recorded step
+    and found no gradient (else a gradient computed at its ``backward()`` may have been
+    zeroed on purpose before another loss: a GAN's generator, after the critic's step)."""
     def verdict(cause: Cause, call: Call | None = None, reason: str = "",
                 hint: str = "") -> Diagnosis:
         return Diagnosis(name, cause, call.name if call else "", call.name if call else "",
@@ -366,7 +369,7 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
     reached, stopped = _flow(calls, start, _tracked)
     if recording.loss in reached:
         asked = recording.backward_inputs is None or id(param) in recording.backward_inputs
-        if recording.backward is None or not asked:
+        if recording.backward is None or not asked or not stepped:
             return verdict(Cause.UNKNOWN)
         return verdict(Cause.CLEARED, recording.backward,
                        "zero_grad() between backward() and step(), or .grad set to None")

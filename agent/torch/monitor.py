@@ -140,7 +140,7 @@ class GradientMonitor(MonitorCore):
             return
         recording = self._recorder.take()
         if recording is not None:
-            explained = self._explain(recording)
+            explained = self._explain(recording, watched)
             recording.release()
             self._retries.recorded(explained)
         self._unexplained.update(id(session.params[i]) for i in session.missing)
@@ -148,9 +148,10 @@ class GradientMonitor(MonitorCore):
         if self._retries.step_ended() and self._unexplained and not self._recorder.recording:
             self._recorder.start()
 
-    def _explain(self, recording: StepRecording) -> int:
+    def _explain(self, recording: StepRecording, stepped: _Watched) -> int:
         """Diagnoses the parameters without gradient at this step that have no verdict yet
-        with ``recording`` (this step's); returns how many."""
+        with ``recording`` (this step's, which ended at ``stepped``'s step); returns how
+        many."""
         explained = 0
         everything = list(self._watched.values())
         updated = set().union(*(w.param_ids for w in everything))
@@ -164,7 +165,8 @@ class GradientMonitor(MonitorCore):
                     continue
                 self._explained.add(id(param))
                 explained += 1
-                verdict = diagnose(recording, param, watched.names[i], updated)
+                verdict = diagnose(recording, param, watched.names[i], updated,
+                                   stepped=watched is stepped)
                 self.add_diagnosis(param, watched.names[i], verdict)
                 if verdict.explanation() not in self._logged:
                     self._logged.add(verdict.explanation())

@@ -125,6 +125,32 @@ def test_zero_grad_between_backward_and_step_pages_as_cleared(collector, webhook
         (name, "cleared", f"{__file__}:{backward_line}") for name, _ in model.named_parameters()}
 
 
+def test_a_gan_generators_gradient_zeroed_after_the_critics_step_is_not_called_cleared(
+        collector, job_name):
+    """A GAN step: the critic's loss reaches the generator too (its gradients are computed
+    there, then zeroed on purpose before the generator's loss); the generator's own loss
+    detaches its first layer. The recorded step ends at the critic's backward(), which
+    cannot tell why the generator's step lacks that gradient: never "cleared"."""
+    torch.manual_seed(0)
+    g1, g2, critic = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    generator = torch.nn.Sequential(g1, g2)
+    with monitor_for(collector, job_name) as monitor:
+        opt_d = monitor.wrap(torch.optim.SGD(critic.parameters(), 1e-2), critic)
+        opt_g = monitor.wrap(torch.optim.SGD(generator.parameters(), 1e-2), generator)
+        for _ in range(4):
+            opt_d.zero_grad()
+            critic(generator(X)).mean().backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-critic(g2(g1(X).detach())).mean()).backward()
+            opt_g.step()
+    assert monitor.close() is True
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    mine = {labels["variable"]: labels["cause"] for labels, _ in causes
+            if labels["training_job"] == job_name}
+    assert set(mine) == {"0.weight", "0.bias"} and "cleared" not in mine.values(), mine
+
+
 def test_parameters_frozen_before_training_are_not_watched(collector, webhook, job_name, caplog):
     """Fine-tuning as the PyTorch forum's "Best practice for freezing layers?" does it:
     requires_grad = False on the frozen layers, every parameter in the optimizer (it skips
