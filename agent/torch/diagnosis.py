@@ -186,6 +186,7 @@ class Recorder:
         self._completed: StepRecording | None = None
         self._thread: int | None = None
         self._original_backward: Callable | None = None
+        self._eager = False  # holds `_EAGER`
         self.abandoned = False  # a step was too large to record: no more tries
 
     @property
@@ -197,6 +198,7 @@ class Recorder:
             return
         self._recording = StepRecording()
         self._thread = threading.get_ident()
+        self._eager = _EAGER.hold()
         self._recording.__enter__()
         original = self._original_backward = torch.Tensor.backward
         recorder = self
@@ -237,6 +239,47 @@ class Recorder:
         if self._original_backward is not None:
             torch.Tensor.backward = self._original_backward
             self._original_backward = None
+        if self._eager:
+            self._eager = False
+            _EAGER.release()
+
+
+class _EagerWhileRecording:
+    """Makes ``torch.compile``d code run eagerly while any recorder records (torch ≥ 2.6's
+    ``set_stance("force_eager")``, process-wide, so held by count: the first holder sets it,
+    the last restores the stance before). A recorded step then sees every op, and Dynamo
+    neither traces the recording mode (a graph break at nearly every op: 31 frames and 6
+    graphs where the plain model compiles 1) nor compiles the model again without it.
+    Not set where it cannot be: older torch, or inside a compiled region.
+
+    Recorders hold it from the training thread; no lock, so that a forked child (whose
+    recorder stops in the fork handler) never waits for one."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._restore: Any = None
+
+    def hold(self) -> bool:
+        """Returns whether the caller holds it (and must `release` it)."""
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is None:
+            return False
+        if self._holders == 0:
+            try:
+                self._restore = set_stance("force_eager")
+            except RuntimeError:  # "attempted to set_stance in a torch.compile region"
+                return False
+        self._holders += 1
+        return True
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._restore.__exit__(None, None, None)
+            self._restore = None
+
+
+_EAGER = _EagerWhileRecording()
 
 
 #: A missing gradient that recorded steps do not explain (present in each of them: a head

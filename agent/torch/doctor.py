@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,9 +35,9 @@ def _names(optimizer: torch.optim.Optimizer) -> dict[int, str]:
     (the outermost of those that hold as many)."""
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     best, best_key = None, (0, 0)
-    with warnings.catch_warnings():  # isinstance() on deprecated objects (reduce_op) warns
-        warnings.simplefilter("ignore")
-        modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
+    # type(), not isinstance(): that reads __class__, which raises for a dead
+    # weakref.proxy (Dynamo leaves some) and warns for deprecated objects (reduce_op).
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)]
     for module in modules:
         params = [id(p) for p in module.parameters()]
         key = (len(ids.intersection(params)), len(params))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 
 import pytest
 import torch
@@ -265,6 +266,21 @@ def test_zero_grad_between_backward_and_step():
             loss.backward(inputs=list(model.head.parameters()))
             optimizer.step()
     assert report.diagnoses["trunk.weight"].cause is Cause.UNKNOWN
+
+
+def test_the_doctor_names_parameters_beside_dead_weak_proxies():
+    """The doctor finds the model among live objects. A dead ``weakref.proxy`` among them
+    (``torch.compile`` leaves some) raised ReferenceError from isinstance()."""
+    class Referent:
+        pass
+
+    referent = Referent()
+    proxy = weakref.proxy(referent)
+    del referent
+    with diagnose_missing_gradients() as report:
+        train(Base(), unused_layer)
+    assert set(report.diagnoses) == {"broken.weight", "broken.bias"}
+    del proxy
 
 
 def test_healthy_training_is_not_diagnosed():
