@@ -418,6 +418,35 @@ def test_a_compiled_training_step_with_clipping_is_watched_and_diagnosed(collect
     assert max(norms.values()) > 1e-3  # before clipping
 
 
+def test_an_optimizer_per_parameter_stepping_inside_backward(collector, job_name):
+    """PyTorch's "fusing the optimizer step into the backward pass" recipe: one optimizer
+    per parameter, stepped (and zeroed) by a post-accumulate-grad hook inside
+    ``backward()``. Each is its own session, every step, with the gradient's norm."""
+    model = Net()
+    norms: dict[str, float] = {}
+    names = {p: n for n, p in model.named_parameters()}
+    with monitor_for(collector, job_name) as monitor:
+        optimizers = {p: monitor.wrap(torch.optim.Adam([p], foreach=False), model)
+                      for p in model.parameters()}
+
+        def step_in_backward(param: torch.Tensor) -> None:
+            norms[names[param]] = float(param.grad.norm())
+            optimizers[param].step()
+            optimizers[param].zero_grad()
+
+        for param in model.parameters():
+            param.register_post_accumulate_grad_hook(step_in_backward)
+        for _ in range(3):
+            torch.nn.functional.mse_loss(model(X), Y).backward()
+    assert monitor.close() is True
+    steps = metrics(collector, "gradwatch_steps_total", job_name)
+    assert sorted(k.split(",")[0] for k in steps) == [
+        "optimizer=Adam", "optimizer=Adam_2", "optimizer=Adam_3", "optimizer=Adam_4"]
+    assert set(steps.values()) == {3.0}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms, rel=1e-5)
+
+
 def test_accumulated_gradients_are_reported_once_per_optimizer_step(collector, job_name):
     model = Net()
     with monitor_for(collector, job_name) as monitor:
