@@ -152,8 +152,10 @@ class Diagnosis:
             Cause.OUTSIDE_TAPE: (f"the path to the loss crosses {op}, which ran with gradient "
                                  "tracking off (torch.no_grad() or inference_mode)") if torch
                                 else f"{op} {self.reason or 'ran outside the GradientTape'}",
-            Cause.UNKNOWN: "gradwatch found a differentiable path to the loss; "
-                           "the gradient was lost elsewhere",
+            Cause.UNKNOWN: (f"a differentiable path to the loss exists, but {op} "
+                            f"{self.reason}") if self.reason and self.op_name else
+                           ("gradwatch found a differentiable path to the loss; "
+                            "the gradient was lost elsewhere"),
             Cause.CLEARED: f"its gradient was computed by {op}, then cleared before the "
                            f"optimizer step ({self.reason})",
             Cause.NOT_TRACKED: f"{self.framework} does not track its gradient "

@@ -21,8 +21,12 @@ towards the loss:
   loss, so the gradient was computed, then cleared before the optimizer step
   (``zero_grad()`` between ``backward()`` and ``step()``, or ``.grad`` set to None);
 - **unknown**: a differentiable path exists, but the gradient was not asked for
-  (``backward(inputs=...)`` without it) or no ``backward()`` ended the recording
-  (``torch.autograd.grad``).
+  (``backward(inputs=...)`` or ``torch.autograd.grad`` without it), or
+  ``torch.autograd.grad`` returned it and it was not stored in ``.grad``.
+
+A recording ends at the step's loss: the first ``backward()``, or ``torch.autograd.grad``
+without ``create_graph`` (with it, a gradient penalty or an inner loop is part of the
+loss), on the training thread; a step that has neither drops its recording.
 
 Recording costs time and keeps the step's tensors alive until the step ends (at most
 `MAX_RECORDED_BYTES`); it runs for the first step (so a problem is explained at once,
@@ -74,6 +78,9 @@ HINTS = {
     "stand-in": "build the optimizer from the parameters of the model that computes the "
                 "loss: a model created again, copied (deepcopy) or reloaded after the "
                 "optimizer holds new parameters.",
+    "not asked": "pass it in inputs=..., or leave it out of the optimizer.",
+    "not stored": "set each parameter's .grad to the gradient torch.autograd.grad returns "
+                  "for it before optimizer.step().",
     Cause.CLEARED: "call optimizer.zero_grad() before loss.backward() or after "
                    "optimizer.step(), never between them.",
 }
@@ -186,6 +193,7 @@ class Recorder:
         self._completed: StepRecording | None = None
         self._thread: int | None = None
         self._original_backward: Callable | None = None
+        self._original_grad: Callable | None = None
         self._eager = False  # holds `_EAGER`
         self.abandoned = False  # a step was too large to record: no more tries
 
@@ -201,21 +209,32 @@ class Recorder:
         self._eager = _EAGER.hold()
         self._recording.__enter__()
         original = self._original_backward = torch.Tensor.backward
+        original_grad = self._original_grad = torch.autograd.grad
         recorder = self
 
         def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            recorder._reached_loss(tensor, kwargs.get("inputs", args[3] if len(args) > 3
-                                                      else None))
+            recorder._reached_loss("backward", tensor, kwargs.get(
+                "inputs", args[3] if len(args) > 3 else None))
             return original(tensor, *args, **kwargs)
 
-        torch.Tensor.backward = backward
+        def grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            # Not a gradient penalty's or a meta-learning inner loop's (create_graph: part
+            # of the computation of the loss, not its gradient).
+            if not kwargs.get("create_graph", args[2] if len(args) > 2 else False):
+                recorder._reached_loss("autograd.grad", tree_flatten(outputs)[0][0], inputs)
+            return original_grad(outputs, inputs, *args, **kwargs)
 
-    def _reached_loss(self, loss: torch.Tensor, inputs: Any) -> None:
+        torch.Tensor.backward = backward
+        torch.autograd.grad = grad
+
+    def _reached_loss(self, how: str, loss: torch.Tensor, inputs: Any) -> None:
+        """The step's loss: ``backward()`` or ``torch.autograd.grad`` (``how``) was called
+        on it, for ``inputs`` (None: every leaf)."""
         recording = self._recording
         if recording is None or threading.get_ident() != self._thread:
             return
         recording.loss = id(loss)
-        recording.backward = Call(len(recording.calls), "backward", [id(loss)], [], [],
+        recording.backward = Call(len(recording.calls), how, [id(loss)], [], [],
                                   torch.is_grad_enabled(), caller_source())
         if inputs is not None:
             recording.backward_inputs = {id(t) for t in tree_flatten(inputs)[0]}
@@ -228,8 +247,12 @@ class Recorder:
             self._completed = recording
 
     def take(self) -> StepRecording | None:
-        """The recording completed at the last ``backward()``, once."""
+        """The recording completed at the last ``backward()``, once. A recording still
+        going (a whole step without ``backward()`` on this thread) is dropped: recording
+        never outlasts a step."""
         completed, self._completed = self._completed, None
+        if completed is None and self._recording is not None:
+            self.stop()
         return completed
 
     def stop(self) -> None:
@@ -238,7 +261,8 @@ class Recorder:
             self._recording = None
         if self._original_backward is not None:
             torch.Tensor.backward = self._original_backward
-            self._original_backward = None
+            torch.autograd.grad = self._original_grad
+            self._original_backward = self._original_grad = None
         if self._eager:
             self._eager = False
             _EAGER.release()
@@ -411,10 +435,18 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         return verdict(Cause.NOT_ON_LOSS_PATH, first, **stand_in)
     reached, stopped = _flow(calls, start, _tracked)
     if recording.loss in reached:
-        asked = recording.backward_inputs is None or id(param) in recording.backward_inputs
-        if recording.backward is None or not asked or not stepped:
+        call = recording.backward
+        if call is None:
             return verdict(Cause.UNKNOWN)
-        return verdict(Cause.CLEARED, recording.backward,
+        if recording.backward_inputs is not None and id(param) not in recording.backward_inputs:
+            return verdict(Cause.UNKNOWN, call, "was not asked for it (inputs=...)",
+                           HINTS["not asked"])
+        if call.name == "autograd.grad":
+            return verdict(Cause.UNKNOWN, call, "returned its gradient, which was not in "
+                           ".grad at the optimizer step", HINTS["not stored"])
+        if not stepped:
+            return verdict(Cause.UNKNOWN)
+        return verdict(Cause.CLEARED, call,
                        "zero_grad() between backward() and step(), or .grad set to None")
     on_path = [c for c in stopped if upstream.intersection(c.outputs)]
     call = (on_path or stopped)[0]

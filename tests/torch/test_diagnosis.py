@@ -268,6 +268,54 @@ def test_zero_grad_between_backward_and_step():
     assert report.diagnoses["trunk.weight"].cause is Cause.UNKNOWN
 
 
+def test_gradients_taken_with_autograd_grad():
+    """Loops that call ``torch.autograd.grad`` and store the gradients themselves
+    (meta-learning, functional training): the recording ends there as at ``backward()``.
+    A layer never called, one not asked for, one whose gradient is not stored."""
+    model = Base()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+    asked = [*model.trunk.parameters(), model.head.weight]  # head.bias forgotten
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(unused_layer(model, X), Y)
+            grads = torch.autograd.grad(loss, asked)  # <- here
+            for param, grad in zip(asked[:-1], grads[:-1], strict=True):  # head.weight's too
+                param.grad = grad
+            optimizer.step()
+    line = marked_line(test_gradients_taken_with_autograd_grad)
+    causes = {name: (d.cause, d.op_name, d.source.line if d.source else None, d.reason)
+              for name, d in report.diagnoses.items()}
+    assert causes == {
+        "broken.weight": (Cause.UNUSED, "", None, ""),
+        "broken.bias": (Cause.UNUSED, "", None, ""),
+        "head.bias": (Cause.UNKNOWN, "autograd.grad", line, "was not asked for it (inputs=...)"),
+        "head.weight": (Cause.UNKNOWN, "autograd.grad", line, "returned its gradient, which "
+                        "was not in .grad at the optimizer step")}, str(report)
+    assert "A differentiable path to the loss exists, but autograd.grad() at" in \
+        report.diagnoses["head.bias"].message()
+
+
+def test_a_gradient_penalty_is_part_of_the_loss_not_its_end():
+    """WGAN-GP: ``torch.autograd.grad(..., create_graph=True)`` inside the critic's loss
+    (the gradient penalty) does not end the recording; the loss's ``backward()`` does. A
+    layer used after the penalty, detached, is explained as detached (ended at the
+    penalty, it would read as never used)."""
+    critic, extra = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD([*critic.parameters(), *extra.parameters()], 1e-2)
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            optimizer.zero_grad()
+            inter = X.clone().requires_grad_(True)
+            grad = torch.autograd.grad(critic(inter).sum(), inter, create_graph=True)[0]
+            penalty = ((grad.norm(2, dim=1) - 1) ** 2).mean()
+            loss = critic(X).mean() + 10 * penalty + extra(X).detach().mean()
+            loss.backward()
+            optimizer.step()
+    verdict = report.diagnoses["group0.param2"]  # extra.weight
+    assert (verdict.cause, verdict.op_name) == (Cause.BROKEN_AT_OP, "detach"), str(report)
+
+
 def test_the_doctor_names_parameters_beside_dead_weak_proxies():
     """The doctor finds the model among live objects. A dead ``weakref.proxy`` among them
     (``torch.compile`` leaves some) raised ReferenceError from isinstance()."""

@@ -352,6 +352,31 @@ def test_a_compiled_model_compiles_as_often_as_without_gradwatch(collector, job_
                        cause="unused")) == {"unused.weight", "unused.bias"}
 
 
+def test_a_compiled_model_trained_with_autograd_grad_compiles(collector, job_name):
+    """A loop without ``backward()`` (``torch.autograd.grad``, gradients stored by hand):
+    the first recording waited for a ``backward()`` that never came, recording every step
+    of the run (2.5x slower steps, tensors kept up to 256 MiB) and, compiled, running the
+    model eagerly for good. It ends with the step now."""
+    from torch._dynamo.utils import counters
+
+    model = Net()
+    compiled = torch.compile(model, backend="eager")
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(compiled.parameters(), 1e-2), compiled)
+        torch._dynamo.reset()
+        counters.clear()
+        for _ in range(4):
+            loss = torch.nn.functional.mse_loss(compiled(X), Y)
+            for param, grad in zip(model.parameters(), torch.autograd.grad(
+                    loss, list(model.parameters())), strict=True):
+                param.grad = grad
+            optimizer.step()
+            optimizer.zero_grad()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+
+
 def compiled_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int
                    ) -> tuple[int, dict[str, float]]:
     """Trains with ``optimizer.step()`` inside a ``torch.compile``d function; returns the
