@@ -4,10 +4,11 @@
 While at least one monitor is open, these torch functions are wrapped (module
 attributes and ``GradScaler`` methods, restored when the last monitor closes):
 
-- ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``: the watched optimizers
-  whose parameters are clipped are measured first, so norms are those the backward pass
-  produced (a program that imported the function before the monitor existed calls the
-  original: its norms are then measured after clipping);
+- ``torch.nn.utils.clip_grad_norm_``, ``clip_grad_value_`` and ``clip_grads_with_norm_``
+  (`_CLIPPING`): the watched optimizers whose parameters are clipped are measured
+  first, so norms are those the backward pass produced (a program that imported the
+  function before the monitor existed calls the original: its norms are then measured
+  after clipping);
 - ``GradScaler.unscale_``: measured right after unscaling (before any clipping);
 - ``GradScaler.step``: measured (norms divided by the scale, if not unscaled yet), and
   a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
@@ -119,11 +120,14 @@ def _watched(optimizer: Any) -> Any:
     return None
 
 
+#: Functions that clip the gradients of their first argument's parameters in place: the
+#: classic ones, the deprecated alias, and torch ≥ 2.6's split API (``get_total_norm``,
+#: then ``clip_grads_with_norm_``, as TorchTitan clips FSDP2 gradients).
+_CLIPPING = ("clip_grad_norm_", "clip_grad_value_", "clip_grad_norm", "clip_grads_with_norm_")
+
 _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
-    (torch.nn.utils, "clip_grad_norm_", _clipping),
-    (torch.nn.utils, "clip_grad_value_", _clipping),
-    (torch.nn.utils.clip_grad, "clip_grad_norm_", _clipping),
-    (torch.nn.utils.clip_grad, "clip_grad_value_", _clipping),
+    *((owner, name, _clipping) for owner in (torch.nn.utils, torch.nn.utils.clip_grad)
+      for name in _CLIPPING if hasattr(owner, name)),
     (GradScaler, "unscale_", _unscale),
     (GradScaler, "step", _step),
     (torch.nn.Module, "zero_grad", _module_zero_grad),

@@ -487,11 +487,25 @@ def test_accumulated_gradients_are_reported_once_per_optimizer_step(collector, j
         pytest.approx(accumulated, rel=1e-5)
 
 
-def test_norms_are_taken_before_clipping(collector, job_name):
+def clip_in_two_calls(parameters, max_norm: float) -> None:
+    """torch ≥ 2.6's split API, as TorchTitan clips (the total norm may be all-reduced
+    between the two calls)."""
+    parameters = list(parameters)
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+
+
+def clip_in_one_call(parameters, max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # looked up now, as users do
+
+
+@pytest.mark.parametrize("clip", [clip_in_one_call, clip_in_two_calls],
+                         ids=["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_norms_are_taken_before_clipping(collector, job_name, clip):
     model = Net()
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
-        norms = train(model, optimizer, 2, before_step=lambda: torch.nn.utils.clip_grad_norm_(
+        norms = train(model, optimizer, 2, before_step=lambda: clip(
             model.parameters(), max_norm=1e-3))
     reported = metrics(collector, "gradwatch_gradient_norm", job_name)
     assert reported["out.weight"] == pytest.approx(norms[-1]["out.weight"], rel=1e-5)
