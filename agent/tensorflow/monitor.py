@@ -14,6 +14,7 @@ unless set.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -77,9 +78,18 @@ def _accumulation(optimizer: Any, grads: list, variables: list
 
 
 def _warn_if_known_broken(optimizer: Any) -> None:
-    """Says so when the combination cannot train, whatever gradwatch does."""
+    """Says so when the combination cannot train, whatever gradwatch does, or when
+    gradwatch watches it at a cost."""
     strategy = tf.distribute.get_strategy()
     keras3 = type(optimizer).__module__.startswith("keras.")
+    backend = sys.modules["keras"].config.backend() if keras3 else "tensorflow"
+    if backend != "tensorflow":
+        log.warning(
+            "gradwatch: Keras runs on the %r backend: %s's gradients are copied to the host "
+            "each step and measured with TensorFlow (on an accelerator that fails at the "
+            "first step, and the optimizer is no longer watched). For PyTorch training, "
+            "gradwatch.agent.torch watches torch optimizers on the device.",
+            backend, optimizer_base_name(optimizer))
     if keras3 and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         log.warning(
             "gradwatch: Keras 3 model.fit under MultiWorkerMirroredStrategy fails upstream "

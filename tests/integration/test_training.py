@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -557,3 +561,22 @@ def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webho
     assert {variable: v for variable, v in missing.items() if v} == {
         "partly_unused/unused/kernel": 3.0, "partly_unused/unused/bias": 3.0}
     assert wait_for_alert(webhook, job_name)["labels"]["alertname"] == "GradientMissing"
+
+
+@pytest.mark.timeout(180)
+def test_keras_on_the_torch_backend_is_watched_through_a_host_copy(collector, job_name):
+    """Keras 3 is multi-backend: on torch, the TensorFlow agent's hook gets torch tensors.
+    On the CPU their norms are right (TensorFlow reads a host copy); one line says what
+    that costs, and that an accelerator's tensors stop the watching (never training)."""
+    script = Path(__file__).with_name("keras_torch_backend_job.py")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "GRADWATCH_COLLECTOR": collector.grpc_target}
+    result = subprocess.run([sys.executable, str(script), job_name], env=env,
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Keras runs on the 'torch' backend" in result.stderr
+    norms = select(parse_metrics(collector.scrape()), "gradwatch_gradient_norm",
+                   training_job=job_name)
+    assert norms == pytest.approx({"sequential/dense/kernel": 3 * np.sqrt(32),
+                                   "sequential/dense/bias": 3 * np.sqrt(8),
+                                   "sequential/dense_1/kernel": 3 * np.sqrt(8),
+                                   "sequential/dense_1/bias": 3.0}, rel=1e-5)
