@@ -392,12 +392,15 @@ def _why(call: Call) -> tuple[Cause, str, str]:
 
 def _stand_in(recording: StepRecording, param: torch.Tensor, updated: Collection[int],
               upstream: set[int]) -> bool:
-    """Whether the loss was computed from a trainable parameter shaped like ``param`` that
-    no optimizer updates (not in ``updated``): the model that trains is another instance
-    than the optimizer's (created again, copied or reloaded after the optimizer)."""
-    return bool(updated) and any(
-        shape == param.shape and other not in updated and other in upstream
-        for other, shape in recording.parameters.items())
+    """Whether the loss was computed from parameters none of which an optimizer updates
+    (in ``updated``), one of them trainable and shaped like ``param``: the model that
+    trains is another instance than the optimizer's (created again, copied or reloaded
+    after the optimizer). A loss that also reads updated parameters (a model trained in
+    part, the rest left out of the optimizer) is not that."""
+    read = [(other, shape) for other, shape in recording.parameters.items()
+            if other in upstream]
+    return (bool(updated) and not any(other in updated for other, _ in read)
+            and any(shape == param.shape for _, shape in read))
 
 
 def diagnose(recording: StepRecording, param: torch.Tensor, name: str,

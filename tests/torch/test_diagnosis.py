@@ -235,6 +235,15 @@ def test_a_copy_of_the_model_trained_instead_of_the_optimizers():
     with diagnose_missing_gradients() as report:
         train(Base(), unused_layer)
     assert {d.reason for d in report.diagnoses.values()} == {""}
+    # Nor is it where a block shaped like it trains outside the optimizer (left out of it,
+    # requires_grad on): the loss also reads parameters the optimizer updates.
+    torch.manual_seed(0)
+    fixed, tuned, unused = (torch.nn.Linear(8, 8) for _ in range(3))
+    with diagnose_missing_gradients() as report:
+        train(None, lambda _, x: tuned(fixed(torch.nn.functional.pad(x, (0, 4)))).sum(1, True),
+              optimizer=torch.optim.SGD([*tuned.parameters(), *unused.parameters()], 1e-2))
+    assert {d.cause for d in report.diagnoses.values()} == {Cause.UNUSED}
+    assert {d.reason for d in report.diagnoses.values()} == {""}, str(report)
 
 
 def test_zero_grad_between_backward_and_step():
