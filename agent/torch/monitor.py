@@ -41,7 +41,8 @@ from gradwatch.agent.torch.session import TorchSession, local_tensor
 
 log = logging.getLogger(__name__)
 
-#: How often (optimizer steps) the frozen parameters are checked for thawing.
+#: How often (optimizer steps) all frozen parameters are checked for thawing (the first
+#: and last are checked every step).
 THAW_CHECK_STEPS = 100
 
 
@@ -403,9 +404,12 @@ class _Watched:
                 self._guarded(self._grow)
 
     def _thawed(self, session: TorchSession) -> bool:
-        """Whether a frozen parameter trains now (looked at every `THAW_CHECK_STEPS`)."""
-        return (bool(self._frozen) and session.steps % THAW_CHECK_STEPS == 0
-                and any(p.requires_grad for p in self._frozen))
+        """Whether a frozen parameter trains now: the first and last frozen ones are looked
+        at every step (a whole model unfrozen, or its top layers first), all of them every
+        `THAW_CHECK_STEPS`."""
+        frozen = self._frozen
+        return bool(frozen) and (frozen[0].requires_grad or frozen[-1].requires_grad or (
+            session.steps % THAW_CHECK_STEPS == 0 and any(p.requires_grad for p in frozen)))
 
     def _guarded(self, action, *args: Any) -> None:
         """A failure of gradwatch on the training thread is logged once and never reaches

@@ -177,25 +177,33 @@ def gradwatch_warnings(caplog) -> list[str]:
             if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
 
 
-def test_parameters_unfrozen_later_are_watched_within_100_steps(collector, job_name, caplog):
+def test_parameters_unfrozen_later_are_watched_from_then_on(collector, job_name, caplog):
     """fastai's fine_tune: freeze, train, unfreeze, train on with the same optimizer. The
-    thawed parameters are watched within 100 steps, by the same task and optimizer: its
-    step count and per-variable totals go on, and nothing is lost or refused on the way
-    (the larger session registers once the smaller one's steps are in)."""
+    thawed parameters are watched from the next step (the whole body thawed, or its top
+    layers first), or within 100 steps (any other part), by the same task and optimizer:
+    its step count and per-variable totals go on, and nothing is lost or refused on the
+    way (the larger session registers once the smaller one's steps are in)."""
     from gradwatch.agent.torch.monitor import THAW_CHECK_STEPS
 
-    model = Net()
-    model.hidden.requires_grad_(False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(layer for _ in range(3) for layer in (
+        torch.nn.Linear(4, 4), torch.nn.ReLU())), torch.nn.Linear(4, 1))
+    model[:6].requires_grad_(False)
     caplog.set_level(logging.INFO, logger="gradwatch")
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
         train(model, optimizer, 2)
-        model.hidden.requires_grad_(True)
-        norms = train(model, optimizer, THAW_CHECK_STEPS + 2)
+        model[4].requires_grad_(True)  # the top frozen layer first
+        train(model, optimizer, 2)
+        model[0].bias.requires_grad_(True)  # neither the first nor the last still frozen
+        norms = train(model, optimizer, THAW_CHECK_STEPS)
     assert monitor.close() is True
     assert gradwatch_warnings(caplog) == []
-    assert "SGD: 2 more parameters train and are watched from step 100 on (4 in all)" \
-        in caplog.text
+    grown = [r.getMessage() for r in caplog.records if "more parameters train" in r.message]
+    assert grown == ["gradwatch: SGD: 2 more parameters train and are watched from step 3 on "
+                     "(4 in all)", "gradwatch: SGD: 1 more parameters train and are watched "
+                     f"from step {THAW_CHECK_STEPS} on (5 in all)"]
+    assert set(norms[-1]) == {"0.bias", "4.weight", "4.bias", "6.weight", "6.bias"}
     steps = THAW_CHECK_STEPS + 4
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [steps]
     assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [steps - 1]
@@ -203,7 +211,7 @@ def test_parameters_unfrozen_later_are_watched_within_100_steps(collector, job_n
         norms[-1], rel=1e-5)
     assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
     missing = metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)
-    assert missing == {"out.weight": 0, "out.bias": 0, "hidden.weight": 0, "hidden.bias": 0}
+    assert missing == dict.fromkeys(norms[-1], 0)
 
 
 def test_parameters_added_with_add_param_group_are_watched_from_the_next_step(
