@@ -20,6 +20,7 @@ import torch
 
 from gradwatch.agent.torch import GradientMonitor, stats
 from tests.support.metrics import parse_metrics, select
+from tests.support.services import CollectorProcess, free_port
 from tests.support.torch_ops import OpCounter
 
 pytestmark = pytest.mark.integration
@@ -234,6 +235,27 @@ def test_parameters_added_with_add_param_group_are_watched_from_the_next_step(
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
     assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
         norms[-1], rel=1e-5)
+
+
+def test_a_grown_session_waits_for_a_collector_that_comes_later(job_name):
+    """The set grows while no collector listens: once one starts, the smaller session
+    registers and delivers its steps, then the larger one; nothing is lost."""
+    port = free_port()
+    model = Net()
+    model.hidden.requires_grad_(False)
+    monitor = GradientMonitor(collector=f"127.0.0.1:{port}", training_job=job_name,
+                              flush_interval_s=0.05)
+    optimizer = monitor.wrap(torch.optim.Adam(model.out.parameters(), 1e-3), model)
+    train(model, optimizer, 3)
+    model.hidden.requires_grad_(True)
+    optimizer.add_param_group({"params": list(model.hidden.parameters())})
+    train(model, optimizer, 3)
+    with CollectorProcess("--grpc-address", f"127.0.0.1:{port}") as collector:
+        train(model, optimizer, 2)
+        assert monitor.close(timeout_s=30) is True
+        assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [8.0]
+        assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
+            "out.weight", "out.bias", "hidden.weight", "hidden.bias"}
 
 
 def test_pytorch_lightning_backbone_finetuning(collector, job_name, tmp_path, caplog):
