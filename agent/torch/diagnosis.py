@@ -24,9 +24,10 @@ towards the loss:
   (``backward(inputs=...)`` or ``torch.autograd.grad`` without it), or
   ``torch.autograd.grad`` returned it and it was not stored in ``.grad``.
 
-A recording ends at the step's loss: the first ``backward()``, or ``torch.autograd.grad``
-without ``create_graph`` (with it, a gradient penalty or an inner loop is part of the
-loss), on the training thread; a step that has neither drops its recording.
+A recording ends at the step's loss (or losses): the first ``backward()``,
+``torch.autograd.backward``, or ``torch.autograd.grad`` without ``create_graph`` (with it,
+a gradient penalty or an inner loop is part of the loss), on the training thread; a
+step that has none drops its recording.
 
 Recording costs time and keeps the step's tensors alive until the step ends (at most
 `MAX_RECORDED_BYTES`); it runs for the first step (so a problem is explained at once,
@@ -128,7 +129,8 @@ class StepRecording(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[Call] = []
-        self.loss: int | None = None
+        #: The ids of the tensors whose gradients were taken: the loss (or losses).
+        self.losses: frozenset[int] = frozenset()
         #: Where ``backward()`` was called on the loss, and the ids of its ``inputs=``
         #: (None: every leaf).
         self.backward: Call | None = None
@@ -192,8 +194,9 @@ class Recorder:
         self._recording: StepRecording | None = None
         self._completed: StepRecording | None = None
         self._thread: int | None = None
-        self._original_backward: Callable | None = None
-        self._original_grad: Callable | None = None
+        #: What recording patches: ``Tensor.backward``, ``torch.autograd.backward`` and
+        #: ``torch.autograd.grad`` (empty when not recording).
+        self._originals: tuple[Callable, ...] = ()
         self._eager = False  # holds `_EAGER`
         self.abandoned = False  # a step was too large to record: no more tries
 
@@ -208,33 +211,42 @@ class Recorder:
         self._thread = threading.get_ident()
         self._eager = _EAGER.hold()
         self._recording.__enter__()
-        original = self._original_backward = torch.Tensor.backward
-        original_grad = self._original_grad = torch.autograd.grad
+        self._originals = (torch.Tensor.backward, torch.autograd.backward,
+                           torch.autograd.grad)
+        method, function, original_grad = self._originals
         recorder = self
 
         def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             recorder._reached_loss("backward", tensor, kwargs.get(
                 "inputs", args[3] if len(args) > 3 else None))
-            return original(tensor, *args, **kwargs)
+            return method(tensor, *args, **kwargs)
+
+        def autograd_backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            recorder._reached_loss("autograd.backward", tensors, kwargs.get(
+                "inputs", args[4] if len(args) > 4 else None))
+            return function(tensors, *args, **kwargs)
 
         def grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             # Not a gradient penalty's or a meta-learning inner loop's (create_graph: part
             # of the computation of the loss, not its gradient).
             if not kwargs.get("create_graph", args[2] if len(args) > 2 else False):
-                recorder._reached_loss("autograd.grad", tree_flatten(outputs)[0][0], inputs)
+                recorder._reached_loss("autograd.grad", outputs, inputs)
             return original_grad(outputs, inputs, *args, **kwargs)
 
         torch.Tensor.backward = backward
+        torch.autograd.backward = autograd_backward
         torch.autograd.grad = grad
 
-    def _reached_loss(self, how: str, loss: torch.Tensor, inputs: Any) -> None:
-        """The step's loss: ``backward()`` or ``torch.autograd.grad`` (``how``) was called
-        on it, for ``inputs`` (None: every leaf)."""
+    def _reached_loss(self, how: str, losses: Any, inputs: Any) -> None:
+        """The step's loss: ``backward()``, ``torch.autograd.backward`` or
+        ``torch.autograd.grad`` (``how``) was called on ``losses`` (a tensor or several),
+        for ``inputs`` (None: every leaf)."""
         recording = self._recording
         if recording is None or threading.get_ident() != self._thread:
             return
-        recording.loss = id(loss)
-        recording.backward = Call(len(recording.calls), how, [id(loss)], [], [],
+        ids = [id(t) for t in tree_flatten(losses)[0] if isinstance(t, torch.Tensor)]
+        recording.losses = frozenset(ids)
+        recording.backward = Call(len(recording.calls), how, ids, [], [],
                                   torch.is_grad_enabled(), caller_source())
         if inputs is not None:
             recording.backward_inputs = {id(t) for t in tree_flatten(inputs)[0]}
@@ -259,10 +271,9 @@ class Recorder:
         if self._recording is not None:
             self._recording.__exit__(None, None, None)
             self._recording = None
-        if self._original_backward is not None:
-            torch.Tensor.backward = self._original_backward
-            torch.autograd.grad = self._original_grad
-            self._original_backward = self._original_grad = None
+        if self._originals:
+            (torch.Tensor.backward, torch.autograd.backward,
+             torch.autograd.grad), self._originals = self._originals, ()
         if self._eager:
             self._eager = False
             _EAGER.release()
@@ -355,9 +366,9 @@ def _flow(calls: Sequence[Call], start: set[int],
     return reached, stopped
 
 
-def _ancestors(calls: Sequence[Call], target: int) -> set[int]:
-    """Tensors the target was computed from (through any call)."""
-    needed = {target}
+def _ancestors(calls: Sequence[Call], targets: frozenset[int]) -> set[int]:
+    """Tensors the targets were computed from (through any call)."""
+    needed = set(targets)
     for call in reversed(calls):
         if needed.intersection(call.outputs):
             needed.update(call.inputs)
@@ -420,15 +431,16 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         return verdict(Cause.NOT_TRACKED, reason="requires_grad is False")
     calls, start = recording.calls, {id(param)}
     readers = [c for c in calls if id(param) in c.inputs]
-    upstream = _ancestors(calls, recording.loss) if recording.loss is not None else set()
+    losses = recording.losses
+    upstream = _ancestors(calls, losses)
     stand_in = ({"reason": STAND_IN, "hint": HINTS["stand-in"]}
                 if _stand_in(recording, param, updated, upstream) else {})
     if not readers:
         return verdict(Cause.UNUSED, **stand_in)
-    if recording.loss is None:
+    if not losses:
         return verdict(Cause.UNKNOWN)
     everything, _ = _flow(calls, start, lambda call: call.name not in CONVERSIONS)
-    if recording.loss not in everything:
+    if not losses & everything:
         conversions = [c for c in calls if c.name in CONVERSIONS
                        and everything.intersection(c.inputs)]
         if conversions:
@@ -437,7 +449,7 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         first = next((c for c in readers if c.source is not None), readers[0])
         return verdict(Cause.NOT_ON_LOSS_PATH, first, **stand_in)
     reached, stopped = _flow(calls, start, _tracked)
-    if recording.loss in reached:
+    if losses & reached:
         call = recording.backward
         if call is None:
             return verdict(Cause.UNKNOWN)

@@ -305,6 +305,26 @@ def test_gradients_taken_with_autograd_grad():
         report.diagnoses["head.bias"].message()
 
 
+def test_several_losses_at_once_with_autograd_backward():
+    """``torch.autograd.backward([main, auxiliary])``: every loss counts. A layer that
+    reaches only the auxiliary loss, detached, is explained as detached (with the first
+    loss alone it would read as not reaching the loss at all)."""
+    model = Base()
+    with diagnose_missing_gradients() as report:
+        optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+        for _ in range(2):
+            optimizer.zero_grad()
+            h, out = model.healthy(X)
+            main = torch.nn.functional.mse_loss(out, Y)
+            auxiliary = (model.broken(h).detach() * h).mean()  # <- here
+            torch.autograd.backward([main, auxiliary])
+            optimizer.step()
+    verdict = report.diagnoses["broken.weight"]
+    assert (verdict.cause, verdict.op_name) == (Cause.BROKEN_AT_OP, "detach"), str(report)
+    assert verdict.source.line == marked_line(test_several_losses_at_once_with_autograd_backward)
+    assert set(report.diagnoses) == {"broken.weight", "broken.bias"}
+
+
 def test_a_gradient_penalty_is_part_of_the_loss_not_its_end():
     """WGAN-GP: ``torch.autograd.grad(..., create_graph=True)`` inside the critic's loss
     (the gradient penalty) does not end the recording; the loss's ``backward()`` does. A
