@@ -131,10 +131,10 @@ class StepRecording(TorchFunctionMode):
         self.calls: list[Call] = []
         #: The ids of the tensors whose gradients were taken: the loss (or losses).
         self.losses: frozenset[int] = frozenset()
-        #: Where ``backward()`` was called on the loss, and the ids of its ``inputs=``
-        #: (None: every leaf).
-        self.backward: Call | None = None
-        self.backward_inputs: set[int] | None = None
+        #: The call that took the loss's gradients (``backward()``, ``autograd.backward``,
+        #: ``autograd.grad``) and the ids of its ``inputs=`` (None: every leaf).
+        self.loss_call: Call | None = None
+        self.loss_inputs: set[int] | None = None
         self.abandoned = False
         #: Trainable parameters the calls read: id -> shape.
         self.parameters: dict[int, torch.Size] = {}
@@ -246,10 +246,10 @@ class Recorder:
             return
         ids = [id(t) for t in tree_flatten(losses)[0] if isinstance(t, torch.Tensor)]
         recording.losses = frozenset(ids)
-        recording.backward = Call(len(recording.calls), how, ids, [], [],
+        recording.loss_call = Call(len(recording.calls), how, ids, [], [],
                                   torch.is_grad_enabled(), caller_source())
         if inputs is not None:
-            recording.backward_inputs = {id(t) for t in tree_flatten(inputs)[0]}
+            recording.loss_inputs = {id(t) for t in tree_flatten(inputs)[0]}
         self.stop()
         if recording.abandoned:
             self.abandoned = True
@@ -450,10 +450,10 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         return verdict(Cause.NOT_ON_LOSS_PATH, first, **stand_in)
     reached, stopped = _flow(calls, start, _tracked)
     if losses & reached:
-        call = recording.backward
+        call = recording.loss_call
         if call is None:
             return verdict(Cause.UNKNOWN)
-        if recording.backward_inputs is not None and id(param) not in recording.backward_inputs:
+        if recording.loss_inputs is not None and id(param) not in recording.loss_inputs:
             return verdict(Cause.UNKNOWN, call, "was not asked for it (inputs=...)",
                            HINTS["not asked"])
         if call.name == "autograd.grad":

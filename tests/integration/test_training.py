@@ -7,7 +7,6 @@ asserts on the scraped ``/metrics`` and on alerts the webhook received.
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
+from tests.support.logs import gradwatch_warnings
 from tests.support.metrics import parse_metrics, select
 from tests.support.models import ModelWithUnusedLayer, X, Y, mse_gradients, small_model
 
@@ -391,8 +391,7 @@ def steps_by_optimizer(samples: dict) -> dict[str, float]:
 def assert_no_session_was_replaced(caplog) -> None:
     """Two sessions of one process under one optimizer name replace each other at the
     collector: each batch of the other one is refused (NOT_FOUND) and registers again."""
-    assert not [r.getMessage() for r in caplog.records
-                if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+    assert not gradwatch_warnings(caplog)
 
 
 def test_observe_called_for_two_models_reports_each_under_its_own_name(
@@ -452,8 +451,7 @@ def test_a_notebook_cell_run_again_reports_through_the_new_monitor(collector, jo
     samples = scrape(collector, job_name)
     assert steps_by_optimizer(samples) == {"adam": 8.0}
     assert list(select(samples, "gradwatch_last_step").values()) == [15.0]
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+    warnings = gradwatch_warnings(caplog)
     assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
 
 

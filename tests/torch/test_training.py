@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from gradwatch.agent.torch import GradientMonitor, stats
+from tests.support.logs import gradwatch_warnings
 from tests.support.metrics import parse_metrics, select
 from tests.support.services import CollectorProcess, free_port
 from tests.support.torch_ops import OpCounter
@@ -171,11 +172,6 @@ def test_parameters_frozen_before_training_are_not_watched(collector, webhook, j
     assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
     assert "SGD: 2 of 6 parameters are frozen (requires_grad=False) and not watched" \
         in caplog.text
-
-
-def gradwatch_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
 
 
 def test_parameters_unfrozen_later_are_watched_from_then_on(collector, job_name, caplog):
@@ -689,8 +685,7 @@ def test_a_notebook_cell_run_again_replaces_its_monitor(collector, job_name, cap
     assert monitors[1].close() is True
     monitors[0].close()  # what its exit hook does
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name.startswith("gradwatch") and r.levelno >= logging.WARNING]
+    warnings = gradwatch_warnings(caplog)
     assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
 
 
