@@ -197,7 +197,7 @@ def unchecked_statistics(monitor: GradientMonitor):
 
     def unchecked(grads):
         traced.append(len(grads))
-        return stats._unchecked_record(grads)[0]
+        return stats._unchecked_record(grads, stats._accelerators())[0]
 
     for session in sessions:
         session._statistics = tf.function(unchecked, autograph=False)

@@ -27,13 +27,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
 
 from gradwatch.agent.tensorflow.recorder import StepRecorder
-from gradwatch.agent.tensorflow.stats import _half_squares, gradient_record
+from gradwatch.agent.tensorflow.stats import _accelerators, _half_squares, gradient_record
 
 VARIANTS = ("plain", "sums", "sums_every_10", "record", "branch_free", "record_and_write")
 
 
 def sums(grads: list[tf.Tensor]) -> tf.Tensor:
-    return tf.reduce_sum(_half_squares(grads, set()))
+    return tf.reduce_sum(_half_squares(grads, set(), _accelerators()))
 
 
 def step_function(variant: str, updates: int, xla: bool = True):

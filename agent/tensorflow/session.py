@@ -15,7 +15,7 @@ import tensorflow as tf
 from gradwatch.agent.core.identity import Identity
 from gradwatch.agent.core.session import Session, ring_capacity
 from gradwatch.agent.tensorflow.recorder import StepRecorder, row_bytes
-from gradwatch.agent.tensorflow.stats import gradient_record, scale_record
+from gradwatch.agent.tensorflow.stats import branch, gradient_record, scale_record
 from gradwatch.agent.tensorflow.variables import describe
 
 #: One step's gradients (None where a variable got none), or a function returning them.
@@ -67,13 +67,13 @@ class TensorFlowSession(Session):
             conditions.append(tf.equal(number % self._every, 0))
         if not conditions:
             return write()
-        recording = tf.reduce_all(tf.stack(conditions))
+        recording = conditions[0] if len(conditions) == 1 else tf.logical_and(*conditions)
 
         def recorded() -> tf.Tensor:
             write()  # a stateful op: the branch runs it without returning it
             return tf.constant(True)
 
-        return tf.cond(recording, recorded, lambda: tf.constant(False))
+        return branch(recording, recorded, lambda: tf.constant(False))
 
     def record(self, grads: Gradients, step: Any = None, loss_scale: Any = None,
                due: Any = None) -> None:

@@ -10,17 +10,17 @@ A device record is float32 ``[value (N), nan_count (N), inf_count (N)]``, where 
 variable's value is
 
 - ``½‖g‖²``, what ``tf.nn.l2_loss`` returns: the hot path's only per-gradient work
-  (one kernel, no temporary; small gradients are concatenated and reduced together
-  when there are many), with no square root or scaling on the device;
+  (one kernel, no temporary; with a GPU or TPU, small gradients are concatenated and
+  reduced together when there are many), with no square root or scaling on the device;
 - `ABSENT` when the variable got no gradient (known at trace time: free);
 - ``-‖g‖`` when a finite gradient's ``½‖g‖²`` overflowed float32, from the rare
   branch, which rescales (``‖g‖ = m·‖g/m‖``, m = max |g|).
 
 Non-finite gradients show in the values (NaN or +Inf), so one ``tf.cond`` per step
 decides whether the rare branch runs: it counts NaN and Inf elements and rescales
-overflowed norms. In a step that is not compiled the cond is lowered to switches,
-and a finite step runs a fixed handful of ops besides the reductions: one pack of
-all values, the finiteness check (2 ops) and the cond's switches.
+overflowed norms. The cond stays one ``If`` op (`branch`), so a finite step runs a
+fixed handful of ops besides the reductions: one pack of all values, the finiteness
+check (2 ops) and the ``If``.
 
 Compiled by XLA in a process with a GPU or TPU there is no branch: a conditional
 there waits on the host for its predicate (a sync per update), while the NaN and Inf
@@ -36,12 +36,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 
 from gradwatch.agent.core.record import ABSENT, RECORD_WIDTH
 
-#: Gradients of at most this many elements (statically known) are reduced together
-#: (concatenated, squared, one segment sum) once there are more than `BATCH_FROM` of them;
-#: for small tensors the cost of running an op dominates.
+#: With a GPU or TPU, gradients of at most this many elements (statically known) are
+#: reduced together (concatenated, squared, one segment sum) once there are more than
+#: `BATCH_FROM` of them: a few kernels in place of one launch each. On a CPU one
+#: ``l2_loss`` each is faster (a segment sum there costs more than the ops it replaces).
 SMALL_GRADIENT_ELEMENTS = 4096
 BATCH_FROM = 5
 
@@ -77,13 +79,14 @@ def _segments(sizes: list[int]) -> tf.Tensor:
     return tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
 
 
-def _half_squares(values: list[tf.Tensor], sparse: set[int]) -> list[tf.Tensor]:
-    """``½‖g‖²`` of each gradient, as scalars in the order of ``values``: small ones
-    through one concatenation and segment sum (when there are more than `BATCH_FROM`),
-    the others one ``l2_loss`` each."""
+def _half_squares(values: list[tf.Tensor], sparse: set[int], batch_small: bool
+                  ) -> list[tf.Tensor]:
+    """``½‖g‖²`` of each gradient, as scalars in the order of ``values``: one ``l2_loss``
+    each, or with ``batch_small`` the small ones through one concatenation and segment sum
+    (when there are more than `BATCH_FROM`)."""
     sizes = [_static_size(v, k in sparse) for k, v in enumerate(values)]
     small = [k for k, n in enumerate(sizes) if n is not None and n <= SMALL_GRADIENT_ELEMENTS]
-    if len(small) <= BATCH_FROM:
+    if not batch_small or len(small) <= BATCH_FROM:
         small = []
     halves: dict[int, tf.Tensor] = {}
     if small:
@@ -144,7 +147,7 @@ def _rare_branch(record: tf.Tensor, present: list[int], values: list[tf.Tensor],
                       tf.scatter_nd(where, nan, [n]), tf.scatter_nd(where, inf, [n])], 0)
 
 
-def _unchecked_record(grads: Sequence[tf.Tensor | tf.IndexedSlices]
+def _unchecked_record(grads: Sequence[tf.Tensor | tf.IndexedSlices], batch_small: bool
                       ) -> tuple[tf.Tensor, list[int], list[tf.Tensor], set[int]]:
     """The hot path: the record as if every gradient were finite (zero counts), and what
     the rare branch needs (the present positions, their dense values, which are sparse).
@@ -153,7 +156,7 @@ def _unchecked_record(grads: Sequence[tf.Tensor | tf.IndexedSlices]
     present = [i for i, g in enumerate(grads) if g is not None]
     values = [_dense_values(grads[i]) for i in present]
     sparse = {k for k, i in enumerate(present) if isinstance(grads[i], tf.IndexedSlices)}
-    half = dict(zip(present, _half_squares(values, sparse), strict=True))
+    half = dict(zip(present, _half_squares(values, sparse, batch_small), strict=True))
     absent, zero = tf.constant(ABSENT), tf.constant(0.0)
     # One pack puts the values in order, absent ones and zero counts included.
     record = tf.stack([half.get(i, absent) for i in range(n)] + [zero] * (2 * n))
@@ -171,6 +174,23 @@ def _branch_free_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) ->
     return tf.stack([absent if v is None else tf.nn.l2_loss(v) for v in values]
                     + [zero if v is None else count(tf.math.is_nan(v)) for v in values]
                     + [zero if v is None else count(tf.math.is_inf(v)) for v in values])
+
+
+def branch(pred: tf.Tensor, true_fn, false_fn) -> tf.Tensor:
+    """``tf.cond`` kept as one ``If`` op, not lowered to switches and merges: a lowered
+    cond sends "dead" tensors through every op of the branch not taken, and a switch
+    for each tensor it captures, each step; an ``If`` runs only the branch taken.
+    (TensorFlow lowers by default; XLA never does.) Same arguments as ``tf.cond``."""
+    out = tf.cond(pred, true_fn, false_fn)
+    if not tf.inside_function():
+        return out
+    if_op = out.op.inputs[0].op if out.op.type == "Identity" and out.op.inputs else out.op
+    if if_op.type in ("If", "StatelessIf"):
+        try:
+            if_op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+        except Exception:  # another TensorFlow's internals: a lowered cond is correct too
+            pass
+    return out
 
 
 def _accelerators() -> bool:
@@ -191,12 +211,14 @@ def _compiled_for_an_accelerator() -> bool:
 
 
 def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None], *,
-                    branch_free: bool | None = None) -> tf.Tensor:
+                    branch_free: bool | None = None,
+                    batch_small: bool | None = None) -> tf.Tensor:
     """The float32 ``[3 * len(grads)]`` device record of one step (see the module).
 
     Works in replica and cross-replica context alike: it only reads ``grads``.
     ``branch_free``: counts without a ``tf.cond`` (default: when compiled by XLA for an
-    accelerator).
+    accelerator). ``batch_small``: small gradients reduced together (default: in a
+    process with a GPU or TPU; see `SMALL_GRADIENT_ELEMENTS`).
     """
     if all(g is None for g in grads):
         return tf.constant([ABSENT] * len(grads) + [0.0] * (2 * len(grads)))
@@ -204,9 +226,11 @@ def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None], *,
         branch_free = _compiled_for_an_accelerator()
     if branch_free:
         return _branch_free_record(grads)
-    record, present, values, sparse = _unchecked_record(grads)
-    return tf.cond(tf.reduce_all(tf.math.is_finite(record)), lambda: record,
-                   lambda: _rare_branch(record, present, values, sparse))
+    if batch_small is None:
+        batch_small = _accelerators()
+    record, present, values, sparse = _unchecked_record(grads, batch_small)
+    return branch(tf.reduce_all(tf.math.is_finite(record)), lambda: record,
+                  lambda: _rare_branch(record, present, values, sparse))
 
 
 def scale_record(record: tf.Tensor, num_variables: int, factor: tf.Tensor) -> tf.Tensor:
