@@ -192,7 +192,8 @@ class GradientMonitor(MonitorCore):
         """Records one step's gradients for ``variables`` (same order, ``None`` allowed).
 
         Call it where the gradients are (eagerly, inside ``tf.function``, or in
-        replica context); ``step`` defaults to a per-call-site counter.
+        replica context); ``step`` defaults to a count of the calls for this ``name``
+        and variable list, from 0 as an optimizer's.
         """
         if self.enabled:
             self._record(("observe", name), name, list(grads), list(variables), step)

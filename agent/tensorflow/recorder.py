@@ -31,7 +31,7 @@ def row_bytes(num_variables: int) -> int:
     return 4 * RECORD_WIDTH * num_variables + 8
 
 
-def _replica_local_variable(initial: tf.Tensor, name: str) -> tf.Variable:
+def replica_local_variable(initial: tf.Tensor, name: str) -> tf.Variable:
     """One copy per local replica under a tf.distribute strategy (SyncOnRead, no
     aggregation): each replica writes its own copy in replica context."""
     return tf.Variable(initial, trainable=False, name=name,
@@ -65,12 +65,12 @@ class StepRecorder:
         self._slots = capacity + 1
         self._next = 0  # the first row not read yet
         with tf.init_scope(), strategy.scope():
-            self._rows = _replica_local_variable(
+            self._rows = replica_local_variable(
                 tf.zeros([self._slots, RECORD_WIDTH * num_variables], tf.float32),
                 f"{name}_rows")
-            self._steps = _replica_local_variable(tf.zeros([self._slots], tf.int64),
+            self._steps = replica_local_variable(tf.zeros([self._slots], tf.int64),
                                                   f"{name}_steps")
-            self._count = _replica_local_variable(tf.constant(0, tf.int64), f"{name}_count")
+            self._count = replica_local_variable(tf.constant(0, tf.int64), f"{name}_count")
         self._replica_rows = strategy.experimental_local_results(self._rows)
         self._replica_steps = strategy.experimental_local_results(self._steps)
         self._replica_counts = strategy.experimental_local_results(self._count)
@@ -79,17 +79,13 @@ class StepRecorder:
 
     def record(self, record: tf.Tensor, step: tf.Tensor | int | None = None) -> tf.Operation:
         """Appends one step's record (`gradient_record`) for the current replica.
-        ``step`` defaults to the recorder's own count (1-based)."""
+        ``step`` defaults to the row's number (from 0)."""
         row = self._count.value()
-        step = row + 1 if step is None else tf.cast(step, tf.int64)
+        step = row if step is None else tf.cast(step, tf.int64)
         slot = row % self._slots
         writes = [_scatter(self._rows, slot, record), _scatter(self._steps, slot, step)]
         with tf.control_dependencies(writes):
             return self._count.assign_add(1)
-
-    def steps_recorded(self) -> tf.Tensor:
-        """How many steps this replica has recorded (int64, where `record` runs)."""
-        return self._count.read_value()
 
     # The reads below are raw ops: from the sender thread each eager call costs 0.1-1 ms,
     # and the variables' Python wrappers add a third to a half of that.

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from gradwatch.agent.core.identity import Identity
 from gradwatch.agent.core.session import Session, ring_capacity
-from gradwatch.agent.tensorflow.recorder import StepRecorder, row_bytes
+from gradwatch.agent.tensorflow.recorder import StepRecorder, replica_local_variable, row_bytes
 from gradwatch.agent.tensorflow.stats import branch, gradient_record, scale_record
 from gradwatch.agent.tensorflow.variables import describe
 
@@ -39,6 +39,12 @@ class TensorFlowSession(Session):
                          loss_scaled=loss_scaled)
         self._recorder = recorder
         self._every = every
+        #: Steps given without a number (`observe` without ``step``) are numbered by this
+        #: count of calls, per replica, from 0 like an optimizer's: every call counts,
+        #: recorded or not.
+        with tf.init_scope(), strategy.scope():
+            self._calls = replica_local_variable(tf.constant(0, tf.int64),
+                                                 f"gradwatch_{optimizer}_calls")
         # TensorFlow counts traces per code object; a partial is counted per session,
         # so many sessions (each traced once or twice) don't look like "retracing".
         self._record = tf.function(functools.partial(self._record_step), autograph=False)
@@ -56,14 +62,14 @@ class TensorFlowSession(Session):
             if loss_scale is not None:  # report what the optimizer will apply: g / scale
                 record = scale_record(record, self._recorder.num_variables,
                                       1.0 / tf.cast(loss_scale, tf.float32))
-            return self._recorder.record(record, step)
+            return self._recorder.record(record, number)
 
+        number = (tf.cast(step, tf.int64) if step is not None
+                  else self._calls.assign_add(1, read_value=True) - 1)
         # Presence is fixed when the step is traced, so the recorded steps report it for
         # the others; the statistics of the others are not computed at all.
         conditions = [] if due is None else [due]
         if self._every != 1:
-            number = self._recorder.steps_recorded() if step is None else tf.cast(step,
-                                                                                  tf.int64)
             conditions.append(tf.equal(number % self._every, 0))
         if not conditions:
             return write()
@@ -82,6 +88,7 @@ class TensorFlowSession(Session):
 
         ``grads``: a list, or a function returning it, called only if the step is
         recorded (in a traced step: inside the branch that records it).
+        ``step``: the step's number (default: the number of calls without one, from 0).
         ``loss_scale``: the factor the gradients are scaled by (mixed precision).
         ``due``: a boolean tensor; False skips this call (the optimizer applies nothing).
         """

@@ -177,7 +177,7 @@ def test_a_batch_the_collector_refuses_is_dropped_alone(job_name, tmp_path, capl
     assert refused == {"code=INVALID_ARGUMENT,reason=text_length": 1.0}, "refused once"
     assert any("refused a batch" in r.message and "the limit is 64; dropped it" in r.message
                for r in caplog.records if r.levelname == "ERROR")
-    assert metrics["gradwatch_last_step"] == 30, "the steps after it arrived"
+    assert metrics["gradwatch_last_step"] == 29, "the steps after it arrived"
     assert metrics["gradwatch_steps_total"] + metrics["gradwatch_dropped_steps_total"] == 30
     print(f"{metrics['gradwatch_dropped_steps_total']:.0f} steps dropped with the refused "
           f"batch, {metrics['gradwatch_steps_total']:.0f} delivered")
@@ -234,7 +234,7 @@ def test_a_session_the_collector_refuses_to_register_does_not_hold_up_the_others
         metrics = job_metrics(collector, job_name)
         refused = select(parse_metrics(collector.scrape()),
                          "gradwatch_collector_rejected_messages_total")
-    assert metrics["gradwatch_last_step"] == 20, "the healthy session reported every step"
+    assert metrics["gradwatch_last_step"] == 19, "the healthy session reported every step"
     assert metrics["gradwatch_steps_total"] == 20
     assert refused == {"code=INVALID_ARGUMENT,reason=label_length": 1.0}, "refused once"
     errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
@@ -257,7 +257,7 @@ def test_a_refused_session_registers_with_the_collector_that_replaces_the_one_th
         monitor = GradientMonitor(collector=service.address, training_job=job_name,
                                   flush_interval_s=0.05)
         observe_sessions(monitor, sessions, steps=20)
-        wait_until(lambda: job_metrics(strict, job_name)["gradwatch_last_step"] == 20)
+        wait_until(lambda: job_metrics(strict, job_name)["gradwatch_last_step"] == 19)
         time.sleep(0.5)  # ten more flushes: the refused session is not registered again
         refused = select(parse_metrics(strict.scrape()),
                          "gradwatch_collector_rejected_messages_total")
@@ -269,7 +269,7 @@ def test_a_refused_session_registers_with_the_collector_that_replaces_the_one_th
     last_steps = {name: select(samples, "gradwatch_last_step", training_job=job_name,
                                optimizer=name) for name in sessions}
     assert refused == {"code=INVALID_ARGUMENT,reason=label_length": 1.0}, "asked once"
-    assert [list(steps.values()) for steps in last_steps.values()] == [[40], [40]], last_steps
+    assert [list(steps.values()) for steps in last_steps.values()] == [[39], [39]], last_steps
     errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "refused to register refused" in errors[0], errors
 
@@ -288,7 +288,7 @@ def test_a_session_the_collector_cannot_take_yet_waits_and_the_others_report(
         monitor = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
                                   flush_interval_s=0.05)
         observe_sessions(monitor, {"healthy": first, "waiting": second}, steps=20)
-        wait_until(lambda: job_metrics(collector, job_name)["gradwatch_last_step"] == 20)
+        wait_until(lambda: job_metrics(collector, job_name)["gradwatch_last_step"] == 19)
         assert not monitor.close(timeout_s=1), "the waiting session's steps were not delivered"
         metrics = job_metrics(collector, job_name)
     assert metrics["gradwatch_steps_total"] == 20, "the first session reported every step"
@@ -322,7 +322,7 @@ def test_a_session_with_unacknowledged_steps_that_a_new_collector_cannot_take_ye
             service.retarget(full.grpc_target)
             observe_sessions(monitor, sessions, steps=10)
             # (the healthy session's alone: the other is not registered there)
-            wait_until(lambda: job_metrics(full, job_name)["gradwatch_last_step"] == 30)
+            wait_until(lambda: job_metrics(full, job_name)["gradwatch_last_step"] == 29)
             time.sleep(1.0)  # twenty flushes
             refused = select(parse_metrics(full.scrape()),
                              "gradwatch_collector_rejected_messages_total")

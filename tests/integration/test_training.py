@@ -102,7 +102,7 @@ def test_tf_function_loop(collector, webhook, job_name):
     assert monitor.close()
     samples = scrape(collector, job_name)
     assert_norms(samples, model.trainable_variables, [g.numpy() for g in grads])
-    assert list(select(samples, "gradwatch_last_step").values()) == [4.0]
+    assert list(select(samples, "gradwatch_last_step").values()) == [3.0]
     assert alerts_for(webhook, job_name) == []
 
 
@@ -559,6 +559,31 @@ def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webho
     assert {variable: v for variable, v in missing.items() if v} == {
         "partly_unused/unused/kernel": 3.0, "partly_unused/unused/bias": 3.0}
     assert wait_for_alert(webhook, job_name)["labels"]["alertname"] == "GradientMissing"
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
+def test_statistics_every_nth_step_of_observe_without_step_numbers(collector, job_name,
+                                                                   traced):
+    """``observe`` without ``step`` counts its calls, from 0 as an optimizer does: steps
+    0, 4 and 8 of 10 are recorded. (It counted recorded steps instead, so under
+    ``statistics_every`` the count stopped at 1 and nothing after step 0 was recorded.)"""
+    model = ModelWithUnusedLayer()
+    model.build((None, 4))
+    with GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                         flush_interval_s=0.05, statistics_every=4) as monitor:
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - Y))
+            monitor.observe(tape.gradient(loss, model.trainable_variables),
+                            model.trainable_variables)
+
+        step = tf.function(step) if traced else step
+        for _ in range(10):
+            step()
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_steps_total").values()) == [3.0]
+    assert list(select(samples, "gradwatch_last_step").values()) == [8.0]
 
 
 @pytest.mark.timeout(180)

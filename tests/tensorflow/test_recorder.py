@@ -31,7 +31,7 @@ def test_default_step_is_the_count():
     recorder = StepRecorder(1, capacity=4)
     recorder.record(stats_for(0.0, 1))
     recorder.record(stats_for(0.0, 1))
-    assert recorder.read_new().steps.tolist() == [1, 2]
+    assert recorder.read_new().steps.tolist() == [0, 1]
 
 
 def test_overwritten_steps_are_counted_as_dropped():
