@@ -69,7 +69,7 @@ class StepRecorder:
                 tf.zeros([self._slots, RECORD_WIDTH * num_variables], tf.float32),
                 f"{name}_rows")
             self._steps = replica_local_variable(tf.zeros([self._slots], tf.int64),
-                                                  f"{name}_steps")
+                                                 f"{name}_steps")
             self._count = replica_local_variable(tf.constant(0, tf.int64), f"{name}_count")
         self._replica_rows = strategy.experimental_local_results(self._rows)
         self._replica_steps = strategy.experimental_local_results(self._steps)
