@@ -533,22 +533,29 @@ def test_checkpoint_restored_mid_run_reports_every_step(collector, job_name, tmp
     assert "step counter set back to 3 (a checkpoint restored?)" in collector.log()
 
 
-def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webhook, job_name):
+@pytest.mark.parametrize("via", ["optimizer", "observe", "traced observe"])
+def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webhook, job_name,
+                                                                via):
     """``statistics_every=4``: steps 0, 4 and 8 of 10 are recorded; the unused layer's
-    missing gradient is reported (and pages) from step 0 on."""
+    missing gradient is reported (and pages) from step 0 on. ``observe`` without ``step``
+    counts its calls, from 0 as an optimizer does (it counted recorded steps, so under
+    ``statistics_every`` it stopped at 1 and recorded nothing after step 0)."""
     model = ModelWithUnusedLayer()
     model.build((None, 4))
     with GradientMonitor(collector=collector.grpc_target, training_job=job_name,
                          flush_interval_s=0.05, statistics_every=4) as monitor:
         optimizer = monitor.wrap(keras.optimizers.SGD(0.01, name="sgd"))
 
-        @tf.function
         def step():
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.square(model(X) - Y))
-            optimizer.apply(tape.gradient(loss, model.trainable_variables),
-                            model.trainable_variables)
+            grads = tape.gradient(loss, model.trainable_variables)
+            if via == "optimizer":
+                optimizer.apply(grads, model.trainable_variables)
+            else:
+                monitor.observe(grads, model.trainable_variables)
 
+        step = step if via == "observe" else tf.function(step)
         for _ in range(10):
             step()
     assert monitor.close()
@@ -559,31 +566,6 @@ def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webho
     assert {variable: v for variable, v in missing.items() if v} == {
         "partly_unused/unused/kernel": 3.0, "partly_unused/unused/bias": 3.0}
     assert wait_for_alert(webhook, job_name)["labels"]["alertname"] == "GradientMissing"
-
-
-@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
-def test_statistics_every_nth_step_of_observe_without_step_numbers(collector, job_name,
-                                                                   traced):
-    """``observe`` without ``step`` counts its calls, from 0 as an optimizer does: steps
-    0, 4 and 8 of 10 are recorded. (It counted recorded steps instead, so under
-    ``statistics_every`` the count stopped at 1 and nothing after step 0 was recorded.)"""
-    model = ModelWithUnusedLayer()
-    model.build((None, 4))
-    with GradientMonitor(collector=collector.grpc_target, training_job=job_name,
-                         flush_interval_s=0.05, statistics_every=4) as monitor:
-        def step():
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(X) - Y))
-            monitor.observe(tape.gradient(loss, model.trainable_variables),
-                            model.trainable_variables)
-
-        step = tf.function(step) if traced else step
-        for _ in range(10):
-            step()
-    assert monitor.close()
-    samples = scrape(collector, job_name)
-    assert list(select(samples, "gradwatch_steps_total").values()) == [3.0]
-    assert list(select(samples, "gradwatch_last_step").values()) == [8.0]
 
 
 @pytest.mark.timeout(180)
