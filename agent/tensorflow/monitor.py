@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def _loss_scale(optimizer: Any) -> Any:
-    """The current loss scale of a mixed-precision optimizer (Keras 3 or tf-keras
-    ``LossScaleOptimizer``), else None."""
+    """What the gradients passed to ``optimizer`` are multiplied by, else None: the
+    current scale of a mixed-precision ``LossScaleOptimizer`` (Keras 3 or tf-keras), or
+    a Keras 3 optimizer's ``loss_scale_factor`` (``model.fit`` multiplies the loss by it,
+    ``apply`` divides the gradients)."""
     if not _is_loss_scaled(optimizer):
-        return None
+        return getattr(optimizer, "loss_scale_factor", None)
     scale = getattr(optimizer, "dynamic_scale", None)  # Keras 3
     if scale is None:
         scale = getattr(optimizer, "loss_scale", None)  # tf-keras
@@ -47,17 +49,20 @@ def _is_loss_scaled(optimizer: Any) -> bool:
     return "LossScaleOptimizer" in type(optimizer).__name__
 
 
-def _accumulation(optimizer: Any, grads: list, variables: list
+def _accumulation(optimizer: Any, grads: list, variables: list, loss_scale: Any
                   ) -> tuple[tf.Tensor | None, Gradients]:
     """Whether this call applies an update (None: every call does) and the gradients it
-    applies. For a Keras 3 optimizer with ``gradient_accumulation_steps`` (N) only every
-    Nth call does, and it applies, per replica, the mean of the N micro-batches' (before
-    clipping, as any update's): returned as a function, to run only on those calls.
+    applies, times ``loss_scale`` as ``grads`` are. For a Keras 3 optimizer with
+    ``gradient_accumulation_steps`` (N; its own, or its inner optimizer's under a
+    ``LossScaleOptimizer``) only every Nth call does, and it applies, per replica, the
+    mean of the N micro-batches' (before clipping, as any update's): returned as a
+    function, to run only on those calls.
 
-    Reads the optimizer's accumulators and micro-step counter: Keras internals (3.15),
-    so any error here means "record each micro-batch as it comes". Builds the optimizer
-    first if it is not (as ``apply`` would, a moment later)."""
-    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    Reads the optimizer's accumulators (unscaled gradients) and micro-step counter: Keras
+    internals (3.15), so any error here means "record each micro-batch as it comes".
+    Builds the optimizer first if it is not (as ``apply`` would, a moment later)."""
+    accumulating = getattr(optimizer, "inner_optimizer", optimizer)
+    steps = getattr(accumulating, "gradient_accumulation_steps", None)
     if not steps:
         return None, grads
     if not optimizer.built:
@@ -66,12 +71,13 @@ def _accumulation(optimizer: Any, grads: list, variables: list
         with keras.name_scope(optimizer.name, caller=optimizer):
             optimizer.build(variables)
         optimizer.built = True
-    sums = [optimizer._accumulated_gradients[optimizer._get_variable_index(v)]
+    sums = [accumulating._accumulated_gradients[accumulating._get_variable_index(v)]
             for v in variables]
-    due = tf.equal((optimizer._iterations + 1) % steps, 0)
+    due = tf.equal((accumulating._iterations + 1) % steps, 0)
 
     def mean() -> list:
-        return [None if g is None else (tf.convert_to_tensor(g) + s) / steps
+        scale = 1.0 if loss_scale is None else tf.cast(loss_scale, tf.float32)
+        return [None if g is None else (tf.convert_to_tensor(g) + s * scale) / steps
                 for g, s in zip(grads, sums, strict=True)]
 
     return due, mean
@@ -207,8 +213,9 @@ class GradientMonitor(MonitorCore):
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         step = getattr(optimizer, "iterations", None)
         name = optimizer_base_name(optimizer)
+        loss_scale = _loss_scale(optimizer)
         try:
-            due, applied = _accumulation(optimizer, grads, variables)
+            due, applied = _accumulation(optimizer, grads, variables, loss_scale)
         except Exception as error:  # another Keras's internals
             due, applied = None, grads
             if name not in self._unread_accumulators:
@@ -217,8 +224,7 @@ class GradientMonitor(MonitorCore):
                             "micro-batch is reported as a step instead", name, error)
         self._record(id(optimizer), name, applied, variables,
                      None if step is None else tf.convert_to_tensor(step),
-                     loss_scale=_loss_scale(optimizer), loss_scaled=_is_loss_scaled(optimizer),
-                     due=due)
+                     loss_scale=loss_scale, loss_scaled=_is_loss_scaled(optimizer), due=due)
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
         if tf.distribute.in_cross_replica_context() and not self._closed:

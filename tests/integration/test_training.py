@@ -336,6 +336,26 @@ def test_accumulated_gradients_are_reported_once_per_update(collector, job_name,
     assert_norms(samples, variables, mse_gradients(model))
 
 
+@pytest.mark.parametrize("make, accumulation", [
+    (lambda: keras.optimizers.SGD(0.0, loss_scale_factor=1024.0), 1),
+    (lambda: keras.optimizers.SGD(0.0, loss_scale_factor=1024.0, gradient_accumulation_steps=4),
+     4),
+    (lambda: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.0, gradient_accumulation_steps=4), initial_scale=1024.0), 4),
+], ids=["loss_scale_factor", "loss_scale_factor accumulating", "LossScaleOptimizer accumulating"])
+def test_scaled_losses_report_the_gradients_applied(collector, job_name, make, accumulation):
+    """``model.fit`` multiplies the loss by the optimizer's ``loss_scale_factor`` (or a
+    ``LossScaleOptimizer``'s scale) and ``apply`` divides the gradients by it, before
+    they are accumulated; what is reported is the gradient applied, once per update."""
+    model = small_model()
+    with monitor_for(collector, job_name) as monitor:
+        model.compile(optimizer=monitor.wrap(make()), loss="mse")
+        model.fit(X, Y, batch_size=len(X) // accumulation, epochs=1, shuffle=False, verbose=0)
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_steps_total").values()) == [1.0]
+    assert_norms(samples, model.trainable_variables, mse_gradients(model))
+
+
 def gan() -> tuple[keras.Model, keras.Model]:
     generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
                                  name="generator")
