@@ -33,16 +33,15 @@ log = logging.getLogger(__name__)
 
 
 def _loss_scale(optimizer: Any) -> Any:
-    """What the gradients passed to ``optimizer`` are multiplied by, else None: the
-    current scale of a mixed-precision ``LossScaleOptimizer`` (Keras 3 or tf-keras), or
-    a Keras 3 optimizer's ``loss_scale_factor`` (``model.fit`` multiplies the loss by it,
-    ``apply`` divides the gradients)."""
-    if not _is_loss_scaled(optimizer):
-        return getattr(optimizer, "loss_scale_factor", None)
-    scale = getattr(optimizer, "dynamic_scale", None)  # Keras 3
-    if scale is None:
-        scale = getattr(optimizer, "loss_scale", None)  # tf-keras
-    return None if scale is None else tf.convert_to_tensor(scale)
+    """What the gradients passed to ``optimizer`` are multiplied by, else None: a Keras 3
+    ``LossScaleOptimizer``'s current scale (its ``apply`` unscales them), or a Keras 3
+    optimizer's ``loss_scale_factor`` (``model.fit`` multiplies the loss by it, ``apply``
+    divides the gradients). A tf-keras ``LossScaleOptimizer`` is given gradients already
+    unscaled (``get_unscaled_gradients``, or ``minimize`` under ``model.fit``)."""
+    if _is_loss_scaled(optimizer):
+        scale = getattr(optimizer, "dynamic_scale", None)
+        return None if scale is None else tf.convert_to_tensor(scale)
+    return getattr(optimizer, "loss_scale_factor", None)
 
 
 def _is_loss_scaled(optimizer: Any) -> bool:

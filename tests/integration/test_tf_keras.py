@@ -66,3 +66,35 @@ def test_tf_keras_custom_loop_norms(collector, job_name):
     assert exported == pytest.approx({v.name.removesuffix(":0"): float(np.linalg.norm(g))
                                       for v, g in zip(model.trainable_variables, grads,
                                                       strict=True)}, rel=1e-5)
+
+
+def test_tf_keras_loss_scale_optimizer_reports_the_gradients_applied(collector, job_name):
+    """tf-keras's ``LossScaleOptimizer`` is given unscaled gradients (its
+    ``get_unscaled_gradients``, which ``minimize`` calls under ``model.fit``): their norms
+    are reported as they are, and a step it skips for an overflow is counted as skipped."""
+    model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(4,), name="dense")])
+    variables = model.trainable_variables
+    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.SGD(0.0),
+                                                            initial_scale=1024.0)
+    with GradientMonitor(collector=collector.grpc_target, training_job=job_name) as monitor:
+        monitor.wrap(optimizer)
+        for step in range(4):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(X) - 1.0))
+                scaled_loss = optimizer.get_scaled_loss(loss)
+            grads = optimizer.get_unscaled_gradients(tape.gradient(scaled_loss, variables))
+            if step == 1:  # float16-style overflow: the optimizer skips this step
+                grads[0] = grads[0] + np.inf
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
+            if step == 0:
+                applied = [float(np.linalg.norm(g)) for g in grads]
+    assert float(optimizer.loss_scale) == 512.0  # it did skip and halve the scale
+    samples = parse_metrics(collector.scrape())
+    exported = select(samples, "gradwatch_gradient_norm", training_job=job_name)
+    assert exported == pytest.approx(
+        {v.name.removesuffix(":0"): norm for v, norm in zip(variables, applied, strict=True)},
+        rel=1e-5)
+    assert list(select(samples, "gradwatch_skipped_steps_total",
+                       training_job=job_name).values()) == [1.0]
+    assert list(select(samples, "gradwatch_nonfinite_steps_total",
+                       training_job=job_name).values()) == [0.0]
