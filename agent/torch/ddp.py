@@ -16,8 +16,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from gradwatch.agent.torch.stats import measure
-
 log = logging.getLogger(__name__)
 
 
@@ -40,10 +38,10 @@ def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
 
     def measured(state, bucket):
         try:
-            params, grads = bucket.parameters(), bucket.gradients()
+            params = bucket.parameters()
             for watched in monitor.watching(params[:1]):
-                if watched.measures():
-                    watched.add_part(params, measure(grads, watched.device))
+                if watched.measures():  # a failure stops it measuring, logged once
+                    watched.measure_part(params, bucket.gradients())
         except Exception:  # never break the backward pass
             log.exception("gradwatch: measuring a DDP bucket failed")
         return hook(state, bucket)

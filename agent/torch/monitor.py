@@ -38,6 +38,7 @@ from gradwatch.agent.torch import ddp, patches
 from gradwatch.agent.torch.diagnosis import Recorder, Retries, StepRecording, diagnose
 from gradwatch.agent.torch.names import parameter_names, strategy_of
 from gradwatch.agent.torch.session import TorchSession, local_tensor
+from gradwatch.agent.torch.stats import measure
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +263,18 @@ class _Watched:
 
     def measures(self) -> bool:
         """Whether this step's gradients are measured (any thread; see
-        `TorchSession.measures`)."""
+        `TorchSession.measures`): not once watching failed."""
         session = self._session
-        return session is None or session.measures()
+        return not self._failed and (session is None or session.measures())
 
-    def add_part(self, params: list[torch.Tensor], measures: torch.Tensor) -> None:
-        """Measures of some parameters' gradients taken earlier in this step (any thread)."""
+    def measure_part(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Measures some parameters' gradients early in this step, for its record (any
+        thread: the DDP hook's, on the autograd thread). A failure is logged once, and
+        the optimizer is no longer watched."""
+        self.guarded(self._add_part, params, grads)
+
+    def _add_part(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        measures = measure(grads, self.device)
         with self._lock:
             self._parts.append((params, measures))
 
@@ -352,7 +359,7 @@ class _Watched:
 
     def gradients_zeroed(self) -> None:
         if self._session is not None:
-            self._guarded(self._session.gradients_zeroed)
+            self.guarded(self._session.gradients_zeroed)
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -389,7 +396,7 @@ class _Watched:
         parts = [(ids, measures) for ids, measures in
                  ((session.ids_of(params), measures) for params, measures in taken)
                  if ids is not None]
-        self._guarded(session.measure, parts, scale)
+        self.guarded(session.measure, parts, scale)
 
     def after_step(self) -> None:
         self.stepped = True
@@ -398,10 +405,10 @@ class _Watched:
             self.before_step()  # a no-op, unless the step's closure was never called
             # Diagnoses first: they then leave with this step's record or before it, so the
             # first alert on a missing gradient already says why.
-            self._guarded(self.monitor.step_ended, self)
-            self._guarded(session.finish)
+            self.guarded(self.monitor.step_ended, self)
+            self.guarded(session.finish)
             if len(self.optimizer.param_groups) != self._groups or self._thawed(session):
-                self._guarded(self._grow)
+                self.guarded(self._grow)
 
     def _thawed(self, session: TorchSession) -> bool:
         """Whether a frozen parameter trains now: the first and last frozen ones are looked
@@ -411,8 +418,8 @@ class _Watched:
         return bool(frozen) and (frozen[0].requires_grad or frozen[-1].requires_grad or (
             session.steps % THAW_CHECK_STEPS == 0 and any(p.requires_grad for p in frozen)))
 
-    def _guarded(self, action, *args: Any) -> None:
-        """A failure of gradwatch on the training thread is logged once and never reaches
+    def guarded(self, action, *args: Any) -> None:
+        """Runs ``action(*args)``. A failure of gradwatch is logged once and never reaches
         the training loop; the optimizer is no longer watched."""
         if self._failed:
             return

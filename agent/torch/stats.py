@@ -1,9 +1,10 @@
 """Gradient statistics on the gradients' device, without host synchronisation.
 
 `measure` reads each gradient once: its L2 norm from ``torch._foreach_norm``, one
-multi-tensor kernel per (device, dtype) group (float32 accumulation, whatever the
-gradient's dtype), so the cost is a few launches per step, not one per parameter.
-A non-finite gradient shows in its norm (NaN or Inf).
+multi-tensor kernel per (device, dtype) group (float32 accumulation for float16, bfloat16 and
+float32 gradients; float64 and complex ones in their own precision), so the cost is a
+few launches per step, not one per parameter. A non-finite gradient shows in its norm
+(NaN or Inf).
 
 NaN and Inf elements (`counts_exactly`): on the CPU, where looking at a value costs no
 synchronisation, a non-finite norm triggers the rare path: exact NaN and Inf counts, and
@@ -40,12 +41,43 @@ def width(device: torch.device) -> int:
     return RECORD_WIDTH if counts_exactly(device) else 1
 
 
+#: Gradients whose norms accumulate in float32; the others (float64, complex) in their own
+#: precision, and are then rounded to float32.
+_NARROW = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 L2 norms of dense ``tensors``, in order, one multi-tensor kernel per
+    (device, dtype) group. float16, bfloat16 and float32 tensors, the common case, cost
+    no Python work per tensor; float64 and complex ones cannot narrow to float32 in the
+    kernel, so a model with any takes one more pass to group them."""
+    try:
+        return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except RuntimeError:
+        if all(t.dtype in _NARROW for t in tensors):
+            raise
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    for narrow in (True, False):
+        group = [k for k, t in enumerate(tensors) if (t.dtype in _NARROW) == narrow]
+        if group:
+            found = torch._foreach_norm([tensors[k] for k in group], 2,
+                                        dtype=torch.float32 if narrow else None)
+            for k, norm in zip(group, found, strict=True):
+                norms[k] = norm.float()
+    return norms
+
+
+def _norm(values: torch.Tensor) -> torch.Tensor:
+    """float32 L2 norm of one tensor, accumulated as `_foreach_norms` does."""
+    if values.dtype in _NARROW:
+        return torch.linalg.vector_norm(values, dtype=torch.float32)
+    return torch.linalg.vector_norm(values).float()
+
+
 def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float32 L2 norms of ``tensors`` on ``device``, in order. ``torch._foreach_norm``
-    takes one multi-tensor kernel per (device, dtype) group of dense tensors, and all
-    dense tensors on ``device``, the common case, cost no Python work per tensor."""
+    """float32 L2 norms of ``tensors`` on ``device``, in order (see `_foreach_norms`)."""
     if not any(t.is_sparse for t in tensors):
-        found = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        found = _foreach_norms(tensors)
         try:
             return torch.stack(found).to(device, non_blocking=True)
         except RuntimeError:  # norms on several devices (a model split across devices)
@@ -58,8 +90,7 @@ def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
             norms[k] = norm
     for k, t in enumerate(tensors):
         if t.is_sparse:
-            norms[k] = torch.linalg.vector_norm(t.coalesce().values(),
-                                                dtype=torch.float32).to(device)
+            norms[k] = _norm(t.coalesce().values()).to(device)
     return torch.stack(norms)
 
 
@@ -73,7 +104,8 @@ def _exact(tensors: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor
         nan[k] = torch.isnan(values).sum()
         inf[k] = torch.isinf(values).sum()
         if not nan[k] and not inf[k]:
-            norms[k] = torch.linalg.vector_norm(values.double()).float()
+            norms[k] = _norm(values.to(torch.complex128 if values.is_complex()
+                                               else torch.float64))
     return torch.stack([norms, nan, inf])
 
 

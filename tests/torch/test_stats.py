@@ -21,15 +21,34 @@ def norms_alone(monkeypatch):
     monkeypatch.setattr(stats, "counts_exactly", lambda device: False)
 
 
-def test_norms_match_numpy_for_every_dtype_and_shape():
+@pytest.mark.parametrize("dtypes", [
+    [torch.float32, torch.bfloat16],
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64,
+     torch.complex128],
+    [torch.float64],
+], ids=["float32 and bfloat16", "every dtype", "float64 (a model.double())"])
+def test_norms_match_numpy_for_every_dtype_and_shape(dtypes):
+    """float16, bfloat16 and float32 accumulate in float32 in one kernel; float64 and
+    complex gradients (which cannot narrow to float32 there) in their own precision."""
     rng = np.random.default_rng(0)
-    arrays = [rng.normal(size=s).astype(np.float32) for s in [(3,), (4, 5), (2, 3, 4), ()]]
-    tensors = [torch.from_numpy(a) for a in arrays] + [torch.tensor([0.5, -2.0, 1.5],
-                                                                    dtype=torch.bfloat16)]
+    arrays = [rng.normal(size=s) + (1j * rng.normal(size=s) if dtype.is_complex else 0)
+              for s in [(3,), (4, 5), (2, 3, 4), ()] for dtype in dtypes]
+    tensors = [torch.from_numpy(np.asarray(a)).to(dtype)
+               for a, dtype in zip(arrays, [d for _ in range(4) for d in dtypes], strict=True)]
     norms, nan, inf = measure(tensors, CPU).numpy()
-    expected = [np.linalg.norm(a.astype(np.float64)) for a in arrays] + [np.sqrt(6.5)]
+    expected = [np.linalg.norm(t.to(torch.complex128 if t.is_complex() else torch.float64))
+                for t in tensors]  # of the values as rounded to each dtype
     np.testing.assert_allclose(norms, expected, rtol=1e-5)
-    assert nan.tolist() == inf.tolist() == [0.0] * 5
+    assert nan.tolist() == inf.tolist() == [0.0] * len(tensors)
+
+
+def test_nan_and_inf_of_float64_and_complex_gradients_are_counted():
+    z = torch.tensor([complex(float("nan"), 0.0), 1j, 2.0], dtype=torch.complex64)
+    d = torch.tensor([float("inf"), 1.0], dtype=torch.float64)
+    norms, nan, inf = measure([z, d, torch.tensor([3.0, 4.0], dtype=torch.float64)],
+                              CPU).numpy()
+    assert (nan.tolist(), inf.tolist()) == ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0])
+    assert np.isnan(norms[0]) and np.isinf(norms[1]) and norms[2] == pytest.approx(5.0)
 
 
 def test_nan_and_inf_are_counted_exactly_on_the_cpu_and_only_where_they_are():
@@ -44,8 +63,9 @@ def test_overflowing_float32_norm_is_recomputed_in_float64():
     assert norms[0] == pytest.approx(5e20, rel=1e-6) and nan[0] == inf[0] == 0
 
 
-def test_sparse_gradient_of_an_embedding():
-    embedding = torch.nn.Embedding(1000, 8, sparse=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_gradient_of_an_embedding(dtype):
+    embedding = torch.nn.Embedding(1000, 8, sparse=True, dtype=dtype)
     embedding(torch.tensor([1, 7, 7, 30])).pow(2).sum().backward()
     assert embedding.weight.grad.is_sparse
     (norm,), _, _ = measure([embedding.weight.grad], CPU).numpy()

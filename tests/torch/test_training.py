@@ -905,3 +905,60 @@ def test_statistics_every_nth_step_and_whenever_presence_changes(collector, job_
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
     assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[
         "out.bias"] == 2.0  # steps 4 and 6
+
+
+class DoubleNetWithPhase(Net):
+    """A float64 model (``model.double()``) with a complex parameter: gradients that
+    cannot be measured in float32 arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.double()
+        self.phase = torch.nn.Parameter(torch.tensor([1 + 2j, -0.5j], dtype=torch.complex128))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.double()) + (self.phase * self.phase.conj()).real.sum()
+
+
+def test_float64_and_complex_parameters_are_measured(collector, job_name, caplog):
+    model = DoubleNetWithPhase()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with monitor_for(collector, job_name) as monitor:
+            optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-2), model)
+            norms = train(model, optimizer, 4)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert reported == pytest.approx(norms[-1], rel=1e-6) and "phase" in reported
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank, in this process (DDP runs its hooks)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_ddp_bucket_that_cannot_be_measured_is_logged_once(collector, job_name, caplog,
+                                                              monkeypatch, one_rank_group):
+    """A failure in DDP's communication hook (the autograd thread, every bucket of every
+    step) stops watching the optimizer with one line; the all-reduce and training go on."""
+    from gradwatch.agent.torch import monitor as torch_monitor
+
+    def broken(*args):
+        raise RuntimeError("cannot measure")
+
+    monkeypatch.setattr(torch_monitor, "measure", broken)
+    model = torch.nn.parallel.DistributedDataParallel(Net(), bucket_cap_mb=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with monitor_for(collector, job_name) as monitor:
+            optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+            train(model, optimizer, 5)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "no longer watched" in errors[0], errors
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
