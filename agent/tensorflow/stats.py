@@ -49,7 +49,8 @@ BATCH_FROM = 5
 
 
 def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
-    """The gradient's non-zero part, as float32, without densifying IndexedSlices.
+    """The gradient's non-zero part, as float32 (of a complex one, its moduli), without
+    densifying IndexedSlices.
 
     Rows of an ``IndexedSlices`` that share an index are summed first, so the
     statistics equal those of the dense gradient.
@@ -60,6 +61,8 @@ def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
             grad.values, positions, tf.size(unique_indices, out_type=positions.dtype))
     else:
         values = grad
+    if values.dtype.is_complex:  # the norm of the moduli; NaN and Inf parts stay
+        values = tf.abs(values)
     if values.dtype != tf.float32:
         values = tf.cast(values, tf.float32)
     return values

@@ -64,12 +64,19 @@ def test_overflowing_sum_of_squares_is_rescaled():
     assert stats[0, NORM] == pytest.approx(5e20, rel=1e-5)
 
 
-def test_half_precision_and_float64():
+def test_half_precision_float64_and_complex():
     g16 = np.array([0.5, -2.0, 1.5], np.float16)
     g64 = np.array([1e-3, 2e-3], np.float64)
-    stats = gradient_stats([tf.constant(g16), tf.constant(g64)])
+    z = np.array([1 + 2j, -0.5j, 3.0], np.complex64)
+    stats = gradient_stats([tf.constant(g16), tf.constant(g64), tf.constant(z),
+                            tf.constant(z.astype(np.complex128) * 1e3)])
     assert stats[0, NORM] == pytest.approx(np.linalg.norm(g16.astype(np.float64)), rel=1e-3)
     assert stats[1, NORM] == pytest.approx(np.linalg.norm(g64), rel=1e-5)
+    assert stats[2, NORM] == pytest.approx(np.linalg.norm(z), rel=1e-6)
+    assert stats[3, NORM] == pytest.approx(np.linalg.norm(z) * 1e3, rel=1e-6)
+    poisoned = gradient_stats([tf.constant(np.array([complex(np.nan, 1), 1j, np.inf],
+                                                    np.complex64))])
+    assert poisoned[0, NAN] == 1 and poisoned[0, INF] == 1
 
 
 def test_empty_gradient():
