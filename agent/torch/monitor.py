@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -199,6 +200,23 @@ def _updating_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def _initialising_state() -> bool:
+    """Whether the step being taken is torch.distributed.checkpoint's, not training's:
+    ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` (TorchTitan's resume)
+    give a stateless optimizer zero gradients and a zero learning rate, and step it once
+    to create the state a checkpoint is loaded into (``_init_optim_state``). Looked for
+    only while the optimizer has no state; where torch calls it otherwise, such a step
+    is reported as any other."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Watched:
     """One wrapped optimizer: its patched methods and its session (created at the first
     step, when it is known whether a GradScaler drives it and which parameters are
@@ -232,6 +250,8 @@ class _Watched:
         self.scaled = False
         #: This step's update ran (GradScaler.step skips it when gradients overflowed).
         self.stepped = False
+        #: This step only creates the optimizer's state (`_initialising_state`).
+        self._initialising = False
         #: Measures taken earlier in the step (DDP hook, autograd thread): (params, measures).
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         # The hooks run eagerly where the step is compiled (PyTorch's "compiling the
@@ -370,6 +390,9 @@ class _Watched:
         (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
         the closure's first call. Returns the arguments with the closure wrapped
         (``args`` starts with the optimizer itself)."""
+        if not optimizer.state and _initialising_state():
+            self._initialising = True
+            return None
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self.before_step()
@@ -399,6 +422,9 @@ class _Watched:
         self.guarded(session.measure, parts, scale)
 
     def after_step(self) -> None:
+        if self._initialising:  # not a training step
+            self._initialising = False
+            return
         self.stepped = True
         session = self._session
         if session is not None and not self.monitor._closed:

@@ -962,3 +962,28 @@ def test_a_ddp_bucket_that_cannot_be_measured_is_logged_once(collector, job_name
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "no longer watched" in errors[0], errors
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_a_checkpoint_loaded_with_set_optimizer_state_dict_adds_no_step(collector, job_name):
+    """torch.distributed.checkpoint's ``set_optimizer_state_dict`` (TorchTitan's resume)
+    steps a fresh optimizer once, with zero gradients and a zero learning rate, to create
+    the state it loads into: not a training step, so not reported as one."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = Net()
+    before = torch.optim.AdamW(model.parameters(), 1e-2)
+    train(model, before, 3)
+    saved = get_optimizer_state_dict(model, before)
+    model.zero_grad(set_to_none=True)  # a resumed process starts without gradients
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.AdamW(model.parameters(), 1e-2), model)
+        set_optimizer_state_dict(model, optimizer, saved)
+        norms = train(model, optimizer, 4)
+    assert optimizer.state_dict()["state"][0]["step"] == 7  # the checkpoint's 3, then 4
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
+    assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [3.0]
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(norms[-1],
+                                                                                    rel=1e-5)
