@@ -8,7 +8,9 @@ towards the loss:
 
 - **not tracked** (``NOT_TRACKED``): ``requires_grad`` is False (e.g. set after the
   optimizer was built);
-- **unused**: no recorded call read it (a module never called, a branch not taken);
+- **unused**: no recorded call read it (a module never called, a branch not taken), or
+  only for bookkeeping that leads nowhere near the loss (``model.to()``, a ``state_dict``
+  copy, an evaluation under ``torch.no_grad()``: untracked or detached reads);
 - **left PyTorch** (``LEFT_TENSORFLOW``, the cause's wire name): a value computed from it
   went through ``.item()``, ``.tolist()``, ``.numpy()`` or ``float()`` and nothing
   else of it reaches the loss;
@@ -441,6 +443,12 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         return verdict(Cause.UNKNOWN)
     everything, _ = _flow(calls, start, lambda call: call.name not in CONVERSIONS)
     if not losses & everything:
+        if not stand_in and not any(c.grad_enabled and c.name not in DETACHING
+                                    for c in readers):
+            # Read for bookkeeping alone (untracked or detached, as model.to(), a
+            # state_dict copy or an evaluation under no_grad read it): not computed with.
+            # (A copy that trains instead is a stand-in: its reader says where.)
+            return verdict(Cause.UNUSED)
         conversions = [c for c in calls if c.name in CONVERSIONS
                        and everything.intersection(c.inputs)]
         if conversions:

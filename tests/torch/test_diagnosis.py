@@ -52,6 +52,12 @@ def branch_not_taken(m, x, mode="mean"):
     return out
 
 
+def output_left_out(m, x):
+    h, out = m.healthy(x)
+    m.last_side = m.broken(h)  # <- here
+    return out
+
+
 def detach(m, x):
     h, out = m.healthy(x)
     return out + m.broken(h).detach()  # <- here
@@ -119,6 +125,7 @@ def reentrant_checkpoint(m, x):
 CASES = [
     (unused_layer, Cause.UNUSED, ""),
     (branch_not_taken, Cause.UNUSED, ""),
+    (output_left_out, Cause.NOT_ON_LOSS_PATH, "linear"),
     (detach, Cause.BROKEN_AT_OP, "detach"),
     (data_attribute, Cause.BROKEN_AT_OP, "data"),
     (no_grad, Cause.OUTSIDE_TAPE, "linear"),

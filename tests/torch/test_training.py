@@ -106,6 +106,27 @@ def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, jo
     assert alert["annotations"]["variables"] == "unused.weight, unused.bias"
 
 
+def test_bookkeeping_between_wrap_and_training_does_not_explain_an_unused_layer(collector,
+                                                                                job_name):
+    """What runs between ``wrap`` and the first step is recorded too: Hugging Face's
+    ``Trainer`` is given the wrapped optimizer, then moves the model (``model.to``); users
+    evaluate under ``torch.no_grad()`` or copy the ``state_dict``. Such reads lead nowhere
+    near the loss: the layer never called in training is still ``unused``."""
+    model = Net(extra=True)
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        model.to("cpu")
+        with torch.no_grad():
+            model.unused(torch.relu(model.hidden(X)))  # a look at every head, untrained
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        train(model, optimizer, 3)
+    assert initial.keys() == model.state_dict().keys()
+    causes = {labels["variable"]: labels["cause"] for labels, _ in parse_metrics(
+        collector.scrape())["gradwatch_gradient_missing_cause_info"]
+        if labels["training_job"] == job_name}
+    assert causes == {"unused.weight": "unused", "unused.bias": "unused"}
+
+
 def test_zero_grad_between_backward_and_step_pages_as_cleared(collector, webhook, job_name):
     """The loop that never learns because ``zero_grad()`` runs after ``backward()``: every
     parameter pages, with the cause ``cleared`` and the line of the backward call."""
