@@ -23,9 +23,19 @@ def is_ddp(model: Any) -> bool:
     return type(model).__name__ == "DistributedDataParallel"
 
 
-def has_comm_hook(model: Any) -> bool:
-    """DDP takes one communication hook: True if one is registered already."""
-    return bool(getattr(model, "_comm_hooks", None))
+#: Marks the hooks `measuring_hook` makes.
+_MEASURES = "_gradwatch_measures"
+
+
+def comm_hook_of(model: Any) -> Callable | None:
+    """The communication hook registered on a DDP model, if any (DDP takes one)."""
+    hooks = getattr(model, "_comm_hooks", None)
+    return hooks[0][0] if hooks else None
+
+
+def measures(hook: Callable) -> bool:
+    """Whether ``hook`` is one of `measuring_hook`'s."""
+    return getattr(hook, _MEASURES, False)
 
 
 def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
@@ -46,4 +56,5 @@ def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
             log.exception("gradwatch: measuring a DDP bucket failed")
         return hook(state, bucket)
 
+    setattr(measured, _MEASURES, True)
     return measured

@@ -82,7 +82,8 @@ class GradientMonitor(MonitorCore):
         (plain, DDP, FSDP or ``torch.compile``d) names the parameters; without it they are
         ``group{i}.param{j}``. Under DDP, pass the DDP model: its communication hook
         measures each rank's gradients before the all-reduce (wrap before the first
-        backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``)."""
+        backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``
+        before wrapping)."""
         updating = _updating_optimizer(optimizer)
         if not self.enabled or id(updating) in self._watched:
             return optimizer
@@ -94,13 +95,26 @@ class GradientMonitor(MonitorCore):
         self._watched[id(updating)] = watched
         if self._recorder is not None:  # the first step is explained at its end
             self._recorder.start()
-        if ddp.is_ddp(model) and not ddp.has_comm_hook(model):
-            try:
-                model.register_comm_hook(None, self.comm_hook())
-            except Exception as error:  # e.g. after the first backward
-                log.warning("gradwatch: cannot add a DDP communication hook (%s); gradients "
-                            "are measured after the all-reduce", error)
+        if ddp.is_ddp(model):
+            self._hook_into(model)
         return optimizer
+
+    def _hook_into(self, model: Any) -> None:
+        """Registers the measuring communication hook on a DDP model, unless it has one."""
+        hook = ddp.comm_hook_of(model)
+        if hook is not None:
+            if not ddp.measures(hook):
+                log.warning("gradwatch: the DDP model has a communication hook of its own "
+                            "(%s): gradients are measured after it, as the optimizer sees "
+                            "them (after the all-reduce). To measure each rank's own, register "
+                            "monitor.comm_hook(your_hook) in its place, before wrap().",
+                            getattr(hook, "__name__", type(hook).__name__))
+            return
+        try:
+            model.register_comm_hook(None, self.comm_hook())
+        except Exception as error:  # e.g. after the first backward
+            log.warning("gradwatch: cannot add a DDP communication hook (%s); gradients "
+                        "are measured after the all-reduce", error)
 
     def comm_hook(self, hook=None):
         """A DDP communication hook that measures each bucket's gradients before calling

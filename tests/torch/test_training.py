@@ -1008,3 +1008,26 @@ def test_a_checkpoint_loaded_with_set_optimizer_state_dict_adds_no_step(collecto
     assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [3.0]
     assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(norms[-1],
                                                                                     rel=1e-5)
+
+
+@pytest.mark.parametrize("measured", [True, False], ids=["monitor.comm_hook", "bare"])
+def test_a_ddp_communication_hook_of_the_users_own(collector, job_name, caplog, measured,
+                                                    one_rank_group):
+    """DDP takes one communication hook. The user's own (here fp16 compression), given
+    through ``monitor.comm_hook`` before ``wrap``, runs after the measuring; given bare,
+    the norms are those after it, and ``wrap`` says so once. Training goes on either way."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    model = torch.nn.parallel.DistributedDataParallel(Net())
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with monitor_for(collector, job_name) as monitor:
+            hook = monitor.comm_hook(fp16_compress_hook) if measured else fp16_compress_hook
+            model.register_comm_hook(None, hook)
+            optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+            train(model, optimizer, 3)
+    warnings = [r.getMessage() for r in caplog.records]
+    if measured:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "fp16_compress_hook" in warnings[0], warnings
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
