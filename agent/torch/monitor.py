@@ -250,8 +250,8 @@ class _Watched:
             raise ValueError("the optimizer has no parameters")
         #: Every parameter of the optimizer, watched or not (clipping them measures).
         self.param_ids = {id(p) for p in self.params}
-        #: Param groups at the latest look (``add_param_group`` adds parameters to watch).
-        self._groups = len(optimizer.param_groups)
+        #: `_layout` at the latest look (see `_regrouped`).
+        self._seen = self._layout()
         self.names = self._names(self.params)
         self.device = local_tensor(self.params[0]).device
         self.strategy = strategy_of(model)
@@ -349,31 +349,51 @@ class _Watched:
             monitor.adopt(id(self), session)
         return session
 
-    def _grow(self) -> None:
-        """Watches, from the next step on, the optimizer's parameters that train now and
-        were not watched: frozen ones that thawed (fastai's ``unfreeze``) and those added
-        with ``add_param_group`` (gradual unfreezing). A successor session with the larger
-        table continues the step count; the collector gets it once the current session's
-        steps are in (training thread, between steps)."""
+    def _layout(self) -> tuple[int, int]:
+        """The optimizer's param groups and parameters, counted (cheap, each step)."""
+        groups = self.optimizer.param_groups
+        return len(groups), sum(len(group["params"]) for group in groups)
+
+    def _regrouped(self, session: TorchSession) -> bool:
+        """Whether the param groups hold other parameters than at the latest look: counted
+        every step (``add_param_group``, parameters appended to or removed from a group's
+        list), compared one by one every `THAW_CHECK_STEPS` (one swapped for another)."""
+        return self._layout() != self._seen or (
+            session.steps % THAW_CHECK_STEPS == 0
+            and {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            != self.param_ids)
+
+    def _regroup(self) -> None:
+        """Watches, from this step on, the parameters the optimizer holds and trains now:
+        frozen ones that thawed (fastai's ``unfreeze``) and those added (with
+        ``add_param_group``, gradual unfreezing, or to a group's list) join; those taken
+        out of every group leave. A successor session with the new table takes this step
+        and continues the step count; the collector gets it once the current session's
+        steps are in (training thread, before the step's statistics are taken)."""
         optimizer = self.optimizer
-        self._groups = len(optimizer.param_groups)
+        self._seen = self._layout()
         everything = [p for group in optimizer.param_groups for p in group["params"]]
         self.param_ids = {id(p) for p in everything}
+        kept = [k for k, p in enumerate(self.params) if id(p) in self.param_ids]
         watched = {id(p) for p in self.params}
         unwatched = [p for p in everything if id(p) not in watched]
         self._frozen = [p for p in unwatched if not p.requires_grad]
         added = [p for p in unwatched if p.requires_grad]
-        if not added:
+        removed = len(self.params) - len(kept)
+        if (not added and not removed) or len(kept) + len(added) == 0:
             return
-        params, names = self.params + added, self.names + self._names(added)
+        params = [self.params[k] for k in kept] + added
+        names = [self.names[k] for k in kept] + self._names(added)
         previous = self._session
         session = self._start(params, names, first_step=previous.steps)
         if session is None:  # the current session goes on
             return
-        session.gradients_zeroed()  # what the parameters hold now is of steps before
+        session.take_over(previous)
         self.params, self.names, self._session = params, names, session
-        log.info("gradwatch: %s: %d more parameters train and are watched from step %d on "
-                 "(%d in all)", self.name, len(added), session.steps, len(params))
+        changes = ([f"{len(added)} more parameters train"] if added else []) + (
+            [f"{removed} left the optimizer"] if removed else [])
+        log.info("gradwatch: %s: %s; watched from step %d on: %d in all", self.name,
+                 " and ".join(changes), session.steps, len(params))
 
     def _patch_zero_grad(self, optimizer: Any) -> None:
         """After ``optimizer.zero_grad``, gradients zeroed in place (``set_to_none=False``)
@@ -428,6 +448,9 @@ class _Watched:
         session = self.session()
         if session is None or self.monitor._closed:
             return
+        if self._regrouped(session) or self._thawed(session):
+            self.guarded(self._regroup)
+            session = self._session
         with self._lock:
             taken, self._parts = self._parts, []
         parts = [(ids, measures) for ids, measures in
@@ -447,8 +470,6 @@ class _Watched:
             # first alert on a missing gradient already says why.
             self.guarded(self.monitor.step_ended, self)
             self.guarded(session.finish)
-            if len(self.optimizer.param_groups) != self._groups or self._thawed(session):
-                self.guarded(self._grow)
 
     def _thawed(self, session: TorchSession) -> bool:
         """Whether a frozen parameter trains now: the first and last frozen ones are looked

@@ -134,6 +134,13 @@ class TorchSession(Session):
         self.steps += 1
         self._remember()
 
+    def take_over(self, previous: TorchSession) -> None:
+        """Continues ``previous`` (another table of the same optimizer) before a step: the
+        gradients it had seen count as seen, for the parameters both watch."""
+        if previous._seen is not None:
+            seen = dict(zip((id(p) for p in previous.params), previous._seen, strict=True))
+            self._seen = [seen.get(id(p)) for p in self.params]
+
     def gradients_zeroed(self) -> None:
         """After ``zero_grad``: remembers the gradients zeroed in place, if any."""
         self._remember()

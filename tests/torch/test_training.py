@@ -197,7 +197,7 @@ def test_parameters_frozen_before_training_are_not_watched(collector, webhook, j
 
 def test_parameters_unfrozen_later_are_watched_from_then_on(collector, job_name, caplog):
     """fastai's fine_tune: freeze, train, unfreeze, train on with the same optimizer. The
-    thawed parameters are watched from the next step (the whole body thawed, or its top
+    thawed parameters are watched from the step they thaw at (the whole body thawed, or its top
     layers first), or within 100 steps (any other part), by the same task and optimizer:
     its step count and per-variable totals go on, and nothing is lost or refused on the
     way (the larger session registers once the smaller one's steps are in)."""
@@ -218,9 +218,9 @@ def test_parameters_unfrozen_later_are_watched_from_then_on(collector, job_name,
     assert monitor.close() is True
     assert gradwatch_warnings(caplog) == []
     grown = [r.getMessage() for r in caplog.records if "more parameters train" in r.message]
-    assert grown == ["gradwatch: SGD: 2 more parameters train and are watched from step 3 on "
-                     "(4 in all)", "gradwatch: SGD: 1 more parameters train and are watched "
-                     f"from step {THAW_CHECK_STEPS} on (5 in all)"]
+    assert grown == ["gradwatch: SGD: 2 more parameters train; watched from step 2 on: 4 in all",
+                     "gradwatch: SGD: 1 more parameters train; watched from step "
+                     f"{THAW_CHECK_STEPS} on: 5 in all"]
     assert set(norms[-1]) == {"0.bias", "4.weight", "4.bias", "6.weight", "6.bias"}
     steps = THAW_CHECK_STEPS + 4
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [steps]
@@ -232,10 +232,10 @@ def test_parameters_unfrozen_later_are_watched_from_then_on(collector, job_name,
     assert missing == dict.fromkeys(norms[-1], 0)
 
 
-def test_parameters_added_with_add_param_group_are_watched_from_the_next_step(
+def test_parameters_added_with_add_param_group_are_watched_from_their_first_update(
         collector, job_name, caplog):
     """Gradual unfreezing as ULMFiT does it: the head trains, then the body joins the
-    optimizer with ``add_param_group``; it is watched from the step after."""
+    optimizer with ``add_param_group``; it is watched from its first update."""
     model = Net()
     model.hidden.requires_grad_(False)
     caplog.set_level(logging.INFO, logger="gradwatch")
@@ -247,11 +247,39 @@ def test_parameters_added_with_add_param_group_are_watched_from_the_next_step(
         norms = train(model, optimizer, 3)
     assert monitor.close() is True
     assert gradwatch_warnings(caplog) == []
-    assert "Adam: 2 more parameters train and are watched from step 3 on (4 in all)" \
+    assert "Adam: 2 more parameters train; watched from step 2 on: 4 in all" \
         in caplog.text
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [5.0]
     assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
         norms[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "still training"])
+def test_param_group_lists_edited_by_hand_are_followed(collector, webhook, job_name, caplog,
+                                                      frozen):
+    """Parameters appended to a param group's list are watched from their first update; one
+    taken out of every group (and frozen: what ``leave it out of the optimizer`` advises)
+    is no longer watched, so it does not page as missing."""
+    model = Net()
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.out.parameters(), 1e-2), model)
+        train(model, optimizer, 2)
+        optimizer.param_groups[0]["params"].extend(model.hidden.parameters())
+        train(model, optimizer, 2)
+        group = optimizer.param_groups[0]
+        group["params"] = [p for p in group["params"] if p is not model.out.bias]
+        model.out.bias.requires_grad_(not frozen)
+        norms = train(model, optimizer, 2)
+    assert monitor.close() is True
+    assert gradwatch_warnings(caplog) == []
+    assert "SGD: 1 left the optimizer; watched from step 4 on: 3 in all" in caplog.text
+    assert metrics(collector, "gradwatch_gradient_present", job_name) == {
+        "out.weight": 1, "hidden.weight": 1, "hidden.bias": 1}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        {k: v for k, v in norms[-1].items() if k != "out.bias"}, rel=1e-5)
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [6.0]
+    assert webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name, 2) is None
 
 
 def test_a_grown_session_waits_for_a_collector_that_comes_later(job_name):
@@ -307,7 +335,7 @@ def test_pytorch_lightning_backbone_finetuning(collector, job_name, tmp_path, ca
         trainer.fit(TransferLearning(), loader)
     assert monitor.close() is True
     assert gradwatch_warnings(caplog) == []
-    assert "Adam: 2 more parameters train and are watched from step 5 on (4 in all)" \
+    assert "Adam: 2 more parameters train; watched from step 4 on: 4 in all" \
         in caplog.text
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [12.0]
     assert metrics(collector, "gradwatch_gradient_present", job_name) == {
