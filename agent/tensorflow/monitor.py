@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -110,6 +111,14 @@ def _warn_if_known_broken(optimizer: Any) -> None:
             type(strategy).__name__)
 
 
+def _iterations(optimizer: Any) -> int | None:
+    """The optimizer's step count, read eagerly (None inside a trace, or if unreadable)."""
+    try:
+        return int(optimizer.iterations)
+    except Exception:
+        return None
+
+
 def _versions() -> dict[str, str]:
     versions = {"gradwatch": __version__, "tensorflow": tf.__version__}
     try:
@@ -178,6 +187,8 @@ class GradientMonitor(MonitorCore):
             tls_key_file=tls_key_file, token=token, token_file=token_file)
         self._stop_diagnosing = None
         self._unread_accumulators: set[str] = set()
+        #: Wrapped optimizers (by id): a weak reference, and their step count when wrapped.
+        self._wrapped: dict[int, tuple[weakref.ref, int | None]] = {}
         if self.enabled and self.settings.diagnose:
             self._stop_diagnosing = tape.listen(self._on_diagnosis)
 
@@ -189,6 +200,7 @@ class GradientMonitor(MonitorCore):
         if not self.enabled:
             return optimizer
         _warn_if_known_broken(optimizer)
+        self._wrapped[id(optimizer)] = (weakref.ref(optimizer), _iterations(optimizer))
         return wrap_optimizer(optimizer, Hooks(self._on_optimizer_gradients, self._on_rejected,
                                                self._on_optimizer_built))
 
@@ -208,6 +220,25 @@ class GradientMonitor(MonitorCore):
     def _on_close(self) -> None:
         if self._stop_diagnosing is not None:
             self._stop_diagnosing()
+        self._warn_of_unseen_steps()
+
+    def _warn_of_unseen_steps(self) -> None:
+        """A wrapped optimizer that took steps none of which reached this monitor ran in a
+        function traced before it was wrapped (model.fit's after a first fit, or after a
+        notebook cell made a new monitor; such a function keeps what it traced): says so
+        at close, when it is known."""
+        owners = {key[0] for key in self._sessions}
+        for owner, (ref, wrapped_at) in self._wrapped.items():
+            optimizer = ref()
+            if optimizer is None or wrapped_at is None or owner in owners:
+                continue
+            now = _iterations(optimizer)
+            if now is not None and now > wrapped_at:
+                log.warning("gradwatch: %s took %d steps after wrap() and none reached "
+                            "gradwatch: they ran in a training function traced before "
+                            "wrap() (model.fit's, until model.compile() runs again; or a "
+                            "tf.function of yours). Wrap before compiling, or compile again "
+                            "after wrapping.", optimizer_base_name(optimizer), now - wrapped_at)
 
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         step = getattr(optimizer, "iterations", None)

@@ -9,8 +9,13 @@ class), before the optimizer filters out ``None`` gradients.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 #: ``on_gradients(optimizer, grads, variables)``: called in the caller's
 #: context (eager, ``tf.function`` trace, replica context) before the update.
@@ -31,6 +36,21 @@ class Hooks(NamedTuple):
 
 
 _HOOKS = "_gradwatch_hooks"
+
+
+def _aggregated_already(optimizer: Any) -> None:
+    """tf-keras: ``apply_gradients`` told not to aggregate is given gradients summed across
+    replicas already (by tf-keras's ``LossScaleOptimizer``, which ``compile`` wraps the
+    optimizer in under a ``mixed_float16`` policy): says so once, where replicas differ."""
+    if getattr(optimizer, "_gradwatch_told_aggregated", False) or \
+            tf.distribute.get_strategy().num_replicas_in_sync < 2:
+        return
+    object.__setattr__(optimizer, "_gradwatch_told_aggregated", True)
+    log.warning("gradwatch: %s is given gradients already summed across replicas (as "
+                "tf-keras's LossScaleOptimizer, which compile() adds under a mixed_float16 "
+                "policy, hands them on): its norms are those after the all-reduce, the same "
+                "on every replica. To measure each replica's own, wrap model.optimizer after "
+                "compile().", type(optimizer).__name__)
 
 
 def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
@@ -77,6 +97,9 @@ def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
 
         @functools.wraps(original)
         def apply_gradients(grads_and_vars, *args, **kwargs):
+            if kwargs.get("skip_gradients_aggregation") or \
+                    kwargs.get("experimental_aggregate_gradients") is False:
+                _aggregated_already(optimizer)
             pairs = list(grads_and_vars)
             grads = [g for g, _ in pairs]
             variables = [v for _, v in pairs]

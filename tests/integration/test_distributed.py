@@ -49,6 +49,54 @@ def test_accumulation_under_a_multi_replica_strategy_is_named_as_broken_upstream
     assert "keras-team/keras#20582" in result.stderr
 
 
+TF_KERAS_MIXED_PRECISION_UNDER_MIRRORED = """
+import sys
+import numpy as np, tensorflow as tf, tf_keras
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from gradwatch.agent import GradientMonitor
+collector, job, when = sys.argv[1:]
+tf_keras.mixed_precision.set_global_policy("mixed_float16")
+x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+y = np.arange(8, dtype="float32")[:, None] / 100  # the replicas' halves differ
+with GradientMonitor(collector=collector, training_job=job, flush_interval_s=0.05) as monitor:
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(4,))])
+        optimizer = tf_keras.optimizers.SGD(0.0)
+        model.compile(optimizer=monitor.wrap(optimizer) if when == "before" else optimizer,
+                      loss="mse")
+        if when == "after":
+            monitor.wrap(model.optimizer)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_tf_keras_mixed_precision_under_mirrored(collector, job_name, when):
+    """Under a ``mixed_float16`` policy tf-keras's ``compile`` wraps the optimizer in a
+    ``LossScaleOptimizer``, which sums the replicas' gradients before handing them to it:
+    the optimizer wrapped before ``compile`` sees them summed (one warning says so); wrapped
+    after (``model.optimizer``), each replica's own."""
+    pytest.importorskip("tf_keras")
+    result = subprocess.run(
+        [sys.executable, "-c", TF_KERAS_MIXED_PRECISION_UNDER_MIRRORED, collector.grpc_target,
+         job_name, when], capture_output=True, text=True, timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr
+    samples = parse_metrics(collector.scrape())
+    norms = [list(select(samples, "gradwatch_global_gradient_norm", training_job=job_name,
+                         replica=str(replica)).values()) for replica in (0, 1)]
+    assert list(select(samples, "gradwatch_steps_total", training_job=job_name).values()) \
+        == [2.0]
+    warned = "already summed across replicas" in result.stderr
+    if when == "before":
+        assert warned and result.stderr.count("already summed") == 1, result.stderr
+        assert norms[0] == pytest.approx(norms[1])
+    else:
+        assert not warned, result.stderr
+        assert norms[0] != pytest.approx(norms[1])
+
+
 def run_workers(script: str, job_name: str, collector, **env_extra: str) -> list[str]:
     """Runs two worker processes of ``script`` under MultiWorkerMirroredStrategy (TF_CONFIG
     on loopback); returns their outputs once both finished (bounded, killed on timeout)."""

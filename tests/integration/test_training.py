@@ -475,6 +475,29 @@ def test_a_notebook_cell_run_again_reports_through_the_new_monitor(collector, jo
     assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
 
 
+def test_steps_of_a_function_traced_before_wrap_are_said_to_be_unseen(collector, job_name,
+                                                                        caplog):
+    """``wrap(model.optimizer)`` after a first ``fit`` (or by the monitor of a notebook cell
+    run again): Keras's train function, traced before, runs on without gradwatch. Close says
+    so; compiling again after wrapping reports every step."""
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    with monitor_for(collector, job_name) as monitor:
+        monitor.wrap(model.optimizer)
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)  # the function traced before
+    warnings = gradwatch_warnings(caplog)
+    assert len(warnings) == 1 and "sgd took 4 steps after wrap() and none reached" in \
+        warnings[0], warnings
+    with monitor_for(collector, job_name) as monitor:
+        model.compile(optimizer=monitor.wrap(model.optimizer), loss="mse")
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    assert gradwatch_warnings(caplog) == warnings
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_steps_total").values()) == [4.0]
+    assert list(select(samples, "gradwatch_last_step").values()) == [11.0]
+
+
 def test_model_fit_under_xla_keeps_every_step(collector, webhook, job_name):
     """jit_compile and steps_per_execution: several steps per host call, each reported."""
     model = small_model()
