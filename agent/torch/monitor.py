@@ -194,8 +194,17 @@ class GradientMonitor(MonitorCore):
         return self._watched.get(id(optimizer))
 
     def zeroed_with(self, model: torch.nn.Module) -> list[_Watched]:
-        """The wrapped optimizers whose model is ``model``."""
-        return [w for w in list(self._watched.values()) if w.model is model]
+        """The wrapped optimizers whose gradients ``model.zero_grad()`` zeroes: those wrapped
+        with ``model``, or updating its parameters (wrapped without a model)."""
+        found, ids = [], None
+        for w in list(self._watched.values()):
+            if w.model is not model:
+                if ids is None:
+                    ids = {id(p) for p in model.parameters()}
+                if not ids & w.param_ids:
+                    continue
+            found.append(w)
+        return found
 
     def watching(self, params: Iterable[torch.Tensor]) -> list[_Watched]:
         """The wrapped optimizers that update any of ``params``."""

@@ -751,20 +751,24 @@ def test_two_optimizers_are_two_sessions(collector, job_name):
 
 
 @pytest.mark.parametrize("reset", ["zero_grad(set_to_none=False)",
-                                   "model.zero_grad(set_to_none=False)", "p.grad = None",
-                                   "never"])
+                                   "model.zero_grad(set_to_none=False)",
+                                   "model.zero_grad(set_to_none=False), wrapped without model",
+                                   "p.grad = None", "never"])
 def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name, reset):
-    """However gradients are reset between steps — zeroed in place (a zero tensor stays),
-    set to None by hand (PyTorch's performance tuning guide), or not at all (they
-    accumulate) — a branch taken only at the first step shows as missing afterwards, not
-    as present with norm 0."""
+    """However gradients are reset between steps — zeroed in place (a zero tensor stays;
+    by the optimizer, or by the model, whether or not ``wrap`` was given it), set to None
+    by hand (PyTorch's performance tuning guide), or not at all (they accumulate) — a
+    branch taken only at the first step shows as missing afterwards, not as present with
+    norm 0."""
     model = Net(extra=True)
+    named = "without model" not in reset
     with monitor_for(collector, job_name) as monitor:
-        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2),
+                                 model if named else None)
         for step in range(3):
             if reset == "zero_grad(set_to_none=False)":
                 optimizer.zero_grad(set_to_none=False)
-            elif reset == "model.zero_grad(set_to_none=False)":
+            elif reset.startswith("model.zero_grad(set_to_none=False)"):
                 model.zero_grad(set_to_none=False)
             elif reset == "p.grad = None":
                 for p in model.parameters():
@@ -775,10 +779,11 @@ def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name
             torch.nn.functional.mse_loss(out, Y).backward()
             optimizer.step()
     assert (model.unused.weight.grad is None) == (reset == "p.grad = None")
+    unused, hidden = ("unused.weight", "hidden.weight") if named else ("group0.param4",
+                                                                        "group0.param0")
     present = metrics(collector, "gradwatch_gradient_present", job_name)
-    assert present["unused.weight"] == 0 and present["hidden.weight"] == 1
-    assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[
-        "unused.weight"] == 2
+    assert present[unused] == 0 and present[hidden] == 1
+    assert metrics(collector, "gradwatch_gradient_missing_steps_total", job_name)[unused] == 2
 
 
 def test_a_watched_model_pickles_and_its_deep_copy_zeroes_its_own_gradients(collector,
