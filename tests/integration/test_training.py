@@ -487,7 +487,7 @@ def test_steps_of_a_function_traced_before_wrap_are_said_to_be_unseen(collector,
         monitor.wrap(model.optimizer)
         model.fit(X, Y, batch_size=8, epochs=1, verbose=0)  # the function traced before
     warnings = gradwatch_warnings(caplog)
-    assert len(warnings) == 1 and "sgd took 4 steps after wrap() and none reached" in \
+    assert len(warnings) == 1 and " took 4 steps after wrap() and none reached" in \
         warnings[0], warnings
     with monitor_for(collector, job_name) as monitor:
         model.compile(optimizer=monitor.wrap(model.optimizer), loss="mse")
