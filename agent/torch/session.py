@@ -142,7 +142,10 @@ class TorchSession(Session):
             self._seen = [seen.get(id(p)) for p in self.params]
 
     def gradients_zeroed(self) -> None:
-        """After ``zero_grad``: remembers the gradients zeroed in place, if any."""
+        """After ``zero_grad``: remembers the gradients zeroed in place, if any. A step
+        measured and not taken (skipped after clipping found its norm not finite) is
+        dropped: its gradients are gone, and the next step measures its own."""
+        self._record, self._skipped = None, False
         self._remember()
 
     def _remember(self) -> None:

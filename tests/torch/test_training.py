@@ -587,6 +587,31 @@ def test_norms_are_taken_before_clipping(collector, job_name, clip):
     assert reported["out.weight"] > 1e-2  # clipped, it would be below 1e-3
 
 
+def test_a_step_skipped_after_clipping_found_it_not_finite_is_not_reported(collector,
+                                                                           job_name):
+    """The loop that clips and skips the update when the total norm is not finite (a bad
+    batch): the skipped step's gradients, measured at the clipping, are dropped at the
+    next ``zero_grad``; each step taken reports its own, and nothing pages as NaN."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for batch in range(5):
+            optimizer.zero_grad()
+            x = X.clone()
+            if batch == 2:
+                x[0, 0] = float("nan")
+            torch.nn.functional.mse_loss(model(x), Y).backward()
+            norms = {n: float(p.grad.norm()) for n, p in model.named_parameters()}
+            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)):
+                continue
+            optimizer.step()
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [4.0]
+    assert list(metrics(collector, "gradwatch_nonfinite_steps_total", job_name).values()) \
+        == [0.0]
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(norms,
+                                                                                    rel=1e-5)
+
+
 @pytest.mark.parametrize("make, keyword", [
     (lambda params: torch.optim.LBFGS(params, max_iter=4), False),
     (lambda params: torch.optim.SGD(params, 1e-2), True)])
