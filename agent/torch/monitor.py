@@ -275,6 +275,8 @@ class _Watched:
         self.stepped = False
         #: This step only creates the optimizer's state (`_initialising_state`).
         self._initialising = False
+        #: Inside ``optimizer.step`` (a closure's ``zero_grad`` is part of the step).
+        self._stepping = False
         #: Measures taken earlier in the step (DDP hook, autograd thread): (params, measures).
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         # The hooks run eagerly where the step is compiled (PyTorch's "compiling the
@@ -422,7 +424,7 @@ class _Watched:
 
     def gradients_zeroed(self) -> None:
         if self._session is not None:
-            self.guarded(self._session.gradients_zeroed)
+            self.guarded(self._session.gradients_zeroed, not self._stepping)
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -436,6 +438,7 @@ class _Watched:
         if not optimizer.state and _initialising_state():
             self._initialising = True
             return None
+        self._stepping = True
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self.before_step()
@@ -468,6 +471,7 @@ class _Watched:
         self.guarded(session.measure, parts, scale)
 
     def after_step(self) -> None:
+        self._stepping = False
         if self._initialising:  # not a training step
             self._initialising = False
             return

@@ -141,11 +141,13 @@ class TorchSession(Session):
             seen = dict(zip((id(p) for p in previous.params), previous._seen, strict=True))
             self._seen = [seen.get(id(p)) for p in self.params]
 
-    def gradients_zeroed(self) -> None:
-        """After ``zero_grad``: remembers the gradients zeroed in place, if any. A step
-        measured and not taken (skipped after clipping found its norm not finite) is
-        dropped: its gradients are gone, and the next step measures its own."""
-        self._record, self._skipped = None, False
+    def gradients_zeroed(self, between_steps: bool = True) -> None:
+        """After ``zero_grad``: remembers the gradients zeroed in place, if any. Between
+        steps (not in a step's closure), a step measured and not taken (skipped after
+        clipping found its norm not finite) is dropped: its gradients are gone, and the
+        next step measures its own."""
+        if between_steps:
+            self._record, self._skipped = None, False
         self._remember()
 
     def _remember(self) -> None:
