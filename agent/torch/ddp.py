@@ -19,10 +19,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def is_ddp(model: Any) -> bool:
-    return type(model).__name__ == "DistributedDataParallel"
-
-
 #: Marks the hooks `measuring_hook` makes.
 _MEASURES = "_gradwatch_measures"
 

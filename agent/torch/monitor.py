@@ -37,7 +37,7 @@ from gradwatch.agent.core.identity import torchrun
 from gradwatch.agent.core.monitor import MonitorCore
 from gradwatch.agent.torch import ddp, patches
 from gradwatch.agent.torch.diagnosis import Recorder, Retries, StepRecording, diagnose
-from gradwatch.agent.torch.names import parameter_names, strategy_of
+from gradwatch.agent.torch.names import ddp_of, parameter_names, strategy_of
 from gradwatch.agent.torch.session import TorchSession, local_tensor
 from gradwatch.agent.torch.stats import measure
 
@@ -95,8 +95,9 @@ class GradientMonitor(MonitorCore):
         self._watched[id(updating)] = watched
         if self._recorder is not None:  # the first step is explained at its end
             self._recorder.start()
-        if ddp.is_ddp(model):
-            self._hook_into(model)
+        ddp_model = ddp_of(model)
+        if ddp_model is not None:
+            self._hook_into(ddp_model)
         return optimizer
 
     def _hook_into(self, model: Any) -> None:
