@@ -167,6 +167,15 @@ class MonitorCore:
                 self._names[key] = name
             return name
 
+    def pass_name(self, key: Hashable, successor: Hashable) -> str:
+        """Gives ``key``'s optimizer name to ``successor`` (an optimizer that replaces
+        another: its sessions continue the other's at the collector). Takes
+        `session_lock`."""
+        with self._lock:
+            name = self._names.pop(key)
+            self._names[successor] = name
+            return name
+
     def adopt(self, key: Hashable, session: Session) -> None:
         """Starts shipping ``session`` (created by the caller for ``key``) and gives it the
         diagnoses known so far (any thread; call under `session_lock`). A second session

@@ -87,11 +87,18 @@ class GradientMonitor(MonitorCore):
         updating = _updating_optimizer(optimizer)
         if not self.enabled or id(updating) in self._watched:
             return optimizer
+        replaced = self._replaced_by(updating)
         try:
-            watched = _Watched(self, updating, model)
+            watched = _Watched(self, updating, model, replaced)
         except Exception:  # gradwatch must never break training
             log.exception("gradwatch: cannot watch %s", type(optimizer).__name__)
             return optimizer
+        if replaced is not None:
+            del self._watched[id(replaced.optimizer)]
+            replaced.retire()
+            log.info("gradwatch: a new %s over the same parameters replaces the one wrapped "
+                     "before (an optimizer made each epoch): reported as %s, its step count "
+                     "going on", type(updating).__name__, watched.name)
         self._watched[id(updating)] = watched
         if self._recorder is not None:  # the first step is explained at its end
             self._recorder.start()
@@ -99,6 +106,14 @@ class GradientMonitor(MonitorCore):
         if ddp_model is not None:
             self._hook_into(ddp_model)
         return optimizer
+
+    def _replaced_by(self, optimizer: torch.optim.Optimizer) -> _Watched | None:
+        """The wrapped optimizer that ``optimizer`` replaces: one of its class over the
+        same parameters (a loop that makes an optimizer each epoch). Watching both would
+        keep every old one alive, and make a session and a name for each."""
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return next((w for w in self._watched.values()
+                     if type(w.optimizer) is type(optimizer) and w.param_ids == ids), None)
 
     def _hook_into(self, model: Any) -> None:
         """Registers the measuring communication hook on a DDP model, unless it has one."""
@@ -247,13 +262,23 @@ class _Watched:
     frozen; succeeded by a larger one when more of its parameters train)."""
 
     def __init__(self, monitor: GradientMonitor, optimizer: torch.optim.Optimizer,
-                 model: torch.nn.Module | None) -> None:
+                 model: torch.nn.Module | None, replaced: _Watched | None = None) -> None:
+        """``replaced``: the watched optimizer this one replaces (`GradientMonitor.wrap`):
+        its name, and its sessions' key and step count, go on here."""
         self.monitor = monitor
         self.optimizer = optimizer
         #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called); it names
         #: the parameters.
         self.model = model
-        self.name = monitor.optimizer_name(optimizer)
+        #: The key of its sessions (`MonitorCore.adopt`), and the number of its first step.
+        self._key, self._first_step = id(self), 0
+        if replaced is None:
+            self.name = monitor.optimizer_name(optimizer)
+        else:
+            self.name = monitor.pass_name(id(replaced.optimizer), id(optimizer))
+            self._key = replaced._key
+            if replaced._session is not None:
+                self._first_step = replaced._session.steps
         #: The optimizer's parameters; from the first step, the watched ones (see `_create`).
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if not self.params:
@@ -339,7 +364,7 @@ class _Watched:
             self.names = [n for n, t in zip(self.names, trainable, strict=True) if t]
         with monitor.session_lock:
             monitor.identify_by_process_group()
-        self._session = self._start(self.params, self.names)
+        self._session = self._start(self.params, self.names, self._first_step)
         self._failed = self._session is None
 
     def _start(self, params: list[torch.Tensor], names: list[str],
@@ -358,7 +383,7 @@ class _Watched:
             log.exception("gradwatch: cannot watch %s", self.name)
             return None
         with monitor.session_lock:
-            monitor.adopt(id(self), session)
+            monitor.adopt(self._key, session)
         return session
 
     def _layout(self) -> tuple[int, int]:
@@ -430,6 +455,12 @@ class _Watched:
     def remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
+
+    def retire(self) -> None:
+        """Stops watching: another optimizer replaced this one (its steps, if it takes any
+        more, are not reported)."""
+        self.remove_hooks()
+        self._failed = True
 
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple | None:
         """Before ``optimizer.step``: measures now, or, when the step is given a closure

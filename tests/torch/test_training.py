@@ -1107,3 +1107,30 @@ def test_ddp_and_data_parallel_are_seen_through_their_wrappers(collector, job_na
         train(parallel, optimizer, 1)
     assert set(metrics(collector, "gradwatch_gradient_present", job_name, optimizer="Adam")) \
         == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+
+
+def test_an_optimizer_made_each_epoch_continues_the_one_before(collector, job_name, caplog):
+    """A loop that makes a new optimizer over the same parameters each epoch and wraps it:
+    one optimizer name, its step count going on, and the old optimizers not kept alive."""
+    import gc
+    import weakref
+
+    model = Net()
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    first = None
+    with monitor_for(collector, job_name) as monitor:
+        for _ in range(3):
+            optimizer = monitor.wrap(torch.optim.AdamW(model.parameters(), 1e-2), model)
+            first = first or weakref.ref(optimizer)
+            norms = train(model, optimizer, 2)
+        del optimizer
+        gc.collect()
+        assert first() is None
+        assert len(monitor._watched) == 1
+    assert gradwatch_warnings(caplog) == []
+    assert caplog.text.count("over the same parameters replaces the one wrapped before") == 2
+    assert metrics(collector, "gradwatch_steps_total", job_name) == {
+        f"optimizer=AdamW,task_index=0,task_type=worker,training_job={job_name}": 6.0}
+    assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [5.0]
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms[-1], rel=1e-5)
