@@ -115,6 +115,28 @@ class GradientMonitor(MonitorCore):
         return next((w for w in self._watched.values()
                      if type(w.optimizer) is type(optimizer) and w.param_ids == ids), None)
 
+    def ddp_made(self, ddp_model: Any) -> None:
+        """A DistributedDataParallel was just made: if it holds parameters of optimizers
+        wrapped before (with its module, or none), it gets the measuring hook at its first
+        forward (after any hook of the user's, registered meanwhile: DDP takes one), and
+        their sessions say DDP distributes them."""
+        try:
+            ids = {id(p) for p in ddp_model.parameters()}
+            found = [w for w in self._watched.values() if w.param_ids & ids]
+            for watched in found:
+                watched.strategy = "DistributedDataParallel"
+            if not found:
+                return
+
+            def first_forward(module: Any, args: Any) -> None:
+                handle.remove()
+                if not self._closed:
+                    self._hook_into(module)
+
+            handle = ddp_model.register_forward_pre_hook(first_forward)
+        except Exception:  # gradwatch must never break training
+            log.exception("gradwatch: cannot watch a new DistributedDataParallel")
+
     def _hook_into(self, model: Any) -> None:
         """Registers the measuring communication hook on a DDP model, unless it has one."""
         hook = ddp.comm_hook_of(model)

@@ -14,7 +14,10 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
   a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
   is reported — as skipped, since the session says its loss is scaled;
 - ``torch.nn.Module.zero_grad``: a wrapped optimizer's model zeroing its gradients
-  (in place, ``set_to_none=False``) says its gradients are not the next step's yet.
+  (in place, ``set_to_none=False``) says its gradients are not the next step's yet;
+- ``DistributedDataParallel.__init__``: a DDP made around parameters of an optimizer
+  wrapped before (Hugging Face Accelerate's ``prepare`` after ``wrap``) gets the measuring
+  communication hook, so each rank's gradients are measured before the all-reduce.
 """
 
 from __future__ import annotations
@@ -112,6 +115,16 @@ def _module_zero_grad(original: Callable) -> Callable:
     return zero_grad
 
 
+def _ddp_init(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __init__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        for monitor in list(_monitors):
+            monitor.ddp_made(self)
+
+    return __init__
+
+
 def _watched(optimizer: Any) -> Any:
     for monitor in list(_monitors):
         watched = monitor.watched(optimizer)
@@ -131,6 +144,7 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
     (GradScaler, "unscale_", _unscale),
     (GradScaler, "step", _step),
     (torch.nn.Module, "zero_grad", _module_zero_grad),
+    (torch.nn.parallel.DistributedDataParallel, "__init__", _ddp_init),
 ]
 
 

@@ -1134,3 +1134,31 @@ def test_an_optimizer_made_each_epoch_continues_the_one_before(collector, job_na
     assert list(metrics(collector, "gradwatch_last_step", job_name).values()) == [5.0]
     assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
         norms[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("own_hook", [False, True], ids=["DDP made after wrap",
+                                                          "and a hook of the user's"])
+def test_a_ddp_made_after_wrap_gets_the_measuring_hook(collector, job_name, caplog,
+                                                       own_hook, one_rank_group):
+    """Hugging Face Accelerate's ``prepare`` (or a script) wraps the model in DDP after
+    the optimizer was wrapped with the plain model: the DDP gets the measuring hook at
+    its first forward, unless the user registered one of their own meanwhile (then one
+    warning, as for any hook of the user's)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    from gradwatch.agent.torch import ddp
+
+    model = Net()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with monitor_for(collector, job_name) as monitor:
+            optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+            distributed = torch.nn.parallel.DistributedDataParallel(model)
+            if own_hook:
+                distributed.register_comm_hook(None, fp16_compress_hook)
+            train(distributed, optimizer, 3)
+    assert ddp.measures(ddp.comm_hook_of(distributed)) is not own_hook
+    warnings = gradwatch_warnings(caplog)
+    assert len(warnings) == own_hook, warnings
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
+        "hidden.weight", "hidden.bias", "out.weight", "out.bias"}
