@@ -339,11 +339,15 @@ class _Watched:
         self._patch_zero_grad(optimizer)
 
     def _names(self, params: list[torch.Tensor]) -> list[str]:
-        """``params``' names in the model, else ``group{i}.param{j}`` (their place in the
-        optimizer)."""
+        """``params``' names in the model, else those the optimizer was given (torch ≥ 2.6
+        keeps ``model.named_parameters()``'s as ``param_names``), else ``group{i}.param{j}``
+        (their place in the optimizer)."""
         names = parameter_names(self.model) if self.model is not None else {}
-        places = {id(p): f"group{g}.param{j}" for g, group in
-                  enumerate(self.optimizer.param_groups) for j, p in enumerate(group["params"])}
+        places = {}
+        for g, group in enumerate(self.optimizer.param_groups):
+            given = group.get("param_names") or ()
+            for j, p in enumerate(group["params"]):
+                places[id(p)] = given[j] if j < len(given) else f"group{g}.param{j}"
         return [names.get(id(p)) or places[id(p)] for p in params]
 
     def session(self) -> TorchSession | None:

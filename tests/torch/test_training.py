@@ -88,6 +88,18 @@ def test_every_parameter_of_every_step_is_reported_by_name(collector, job_name, 
     assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
 
 
+def test_an_optimizer_given_named_parameters_names_them_without_the_model(collector,
+                                                                          job_name):
+    """torch >= 2.6 optimizers keep the names of ``model.named_parameters()``: wrapped
+    without the model, the parameters are reported by those names."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.named_parameters(), 1e-2))
+        train(model, optimizer, 1)
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
+        "hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+
+
 def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, job_name, layout):
     model = Net(extra=True)
     # Flushing every millisecond, the first page must already say why (the first step is
