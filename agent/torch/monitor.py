@@ -79,7 +79,8 @@ class GradientMonitor(MonitorCore):
     def wrap(self, optimizer: torch.optim.Optimizer,
              model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Watches every parameter of ``optimizer`` (patched in place, returned). ``model``
-        (plain, DDP, FSDP or ``torch.compile``d) names the parameters; without it they are
+        (plain, DDP, FSDP or ``torch.compile``d) names the parameters; without it, the
+        names the optimizer was given (``model.named_parameters()``), else
         ``group{i}.param{j}``. Under DDP, pass the DDP model: its communication hook
         measures each rank's gradients before the all-reduce (wrap before the first
         backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``
