@@ -85,15 +85,15 @@ class Collector:
         self.metrics_port = await self._start_http()
         self.dispatcher.start()
         self._timers = self._start_timers()
-        grpc_host = split_host_port(self.config.grpc_address)[0]
-        metrics_host = split_host_port(self.config.metrics_address)[0]
+        grpc = _host_port(split_host_port(self.config.grpc_address)[0], self.grpc_port)
+        metrics = _host_port(split_host_port(self.config.metrics_address)[0],
+                             self.metrics_port)
         scheme = self.web_security.scheme if self.web_security else "http"
-        log.info("gradwatch collector serving gRPC on %s:%d, metrics on %s://%s:%d/metrics",
-                 grpc_host, self.grpc_port, scheme, metrics_host, self.metrics_port)
+        log.info("gradwatch collector serving gRPC on %s, metrics on %s://%s/metrics",
+                 grpc, scheme, metrics)
         if self.config.ready_file:
             _write_json(self.config.ready_file, {
-                "grpc": f"{grpc_host}:{self.grpc_port}",
-                "metrics": f"{metrics_host}:{self.metrics_port}", "metrics_scheme": scheme,
+                "grpc": grpc, "metrics": metrics, "metrics_scheme": scheme,
                 "pid": os.getpid()})
 
     async def _start_grpc(self) -> int:
@@ -113,15 +113,20 @@ class Collector:
         gradwatch_pb2_grpc.add_GradientWatchServicer_to_server(self.service, self._grpc)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        if config.grpc_tls_cert_file:
-            certificates = ServerCertificates(config.grpc_tls_cert_file,
-                                              config.grpc_tls_key_file,
-                                              config.grpc_tls_client_ca_file)
-            port = self._grpc.add_secure_port(config.grpc_address, certificates.credentials())
-        else:
-            port = self._grpc.add_insecure_port(config.grpc_address)
+        try:
+            if config.grpc_tls_cert_file:
+                certificates = ServerCertificates(config.grpc_tls_cert_file,
+                                                  config.grpc_tls_key_file,
+                                                  config.grpc_tls_client_ca_file)
+                port = self._grpc.add_secure_port(config.grpc_address,
+                                                  certificates.credentials())
+            else:
+                port = self._grpc.add_insecure_port(config.grpc_address)
+        except RuntimeError:  # grpcio: "Failed to bind to address" (in use, or no such host)
+            port = 0
         if not port:
-            raise OSError(f"cannot bind gRPC address {config.grpc_address}")
+            raise OSError(f"cannot bind gRPC address {config.grpc_address} (in use, or not an "
+                          "address of this host)")
         await self._grpc.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -213,6 +218,11 @@ def _write_json(path: str, data: dict) -> None:
     tmp.replace(path)
 
 
+def _host_port(host: str, port: int) -> str:
+    """``HOST:PORT`` as agents and URLs take it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def serve(config: CollectorConfig) -> None:
     """Runs until SIGINT or SIGTERM, then drains streams and flushes sinks."""
     collector = Collector(config)
@@ -225,6 +235,11 @@ async def serve(config: CollectorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Prometheus and Alertmanager reload their configuration on SIGHUP; this collector
+    # does not (it would otherwise die at once, without draining): it says so.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: the collector does not reload its configuration; restart it (SIGTERM "
+        "drains the streams first) to apply changes"))
     await stop.wait()
     log.info("shutting down")
     await collector.stop(config.shutdown_grace_seconds)

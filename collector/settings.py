@@ -272,4 +272,6 @@ def split_host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {address!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port {int(port)} out of range (0 to 65535) in {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port)

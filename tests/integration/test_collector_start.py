@@ -17,25 +17,59 @@ def test_collector_refuses_to_start_with_every_error_listed(tmp_path):
     path.write_text(json.dumps({"rules": {"GradientExploding": {"max_norm": "big"}}}))
     result = subprocess.run(
         [sys.executable, "-m", "gradwatch", "collector", "--config", str(path),
-         "--resolve-after", "-1"], capture_output=True, text=True, timeout=60)
+         "--resolve-after", "-1", "--grpc-address", "127.0.0.1:99999"],
+        capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "invalid configuration (2 errors):" in result.stderr
+    assert "invalid configuration (3 errors):" in result.stderr
     assert "rules.GradientExploding.max_norm: expected float, got 'big'" in result.stderr
     assert "resolve_after_seconds = '-1' (from --resolve-after)" in result.stderr
+    assert "port 99999 out of range (0 to 65535)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_collector_says_why_it_cannot_start_when_its_port_is_taken():
+@pytest.mark.parametrize("taken_port", ["grpc", "metrics"])
+def test_collector_says_why_it_cannot_start_when_its_port_is_taken(taken_port):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        addresses = {"grpc": "127.0.0.1:0", "metrics": "127.0.0.1:0",
+                     taken_port: f"127.0.0.1:{port}"}
         result = subprocess.run(
-            [sys.executable, "-m", "gradwatch", "collector", "--grpc-address", "127.0.0.1:0",
-             "--metrics-address", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "gradwatch", "collector",
+             "--grpc-address", addresses["grpc"], "--metrics-address", addresses["metrics"]],
             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "cannot start" in result.stderr and "address already in use" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "cannot start" in result.stderr and ("address already in use" in result.stderr
+                                               or "cannot bind gRPC address" in result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_sighup_is_ignored_with_a_line_and_sigterm_still_drains(tmp_path):
+    """Prometheus and Alertmanager reload their configuration on SIGHUP; an engineer may
+    send it to the collector too, which must neither die nor pretend to reload."""
+    import signal
+    import time
+
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradwatch", "collector", "--grpc-address", "127.0.0.1:0",
+         "--metrics-address", "127.0.0.1:0", "--ready-file", str(ready)],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None, "SIGHUP killed the collector"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    stderr = process.stderr.read()
+    assert "SIGHUP ignored: the collector does not reload its configuration" in stderr
+    assert "Traceback" not in stderr
