@@ -89,9 +89,11 @@ def _number(value: float) -> float | str:
     return value
 
 
-def _series(steps: np.ndarray, values: np.ndarray) -> list[list[float]]:
-    return [[int(s), float(v)] for s, v in zip(steps.tolist(), values.tolist(), strict=True)
-            if v == v]  # NaN: no report at that step
+def _series(steps: np.ndarray, values: np.ndarray) -> list[list[float | str]]:
+    """``[step, value]`` pairs; a NaN value (no report at that step) is left out, an
+    infinite one reads "Inf"."""
+    return [[int(s), _number(v)] for s, v in zip(steps.tolist(), values.tolist(), strict=True)
+            if v == v]
 
 
 def detail(registry: Registry, tracker: AlertTracker, job: str) -> dict | None:

@@ -227,7 +227,10 @@ class WebUI:
         found = jobs.detail(self.registry, self.tracker, name)
         if found is None:
             raise web.HTTPNotFound(text="unknown training job\n")
-        offset = max(0, int(request.query.get("offset", "0") or 0))
+        try:
+            offset = max(0, int(request.query.get("offset", "0") or 0))
+        except ValueError:
+            raise web.HTTPBadRequest(text="offset is an integer\n") from None
         parts = [f"<h1>{_e(name)}</h1><p class=summary>{found['tasks']} tasks &times; "
                  f"{found['replicas']} replicas · last step {found['last_step']} · "
                  f"{found['steps_per_second']:.2f} steps/s · last report "
@@ -318,7 +321,10 @@ class WebUI:
         return max(4, min(24, 720 // max(steps, 1))), max(3, min(14, 700 // max(rows, 1)))
 
     def _global_norm_svg(self, series: list[dict]) -> str:
-        points = [(p[0], p[1]) for s in series for p in s["points"] if p[1] > 0]
+        def drawn(points: list) -> list:  # finite, positive norms ("Inf" leaves a gap)
+            return [p for p in points if isinstance(p[1], float) and p[1] > 0]
+
+        points = [p for s in series for p in drawn(s["points"])]
         if not points:
             return ""
         steps = [p[0] for p in points]
@@ -334,7 +340,7 @@ class WebUI:
             coords = " ".join(
                 f"{(p[0] - x0) / max(x1 - x0, 1) * w:.1f},"
                 f"{h - (math.log10(p[1]) - y0) / (y1 - y0) * h:.1f}"
-                for p in s["points"] if p[1] > 0)
+                for p in drawn(s["points"]))
             if coords:
                 lines.append(f"<polyline points='{coords}' stroke='{palette[k % 6]}'>"
                              f"<title>{_e(s['task'])} replica {s['replica']}</title>"

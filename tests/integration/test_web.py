@@ -245,3 +245,32 @@ def test_docs_screenshot(collector, trained_job, browser):
     wait_for_steps(collector, trained_job, "sgd", 11)
     browser.get(f"{base_url(collector)}/jobs/{trained_job}")
     browser.save_screenshot(os.environ["GRADWATCH_SCREENSHOT"])
+
+
+def test_an_infinite_norm_is_valid_json_and_a_bad_offset_a_400(collector):
+    """A gradient with an Inf element makes the global norm infinite: the API says "Inf"
+    (strict JSON), the job page draws a gap. A page offset that is not a number is the
+    client's mistake (400), not the server's (500)."""
+    import urllib.error
+
+    job = "web-job-inf"
+    variable = tf.Variable([1.0, 2.0])
+    with GradientMonitor(collector=collector.grpc_target, training_job=job,
+                         flush_interval_s=0.05) as monitor:
+        for step in range(3):
+            grad = tf.constant([np.inf, 1.0]) if step == 1 else tf.constant([3.0, 4.0])
+            monitor.observe([grad], [variable], step=step)
+    url = f"{base_url(collector)}/api/v1/jobs/{job}"
+
+    def strict(constant: str):
+        raise AssertionError(f"not JSON: {constant}")
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        found = json.loads(response.read(), parse_constant=strict)
+    (series,) = found["groups"][0]["global_norm"]
+    assert [p[1] for p in series["points"]] == [5.0, "Inf", 5.0]
+    with urllib.request.urlopen(f"{base_url(collector)}/jobs/{job}", timeout=10) as response:
+        assert "<polyline" in response.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{base_url(collector)}/jobs/{job}?offset=abc", timeout=10)
+    assert refused.value.code == 400
