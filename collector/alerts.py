@@ -155,3 +155,13 @@ class AlertTracker:
         """A firing notification for every active alert (for periodic re-sends)."""
         return [Notification(a.alert, a.starts_at)
                 for scope in self._active.values() for a in scope.values()]
+
+    def resolved_within(self, seconds: float, now: float | None = None) -> list[Notification]:
+        """The resolutions of the last ``seconds``, the latest per alert and none of an
+        alert firing again (for periodic re-sends: an Alertmanager that restarted when one
+        was sent gets it again, as Prometheus re-sends them)."""
+        now = time.time() if now is None else now
+        firing = {a.alert.key for scope in self._active.values() for a in scope.values()}
+        latest = {n.alert.key: n for n in self.resolved
+                  if n.ends_at is not None and now - n.ends_at < seconds}
+        return [n for key, n in latest.items() if key not in firing]

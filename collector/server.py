@@ -36,6 +36,10 @@ from gradwatch.collector.web_config import RELOAD_INTERVAL_S, WebSecurity
 from gradwatch.proto.v1 import gradwatch_pb2, gradwatch_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: How long a resolution is re-sent to Alertmanager with the firing alerts (as Prometheus
+#: re-sends resolved alerts for 15 minutes): one that an Alertmanager restart lost arrives.
+RESOLVED_RESEND_S = 15 * 60.0
 SERVICE_NAME = gradwatch_pb2.DESCRIPTOR.services_by_name["GradientWatch"].full_name
 
 
@@ -172,7 +176,10 @@ class Collector:
         self.rules.tick([*self.registry.groups.values(), *expired])
 
     def _resend(self) -> None:
-        for notification in self.alerts.firing():
+        """Firing alerts, and resolutions of the last `RESOLVED_RESEND_S`, again to the
+        sinks that want re-sends (Alertmanager)."""
+        for notification in [*self.alerts.firing(),
+                             *self.alerts.resolved_within(RESOLVED_RESEND_S)]:
             self.dispatcher.submit(notification, resend=True)
 
     async def _serve_metrics(self, request: web.Request) -> web.Response:

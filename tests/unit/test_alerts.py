@@ -103,3 +103,20 @@ def test_dispatcher_resends_only_to_sinks_that_want_them():
     am_got, hook_got, outcomes = asyncio.run(scenario())
     assert len(am_got) == 2 and len(hook_got) == 1
     assert outcomes == {("am", "sent"): 2, ("hook", "sent"): 1}
+
+
+def test_resolutions_are_resent_for_a_while_unless_the_alert_fires_again():
+    """An Alertmanager restarted while a resolution was sent would keep the page open: the
+    collector re-sends resolutions of the last 15 minutes with its firing alerts (as
+    Prometheus does), the latest per alert, and not once the alert fires again."""
+    h = Harness()
+    s = h.register()
+    h.feed(s, [1, 0, 1])
+    h.clock.now = 1010.0
+    h.feed(s, [1, 1, 1])
+    (resolution,) = h.tracker.resolved_within(900.0, now=1020.0)
+    assert (resolution.status, resolution.ends_at) == ("resolved", 1010.0)
+    assert h.tracker.resolved_within(900.0, now=1010.0 + 900.0) == []
+    h.clock.now = 1030.0
+    h.feed(s, [1, 0, 1])  # the same alert fires again
+    assert h.tracker.resolved_within(900.0, now=1040.0) == []
