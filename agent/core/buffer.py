@@ -126,17 +126,24 @@ class SessionBuffer:
         for step in steps:
             step.rewound = step.step < self.last_step
             self.last_step = step.step
-        diagnoses = self.unsent_diagnoses()
-        self.diagnoses_sent.update((d.variable_id, d) for d in diagnoses)
         batch = pb.ReportBatch(session_id=self.session_id, sequence=self.next_sequence,
-                               dropped_steps=self.dropped, diagnoses=diagnoses, steps=steps,
-                               final=final)
-        for diagnosis in batch.diagnoses:  # copies: an older collector refuses newer causes
-            if diagnosis.cause > self.max_cause:
-                diagnosis.cause = pb.Diagnosis.UNKNOWN
+                               dropped_steps=self.dropped, steps=steps, final=final)
+        self.attach_diagnoses(batch)
         self.next_sequence += 1
         self.unacked.append(batch)
         return batch
+
+    def attach_diagnoses(self, batch: pb.ReportBatch) -> None:
+        """Adds the diagnoses not sent since the session was (re-)registered to ``batch``
+        (one it holds none of): a new batch, or the first one replayed to a collector that
+        registered the session again, so that the rules see them with its steps."""
+        carried = {d.variable_id for d in batch.diagnoses}
+        diagnoses = [d for d in self.unsent_diagnoses() if d.variable_id not in carried]
+        self.diagnoses_sent.update((d.variable_id, d) for d in diagnoses)
+        batch.diagnoses.extend(diagnoses)
+        for diagnosis in batch.diagnoses:  # copies: an older collector refuses newer causes
+            if diagnosis.cause > self.max_cause:
+                diagnosis.cause = pb.Diagnosis.UNKNOWN
 
     def acknowledge(self, sequence: int) -> None:
         self.acked = max(self.acked, sequence)

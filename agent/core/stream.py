@@ -208,6 +208,7 @@ class Connection:
         """Sends again, under its session id here, what ``buffer`` has had no ack for."""
         for batch in list(buffer.unacked):  # acks arriving meanwhile remove from it
             batch.session_id = buffer.session_id
+            buffer.attach_diagnoses(batch)  # registered again: they go with its first batch
             await self._write(call, buffer, batch, acks)
 
     async def _send(self, call, buffer: SessionBuffer, acks: asyncio.Future,

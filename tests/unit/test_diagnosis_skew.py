@@ -1,5 +1,7 @@
-"""A newer agent's diagnosis cause reaches an older collector as ``unknown``, with its
-explanation intact, instead of getting the whole batch refused (its steps dropped)."""
+"""Diagnoses on the wire: a newer agent's cause reaches an older collector as ``unknown``,
+with its explanation intact, instead of getting the whole batch refused (its steps
+dropped); a collector that registered a session again gets them with the first batch it
+is sent."""
 
 from __future__ import annotations
 
@@ -48,3 +50,22 @@ def test_a_collector_that_knows_the_cause_gets_it():
         session_id="s", max_cause=max(pb.Diagnosis.Cause.values())))
     (sent,) = newer.next_batch().diagnoses
     assert sent.cause == pb.Diagnosis.CLEARED
+
+
+def test_a_collector_that_registered_the_session_again_gets_the_diagnoses_first():
+    """The collector restarted while batches were unacknowledged: the first batch
+    replayed to it carries the diagnoses, so the alert its steps raise says why at once
+    (sent after them, the cause would reach the alert one update interval later)."""
+    buffer = buffer_registered_with(pb.RegisterResponse(session_id="s"))
+    buffer.next_batch()
+    buffer.acknowledge(1)  # the diagnosis went out, and was applied
+    unacked = buffer.next_batch()
+    assert list(unacked.diagnoses) == []
+    buffer.forget("collector:8470")  # the collector restarted: registered again
+    buffer.connect("collector:8470")
+    buffer.registered("collector:8470", pb.RegisterResponse(session_id="t"))
+    buffer.attach_diagnoses(unacked)  # as the stream does for each replayed batch
+    assert [d.variable_id for d in unacked.diagnoses] == [0]
+    buffer.attach_diagnoses(unacked)  # replayed again: not twice
+    assert len(unacked.diagnoses) == 1
+    assert list(buffer.next_batch().diagnoses) == []
