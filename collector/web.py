@@ -245,7 +245,11 @@ class WebUI:
         def item(alert: dict) -> str:
             notes = alert["annotations"]
             runbook = notes.get("runbook_url", "")
-            link = f" <a href='{_e(runbook)}'>runbook</a>" if runbook else ""
+            # The default, a path in gradwatch's repository, is named, not linked (relative
+            # to this page it leads nowhere); set runbook_url to a URL to get a link.
+            link = (f" <a href='{_e(runbook)}'>runbook</a>"
+                    if runbook.startswith(("http://", "https://")) else
+                    f" <small>runbook: {_e(runbook)}</small>" if runbook else "")
             when = (f"since {_age(time.time() - alert['starts_at'])}" if alert["ends_at"] is None
                     else f"resolved {_age(time.time() - alert['ends_at'])} ago")
             return (f"<li class='alert {_e(alert['status'])} {_e(alert['severity'])}'>"

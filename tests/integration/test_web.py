@@ -122,6 +122,11 @@ def test_the_api_says_which_variables_miss_gradients_and_why(collector, trained_
     (probe,) = [g for g in found["groups"] if g["optimizer"] == "probe"]
     assert probe["variables"][0]["norm"] == "NaN"  # JSON has no NaN: said in words
     assert firing_names(found) == {"GradientMissing", "GradientNonFinite"}
+    # The default runbook_url is a path in gradwatch's repository: named, not a dead link.
+    with urllib.request.urlopen(f"{base_url(collector)}/jobs/{trained_job}") as response:
+        page = response.read().decode()
+    assert "runbook: docs/runbook.md#gradientmissing" in page
+    assert "href='docs/runbook.md" not in page
 
 
 def firing_names(found: dict) -> set[str]:
