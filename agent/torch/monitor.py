@@ -282,7 +282,7 @@ def _initialising_state() -> bool:
 class _Watched:
     """One wrapped optimizer: its patched methods and its session (created at the first
     step, when it is known whether a GradScaler drives it and which parameters are
-    frozen; succeeded by a larger one when more of its parameters train)."""
+    frozen; succeeded by another when the parameters it trains change)."""
 
     def __init__(self, monitor: GradientMonitor, optimizer: torch.optim.Optimizer,
                  model: torch.nn.Module | None, replaced: _Watched | None = None) -> None:
@@ -309,7 +309,7 @@ class _Watched:
         #: Every parameter of the optimizer, watched or not (clipping them measures).
         self.param_ids = {id(p) for p in self.params}
         #: `_layout` at the latest look (see `_regrouped`).
-        self._seen = self._layout()
+        self._layout_seen = self._layout()
         self.names = self._names(self.params)
         self.device = local_tensor(self.params[0]).device
         self.strategy = strategy_of(model)
@@ -422,7 +422,7 @@ class _Watched:
         """Whether the param groups hold other parameters than at the latest look: counted
         every step (``add_param_group``, parameters appended to or removed from a group's
         list), compared one by one every `THAW_CHECK_STEPS` (one swapped for another)."""
-        return self._layout() != self._seen or (
+        return self._layout() != self._layout_seen or (
             session.steps % THAW_CHECK_STEPS == 0
             and {id(p) for group in self.optimizer.param_groups for p in group["params"]}
             != self.param_ids)
@@ -435,7 +435,7 @@ class _Watched:
         and continues the step count; the collector gets it once the current session's
         steps are in (training thread, before the step's statistics are taken)."""
         optimizer = self.optimizer
-        self._seen = self._layout()
+        self._layout_seen = self._layout()
         everything = [p for group in optimizer.param_groups for p in group["params"]]
         self.param_ids = {id(p) for p in everything}
         kept = [k for k, p in enumerate(self.params) if id(p) in self.param_ids]
