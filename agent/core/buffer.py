@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from gradwatch.agent.core.session import Session
@@ -181,6 +182,8 @@ class Buffer:
         self.sessions: list[SessionBuffer] = []
         self._lock = threading.Lock()
         self._new: list[Session] = []
+        #: When `drain` last ran (monotonic seconds).
+        self.drained_at = 0.0
 
     def add(self, session: Session) -> None:
         """Takes a new session (any thread); it is read from the next `drain` on."""
@@ -189,6 +192,7 @@ class Buffer:
 
     def drain(self) -> None:
         """Moves every session's new steps into the buffer, then enforces the limit."""
+        self.drained_at = time.monotonic()
         with self._lock:
             new, self._new = self._new, []
         for session in new:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 
 from gradwatch.agent.core.buffer import Buffer
@@ -101,9 +102,7 @@ class Sender:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._loop.run_until_complete(self.failover.run(
-                self._connect, lambda: self._stopping.is_set() and self._drained.is_set(),
-                self.buffer.drain))
+            self._loop.run_until_complete(self._serve())
         except asyncio.CancelledError:
             pass
         finally:
@@ -115,6 +114,26 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError):
                 self._loop.run_until_complete(asyncio.sleep(0.1))
             self._loop.close()
+
+    async def _serve(self) -> None:
+        keeper = asyncio.ensure_future(self._keep_draining())
+        try:
+            await self.failover.run(
+                self._connect, lambda: self._stopping.is_set() and self._drained.is_set(),
+                self.buffer.drain)
+        finally:
+            keeper.cancel()
+
+    async def _keep_draining(self) -> None:
+        """Empties the device buffers when the connection has not for a flush interval and
+        a half: while it waits on a collector that does not answer (a ``Register``, a write
+        it does not read, a TLS or DNS lookup), the device rings, far smaller than the host
+        buffer, would overflow first."""
+        interval = self.settings.flush_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.buffer.drained_at >= 1.5 * interval:
+                self.buffer.drain()
 
     def _cancel_all(self) -> None:
         for task in asyncio.all_tasks(self._loop):

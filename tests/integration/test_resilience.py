@@ -151,6 +151,25 @@ def test_overflowing_buffer_drops_the_oldest_steps_and_reports_how_many(job_name
     assert metrics["gradwatch_last_step"] == 99, "the oldest steps went, the newest stayed"
 
 
+def test_a_collector_that_never_answers_leaves_the_device_buffer_emptied(job_name):
+    """The sender waits on a collector that accepts and never answers (a Register, up to
+    its deadline): the device ring (16 steps here) is still emptied every flush
+    interval into the host buffer, which has room, so no step is dropped."""
+    from tests.support.faults import Blackhole
+
+    with Blackhole() as hole:
+        monitor, trainer = reporting_trainer(hole.address, job_name, buffer_steps=16)
+        for _ in range(20):
+            trainer.train(10)
+            time.sleep(0.05)
+        time.sleep(0.2)
+        buffers = monitor._sender.buffer.sessions
+        held = sum(b.buffered_steps() for b in buffers)
+        dropped = sum(b.dropped for b in buffers)
+        monitor.close(timeout_s=0.2)
+    assert (held, dropped) == (200, 0)
+
+
 def test_a_batch_the_collector_refuses_is_dropped_alone(job_name, tmp_path, caplog):
     """A collector stricter than the agent (here: diagnosis texts of at most 64 characters)
     refuses the batch carrying the diagnosis of an unused layer. The agent drops that batch
