@@ -263,15 +263,24 @@ class Recorder:
     def take(self) -> StepRecording | None:
         """The recording completed at the last ``backward()``, once. A recording still
         going (a whole step without ``backward()`` on this thread) is dropped: recording
-        never outlasts a step."""
+        never outlasts a step. Only the recording's thread takes it (another thread's step,
+        where several train, is not the step recorded)."""
+        if self._thread is not None and threading.get_ident() != self._thread:
+            return None
         completed, self._completed = self._completed, None
         if completed is None and self._recording is not None:
             self.stop()
         return completed
 
     def stop(self) -> None:
+        """Ends recording. The mode is left on the thread that entered it (a mode stack is
+        per thread): from another thread (a monitor closed there) it only stops recording."""
         if self._recording is not None:
-            self._recording.__exit__(None, None, None)
+            if threading.get_ident() == self._thread:
+                self._recording.__exit__(None, None, None)
+            else:
+                self._recording.abandoned = True  # records nothing more, keeps nothing
+                self._recording.calls, self._recording._alive = [], {}
             self._recording = None
         if self._originals:
             (torch.Tensor.backward, torch.autograd.backward,

@@ -1174,3 +1174,26 @@ def test_a_ddp_made_after_wrap_gets_the_measuring_hook(collector, job_name, capl
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
     assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
         "hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+
+
+def test_two_training_threads_with_one_monitor(collector, job_name, caplog):
+    """Two threads, each training its own model with its own optimizer, one monitor: the
+    step recorded to explain a missing gradient stays on the thread that records it (a
+    torch function mode is per thread), so neither optimizer stops being watched."""
+    import threading
+
+    models = [Net(extra=True), Net(extra=True)]
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with monitor_for(collector, job_name) as monitor:
+            optimizers = [monitor.wrap(torch.optim.Adam(m.parameters(), 1e-3), m)
+                          for m in models]
+            threads = [threading.Thread(target=train, args=(m, o, 100))
+                       for m, o in zip(models, optimizers, strict=True)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert sorted(metrics(collector, "gradwatch_steps_total", job_name).values()) == [100.0,
+                                                                                     100.0]
