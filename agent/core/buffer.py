@@ -184,6 +184,7 @@ class Buffer:
         self._new: list[Session] = []
         #: When `drain` last ran (monotonic seconds).
         self.drained_at = 0.0
+        self._said_too_small = False  # that max_bytes holds not one step (said once)
 
     def add(self, session: Session) -> None:
         """Takes a new session (any thread); it is read from the next `drain` on."""
@@ -220,6 +221,11 @@ class Buffer:
             if excess <= 0:
                 break
             excess = buffer.drop_oldest(excess)
+            if buffer.step_bytes > self.max_bytes and not self._said_too_small:
+                self._said_too_small = True
+                log.warning("gradwatch: max_buffer_bytes (%d) holds not one step of %s (%d "
+                            "bytes): every step is dropped; raise GRADWATCH_MAX_BUFFER_BYTES",
+                            self.max_bytes, buffer.name, buffer.step_bytes)
 
     def remove_finished(self) -> None:
         """Forgets the ended sessions whose steps are all acknowledged; their successors

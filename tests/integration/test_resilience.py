@@ -357,3 +357,16 @@ def test_a_session_with_unacknowledged_steps_that_a_new_collector_cannot_take_ye
     assert refused["code=RESOURCE_EXHAUSTED,reason=sessions"] == 1, refused
     assert log.count("registered ") == 1, "the healthy session registered once, and stayed"
     assert not [r for r in caplog.records if "session_id ''" in r.getMessage()]
+
+
+def test_a_buffer_too_small_for_one_step_says_so_once(job_name, caplog):
+    """``max_buffer_bytes`` below one step's size drops every step: one line says so."""
+    import logging
+
+    with CollectorProcess() as collector, caplog.at_level(logging.WARNING, logger="gradwatch"):
+        monitor, trainer = reporting_trainer(collector.grpc_target, job_name,
+                                             max_buffer_bytes=step_bytes(1, 4) - 1)
+        trainer.train(20)
+        monitor.close(timeout_s=5)
+    lines = [r.getMessage() for r in caplog.records if "holds not one step" in r.getMessage()]
+    assert len(lines) == 1 and "GRADWATCH_MAX_BUFFER_BYTES" in lines[0], caplog.text
