@@ -44,6 +44,11 @@ def _split(target: str) -> tuple[str, str]:
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"collector address {target!r}: expected HOST:PORT")
+    if not 0 < int(port) <= 65535:
+        raise ValueError(f"collector address {target!r}: port out of range (1 to 65535)")
+    if "/" in host or host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"collector address {target!r}: expected HOST:PORT (no scheme "
+                         "but dns:///; an IPv6 host in brackets)")
     return host, port
 
 

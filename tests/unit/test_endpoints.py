@@ -23,9 +23,11 @@ def test_parse_accepts_one_address_a_list_and_a_dns_name():
     assert parse_targets("c:8470") == ["c:8470"]
     assert parse_targets("a:1, b:2,") == ["a:1", "b:2"]
     assert parse_targets("dns:///collector.ns.svc:8470") == ["dns:///collector.ns.svc:8470"]
+    assert parse_targets("[::1]:8470") == ["[::1]:8470"]
 
 
-@pytest.mark.parametrize("bad", ["", "c", "c:", ":8470", "c:http", "a:1,b"])
+@pytest.mark.parametrize("bad", ["", "c", "c:", ":8470", "c:http", "a:1,b", "c:99999", "c:0",
+                                 "http://c:8470", "[::1:8470"])
 def test_parse_rejects_what_is_not_host_port(bad):
     with pytest.raises(ValueError, match="collector address"):
         parse_targets(bad)
