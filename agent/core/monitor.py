@@ -64,6 +64,9 @@ class MonitorCore:
             log.error("gradwatch: disabled, invalid settings: %s", error)
             self.settings = AgentSettings(enabled=False)
         self.enabled = self.settings.enabled
+        for name, meant in AgentSettings.misspelt_variables().items():
+            log.warning("gradwatch: %s is not a setting (ignored); did you mean %s?", name,
+                        meant)
         self.identity: Identity = resolve_identity(self.settings, self.launchers,
                                                    report=self.enabled)
         if not self.enabled:

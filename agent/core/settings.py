@@ -16,6 +16,7 @@ The parsers (`parse_task_index`, `parse_label`) also check what launchers say
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -214,6 +215,21 @@ class AgentSettings:
         if errors:
             raise SettingsError(errors)
         return settings
+
+    @classmethod
+    def misspelt_variables(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Set ``GRADWATCH_*`` variables that are no setting but close to one (a typo, as
+        ``GRADWATCH_COLECTOR``), each with the setting's variable. Not close ones: the
+        collector's variables may share an environment."""
+        environ = os.environ if environ is None else environ
+        known = list(cls.environment_variables().values())
+        found = {}
+        for name in environ:
+            if name.startswith("GRADWATCH_") and name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+                if close:
+                    found[name] = close[0]
+        return found
 
     @classmethod
     def environment_variables(cls) -> dict[str, str]:

@@ -92,3 +92,28 @@ def test_a_misconfigured_monitor_disables_itself_with_one_line(monkeypatch, capl
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "disabled, invalid settings" in lines[0].getMessage()
     assert next(iter(environ)) in lines[0].getMessage()
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_meant():
+    """``GRADWATCH_COLECTOR`` would otherwise leave the default collector in use, without a
+    word; the collector's own variables (which may share an environment) are not flagged."""
+    from gradwatch.agent.core.settings import AgentSettings
+
+    environ = {"GRADWATCH_COLECTOR": "c:8470", "GRADWATCH_DISABLE": "1",
+               "GRADWATCH_COLLECTOR": "c:8470", "GRADWATCH_RESOLVE_AFTER": "30",
+               "GRADWATCH_CONFIG": "collector.yaml", "GRADWATCH_LOG_LEVEL": "debug"}
+    assert AgentSettings.misspelt_variables(environ) == {
+        "GRADWATCH_COLECTOR": "GRADWATCH_COLLECTOR", "GRADWATCH_DISABLE": "GRADWATCH_DISABLED"}
+
+
+def test_a_misspelt_variable_is_one_warning_when_the_monitor_starts(monkeypatch, caplog):
+    import logging
+
+    from gradwatch.agent.core.monitor import MonitorCore
+
+    monkeypatch.setenv("GRADWATCH_COLECTOR", "127.0.0.1:9")
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        MonitorCore(enabled=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradwatch: GRADWATCH_COLECTOR is not a setting (ignored); did you mean "
+        "GRADWATCH_COLLECTOR?"]
