@@ -64,6 +64,15 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    """An integer query parameter (absent or empty: ``default``); else 400."""
+    value = request.query.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} is an integer\n") from None
+
+
 def _number(value: float | str | None) -> str:
     if value is None:
         return "—"
@@ -227,10 +236,7 @@ class WebUI:
         found = jobs.detail(self.registry, self.tracker, name)
         if found is None:
             raise web.HTTPNotFound(text="unknown training job\n")
-        try:
-            offset = max(0, int(request.query.get("offset", "0") or 0))
-        except ValueError:
-            raise web.HTTPBadRequest(text="offset is an integer\n") from None
+        offset = max(0, _query_int(request, "offset", 0))
         parts = [f"<h1>{_e(name)}</h1><p class=summary>{found['tasks']} tasks &times; "
                  f"{found['replicas']} replicas · last step {found['last_step']} · "
                  f"{found['steps_per_second']:.2f} steps/s · last report "
@@ -379,11 +385,8 @@ class WebUI:
     def _heatmap_request(self, request: web.Request):
         job = request.match_info["job"]
         optimizer = request.query.get("optimizer", "")
-        try:
-            offset = max(0, int(request.query.get("offset", "0")))
-            limit = min(PAGE * 4, max(1, int(request.query.get("limit", str(PAGE)))))
-        except ValueError:
-            raise web.HTTPBadRequest(text="offset and limit are integers\n") from None
+        offset = max(0, _query_int(request, "offset", 0))
+        limit = min(PAGE * 4, max(1, _query_int(request, "limit", PAGE)))
         return self._group(job, optimizer), offset, limit
 
     async def heatmap_png(self, request: web.Request) -> web.Response:

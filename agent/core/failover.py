@@ -5,7 +5,7 @@ Every task of a job ranks the collector replicas by the job's name
 that fails (unreachable, refused registration, broken or ended stream, no
 acknowledgement in time) moves on to the next replica; when every replica failed,
 the sender waits with exponential backoff (``flush_interval_s`` doubling to 5 s,
-jitter ±50 %; still draining the sessions every flush interval) and starts over from
+jitter ±50 %; the sender keeps draining the sessions meanwhile) and starts over from
 the preferred one. While on a fallback, the preferred replicas' gRPC health is checked
 every ``failback_interval_s`` (±20 %); once one is SERVING the connection flushes,
 closes its sessions there and moves back, so all tasks of a job converge on one
@@ -52,10 +52,9 @@ class Failover:
         self.failback_interval_s = failback_interval_s
         self.rpc_timeout_s = rpc_timeout_s
 
-    async def run(self, connect: Connect, finished: Callable[[], bool],
-                  between: Callable[[], None]) -> None:
-        """Connects until a connection is `Outcome.DONE` or ``finished()``; ``between``
-        runs after each failed connection (the sender drains the sessions meanwhile)."""
+    async def run(self, connect: Connect, finished: Callable[[], bool]) -> None:
+        """Connects until a connection is `Outcome.DONE` or ``finished()`` (the sender
+        drains the sessions meanwhile, whatever the connection does)."""
         backoff = self.flush_interval_s
         while True:
             endpoints = rank(await self.resolve(), self.training_job)
@@ -77,9 +76,8 @@ class Failover:
                     break
                 if streamed:  # it worked until now: back off from scratch
                     backoff = self.flush_interval_s
-                between()
             else:  # every replica failed
-                await self._back_off(backoff * random.uniform(0.5, 1.5), between)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def resolve(self) -> list[Endpoint]:
@@ -96,16 +94,6 @@ class Failover:
             log.debug("gradwatch: %s not looked up: %s", self.targets,
                       error or f"no DNS answer in {self.rpc_timeout_s:g} s")
             return unresolved(self.targets)
-
-    async def _back_off(self, seconds: float, between: Callable[[], None]) -> None:
-        """Waits ``seconds``, calling ``between`` every flush interval meanwhile, so the
-        front ends' device buffers are emptied into the host buffer while no collector
-        answers (they hold only a few hundred steps)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while (left := deadline - loop.time()) > 0:
-            await asyncio.sleep(min(left, self.flush_interval_s))
-            between()
 
     async def preferred_is_back(self, preferred: list[Endpoint]) -> None:
         """Returns once a replica of ``preferred`` reports SERVING."""

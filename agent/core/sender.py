@@ -119,16 +119,15 @@ class Sender:
         keeper = asyncio.ensure_future(self._keep_draining())
         try:
             await self.failover.run(
-                self._connect, lambda: self._stopping.is_set() and self._drained.is_set(),
-                self.buffer.drain)
+                self._connect, lambda: self._stopping.is_set() and self._drained.is_set())
         finally:
             keeper.cancel()
 
     async def _keep_draining(self) -> None:
         """Empties the device buffers when the connection has not for a flush interval and
-        a half: while it waits on a collector that does not answer (a ``Register``, a write
-        it does not read, a TLS or DNS lookup), the device rings, far smaller than the host
-        buffer, would overflow first."""
+        a half: while no collector answers (backing off between attempts) or one waits (a
+        ``Register``, a write it does not read, a TLS or DNS lookup), the device rings, far
+        smaller than the host buffer, would overflow first."""
         interval = self.settings.flush_interval_s
         while True:
             await asyncio.sleep(interval)

@@ -280,7 +280,8 @@ class Recorder:
                 self._recording.__exit__(None, None, None)
             else:
                 self._recording.abandoned = True  # records nothing more, keeps nothing
-                self._recording.calls, self._recording._alive = [], {}
+                self._recording.calls = []
+                self._recording.release()
             self._recording = None
         if self._originals:
             (torch.Tensor.backward, torch.autograd.backward,
