@@ -2,18 +2,22 @@
 tests/torch/test_training.py: a ``DataLoader`` with ``num_workers=2`` forks its workers
 at every epoch, while the monitor streams to a collector. Then the process forks a child
 that steps the wrapped optimizer itself (PyTorch's Hogwild example shares a model with
-forked trainers) and exits normally.
+forked trainers) and exits normally; then a child that makes a monitor of its own, which
+cannot stream while the parent does; and, once the parent's monitor is closed, one that
+can (job ``<GRADWATCH_TRAINING_JOB>-child``, 3 steps).
 
     python forked_workers_job.py EPOCHS   (GRADWATCH_COLLECTOR, GRADWATCH_TRAINING_JOB set)
 
-Prints ``steps N`` and ``child exited C``; exits 0 if the parent's monitor delivered
-everything.
+Prints ``steps N`` and ``child exited C`` per child; exits 0 if the parent's monitor
+delivered everything.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +36,38 @@ class Squares(torch.utils.data.Dataset):
         return x, (x * x).sum(dim=0, keepdim=True)
 
 
+def in_child(run: Callable[[], int]) -> None:
+    """Forks a child that exits with ``run()``'s code (4 on an exception); prints it."""
+    child = os.fork()
+    if child == 0:
+        try:
+            code = run()
+        except BaseException:
+            code = 4
+        sys.stdout.flush()
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    print("child exited", os.waitstatus_to_exitcode(status), flush=True)
+
+
+def hogwild(model: torch.nn.Module, *, delivered: bool) -> Callable[[], int]:
+    """A trainer as in Hogwild: its own monitor and optimizer over the shared model."""
+    def run() -> int:
+        monitor = GradientMonitor(flush_interval_s=0.02, training_job=os.environ[
+            "GRADWATCH_TRAINING_JOB"] + "-child")
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.01), model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.ones(4, 8)).sum().backward()
+            optimizer.step()
+        started = time.monotonic()
+        closed = monitor.close(timeout_s=10)
+        fast = time.monotonic() - started < 2
+        return 0 if (closed and monitor.enabled and fast if delivered
+                     else closed and not monitor.enabled and fast) else 5
+    return run
+
+
 def main(epochs: int) -> int:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
@@ -48,15 +84,18 @@ def main(epochs: int) -> int:
             optimizer.step()
             steps += 1
     print("steps", steps, flush=True)
-    child = os.fork()
-    if child == 0:  # the monitor came along switched off: its steps go nowhere, quickly
+
+    def step_inherited() -> int:  # the monitor came along switched off: steps go nowhere
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(torch.ones(4, 8)), torch.ones(4, 1)).backward()
         optimizer.step()
-        sys.exit(0 if monitor.close() and not monitor.enabled else 3)
-    _, status = os.waitpid(child, 0)
-    print("child exited", os.waitstatus_to_exitcode(status), flush=True)
-    return 0 if monitor.close(timeout_s=10) else 1
+        return 0 if monitor.close() and not monitor.enabled else 3
+
+    in_child(step_inherited)
+    in_child(hogwild(model, delivered=False))  # the parent streams: disabled, one line
+    delivered = monitor.close(timeout_s=10)
+    in_child(hogwild(model, delivered=True))  # the parent's monitor is closed: it streams
+    return 0 if delivered else 1
 
 
 if __name__ == "__main__":
