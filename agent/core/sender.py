@@ -59,6 +59,8 @@ class Sender:
         self._last_error = ""
         #: Reasons logged since streaming last worked (each is logged once per outage).
         self._reported: set[str] = set()
+        #: Monotonic time the outage began and the steps dropped before it (None: none).
+        self._outage: tuple[float, int] | None = None
         self._thread = threading.Thread(target=self._run, name="gradwatch-sender", daemon=True)
         self._thread.start()
 
@@ -157,18 +159,32 @@ class Sender:
             outcome = Outcome.FAILED
         finally:
             self.endpoint = None
-        if connection.error:
+        if outcome is Outcome.LOST:  # not a failure: the sessions are registered at once
+            log.info("gradwatch: collector %s does not know this task's sessions (it "
+                     "restarted); registering them again", endpoint)
+        elif connection.error:
             self._report_error(f"collector {endpoint}: {connection.error}")
         return outcome, connection.streamed
 
     def _back(self, endpoint: Endpoint) -> None:
+        """Says at the outage's level that it is over (a log showing warnings only would
+        otherwise end on the failure)."""
         if self._last_error:
-            log.info("gradwatch: streaming to collector %s again (%.1f kB buffered)",
-                     endpoint, self.buffer.bytes() / 1e3)
+            began, dropped_before = self._outage or (time.monotonic(), self._dropped())
+            log.warning("gradwatch: streaming to collector %s again after %.1f s (%.1f kB "
+                        "buffered, %d steps dropped meanwhile)", endpoint,
+                        time.monotonic() - began, self.buffer.bytes() / 1e3,
+                        self._dropped() - dropped_before)
             self._last_error = ""
             self._reported.clear()
+            self._outage = None
+
+    def _dropped(self) -> int:
+        return sum(session.dropped for session in self.buffer.sessions)
 
     def _report_error(self, message: str) -> None:
+        if self._outage is None:
+            self._outage = (time.monotonic(), self._dropped())
         self._last_error = message
         if message not in self._reported and len(self._reported) < _MAX_REASONS:
             log.warning("gradwatch: %s (training continues; reports are buffered)", message)

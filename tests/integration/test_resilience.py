@@ -8,6 +8,7 @@ Kubernetes Service (what kube-proxy does), the one part that cannot run here for
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -60,10 +61,14 @@ def wait_until(predicate, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_collector_hung_then_killed_and_replaced_behind_the_same_address(job_name):
+def test_collector_hung_then_killed_and_replaced_behind_the_same_address(job_name, caplog):
     """Steps sent to a hung collector that then dies (kill -9) are replayed to its
-    replacement, which listens on another port behind the same address."""
-    with CollectorProcess() as first, TcpProxy(first.grpc_target) as service:
+    replacement, which listens on another port behind the same address. The warnings say
+    that the collector went away and, at the same level, that streaming is back (it was
+    an INFO line: a log of warnings ended on the failure); the replacement not knowing the
+    session is recovery, not a warning."""
+    with CollectorProcess() as first, TcpProxy(first.grpc_target) as service, \
+            caplog.at_level(logging.INFO, logger="gradwatch"):
         monitor, trainer = reporting_trainer(service.address, job_name)
         trainer.train(20)
         wait_until(lambda: acked_all(first, job_name, trainer))
@@ -86,6 +91,12 @@ def test_collector_hung_then_killed_and_replaced_behind_the_same_address(job_nam
     assert after == {"gradwatch_steps_total": 60, "gradwatch_dropped_steps_total": 0,
                      "gradwatch_last_step": 79}, "steps 20-79 arrive, each once"
     assert trainer.slowest_s < NO_STALL_S
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and "training continues" in warnings[0], warnings
+    assert not [w for w in warnings if "NOT_FOUND" in w], warnings
+    back = [w for w in warnings if "again after" in w]
+    assert len(back) == 1 and back[-1] == warnings[-1], warnings
+    assert "0 steps dropped meanwhile" in back[0], back
     print(f"40 buffered steps replayed {replayed_s:.2f} s after the new collector appeared; "
           f"slowest step {trainer.slowest_s * 1e3:.0f} ms")
 
