@@ -215,6 +215,11 @@ class GradientMonitor(MonitorCore):
             session = watched.session()
             if session is None:
                 continue
+            if watched is not stepped and not watched.param_ids & recording.parameters.keys():
+                # Its model took no part in the recorded loss (a GAN's discriminator loss,
+                # recorded to its step, and the generator): the recording ending at its own
+                # step explains it.
+                continue
             for i in sorted(session.missing):
                 param = session.params[i]
                 if id(param) in self._explained:
@@ -253,13 +258,21 @@ class GradientMonitor(MonitorCore):
 
 def _updating_optimizer(optimizer: Any) -> Any:
     """The optimizer that updates the parameters, behind wrappers that hold it as
-    ``.optimizer`` and are not set up as torch optimizers themselves (no step hooks):
-    Hugging Face Accelerate's ``AcceleratedOptimizer``, which also steps it only when
-    accumulated gradients are due. Anything else is returned as is."""
-    while (not hasattr(optimizer, "_optimizer_step_pre_hooks")
-           and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)):
-        optimizer = optimizer.optimizer
-    return optimizer
+    ``.optimizer`` or ``.base_optimizer`` and are either not set up as torch optimizers
+    themselves (no step hooks: Hugging Face Accelerate's ``AcceleratedOptimizer``, which
+    steps it only when accumulated gradients are due) or share its ``param_groups`` and
+    step it themselves (SAM, whose users call ``first_step`` and ``second_step`` and never
+    its own ``step``; Lookahead). Anything else is returned as is."""
+    while True:
+        for attribute in ("optimizer", "base_optimizer"):
+            inner = getattr(optimizer, attribute, None)
+            if (isinstance(inner, torch.optim.Optimizer) and inner is not optimizer
+                    and (not hasattr(optimizer, "_optimizer_step_pre_hooks")
+                         or getattr(optimizer, "param_groups", None) is inner.param_groups)):
+                optimizer = inner
+                break
+        else:
+            return optimizer
 
 
 def _initialising_state() -> bool:
@@ -513,9 +526,10 @@ class _Watched:
             return args, {**kwargs, "closure": measured}
         return (args[0], measured, *args[2:]), kwargs
 
-    def before_step(self, scale: torch.Tensor | None = None) -> None:
+    def before_step(self, scale: torch.Tensor | None = None, after_clip: bool = False
+                    ) -> None:
         """Measures the step's gradients unless done already this step (``scale``: the
-        loss scale they still carry)."""
+        loss scale they still carry; ``after_clip``: see `TorchSession.measure`)."""
         session = self.session()
         if session is None or self.monitor._closed:
             return
@@ -527,7 +541,13 @@ class _Watched:
         parts = [(ids, measures) for ids, measures in
                  ((session.ids_of(params), measures) for params, measures in taken)
                  if ids is not None]
-        self.guarded(session.measure, parts, scale)
+        self.guarded(session.measure, parts, scale, after_clip)
+
+    def clipped(self) -> None:
+        """After a clip that `before_step` measured for."""
+        session = self._session
+        if session is not None and not self.monitor._closed:
+            self.guarded(session.clipped)
 
     def after_step(self) -> None:
         self._stepping = False

@@ -44,19 +44,31 @@ def _as_list(parameters: Any) -> list[torch.Tensor]:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _measure_before_clipping(parameters: list[torch.Tensor]) -> None:
-    for watched in _each_watched(parameters):
-        watched.before_step()
+def _measure_before_clipping(parameters: list[torch.Tensor]) -> list[Any]:
+    """Measures unless measured already and the gradients are as the last clip left them
+    (a clip after every micro-batch measures the sum so far, up to the last one)."""
+    watching = _each_watched(parameters)
+    for watched in watching:
+        watched.before_step(after_clip=True)
+    return watching
+
+
+def _note_clipped(watching: list[Any]) -> None:
+    for watched in watching:
+        watched.clipped()
 
 
 def _clipping(original: Callable) -> Callable:
     measure = torch.compiler.disable(_measure_before_clipping)  # see `install`
+    note = torch.compiler.disable(_note_clipped)
 
     @functools.wraps(original)
     def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
         parameters = _as_list(parameters)
-        measure(parameters)
-        return original(parameters, *args, **kwargs)
+        watching = measure(parameters)
+        result = original(parameters, *args, **kwargs)
+        note(watching)
+        return result
 
     return clip
 

@@ -64,6 +64,8 @@ class TorchSession(Session):
         #: every gradient was None after it (``zero_grad`` with ``set_to_none``, the default).
         self._seen: list[tuple[weakref.ref, int] | None] | None = None
         self._record: torch.Tensor | None = None
+        #: The gradients as a clip left them after `_record` was measured (`clipped`).
+        self._clipped: list[tuple[weakref.ref, int] | None] | None = None
         self._every = every
         self._skipped = False  # this step is not recorded (see `measures`)
         self.steps = first_step
@@ -80,8 +82,13 @@ class TorchSession(Session):
         grads = [p.grad for p in self.params]
         if self._seen is None:
             return grads
-        return [None if g is None or (s is not None and s[0]() is g and s[1] == g._version)
-                else g for g, s in zip(grads, self._seen, strict=True)]
+        return [None if g is None or _same(g, s) else g
+                for g, s in zip(grads, self._seen, strict=True)]
+
+    def _snapshot(self) -> list[tuple[weakref.ref, int] | None]:
+        """The parameters' gradients now: which tensors, at which in-place version."""
+        return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                for p in self.params]
 
     def measures(self) -> bool:
         """Whether the current step's statistics are due: every ``every``-th step (the
@@ -90,10 +97,15 @@ class TorchSession(Session):
         return self.steps % self._every == 0
 
     def measure(self, parts: list[tuple[list[int], torch.Tensor]],
-                scale: torch.Tensor | None = None) -> None:
+                scale: torch.Tensor | None = None, after_clip: bool = False) -> None:
         """Computes this step's record unless done already (training thread). ``parts``:
         (variable ids, their `stats.measure`) taken earlier in the step; ``scale``: the loss
-        scale the gradients still carry (their norms are divided by it)."""
+        scale the gradients still carry (their norms are divided by it). ``after_clip``:
+        measured again if a backward pass added to the gradients since the last clip (a
+        clip after every micro-batch: the step applies the sum, measured at the last)."""
+        if after_clip and self._clipped is not None and any(
+                not _same(p.grad, s) for p, s in zip(self.params, self._clipped, strict=True)):
+            self._record, self._skipped, self._clipped = None, False, None
         if self._record is not None or self._skipped:
             return
         grads = self._gradients()
@@ -125,12 +137,17 @@ class TorchSession(Session):
                                 record[1:]])
         self._record = record
 
+    def clipped(self) -> None:
+        """After a clip of a measured step: the gradients as it left them (`measure`)."""
+        if self._record is not None or self._skipped:
+            self._clipped = self._snapshot()
+
     def finish(self) -> None:
         """Ends the step: writes its record and remembers the gradients seen (training
         thread; call after `measure` and the optimizer's update, or its skipping)."""
         if not self._skipped:
             self._ring.write(self._record, self.steps)
-        self._record, self._skipped = None, False
+        self._record, self._skipped, self._clipped = None, False, None
         self.steps += 1
         self._remember()
 
@@ -147,11 +164,18 @@ class TorchSession(Session):
         clipping found its norm not finite) is dropped: its gradients are gone, and the
         next step measures its own."""
         if between_steps:
-            self._record, self._skipped = None, False
+            self._record, self._skipped, self._clipped = None, False, None
         self._remember()
 
     def _remember(self) -> None:
         """Takes the parameters' gradients now as already seen."""
-        grads = [p.grad for p in self.params]
-        self._seen = ([None if g is None else (weakref.ref(g), g._version) for g in grads]
-                      if any(g is not None for g in grads) else None)
+        seen = self._snapshot()
+        self._seen = seen if any(s is not None for s in seen) else None
+
+
+def _same(grad: torch.Tensor | None, seen: tuple[weakref.ref, int] | None) -> bool:
+    """Whether ``grad`` is the tensor of ``seen`` (a `TorchSession._snapshot` entry), not
+    written to since."""
+    if grad is None or seen is None:
+        return grad is None and seen is None
+    return seen[0]() is grad and seen[1] == grad._version

@@ -574,6 +574,118 @@ def test_accumulated_gradients_are_reported_once_per_optimizer_step(collector, j
         pytest.approx(accumulated, rel=1e-5)
 
 
+def test_accumulated_gradients_clipped_after_every_micro_batch(collector, job_name):
+    """Clipping after each micro-batch's backward (common in users' accumulation loops):
+    the step applies the sum of the four, clipped as it grew. gradwatch measured at the
+    first clip and kept that record: the first micro-batch's norms (out.weight 0.278 for
+    0.532), and a NaN that entered at the third never counted. Each clip now measures
+    again when a backward pass added to the gradients since the last one."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for step in range(2):
+            optimizer.zero_grad()
+            for micro, x in enumerate(X.clone().split(8)):
+                if step == 1 and micro == 2:
+                    x[0, 0] = float("nan")
+                torch.nn.functional.mse_loss(model(x), Y[:8]).backward()
+                before = {n: p.grad.clone() for n, p in model.named_parameters()}
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e3)
+            if step == 0:
+                norms = {n: float(g.norm()) for n, g in before.items()}
+                optimizer.step()
+                time.sleep(0.3)  # reported before the NaN step
+                reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+            else:
+                nans = {n: float(g.isnan().sum()) for n, g in before.items()}
+                optimizer.step()
+    assert monitor.close() is True
+    assert reported == pytest.approx(norms, rel=1e-5)
+    assert min(nans.values()) > 0
+    assert metrics(collector, "gradwatch_gradient_nan_values_total", job_name) == nans
+    assert list(metrics(collector, "gradwatch_nonfinite_steps_total", job_name).values()) \
+        == [1.0]
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization as github.com/davda54/sam writes it: a torch optimizer
+    sharing its base optimizer's ``param_groups``; its README's loop calls ``first_step``
+    (climb to the neighbourhood's worst point) and ``second_step`` (come back, step the base
+    optimizer with that point's gradients), never ``step``."""
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, **kwargs) -> None:
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        norm = torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]
+                            if p.grad is not None]).norm()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["old_p"] = p.data.clone()
+                    p.add_(p.grad * group["rho"] / (norm + 1e-12))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        self.first_step(zero_grad=True)
+        torch.enable_grad()(closure)()
+        self.second_step()
+
+
+@pytest.mark.parametrize("style", ["first_step, second_step", "step(closure)"])
+def test_sam_reports_the_gradients_its_base_optimizer_applies(collector, job_name, style):
+    """SAM wrapped as users wrap an optimizer. Driven as its README shows (first_step,
+    second_step), gradwatch reported nothing and said nothing: SAM's own ``step``, which
+    gradwatch hooked, never runs. The base optimizer it shares its parameter groups with
+    is watched instead: each update is reported once, with the gradients it applies (the
+    second backward pass's)."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(SAM(model.parameters(), torch.optim.SGD, lr=0.1), model)
+
+        def loss() -> torch.Tensor:
+            loss = torch.nn.functional.mse_loss(model(X), Y)
+            loss.backward()
+            return loss
+
+        applied: dict[str, float] = {}
+
+        def closure() -> torch.Tensor:
+            value = loss()
+            applied.update({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+            return value
+
+        for _ in range(3):
+            loss()
+            if style == "step(closure)":
+                optimizer.step(closure)
+                optimizer.zero_grad()
+            else:
+                optimizer.first_step(zero_grad=True)
+                loss()
+                applied.update({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+                optimizer.second_step(zero_grad=True)
+    assert monitor.close() is True
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        applied, rel=1e-5)
+
+
 def clip_in_two_calls(parameters, max_norm: float) -> None:
     """torch ≥ 2.6's split API, as TorchTitan clips (the total norm may be all-reduced
     between the two calls)."""
