@@ -39,9 +39,10 @@ seen without gradient, never otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,20 +125,24 @@ MAX_RECORDED_BYTES = 256 * 2**20
 
 
 class StepRecording(TorchFunctionMode):
-    """The calls made on the thread that entered it, and the loss's id once known.
+    """The calls made on the thread that entered it, and the losses' ids once known.
     Keeps the step's tensors alive, so ids stay unique, up to `MAX_RECORDED_BYTES` of
-    them besides parameters; beyond that it stops recording and is `abandoned`."""
+    them besides parameters; beyond that it stops recording: it is `full` if a loss was
+    reached by then (what came before stands), else `abandoned`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[Call] = []
-        #: The ids of the tensors whose gradients were taken: the loss (or losses).
+        #: The ids of the tensors whose gradients were taken: the losses of every
+        #: backward pass recorded (a GAN's step has several).
         self.losses: frozenset[int] = frozenset()
-        #: The call that took the loss's gradients (``backward()``, ``autograd.backward``,
-        #: ``autograd.grad``) and the ids of its ``inputs=`` (None: every leaf).
+        #: The first call that took the losses' gradients (``backward()``,
+        #: ``autograd.backward``, ``autograd.grad``) and the ids of the calls' ``inputs=``
+        #: (None: every leaf, for one call at least).
         self.loss_call: Call | None = None
         self.loss_inputs: set[int] | None = None
         self.abandoned = False
+        self.full = False
         #: Trainable parameters the calls read: id -> shape.
         self.parameters: dict[int, torch.Size] = {}
         self._alive: dict[int, torch.Tensor] = {}
@@ -148,7 +153,7 @@ class StepRecording(TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = _name(func)
-        if self.abandoned or name in _IGNORED:
+        if self.abandoned or self.full or name in _IGNORED:
             return result
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
@@ -163,9 +168,21 @@ class StepRecording(TorchFunctionMode):
                                    [id(t) for t in outputs], [t.dtype for t in outputs],
                                    torch.is_grad_enabled(), caller_source()))
             if self._bytes > MAX_RECORDED_BYTES:
-                self.abandoned = True
-                self.calls, self._alive = [], {}
+                if self.losses:
+                    self.full = True
+                else:
+                    self.abandoned = True
+                    self.calls, self._alive = [], {}
         return result
+
+    def reached(self, call: Call, losses: list[int], inputs: set[int] | None) -> None:
+        """A backward pass from ``losses`` (by ``call``) for ``inputs`` (None: all)."""
+        first = self.loss_call is None
+        self.losses |= frozenset(losses)
+        if first:
+            self.loss_call, self.loss_inputs = call, inputs
+        elif self.loss_inputs is not None:
+            self.loss_inputs = None if inputs is None else self.loss_inputs | inputs
 
     def _keep(self, tensor: torch.Tensor) -> None:
         if id(tensor) in self._alive:
@@ -189,8 +206,11 @@ class StepRecording(TorchFunctionMode):
 
 
 class Recorder:
-    """Records steps on the training thread: one from `start` to the next ``backward()``
-    (whose tensor is the loss), which `take` then hands out once."""
+    """Records steps on the training thread, one from `start` to the start of the next
+    optimizer step (`step_starting`), through every ``backward()`` before it (each
+    tensor a loss; the backward passes themselves are not recorded), which `take` then
+    hands out once. A step whose closure computes the loss (LBFGS) starts, for this
+    purpose, once the closure has returned."""
 
     def __init__(self) -> None:
         self._recording: StepRecording | None = None
@@ -200,6 +220,7 @@ class Recorder:
         #: ``torch.autograd.grad`` (empty when not recording).
         self._originals: tuple[Callable, ...] = ()
         self._eager = False  # holds `_EAGER`
+        self._paused = False  # off the mode stack while a backward pass runs
         self.abandoned = False  # a step was too large to record: no more tries
 
     @property
@@ -219,40 +240,66 @@ class Recorder:
         recorder = self
 
         def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            recorder._reached_loss("backward", tensor, kwargs.get(
-                "inputs", args[3] if len(args) > 3 else None))
-            return method(tensor, *args, **kwargs)
+            with recorder._reached_loss("backward", tensor, kwargs.get(
+                    "inputs", args[3] if len(args) > 3 else None)):
+                return method(tensor, *args, **kwargs)
 
         def autograd_backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            recorder._reached_loss("autograd.backward", tensors, kwargs.get(
-                "inputs", args[4] if len(args) > 4 else None))
-            return function(tensors, *args, **kwargs)
+            with recorder._reached_loss("autograd.backward", tensors, kwargs.get(
+                    "inputs", args[4] if len(args) > 4 else None)):
+                return function(tensors, *args, **kwargs)
 
         def grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             # Not a gradient penalty's or a meta-learning inner loop's (create_graph: part
             # of the computation of the loss, not its gradient).
-            if not kwargs.get("create_graph", args[2] if len(args) > 2 else False):
-                recorder._reached_loss("autograd.grad", outputs, inputs)
-            return original_grad(outputs, inputs, *args, **kwargs)
+            if kwargs.get("create_graph", args[2] if len(args) > 2 else False):
+                return original_grad(outputs, inputs, *args, **kwargs)
+            with recorder._reached_loss("autograd.grad", outputs, inputs):
+                return original_grad(outputs, inputs, *args, **kwargs)
 
         torch.Tensor.backward = backward
         torch.autograd.backward = autograd_backward
         torch.autograd.grad = grad
 
-    def _reached_loss(self, how: str, losses: Any, inputs: Any) -> None:
-        """The step's loss: ``backward()``, ``torch.autograd.backward`` or
-        ``torch.autograd.grad`` (``how``) was called on ``losses`` (a tensor or several),
-        for ``inputs`` (None: every leaf)."""
+    @contextlib.contextmanager
+    def _reached_loss(self, how: str, losses: Any, inputs: Any) -> Iterator[None]:
+        """Around a backward pass: ``backward()``, ``torch.autograd.backward`` or
+        ``torch.autograd.grad`` (``how``) called on ``losses`` (a tensor or several), for
+        ``inputs`` (None: every leaf). Recording pauses while it runs (its ops are not the
+        step's computation) and ends there inside a step (a closure's loss)."""
         recording = self._recording
-        if recording is None or threading.get_ident() != self._thread:
+        if recording is None or self._paused or threading.get_ident() != self._thread:
+            yield  # (paused: ``Tensor.backward`` calling ``torch.autograd.backward``)
             return
         ids = [id(t) for t in tree_flatten(losses)[0] if isinstance(t, torch.Tensor)]
-        recording.losses = frozenset(ids)
-        recording.loss_call = Call(len(recording.calls), how, ids, [], [],
-                                  torch.is_grad_enabled(), caller_source())
-        if inputs is not None:
-            recording.loss_inputs = {id(t) for t in tree_flatten(inputs)[0]}
+        recording.reached(Call(len(recording.calls), how, ids, [], [],
+                               torch.is_grad_enabled(), caller_source()), ids,
+                          None if inputs is None else {id(t) for t in tree_flatten(inputs)[0]})
+        if recording.abandoned:
+            self._complete()
+            yield
+            return
+        recording.__exit__(None, None, None)
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            if self._recording is recording:  # not ended meanwhile (a step inside backward)
+                recording.__enter__()
+
+    def step_starting(self) -> None:
+        """Before an optimizer step's update (training thread): ends a recording that
+        reached a loss."""
+        if (self._recording is not None and self._recording.losses
+                and threading.get_ident() == self._thread):
+            self._complete()
+
+    def _complete(self) -> None:
+        recording = self._recording
         self.stop()
+        if recording is None:
+            return
         if recording.abandoned:
             self.abandoned = True
             log.warning("gradwatch: a step keeps more than %d MiB of tensors; missing "
@@ -261,15 +308,19 @@ class Recorder:
             self._completed = recording
 
     def take(self) -> StepRecording | None:
-        """The recording completed at the last ``backward()``, once. A recording still
-        going (a whole step without ``backward()`` on this thread) is dropped: recording
-        never outlasts a step. Only the recording's thread takes it (another thread's step,
-        where several train, is not the step recorded)."""
+        """The recording completed at this step's start, once (after a step). A recording
+        still going ends here: it is handed out if it reached a loss, else dropped (a whole
+        step without ``backward()`` on this thread); recording never outlasts a step. Only
+        the recording's thread takes it (another thread's step, where several train, is
+        not the step recorded)."""
         if self._thread is not None and threading.get_ident() != self._thread:
             return None
+        if self._completed is None and self._recording is not None:
+            if self._recording.losses:
+                self._complete()
+            else:
+                self.stop()
         completed, self._completed = self._completed, None
-        if completed is None and self._recording is not None:
-            self.stop()
         return completed
 
     def stop(self) -> None:
@@ -277,7 +328,8 @@ class Recorder:
         per thread): from another thread (a monitor closed there) it only stops recording."""
         if self._recording is not None:
             if threading.get_ident() == self._thread:
-                self._recording.__exit__(None, None, None)
+                if not self._paused:
+                    self._recording.__exit__(None, None, None)
             else:
                 self._recording.abandoned = True  # records nothing more, keeps nothing
                 self._recording.calls = []

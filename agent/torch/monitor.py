@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from gradwatch import __version__
+from gradwatch.agent.core.diagnosis import Cause
 from gradwatch.agent.core.identity import torchrun
 from gradwatch.agent.core.monitor import MonitorCore
 from gradwatch.agent.torch import ddp, patches
@@ -188,6 +189,11 @@ class GradientMonitor(MonitorCore):
 
     # -- called by the patches and hooks ---------------------------------------------------
 
+    def step_starting(self) -> None:
+        """Before a step's update, once its gradients are computed (training thread)."""
+        if self._recorder is not None:
+            self._recorder.step_starting()
+
     def step_ended(self, watched: _Watched) -> None:
         """After a step: explain new missing gradients with the step's recording if there
         is one, else record the next step (training thread)."""
@@ -224,10 +230,12 @@ class GradientMonitor(MonitorCore):
                 param = session.params[i]
                 if id(param) in self._explained:
                     continue
-                self._explained.add(id(param))
-                explained += 1
                 verdict = diagnose(recording, param, watched.names[i], updated,
                                    stepped=watched is stepped)
+                if verdict.cause is Cause.UNKNOWN and watched is not stepped:
+                    continue  # another optimizer's loss: its own step's recording may tell
+                self._explained.add(id(param))
+                explained += 1
                 self.add_diagnosis(param, watched.names[i], verdict)
                 if verdict.explanation() not in self._logged:
                     self._logged.add(verdict.explanation())
@@ -533,6 +541,7 @@ class _Watched:
         session = self.session()
         if session is None or self.monitor._closed:
             return
+        self.monitor.step_starting()
         if self._regrouped(session) or self._thawed(session):
             self.guarded(self._regroup)
             session = self._session

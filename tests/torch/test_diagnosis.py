@@ -399,6 +399,28 @@ def test_parameters_do_not_count_towards_what_a_recording_keeps_alive(monkeypatc
     assert set(report.diagnoses) == {"broken.weight", "broken.bias"}
 
 
+def test_accumulated_micro_batches_past_the_recording_limit_are_explained(monkeypatch,
+                                                                          caplog):
+    """A recording lasts to the step, through every micro-batch's loss: where the tensors
+    kept pass the limit after a loss, recording stops there and what came before explains
+    the step (the limit is not a reason to give up, as it is before any loss)."""
+    from gradwatch.agent.torch import diagnosis
+
+    monkeypatch.setattr(diagnosis, "MAX_RECORDED_BYTES", 2**20)
+    model, wide = Base(), torch.randn(4096, 4)  # 64 kB a micro-batch input, more inside
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            optimizer.zero_grad()
+            for _ in range(8):
+                out = unused_layer(model, wide)
+                torch.nn.functional.mse_loss(out, torch.zeros_like(out)).backward()
+            optimizer.step()
+    assert {d.cause for d in report.diagnoses.values()} == {Cause.UNUSED}, str(report)
+    assert set(report.diagnoses) == {"broken.weight", "broken.bias"}
+    assert "will not be explained" not in caplog.text
+
+
 def test_recordings_that_explain_nothing_back_off():
     """A missing gradient no recorded step explains costs bursts of 3 recorded steps,
     resting 10, 20, 40, ... steps between them; one that explains something resets it."""

@@ -164,8 +164,8 @@ def test_a_gan_generators_gradient_zeroed_after_the_critics_step_is_not_called_c
         collector, job_name):
     """A GAN step: the critic's loss reaches the generator too (its gradients are computed
     there, then zeroed on purpose before the generator's loss); the generator's own loss
-    detaches its first layer. The recorded step ends at the critic's backward(), which
-    cannot tell why the generator's step lacks that gradient: never "cleared"."""
+    detaches its first layer. The critic's step cannot tell why the generator's step lacks
+    that gradient (never "cleared"); the generator's own step says where."""
     torch.manual_seed(0)
     g1, g2, critic = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
     generator = torch.nn.Sequential(g1, g2)
@@ -181,9 +181,53 @@ def test_a_gan_generators_gradient_zeroed_after_the_critics_step_is_not_called_c
             opt_g.step()
     assert monitor.close() is True
     causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
-    mine = {labels["variable"]: labels["cause"] for labels, _ in causes
+    mine = {labels["variable"]: (labels["cause"], labels["op"]) for labels, _ in causes
             if labels["training_job"] == job_name}
-    assert set(mine) == {"0.weight", "0.bias"} and "cleared" not in mine.values(), mine
+    assert mine == {"0.weight": ("broken_at_op", "detach"),
+                    "0.bias": ("broken_at_op", "detach")}, mine
+
+
+class Generator(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(2, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(z))
+        return self.head(h).detach() + h[:, :4]  # the bug: the head's output detached
+
+
+def test_a_dcgan_tutorials_loop_explains_the_generators_missing_gradient(collector,
+                                                                         job_name):
+    """The DCGAN tutorial's order: the generator runs between the discriminator's two
+    backward passes, before its step; the generator's loss comes after. The recording
+    ended at the first backward and explained every optimizer's missing gradients with
+    it: the generator's head, never run by then, was "never read by the loss". A recording
+    now lasts to the step, and an optimizer whose parameters it did not see waits for its
+    own: the detach() in the generator's forward is named."""
+    torch.manual_seed(0)
+    generator = Generator()
+    critic = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    bce = torch.nn.BCEWithLogitsLoss()
+    with monitor_for(collector, job_name) as monitor:
+        opt_d = monitor.wrap(torch.optim.Adam(critic.parameters(), 2e-4), critic)
+        opt_g = monitor.wrap(torch.optim.Adam(generator.parameters(), 2e-4), generator)
+        for _ in range(4):
+            critic.zero_grad()
+            bce(critic(X[:8, :4]), torch.ones(8, 1)).backward()
+            fake = generator(torch.randn(8, 2))
+            bce(critic(fake.detach()), torch.zeros(8, 1)).backward()
+            opt_d.step()
+            generator.zero_grad()
+            bce(critic(fake), torch.ones(8, 1)).backward()
+            opt_g.step()
+    assert monitor.close() is True
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    mine = {labels["variable"]: (labels["cause"], labels["op"], labels["source"])
+            for labels, _ in causes if labels["training_job"] == job_name}
+    detach_line = f"{__file__}:{Generator.forward.__code__.co_firstlineno + 2}"
+    assert mine == {name: ("broken_at_op", "detach", detach_line)
+                    for name in ("head.weight", "head.bias")}, mine
 
 
 def test_parameters_frozen_before_training_are_not_watched(collector, webhook, job_name, caplog):
