@@ -32,26 +32,41 @@ def _causes(group: Group, columns: np.ndarray) -> str:
                       for explanation, variables in list(by_explanation.items())[:10])
 
 
-class GradientMissing(Rule[SinceEvaluation]):
+class MissingSince(SinceEvaluation):
+    """`SinceEvaluation`, and whether some step of some replica had no gradient at all."""
+
+    def __init__(self, num_variables: int) -> None:
+        super().__init__(num_variables)
+        self.none_at_all = False
+
+    def raise_missing(self, absent: np.ndarray) -> None:
+        """``absent``: [steps, replicas, variables]."""
+        none_at_all = bool(absent.all(axis=2).any())
+        self.none_at_all = none_at_all if self._looked else self.none_at_all or none_at_all
+        self.raise_flags(absent.any(axis=(0, 1)))
+
+
+class GradientMissing(Rule[MissingSince]):
     """A trainable variable got no gradient in a batch since the last evaluation, on some
-    task or replica. Critical when a task had no gradient for any variable."""
+    task or replica. Critical when a step of a task (on some replica) had no gradient for
+    any variable; variables missing at different steps (heads trained in turn) are not."""
 
     name = "GradientMissing"
 
-    def new_state(self, session: SessionState) -> SinceEvaluation:
-        return SinceEvaluation(session.num_variables)
+    def new_state(self, session: SessionState) -> MissingSince:
+        return MissingSince(session.num_variables)
 
-    def observe(self, state: SinceEvaluation, session: SessionState, batch: StepBatch,
+    def observe(self, state: MissingSince, session: SessionState, batch: StepBatch,
                 params: Params) -> None:
-        state.raise_flags((~batch.present).any(axis=(0, 1)))
+        state.raise_missing(~batch.present)
 
-    def evaluate(self, group: Group, states: Mapping[str, SinceEvaluation], params: Params,
+    def evaluate(self, group: Group, states: Mapping[str, MissingSince], params: Params,
                  now: float) -> list[Alert]:
         seen = {sid: state.look() for sid, state in states.items()}
         missing, tasks = flagged(group, lambda s: seen.get(s.id))
         if not tasks:
             return []
-        all_missing = any(seen[s.id].all() for s in reporting(group) if s.id in seen)
+        all_missing = any(states[s.id].none_at_all for s in reporting(group) if s.id in states)
         variables = names(group, missing)
         causes = _causes(group, missing)
         return [alert(

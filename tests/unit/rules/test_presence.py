@@ -49,6 +49,22 @@ def test_all_missing_is_critical():
     assert alert.labels["severity"] == "critical"
 
 
+def test_variables_missing_at_different_steps_are_a_warning():
+    """Heads trained in turn by one optimizer: every step has half the gradients, and every
+    variable is missing at some step. No step had none at all, so it is not critical (it
+    said "critical, 4 of 4 variables get no gradient"); a step without any, on one replica,
+    is."""
+    h = Harness()
+    s = h.register(replicas=2, names=("a", "b", "c", "d"))
+    h.feed(s, [[1, 1, 0, 0]] * 2, [[0, 0, 1, 1]] * 2)
+    (alert,) = h.active("GradientMissing")
+    assert alert.labels["severity"] == "warning"
+    assert alert.annotations["summary"] == "4 of 4 variables of job (adam) get no gradient"
+    h.feed(s, [[1, 1, 0, 0], [0, 0, 0, 0]])
+    (alert,) = h.active("GradientMissing")
+    assert alert.labels["severity"] == "critical"
+
+
 def test_long_lists_are_bounded():
     h = Harness()
     h.feed(h.register(names=[f"v{i}" for i in range(25)]), [0] * 24 + [1])
