@@ -34,9 +34,10 @@ _open_lock = threading.Lock()
 
 
 def optimizer_base_name(optimizer: Any) -> str:
-    """What ``optimizer`` reports as before names are made unique: its ``name`` (Keras),
-    else its class name."""
-    return str(getattr(optimizer, "name", None) or type(optimizer).__name__)
+    """What ``optimizer`` reports as before names are made unique: its ``name`` (Keras;
+    tf-keras's legacy optimizers keep it as ``_name``), else its class name."""
+    return str(getattr(optimizer, "name", None) or getattr(optimizer, "_name", None)
+               or type(optimizer).__name__)
 
 
 class MonitorCore:

@@ -98,3 +98,23 @@ def test_tf_keras_loss_scale_optimizer_reports_the_gradients_applied(collector, 
                        training_job=job_name).values()) == [1.0]
     assert list(select(samples, "gradwatch_nonfinite_steps_total",
                        training_job=job_name).values()) == [0.0]
+
+
+def test_legacy_optimizers_are_reported_under_the_names_given(collector, job_name):
+    """A GAN's two ``tf_keras.optimizers.legacy.Adam(name=...)``: legacy optimizers keep
+    the name as ``_name``; both were reported as ``Adam`` and ``Adam_2``, in the order
+    they first stepped."""
+    critic, generator = (tf_keras.layers.Dense(1) for _ in range(2))
+    for layer in (critic, generator):
+        layer.build((None, 4))
+    with GradientMonitor(collector=collector.grpc_target, training_job=job_name) as monitor:
+        d_opt = monitor.wrap(tf_keras.optimizers.legacy.Adam(name="d_adam"))
+        g_opt = monitor.wrap(tf_keras.optimizers.legacy.Adam(name="g_adam"))
+        for layer, optimizer in ((generator, g_opt), (critic, d_opt)):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(X) ** 2)
+            optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables),
+                                          layer.trainable_variables, strict=True))
+    steps = select(parse_metrics(collector.scrape()), "gradwatch_steps_total",
+                   training_job=job_name)
+    assert {key.split(",")[0] for key in steps} == {"optimizer=d_adam", "optimizer=g_adam"}
