@@ -32,6 +32,10 @@ from gradwatch.agent.tensorflow.variables import variable_name
 
 log = logging.getLogger(__name__)
 
+#: On a wrapped optimizer: whether a ``LossScaleOptimizer`` around it reports instead
+#: (`GradientMonitor._inside_loss_scaling`).
+_OUTER = "_gradwatch_inside_loss_scaling"
+
 
 def _loss_scale(optimizer: Any) -> Any:
     """What the gradients passed to ``optimizer`` are multiplied by, else None: a Keras 3
@@ -47,6 +51,25 @@ def _loss_scale(optimizer: Any) -> Any:
 
 def _is_loss_scaled(optimizer: Any) -> bool:
     return "LossScaleOptimizer" in type(optimizer).__name__
+
+
+def _calling_loss_scale_optimizer(optimizer: Any) -> tuple[Any, Any]:
+    """The ``LossScaleOptimizer`` whose methods (up the stack) call a method of its
+    ``inner_optimizer``, ``optimizer``, and the frame of its ``apply`` among them (None
+    if not); else (None, None). ``compile`` adds one under a ``mixed_float16`` policy
+    around the optimizer it is given."""
+    outer, frame = None, sys._getframe(2)
+    for _ in range(40):  # tf.cond's frames included (tf-keras calls it inside one)
+        if frame is None:
+            break
+        caller = frame.f_locals.get("self")
+        if outer is None and caller is not optimizer and _is_loss_scaled(caller) and \
+                getattr(caller, "inner_optimizer", None) is optimizer:
+            outer = caller
+        if outer is not None and caller is outer and frame.f_code.co_name == "apply":
+            return outer, frame
+        frame = frame.f_back
+    return outer, None
 
 
 def _accumulation(optimizer: Any, grads: list, variables: list, loss_scale: Any
@@ -230,7 +253,8 @@ class GradientMonitor(MonitorCore):
         owners = {key[0] for key in self._sessions}
         for owner, (ref, wrapped_at) in self._wrapped.items():
             optimizer = ref()
-            if optimizer is None or wrapped_at is None or owner in owners:
+            if optimizer is None or wrapped_at is None or owner in owners or \
+                    getattr(optimizer, _OUTER, False):  # its LossScaleOptimizer reports
                 continue
             now = _iterations(optimizer)
             if now is not None and now > wrapped_at:
@@ -240,7 +264,41 @@ class GradientMonitor(MonitorCore):
                             "tf.function of yours). Wrap before compiling, or compile again "
                             "after wrapping.", optimizer_base_name(optimizer), now - wrapped_at)
 
+    def _inside_loss_scaling(self, optimizer: Any) -> bool:
+        """Whether ``optimizer`` is called by a ``LossScaleOptimizer`` that reports in its
+        place (training thread; looked for once per optimizer, at its first build or
+        update). An inner optimizer sees only the steps without overflow. Found while
+        the outer one builds it at the start of its ``apply`` (Keras 3), the outer one
+        reports from then on, this call's step included, skipped steps counted; found
+        elsewhere (tf-keras calls it inside a ``tf.cond``), that is said once."""
+        inside = getattr(optimizer, _OUTER, None)
+        if inside is not None:
+            return inside
+        outer, frame = _calling_loss_scale_optimizer(optimizer)
+        inside = outer is not None and id(outer) in self._wrapped
+        if outer is not None and not inside:
+            name = optimizer_base_name(optimizer)
+            arguments = {} if frame is None else frame.f_locals
+            if "grads" in arguments:
+                log.info("gradwatch: %s is inside a LossScaleOptimizer (compile() adds one "
+                         "under a mixed_float16 policy); watching that one instead, which "
+                         "also reports the steps it skips for overflow", name)
+                self.wrap(outer)
+                variables = arguments.get("trainable_variables")
+                self._on_optimizer_gradients(outer, list(arguments["grads"]), list(
+                    outer._trainable_variables if variables is None else variables))
+                inside = True
+            else:
+                log.warning("gradwatch: %s is inside a LossScaleOptimizer (compile() adds "
+                            "one under a mixed_float16 policy), which calls it only for "
+                            "steps without overflow: the steps it skips are not reported. "
+                            "Wrap model.optimizer after compile() to count them.", name)
+        object.__setattr__(optimizer, _OUTER, inside)
+        return inside
+
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
+        if self._inside_loss_scaling(optimizer):
+            return
         step = getattr(optimizer, "iterations", None)
         name = optimizer_base_name(optimizer)
         loss_scale = _loss_scale(optimizer)
@@ -257,6 +315,8 @@ class GradientMonitor(MonitorCore):
                      loss_scale=loss_scale, loss_scaled=_is_loss_scaled(optimizer), due=due)
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
+        if self._inside_loss_scaling(optimizer):
+            return
         if tf.distribute.in_cross_replica_context() and not self._closed:
             self._session(id(optimizer), optimizer_base_name(optimizer), variables,
                           loss_scaled=_is_loss_scaled(optimizer))

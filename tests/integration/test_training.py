@@ -356,6 +356,36 @@ def test_scaled_losses_report_the_gradients_applied(collector, job_name, make, a
     assert_norms(samples, model.trainable_variables, mse_gradients(model))
 
 
+def test_an_optimizer_wrapped_before_a_mixed_precision_compile_counts_skipped_steps(
+        collector, job_name, caplog):
+    """Under a ``mixed_float16`` policy ``compile`` puts the optimizer it is given inside a
+    ``LossScaleOptimizer``, which calls it only for steps without overflow. Wrapped before
+    ``compile`` (the README's order) it reported 19 of 24 steps and no skipped one (none
+    at all where every step overflows). The ``LossScaleOptimizer`` is now watched in its
+    place from its first step: every step, the skipped ones counted."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        x = (rng.random((32, 5)) * 3).astype("float32")
+        y = (rng.random((32, 1)) * 30).astype("float32")
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                                  keras.layers.Dense(1, dtype="float32")])
+        inner = keras.optimizers.SGD(1e-7)
+        with monitor_for(collector, job_name) as monitor:
+            model.compile(optimizer=monitor.wrap(inner), loss="mse")
+            model.fit(x, y, batch_size=8, epochs=6, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    samples = scrape(collector, job_name)
+    skipped = 24 - int(inner.iterations)
+    assert skipped > 0
+    assert list(select(samples, "gradwatch_steps_total").values()) == [24.0]
+    assert list(select(samples, "gradwatch_skipped_steps_total").values()) == [skipped]
+    assert list(select(samples, "gradwatch_nonfinite_steps_total").values()) == [0.0]
+    assert gradwatch_warnings(caplog) == []
+
+
 def gan() -> tuple[keras.Model, keras.Model]:
     generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
                                  name="generator")
