@@ -112,6 +112,11 @@ class SinkState:
     last_error: str = ""
 
 
+#: What became of a notification: delivered, failed after every retry, or dropped (queue
+#: full).
+OUTCOMES = ("sent", "failed", "dropped")
+
+
 class Dispatcher:
     """Queues notifications per sink and delivers them off the ingest path."""
 
@@ -121,8 +126,10 @@ class Dispatcher:
         self.retries = retries
         self.backoff_s = backoff_s
         self.queue_size = queue_size
-        #: (sink name, outcome) → count; outcome is sent, failed or dropped.
-        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: (sink name, outcome) → count; outcome is sent, failed or dropped. Every series
+        #: exists from the start at 0, so that Prometheus's increase() sees the first one.
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter(
+            {(s.name, outcome): 0 for s in sinks for outcome in OUTCOMES})
         self.states = {s.name: SinkState() for s in sinks}
         self._queues = {s.name: collections.deque() for s in sinks}
         self._wakeups = {s.name: asyncio.Event() for s in sinks}
