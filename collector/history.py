@@ -18,6 +18,8 @@ STEPS = 128
 NO_DATA = np.float16(np.inf)
 MISSING = np.float16(-np.inf)
 NONFINITE = np.float16(np.nan)
+#: A global norm no replica reported (norms are never negative; a NaN one is reported).
+NO_REPORT = np.float32(-1)
 #: log10 of a zero norm (float16 holds down to -65504; norms below 1e-30 read as this).
 ZERO = -30.0
 
@@ -55,7 +57,8 @@ class History:
         self.sharded = sharded
         self.steps = np.full(STEPS, -1, np.int64)  # the step each slot holds (-1: none)
         self.cells = np.full((STEPS, 0), NO_DATA, np.float16)
-        #: Per session id: global norm per slot and replica (float32, NaN where none).
+        #: Per session id: global norm per slot and replica (float32; NaN or Inf as
+        #: reported, `NO_REPORT` where none).
         self.global_norms: dict[str, np.ndarray] = {}
 
     @property
@@ -76,7 +79,7 @@ class History:
         replicas = global_norm.shape[1]
         history = self.global_norms.get(session_id)
         if history is None or history.shape[1] != replicas:
-            history = self.global_norms[session_id] = np.full((STEPS, replicas), np.nan,
+            history = self.global_norms[session_id] = np.full((STEPS, replicas), NO_REPORT,
                                                               np.float32)
         slots = steps % STEPS
         keep = steps >= self.steps[slots]  # older than what their slots hold: refused
@@ -87,7 +90,7 @@ class History:
             self.steps[fresh] = steps[newer]
             self.cells[fresh] = NO_DATA
             for other in self.global_norms.values():
-                other[fresh] = np.nan
+                other[fresh] = NO_REPORT
         rows = np.ix_(slots, columns)
         self.cells[rows] = combine(self.cells[rows], cells, self.sharded)
         history[slots] = global_norm

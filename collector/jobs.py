@@ -90,10 +90,10 @@ def _number(value: float) -> float | str:
 
 
 def _series(steps: np.ndarray, values: np.ndarray) -> list[list[float | str]]:
-    """``[step, value]`` pairs; a NaN value (no report at that step) is left out, an
-    infinite one reads "Inf"."""
+    """``[step, value]`` pairs; a step without report (`NO_REPORT`) is left out, a NaN or
+    infinite value reads "NaN" or "Inf"."""
     return [[int(s), _number(v)] for s, v in zip(steps.tolist(), values.tolist(), strict=True)
-            if v == v]
+            if not v < 0]
 
 
 def detail(registry: Registry, tracker: AlertTracker, job: str) -> dict | None:

@@ -272,13 +272,23 @@ class WebUI:
 
     def _group_html(self, job: str, group: dict, offset: int) -> str:
         optimizer = group["optimizer"]
+
+        def names(variables: list[str]) -> str:
+            return _e(", ".join(variables[:20])) + (" …" if len(variables) > 20 else "")
+
         causes = "".join(
-            f"<li><b>{_e(', '.join(c['variables'][:20]))}"
-            f"{' …' if len(c['variables']) > 20 else ''}</b>"
+            f"<li><b>{names(c['variables'])}</b>"
             f"<div class=cause data-cause='{_e(c['cause'])}'>{_e(c['explanation'])}</div>"
             f"<small>cause {_e(c['cause'])}{' · op ' + _e(c['op']) if c['op'] else ''}"
             f"{' · ' + _e(c['source']) if c['source'] else ''}</small></li>"
-            for c in group["causes"]) or "<li>every variable gets a gradient</li>"
+            for c in group["causes"])
+        undiagnosed = [v["name"] for v in group["variables"]
+                       if v["present"] is False and not v["cause"]]
+        if undiagnosed:
+            causes += (f"<li><b>{names(undiagnosed)}</b><div class=cause data-cause=''>no "
+                       "gradient at the latest step; not diagnosed (the agent's diagnosis is "
+                       "off, or has not found the cause yet: docs/diagnosis.md)</div></li>")
+        causes = causes or "<li>every variable gets a gradient</li>"
         return (f"<section class=optimizer><h2>Optimizer {_e(optimizer)}"
                 f"{' <small>(sharded)</small>' if group['sharded'] else ''}</h2>"
                 f"<h3>Why gradients are missing</h3><ul class=causes>{causes}</ul>"
@@ -331,20 +341,26 @@ class WebUI:
         return max(4, min(24, 720 // max(steps, 1))), max(3, min(14, 700 // max(rows, 1)))
 
     def _global_norm_svg(self, series: list[dict]) -> str:
-        def drawn(points: list) -> list:  # finite, positive norms ("Inf" leaves a gap)
+        def drawn(points: list) -> list:  # finite, positive norms
             return [p for p in points if isinstance(p[1], float) and p[1] > 0]
 
+        everything = [p for s in series for p in s["points"]]
         points = [p for s in series for p in drawn(s["points"])]
-        if not points:
+        if not everything:
             return ""
-        steps = [p[0] for p in points]
-        logs = [math.log10(p[1]) for p in points]
+        steps = [p[0] for p in everything]
+        logs = [math.log10(p[1]) for p in points] or [0.0]
         x0, x1 = min(steps), max(steps) or 1
         y0, y1 = min(logs), max(logs)
         if y1 - y0 < 1e-6:
             y0, y1 = y0 - 0.5, y1 + 0.5
         w, h = 720, 180
-        lines = []
+        # A NaN or Inf global norm: a red line across the chart at its step.
+        lines = [f"<line class=nonfinite x1={x:.1f} y1=0 x2={x:.1f} y2={h} stroke='#d62728'>"
+                 f"<title>{_e(str(value))} at step {step}</title></line>"
+                 for step, value in sorted({(p[0], p[1]) for p in everything
+                                            if isinstance(p[1], str)})
+                 for x in [(step - x0) / max(x1 - x0, 1) * w]]
         palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
         for k, s in enumerate(series):
             coords = " ".join(

@@ -279,3 +279,27 @@ def test_an_infinite_norm_is_valid_json_and_a_bad_offset_a_400(collector):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{base_url(collector)}/jobs/{job}?offset=abc", timeout=10)
     assert refused.value.code == 400
+
+
+def test_a_nan_norm_and_an_undiagnosed_missing_gradient_are_shown(collector):
+    """A NaN global norm was taken for "no report": left out of the API and the chart,
+    whose axis stopped before it. It reads "NaN" and is marked on the chart. A variable
+    without gradient and without diagnosis (diagnosis off) was hidden behind "every
+    variable gets a gradient" while GradientMissing fired."""
+    import urllib.request
+
+    job = "web-job-nan"
+    kept, dropped = tf.Variable([1.0, 2.0]), tf.Variable([3.0])
+    with GradientMonitor(collector=collector.grpc_target, training_job=job,
+                         flush_interval_s=0.05, diagnose=False) as monitor:
+        for step in range(4):
+            grad = tf.constant([np.nan, 1.0]) if step >= 2 else tf.constant([3.0, 4.0])
+            monitor.observe([grad, None], [kept, dropped], step=step)
+    found = get_json(f"{base_url(collector)}/api/v1/jobs/{job}")
+    (series,) = found["groups"][0]["global_norm"]
+    assert [p[1] for p in series["points"]] == [5.0, 5.0, "NaN", "NaN"]
+    with urllib.request.urlopen(f"{base_url(collector)}/jobs/{job}", timeout=10) as response:
+        page = response.read().decode()
+    assert page.count("<line class=nonfinite") == 2 and "<span>3</span>" in page
+    assert "every variable gets a gradient" not in page
+    assert "not diagnosed" in page.split("Why gradients are missing")[1].split("</ul>")[0]
