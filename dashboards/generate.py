@@ -671,10 +671,13 @@ def job_detail() -> dashboard.Dashboard:
         .with_panel(top_bars(ALERT_PANEL_TITLES["GradientExploding"], "Largest gradient norms "
                              f"at the latest step; red above max_norm ({MAX_NORM:g}).",
                              f"topk(10, gradwatch_gradient_norm{{{VAR}}})", NORM))
-        .with_panel(top_bars(ALERT_PANEL_TITLES["GradientVanishing"], "Smallest non-zero "
-                             "gradient norms at the latest step (0 is a missing gradient: see "
-                             f"presence); red at or below epsilon ({EPSILON:g}).",
-                             f"bottomk(10, gradwatch_gradient_norm{{{VAR}}} > 0)",
+        .with_panel(top_bars(ALERT_PANEL_TITLES["GradientVanishing"], "Smallest norms of "
+                             "the gradients present at the latest step (a dead layer's 0 "
+                             "included; missing ones: see presence); red at or below epsilon "
+                             f"({EPSILON:g}).",
+                             f"bottomk(10, gradwatch_gradient_norm{{{VAR}}} and on "
+                             "(training_job, optimizer, variable) "
+                             f"gradwatch_gradient_present{{{VAR}}} == 1)",
                              [(None, "red"), (EPSILON * 1.000001, "green")]))
         .with_panel(series(
             "Share of steps without gradient", "Per variable, task-replica steps without a "

@@ -122,14 +122,17 @@ def train_torch(collector, job: str):
     from gradwatch.agent.torch import GradientMonitor as TorchMonitor
 
     hidden, out, unused = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1), torch.nn.Linear(8, 2)
-    model = torch.nn.ModuleDict({"hidden": hidden, "out": out, "unused": unused})
+    dead = torch.nn.Linear(8, 1)  # its gradient is present and exactly 0 (GradientVanishing)
+    model = torch.nn.ModuleDict({"hidden": hidden, "out": out, "unused": unused, "dead": dead})
     x = torch.randn(64, 4)
     monitor = TorchMonitor(collector=collector.grpc_target, training_job=job,
                            flush_interval_s=0.05)
     optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.01), model)
     for batch in x.split(8):
         optimizer.zero_grad()
-        (out(torch.relu(hidden(batch))) - batch.sum(1, keepdim=True)).pow(2).mean().backward()
+        h = torch.relu(hidden(batch))
+        loss = (out(h) - batch.sum(1, keepdim=True)).pow(2).mean() + 0 * dead(h).sum()
+        loss.backward()
         optimizer.step()
     return monitor
 
@@ -166,6 +169,12 @@ def test_every_panel_query_and_variable_returns_data(collector, job_name, train)
                     if name == "training_job":
                         assert job_name in values
             assert not empty, "queries without data:\n" + "\n".join(empty)
+            if train is train_torch:  # the vanishing panel shows the dead layer's 0
+                (expr,) = [e for path in DASHBOARDS for t, e in panel_queries(
+                    json.loads(path.read_text())) if t == "Bottom 10 variables by gradient norm"]
+                shown = {r["metric"]["variable"]: float(r["value"][1]) for r in
+                         prometheus.query(substitute(expr, job_name))}
+                assert shown.get("dead.weight") == 0.0 and "unused.weight" not in shown, shown
     finally:
         if monitor is not None:
             monitor.close()
