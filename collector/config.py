@@ -170,15 +170,20 @@ def _read_yaml(path: str, errors: list[str]) -> dict[str, Any]:
 
 # -- rules --------------------------------------------------------------------------------
 
-def _check_value(path: str, value: Any, default: Any, source: str) -> Any:
-    """A rule parameter of the default's type (an int is fine for a float)."""
+def _check_value(path: str, value: Any, default: Any, source: str,
+                 above: float | None = None) -> Any:
+    """A rule parameter of the default's type (an int is fine for a float), not negative,
+    and greater than ``above`` where the parameter says (`rules.base.above`)."""
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ValueError(f"{path}: expected {kind.__name__}, got {value!r} (from {source})")
-    if kind in (int, float) and value < 0:
+    if kind in (int, float) and not value >= 0:  # NaN too
         raise ValueError(f"{path}: must not be negative, got {value!r} (from {source})")
+    if above is not None and not value > above:
+        raise ValueError(f"{path}: must be greater than {above:g}, got {value!r} "
+                         f"(from {source})")
     return value
 
 
@@ -197,7 +202,7 @@ def _rule_params(path: str, data: Any, defaults: dict[str, Any], source: str,
         if not isinstance(values, dict):
             errors.append(f"{path}.{name}: expected a mapping, got {values!r} (from {source})")
             continue
-        fields = {f.name for f in dataclasses.fields(params[name])}
+        fields = {f.name: f for f in dataclasses.fields(params[name])}
         checked = {}
         for key, value in values.items():
             if key not in fields:
@@ -206,7 +211,8 @@ def _rule_params(path: str, data: Any, defaults: dict[str, Any], source: str,
                 continue
             try:
                 checked[key] = _check_value(f"{path}.{name}.{key}", value,
-                                            getattr(params[name], key), source)
+                                            getattr(params[name], key), source,
+                                            fields[key].metadata.get("above"))
             except ValueError as error:
                 errors.append(str(error))
         params[name] = dataclasses.replace(params[name], **checked)

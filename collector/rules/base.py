@@ -9,7 +9,7 @@ active now. Rules are vectorized over variables. Event-loop only.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -21,6 +21,12 @@ from gradwatch.collector.state import Group, SessionState, StepBatch
 MAX_LISTED = 10
 
 State = TypeVar("State")
+
+
+def above(default: float, bound: float) -> Any:
+    """A threshold that must be greater than ``bound`` (checked when the config is read):
+    ``steps: int = above(100, 0)``."""
+    return field(default=default, metadata={"above": bound})
 
 
 @dataclass(frozen=True)

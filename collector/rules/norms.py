@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradwatch.collector.alerts import Alert
-from gradwatch.collector.rules.base import Params, Rule, alert, flagged, names, reporting
+from gradwatch.collector.rules.base import Params, Rule, above, alert, flagged, names, reporting
 from gradwatch.collector.state import Group, SessionState, StepBatch
 
 
 @dataclass(frozen=True)
 class ExplodingParams(Params):
-    max_norm: float = 1e6
-    median_factor: float = 100.0
-    window_steps: int = 100
-    min_steps: int = 10
+    max_norm: float = above(1e6, 0)
+    median_factor: float = above(100.0, 1)
+    window_steps: int = above(100, 0)
+    min_steps: int = above(10, 0)
 
 
 @dataclass
@@ -100,7 +100,7 @@ class GradientExploding(Rule[NormHistory]):
 @dataclass(frozen=True)
 class VanishingParams(Params):
     epsilon: float = 1e-12
-    steps: int = 100
+    steps: int = above(100, 0)
 
 
 @dataclass

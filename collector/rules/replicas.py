@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.collector.alerts import Alert
-from gradwatch.collector.rules.base import Params, Rule, alert, names, reporting
+from gradwatch.collector.rules.base import Params, Rule, above, alert, names, reporting
 from gradwatch.collector.state import Group
 
 
 @dataclass(frozen=True)
 class DivergenceParams(Params):
-    norm_ratio: float = 10.0
+    norm_ratio: float = above(10.0, 1)
 
 
 class ReplicaDivergence(Rule[None]):
@@ -78,9 +78,9 @@ class ReplicaDivergence(Rule[None]):
 
 @dataclass(frozen=True)
 class SilenceParams(Params):
-    seconds: float = 60.0
+    seconds: float = above(60.0, 0)
     #: Before a task's first step: tracing and compiling a first step can take minutes.
-    first_step_seconds: float = 600.0
+    first_step_seconds: float = above(600.0, 0)
 
 
 class WorkerSilent(Rule[None]):

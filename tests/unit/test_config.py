@@ -133,6 +133,19 @@ def test_every_error_is_reported_at_once(tmp_path):
     ({"limits": [1]}, "limits: expected a mapping"),
     ({"webhook_urls": "http://a"}, "webhook_urls: expected a list"),
     ("rules: [unclosed", "collector.yaml"),
+    # Thresholds that would page healthy jobs ("0x the median of the last 0 steps"):
+    ({"rules": {"GradientVanishing": {"steps": 0}}},
+     "rules.GradientVanishing.steps: must be greater than 0, got 0"),
+    ({"rules": {"WorkerSilent": {"seconds": 0}}},
+     "rules.WorkerSilent.seconds: must be greater than 0, got 0.0"),
+    ({"jobs": {"a*": {"GradientExploding": {"median_factor": 1}}}},
+     "jobs.a*.GradientExploding.median_factor: must be greater than 1, got 1.0"),
+    ({"rules": {"GradientExploding": {"window_steps": 0}}},
+     "rules.GradientExploding.window_steps: must be greater than 0"),
+    ({"rules": {"ReplicaDivergence": {"norm_ratio": 0.5}}},
+     "rules.ReplicaDivergence.norm_ratio: must be greater than 1"),
+    ("rules: {GradientExploding: {max_norm: .nan}}",
+     "rules.GradientExploding.max_norm: must not be negative, got nan"),
 ])
 def test_invalid_file_settings_name_the_field(tmp_path, data, message):
     (found,) = errors("--config", write(tmp_path, data))
