@@ -134,7 +134,8 @@ class Dispatcher:
         self._queues = {s.name: collections.deque() for s in sinks}
         self._wakeups = {s.name: asyncio.Event() for s in sinks}
         self._tasks: list[asyncio.Task] = []
-        self._sending: set[str] = set()
+        #: Sink name -> notifications of the batch being sent.
+        self._sending: dict[str, int] = {}
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._deliver(s)) for s in self.sinks]
@@ -160,7 +161,7 @@ class Dispatcher:
             while queue:
                 batch = list(queue)
                 queue.clear()
-                self._sending.add(sink.name)
+                self._sending[sink.name] = len(batch)
                 for attempt in range(self.retries + 1):
                     try:
                         await sink.send(batch)
@@ -175,7 +176,7 @@ class Dispatcher:
                             log.warning("alert delivery to %s failed: %s", sink.name, error)
                         else:
                             await asyncio.sleep(self.backoff_s * 2**attempt)
-                self._sending.discard(sink.name)
+                self._sending.pop(sink.name, None)
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         """Waits until every queue is empty (used at shutdown)."""
@@ -185,8 +186,17 @@ class Dispatcher:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        """Stops delivering. What is still queued or being sent is lost: counted as
+        dropped, and said once per sink (shutdown, after `flush` ran out of time)."""
         for task in self._tasks:
             task.cancel()
+        for sink in self.sinks:
+            lost = len(self._queues[sink.name]) + self._sending.pop(sink.name, 0)
+            self._queues[sink.name].clear()
+            if lost:
+                self.outcomes[(sink.name, "dropped")] += lost
+                log.warning("%d alert notifications to %s not delivered before shutdown "
+                            "(it did not answer in time)", lost, sink.name)
         for sink in self.sinks:
             closer = getattr(sink, "close", None)
             if closer is not None:

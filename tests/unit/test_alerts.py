@@ -76,6 +76,37 @@ def test_firing_alerts_lease_ahead_for_alertmanager():
     assert body["endsAt"].startswith("1970-01-01T00:33:20")
 
 
+def test_notifications_a_hung_sink_never_took_are_counted_and_said_at_shutdown(caplog):
+    """SIGTERM while a webhook hangs: the shutdown's flush runs out of time and the last
+    alert is lost. It was lost without a word (rc 0, nothing counted); it is now counted
+    as dropped and one warning names the sink."""
+    import asyncio
+
+    from gradwatch.collector.alerts import Alert, Notification
+    from gradwatch.collector.sinks import Dispatcher
+
+    class Hung:
+        name, wants_resends = "webhook:http://hung", False
+
+        async def send(self, notifications):
+            await asyncio.sleep(3600)
+
+    async def scenario():
+        dispatcher = Dispatcher([Hung()])
+        dispatcher.start()
+        for name in ("GradientNonFinite", "GradientMissing"):
+            dispatcher.submit(Notification(Alert({"alertname": name}), 1.0))
+            await asyncio.sleep(0.05)  # the first is being sent, the second queued
+        await dispatcher.flush(0.2)
+        await dispatcher.close()
+        return dict(dispatcher.outcomes)
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes[("webhook:http://hung", "dropped")] == 2
+    assert "2 alert notifications to webhook:http://hung not delivered before shutdown" \
+        in caplog.text
+
+
 def test_dispatcher_resends_only_to_sinks_that_want_them():
     import asyncio
 
