@@ -18,6 +18,9 @@ import numpy as np
 
 from gradwatch.collector.history import History
 
+#: Seconds over which a session's step rate is smoothed.
+RATE_WINDOW_S = 10.0
+
 
 @dataclass
 class StepBatch:
@@ -74,7 +77,7 @@ class SessionState:
     #: Dynamic loss scaling: steps with NaN/Inf are skipped by the optimizer, not applied.
     loss_scaled: bool = False
     skipped_steps_total: int = 0
-    #: Steps per second, smoothed over the last ~10 s of reports.
+    #: Steps per second, smoothed over the last `RATE_WINDOW_S` of reports (see `rate`).
     step_rate: float = 0.0
 
     def __post_init__(self) -> None:
@@ -103,12 +106,21 @@ class SessionState:
         nonfinite = (batch.nan_count + batch.inf_count) > 0
         return np.zeros_like(nonfinite) if self.loss_scaled else nonfinite
 
+    def rate(self, now: float) -> float:
+        """Steps per second as of ``now``: the recent rate, or 0 once no report came for
+        three of its step periods (and `RATE_WINDOW_S`): a task that died is not shown
+        stepping on."""
+        if self.step_rate and now - self.last_report_time > max(RATE_WINDOW_S,
+                                                                  3 / self.step_rate):
+            return 0.0
+        return self.step_rate
+
     def apply(self, sequence: int, batch: StepBatch) -> None:
         """Folds a validated batch into the latest state and the totals."""
         now = time.time()
         if self.last_report_time and batch.steps.size:
             elapsed = max(now - self.last_report_time, 1e-3)
-            weight = min(1.0, elapsed / 10.0)
+            weight = min(1.0, elapsed / RATE_WINDOW_S)
             self.step_rate += weight * (batch.steps.size / elapsed - self.step_rate)
         self.last_sequence = sequence
         self.last_report_time = now

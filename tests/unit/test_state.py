@@ -67,3 +67,21 @@ def test_a_session_replaced_by_its_own_process_continues_its_totals(previous):
     else:
         assert (grown.steps_total, grown.nonfinite_steps_total) == (0, 0)
         assert grown.missing_steps_total.tolist() == [0, 0, 0]
+
+
+def test_a_task_that_stopped_reporting_is_not_shown_stepping_on():
+    """A crashed agent's last rate (3.47 steps/s) was shown for as long as its session
+    was kept; it is 0 once no report came for three step periods (and 10 s)."""
+    from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.jobs import summary
+
+    fast, slow = register(Registry(), "fast"), register(Registry(), "slow")
+    fast.step_rate, fast.last_report_time = 3.47, 100.0
+    slow.step_rate, slow.last_report_time = 1 / 30, 100.0  # a step every 30 s
+
+    def rate(session, now):
+        return summary(session.group.training_job, [session.group], AlertTracker(print),
+                       now)["steps_per_second"]
+
+    assert rate(fast, 105.0) == 3.47 and rate(fast, 111.0) == 0.0
+    assert rate(slow, 180.0) == pytest.approx(1 / 30) and rate(slow, 191.0) == 0.0
