@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,8 @@ def add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
         parser.add_argument(
             item.flag, dest=item.dest, metavar=item.setting.metavar or item.attribute.upper(),
             action="append" if item.setting.repeatable else "store",
-            help=f"{item.setting.help} (env {item.env}, YAML {item.key}; "
+            help=f"{item.setting.help} (env {item.env}"
+                 f"{', comma-separated' if item.setting.repeatable else ''}, YAML {item.key}; "
                  f"default: {default})")
 
 
@@ -263,8 +265,19 @@ def address(value: Any) -> str:
 
 
 def url(value: Any) -> str:
+    """An ``http://`` or ``https://`` URL with a host, a valid port if any, and no
+    whitespace (a list of several goes comma-separated in a variable)."""
     if not text(value).startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain whitespace (separate several URLs with commas)")
+    parsed = urllib.parse.urlsplit(value)
+    if not parsed.hostname:
+        raise ValueError("has no host")
+    try:
+        parsed.port  # noqa: B018  (raises on a port out of range or not a number)
+    except ValueError as error:
+        raise ValueError(f"bad port: {error}") from None
     return value
 
 

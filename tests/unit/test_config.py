@@ -126,6 +126,27 @@ def test_every_error_is_reported_at_once(tmp_path):
         assert expected in text
 
 
+@pytest.mark.parametrize("source", ["flag", "env", "yaml"])
+@pytest.mark.parametrize("key, value, message", [
+    ("alertmanager_urls", "http://", "has no host"),
+    ("webhook_urls", "http://h:99999/hook", "bad port"),
+    ("webhook_urls", "http://a/hook http://b/hook",
+     "must not contain whitespace (separate several URLs with commas)"),
+])
+def test_a_url_that_cannot_work_is_refused(tmp_path, source, key, value, message):
+    """Only the scheme was checked: "http://", a port over 65535 and two URLs in one
+    variable separated by a space (a sink named after both) started the collector."""
+    item = next(i for i in declared(config.CollectorConfig) if i.key == key)
+    if source == "flag":
+        found, origin = errors(item.flag, value), item.flag
+    elif source == "env":
+        found, origin = errors(environ={item.env: value}), item.env
+    else:
+        origin = write(tmp_path, {key: [value]})
+        found = errors("--config", origin)
+    assert len(found) == 1 and f"(from {origin}): {message}" in found[0], found
+
+
 @pytest.mark.parametrize("data, message", [
     ({"rules": {"WorkerSilent": {"enabled": "yes"}}}, "rules.WorkerSilent.enabled: expected bool"),
     ({"jobs": {"a*": {"GradientExploding": {"limit": 1}}}},
