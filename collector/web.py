@@ -188,7 +188,8 @@ class WebUI:
             alerts = ", ".join(job["firing_alerts"]) or "—"
             rows.append(
                 f"<tr class='{'broken' if broken else ''}'>"
-                f"<td><a href='{_e(_path(job['training_job']))}'>{_e(job['training_job'])}</a>"
+                f"<td class=name><a href='{_e(_path(job['training_job']))}'>"
+                f"{_e(job['training_job'])}</a>"
                 f"{' <small>finished</small>' if job['finished'] else ''}</td>"
                 f"<td class=num>{job['tasks']} &times; {job['replicas']}</td>"
                 f"<td>{_e(', '.join(job['optimizers']))}</td>"
@@ -206,7 +207,7 @@ class WebUI:
                 if state.last_success else "never"
             last_bad = (f"{_age(time.time() - state.last_failure)} ago: {_e(state.last_error)}"
                         if state.last_failure else "—")
-            sinks.append(f"<tr><td>{_e(name)}</td><td class=num>{sent}</td>"
+            sinks.append(f"<tr><td class=name>{_e(name)}</td><td class=num>{sent}</td>"
                          f"<td class=num>{failed}</td><td class=num>{dropped}</td>"
                          f"<td>{last_ok}</td><td>{last_bad}</td></tr>")
         limits = "".join(f"<tr><td>{_e(k)}</td><td class=num>{v:,}</td></tr>"
@@ -381,7 +382,7 @@ class WebUI:
             present = "—" if v["present"] is None else "yes" if v["present"] else "no"
             norm = v["norm"] if isinstance(v["norm"], float) else -1
             return (f"<tr class='{'missing' if v['present'] is False else ''}'>"
-                    f"<td>{_e(v['name'])}</td><td class=num data-value='{norm}'>"
+                    f"<td class=name>{_e(v['name'])}</td><td class=num data-value='{norm}'>"
                     f"{_number(v['norm'])}</td><td>{present}</td>"
                     f"<td class=num>{v['nan_values']:.0f}</td>"
                     f"<td class=num>{v['inf_values']:.0f}</td>"

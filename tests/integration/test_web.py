@@ -303,3 +303,18 @@ def test_a_nan_norm_and_an_undiagnosed_missing_gradient_are_shown(collector):
     assert page.count("<line class=nonfinite") == 2 and "<span>3</span>" in page
     assert "every variable gets a gradient" not in page
     assert "not diagnosed" in page.split("Why gradients are missing")[1].split("</ul>")[0]
+
+
+def test_a_name_as_long_as_allowed_keeps_the_tables_on_screen(collector, browser):
+    """A 256-character job name (the limit) and variable name pushed every job's status
+    columns off a 1,400-pixel screen; long names wrap now."""
+    job, variable = "j" * 256, tf.Variable([1.0], name="v" * 200)
+    with GradientMonitor(collector=collector.grpc_target, training_job=job,
+                         flush_interval_s=0.05) as monitor:
+        monitor.observe([tf.constant([1.0])], [variable], step=0)
+    for url in (base_url(collector) + "/", f"{base_url(collector)}/jobs/{job}"):
+        browser.get(url)
+        widest = browser.execute_script(
+            "return Math.max(...[...document.querySelectorAll('table')].map("
+            "t => t.getBoundingClientRect().right))")
+        assert widest <= browser.execute_script("return window.innerWidth"), url
