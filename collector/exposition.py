@@ -15,6 +15,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+#: The ``Content-Type`` of what `render` writes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 
 def escape(value: str) -> str:
     """A label value as the text format wants it between quotes."""

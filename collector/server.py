@@ -18,12 +18,12 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from gradwatch.collector.alerts import AlertTracker
 from gradwatch.collector.auth import TokenAuthority
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.exporter import Exporter, render_metrics
+from gradwatch.collector.exposition import CONTENT_TYPE
 from gradwatch.collector.rules import RuleEngine
 from gradwatch.collector.service import GradientWatchService
 from gradwatch.collector.settings import split_host_port
@@ -184,7 +184,7 @@ class Collector:
 
     async def _serve_metrics(self, request: web.Request) -> web.Response:
         body = render_metrics(self.exporter, request.query.getall("name[]", []))
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _serve_health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

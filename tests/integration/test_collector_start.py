@@ -73,3 +73,15 @@ def test_sighup_is_ignored_with_a_line_and_sigterm_still_drains(tmp_path):
     stderr = process.stderr.read()
     assert "SIGHUP ignored: the collector does not reload its configuration" in stderr
     assert "Traceback" not in stderr
+
+
+def test_metrics_say_the_text_format_they_are_in():
+    """The body is text format 0.0.4; the header said version=1.0.0 (client_python's
+    latest), which a Prometheus negotiating formats may read otherwise."""
+    import urllib.request
+
+    from tests.support.services import CollectorProcess
+
+    with CollectorProcess() as collector, \
+            urllib.request.urlopen(collector.metrics_url, timeout=10) as response:
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
