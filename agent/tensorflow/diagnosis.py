@@ -270,10 +270,13 @@ def _op_fields(node: Node | None) -> tuple[str, str, Source | None]:
 
 
 def _stored_tensors(variables: list[Any]) -> dict[int, list[tuple[str, Any]]]:
-    """For each variable (by id), the tensors (not variables) kept as attributes of the
-    objects that hold it (Keras layers, ``tf.Module``s, a module's globals), each with a
-    name like ``noisy.kernel``. One scan of the heap (``gc.get_referrers``, ~0.1 s)."""
-    wanted = {id(v) for v in variables}
+    """For each variable (by id), the tensors (not variables) of its size kept as
+    attributes of the objects that hold it (Keras layers, ``tf.Module``s, a module's
+    globals), each with a name like ``noisy.kernel``: what ``build()`` computes from a
+    variable once (a transpose, a scaled or noisy copy) keeps its size; other tensors kept
+    there (the input data next to a loop's variable, a layer's constant) are not
+    suspects. One scan of the heap (``gc.get_referrers``, ~0.1 s)."""
+    wanted = {id(v): _size(v) for v in variables}
     found: dict[int, list[tuple[str, Any]]] = {}
     for namespace in gc.get_referrers(*variables):
         if not isinstance(namespace, dict):
@@ -291,8 +294,15 @@ def _stored_tensors(variables: list[Any]) -> dict[int, list[tuple[str, Any]]]:
                     index = f"[{i}]" if values is value else ""
                     tensors.append((f"{prefix}{attribute}{index}", item))
         for variable_id in held:
-            found.setdefault(variable_id, []).extend(tensors)
+            found.setdefault(variable_id, []).extend(
+                (name, t) for name, t in tensors if _size(t) == wanted[variable_id])
     return found
+
+
+def _size(value: Any) -> int | None:
+    """Elements of a tensor or variable of known shape, else None."""
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tf.TensorShape(shape).num_elements()
 
 
 def _readers(graph: ForwardGraph, handles: list[int], any_dtype: bool = False) -> list[Node]:

@@ -238,6 +238,31 @@ class BuildTimeKernel(Pattern):
         return self.head(h)
 
 
+class PositionalHead(keras.layers.Layer):
+    """A layer keeping a constant (a positional encoding) next to a weight it uses only
+    at inference: the constant is on the loss path, the weight unused in training."""
+
+    def build(self, input_shape):
+        self.pos = tf.constant(np.linspace(0, 1, input_shape[-1], dtype="float32"))
+        self.infer_scale = self.add_weight(shape=(), initializer="ones", name="infer_scale")
+
+    def call(self, h, training=True):
+        return h + self.pos if training else (h + self.pos) * self.infer_scale
+
+
+class ConstantBesideAnUnusedWeight(Pattern):
+    """The stored-tensor check blamed any tensor kept next to an unused variable (here
+    ``pos``; in a script, the input data in the module's globals next to a loop's
+    variable): only tensors of the variable's size are suspects."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.head = PositionalHead(name="head")
+
+    def broken(self, h, x):
+        return self.head(h)[:, :1]
+
+
 class MetricAsLoss(Pattern):
     """keras-team/keras#19150: a ``keras.metrics`` object used as (part of) the loss; its
     value is accumulated into state variables and read back."""
@@ -309,6 +334,7 @@ CATALOGUE = {
     IntegerVariable: Expected(Cause.NOT_TRACKED, "ReadVariableOp", "intvar", ("/scale",)),
     BuildTimeKernel: Expected(Cause.OUTSIDE_TAPE, "MatMul", "stored",
                               ("/head/mu", "/head/sigma")),
+    ConstantBesideAnUnusedWeight: Expected(Cause.UNUSED, variables=("/head/infer_scale",)),
     MetricAsLoss: Expected(Cause.BROKEN_AT_OP, ("AssignVariableOp", "AssignAddVariableOp"),
                            "metricloss"),
     AssignedState: Expected(Cause.BROKEN_AT_OP, "AssignVariableOp", "assign"),
