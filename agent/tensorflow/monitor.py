@@ -212,8 +212,11 @@ class GradientMonitor(MonitorCore):
         self._unread_accumulators: set[str] = set()
         #: Wrapped optimizers (by id): a weak reference, and their step count when wrapped.
         self._wrapped: dict[int, tuple[weakref.ref, int | None]] = {}
+        #: Verdicts not logged yet, by variable id (`_tell`), and the explanations logged.
+        self._untold: dict[int, Diagnosis] = {}
+        self._told: set[str] = set()
         if self.enabled and self.settings.diagnose:
-            self._stop_diagnosing = tape.listen(self._on_diagnosis)
+            self._stop_diagnosing = tape.listen(self._on_diagnosis, tells=False)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -236,6 +239,8 @@ class GradientMonitor(MonitorCore):
         and variable list, from 0 as an optimizer's.
         """
         if self.enabled:
+            if self._untold:
+                self._tell(grads, variables)
             self._record(("observe", name), name, list(grads), list(variables), step)
 
     # -- internals ----------------------------------------------------------------------
@@ -299,6 +304,8 @@ class GradientMonitor(MonitorCore):
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         if self._inside_loss_scaling(optimizer):
             return
+        if self._untold:
+            self._tell(grads, variables)
         step = getattr(optimizer, "iterations", None)
         name = optimizer_base_name(optimizer)
         loss_scale = _loss_scale(optimizer)
@@ -336,6 +343,18 @@ class GradientMonitor(MonitorCore):
 
     def _on_diagnosis(self, variable: Any, diagnosis: Diagnosis) -> None:
         self.add_diagnosis(variable, variable_name(variable), diagnosis)
+        self._untold[id(variable)] = diagnosis
+
+    def _tell(self, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """Logs the verdicts of the variables an update gets no gradient for, once each
+        (a gradient call's None for a variable another call's gradient covers, as with
+        per-loss gradients summed before the update, is not the update's)."""
+        for grad, variable in zip(grads, variables, strict=False):
+            if grad is None:
+                verdict = self._untold.pop(id(variable), None)
+                if verdict is not None and verdict.explanation() not in self._told:
+                    self._told.add(verdict.explanation())
+                    log.warning("gradwatch: %s", verdict.message())
 
     @staticmethod
     def _session_key(owner: Hashable, variables: Sequence[Any]) -> tuple:

@@ -3,7 +3,8 @@
 `listen` patches ``tf.GradientTape`` (the class: Keras 3, tf-keras and custom
 loops all go through it) while at least one listener is registered. After a
 gradient call that returned ``None`` for a variable, once per traced function
-and variable:
+and variable (or again, for a later call's loss, where the first said only that it is
+not on its loss path):
 
 - inside ``tf.function`` (``model.fit``, compiled loops) the traced graph is
   analysed at once, at trace time;
@@ -28,7 +29,7 @@ import tensorflow as tf
 from tensorflow.python.eager import backprop
 from tensorflow.python.framework import ops
 
-from gradwatch.agent.core.diagnosis import Diagnosis
+from gradwatch.agent.core.diagnosis import Cause, Diagnosis
 from gradwatch.agent.tensorflow import forward_graph
 from gradwatch.agent.tensorflow.diagnosis import Diagnoser
 from gradwatch.agent.tensorflow.forward_graph import RECORDED_ALL, EagerRecorder, Recording
@@ -46,23 +47,40 @@ def _ref(obj: Any) -> Callable[[], Any]:
         return lambda: obj
 
 
+#: Verdicts another gradient call of the same traced function may improve on (per-loss
+#: gradients: each call's None for the other head is "not on its loss path").
+_VAGUE = frozenset({Cause.NOT_ON_LOSS_PATH, Cause.UNUSED, Cause.UNKNOWN})
+
+
 class _Seen:
-    """(graph, variable) pairs already diagnosed; graph None means eager. Held weakly, so a
-    new graph or variable that reuses a dead one's id() is not taken for it."""
+    """(graph, variable) pairs already diagnosed, with their verdict (None: not
+    diagnosed); graph None means eager. Held weakly, so a new graph or variable that
+    reuses a dead one's id() is not taken for it."""
 
     def __init__(self) -> None:
-        self._pairs: dict[tuple[int, int], tuple[Callable[[], Any], Callable[[], Any]]] = {}
+        self._pairs: dict[tuple[int, int], tuple[Callable[[], Any], Callable[[], Any],
+                                                 Diagnosis | None]] = {}
 
     def __contains__(self, pair: tuple[Any, Any]) -> bool:
         graph, variable = pair
         refs = self._pairs.get((id(graph), id(variable)))
         return refs is not None and refs[0]() is graph and refs[1]() is variable
 
-    def add(self, graph: Any, variable: Any) -> None:
+    def verdict(self, graph: Any, variable: Any) -> Diagnosis | None:
+        return self._pairs[(id(graph), id(variable))][2] if (graph, variable) in self else None
+
+    def due(self, graph: Any, variable: Any) -> bool:
+        """Not diagnosed yet, or (in a traced function) only vaguely."""
+        if (graph, variable) not in self:
+            return True
+        verdict = self.verdict(graph, variable)
+        return graph is not None and verdict is not None and verdict.cause in _VAGUE
+
+    def add(self, graph: Any, variable: Any, verdict: Diagnosis | None = None) -> None:
         if len(self._pairs) > 10_000:  # forget the dead
             self._pairs = {k: r for k, r in self._pairs.items()
                            if r[1]() is not None and (k[0] == id(None) or r[0]() is not None)}
-        self._pairs[(id(graph), id(variable))] = (_ref(graph), _ref(variable))
+        self._pairs[(id(graph), id(variable))] = (_ref(graph), _ref(variable), verdict)
 
     def clear(self) -> None:
         self._pairs.clear()
@@ -74,6 +92,7 @@ class _GradientCalls:
     def __init__(self) -> None:
         self.listeners: list[Listener] = []
         self.record_eagerly_always = 0
+        self.telling = 0  # listeners that leave logging the verdicts to this module
         self._lock = threading.RLock()
         self._originals: dict[str, Any] = {}
         self._seen = _Seen()
@@ -81,10 +100,12 @@ class _GradientCalls:
         self._recorder = EagerRecorder()
         self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
 
-    def listen(self, listener: Listener, *, record_eagerly: bool = False) -> Callable[[], None]:
+    def listen(self, listener: Listener, *, record_eagerly: bool = False,
+               tells: bool = True) -> Callable[[], None]:
         with self._lock:
             self.listeners.append(listener)
             self.record_eagerly_always += record_eagerly
+            self.telling += tells
             if not self._originals:
                 self._patch()
             if record_eagerly:
@@ -95,6 +116,7 @@ class _GradientCalls:
                 if listener in self.listeners:
                     self.listeners.remove(listener)
                     self.record_eagerly_always -= record_eagerly
+                    self.telling -= tells
                 if not self.record_eagerly_always and not self._awaiting:
                     self._recorder.stop()
                 if not self.listeners:
@@ -203,7 +225,7 @@ class _GradientCalls:
             return
         graph, position = before
         missing = [v for v, g in zip(flat_sources, flat_grads, strict=True)
-                   if g is None and (graph, v) not in self._seen and variable_handles(v)]
+                   if g is None and self._seen.due(graph, v) and variable_handles(v)]
         with self._lock:
             if graph is None:
                 self._after_eager_gradient(tape, target, missing)
@@ -239,9 +261,13 @@ class _GradientCalls:
         diagnoser = Diagnoser(forward, [id(t) for t in tf.nest.flatten(target) if t is not None],
                               self._watched(tape))
         for variable in missing:
-            self._seen.add(graph, variable)
+            if (graph, variable) not in self._seen:
+                self._seen.add(graph, variable)
         for variable, verdict in zip(missing, diagnoser.diagnose_all(missing), strict=True):
-            if verdict not in self._logged:
+            if self._seen.verdict(graph, variable) is not None and verdict.cause in _VAGUE:
+                continue  # another loss of this function: its verdict stands
+            self._seen.add(graph, variable, verdict)
+            if self.telling and verdict not in self._logged:
                 self._logged.add(verdict)
                 log.warning("gradwatch: %s", verdict.message())
             for listener in list(self.listeners):
@@ -254,9 +280,13 @@ class _GradientCalls:
 _CALLS = _GradientCalls()
 
 
-def listen(listener: Listener, *, record_eagerly: bool = False) -> Callable[[], None]:
+def listen(listener: Listener, *, record_eagerly: bool = False,
+           tells: bool = True) -> Callable[[], None]:
     """Calls ``listener(variable, diagnosis)`` for each variable found without a gradient
-    (once per traced function and variable). ``record_eagerly``: record eager steps
-    from now on, so the first eager step is diagnosed too (slow: diagnose-only use).
+    (once per traced function and variable; again where a later gradient call of the
+    function, for another loss, tells more than "not on the loss path"). ``record_eagerly``:
+    record eager steps from now on, so the first eager step is diagnosed too (slow:
+    diagnose-only use). ``tells``: this module logs each verdict (else the listener says
+    what it needs to: a monitor, for the variables its optimizers get no gradient for).
     Returns a function that stops listening."""
-    return _CALLS.listen(listener, record_eagerly=record_eagerly)
+    return _CALLS.listen(listener, record_eagerly=record_eagerly, tells=tells)

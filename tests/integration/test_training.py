@@ -386,6 +386,48 @@ def test_an_optimizer_wrapped_before_a_mixed_precision_compile_counts_skipped_st
     assert gradwatch_warnings(caplog) == []
 
 
+@pytest.mark.parametrize("head_b", ["floored", "healthy"])
+def test_per_loss_gradients_summed_before_the_update(collector, job_name, caplog, head_b):
+    """Multi-task training taking each loss's gradients in its own call (per-task gradient
+    norms, PCGrad) and summing them for one update: each call's None for the other head
+    is not the update's. A floored head was said to be "not on the loss path" (the first
+    call's verdict), and with healthy heads two warnings named gradients the update had."""
+    keras.utils.set_random_seed(0)
+    trunk, head_a, head_b_layer = (keras.layers.Dense(units, name=name) for units, name in
+                                   ((4, "trunk"), (1, "head_a"), (1, "head_b")))
+    x, ya, yb = (tf.random.normal(shape) for shape in ((8, 3), (8, 1), (8, 1)))
+    for layer, inputs in ((trunk, x), (head_a, trunk(x)), (head_b_layer, trunk(x))):
+        layer(inputs)
+    variables = [v for layer in (trunk, head_a, head_b_layer) for v in layer.trainable_variables]
+    cut = tf.math.floor if head_b == "floored" else tf.identity
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.SGD(0.01))
+
+        @tf.function
+        def step():
+            with tf.GradientTape(persistent=True) as tape:
+                h = trunk(x)
+                loss_a = tf.reduce_mean((head_a(h) - ya) ** 2)
+                loss_b = tf.reduce_mean((cut(head_b_layer(h)) - yb) ** 2)
+            grads_a, grads_b = tape.gradient(loss_a, variables), tape.gradient(loss_b, variables)
+            optimizer.apply([a if b is None else b if a is None else a + b
+                             for a, b in zip(grads_a, grads_b, strict=True)], variables)
+
+        for _ in range(3):
+            step()
+    samples = scrape(collector, job_name)
+    causes = {labels["variable"]: (labels["cause"], labels["op_type"])
+              for labels, _ in samples.get("gradwatch_gradient_missing_cause_info", [])}
+    if head_b == "floored":
+        assert causes == {"head_b/kernel": ("broken_at_op", "Floor"),
+                          "head_b/bias": ("broken_at_op", "Floor")}, causes
+        (warning,) = gradwatch_warnings(caplog)
+        assert "Floor" in warning
+    else:
+        assert list(select(samples, "gradwatch_variables_without_gradient").values()) == [0]
+        assert gradwatch_warnings(caplog) == []
+
+
 def gan() -> tuple[keras.Model, keras.Model]:
     generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="g")],
                                  name="generator")
