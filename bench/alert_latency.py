@@ -4,8 +4,9 @@ Two paths, measured in one run against real processes on loopback:
   (a) direct:     agent → collector rules → Alertmanager (POST /api/v2/alerts)
   (b) Prometheus: agent → collector /metrics → Prometheus scrape (1 s) and rule
                   evaluation (1 s, deploy/prometheus/gradwatch-rules.yml) → Alertmanager
-Each sample: a fresh job reports a healthy step, then at t0 a step in which one
-variable has no gradient (``monitor.observe``); the clock stops when
+Each sample: a fresh job reports a healthy step, then, 0.3-0.8 s later (any phase of
+the agent's flush interval), at t0 a step in which one variable has no gradient
+(``monitor.observe``); the clock stops when
 ``GET /api/v2/alerts`` lists GradientMissing for that job. Budget (a): p99 ≤ 1 s.
 
     .venv/bin/python -m bench.alert_latency [--direct 40] [--prometheus 8]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 import uuid
@@ -38,7 +40,7 @@ def one_sample(collector: CollectorProcess, alertmanager: AlertmanagerProcess,
     monitor = GradientMonitor(collector=collector.grpc_target, training_job=job)
     try:
         monitor.observe(grads, variables)  # healthy: registers the session
-        time.sleep(0.3)
+        time.sleep(random.uniform(0.3, 0.8))  # any phase of the agent's flush interval
         started = time.perf_counter()
         monitor.observe([grads[0], None], variables)  # the bad step
         alertmanager.wait_for(bool, timeout_s, alertname="GradientMissing", training_job=job)

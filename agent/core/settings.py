@@ -153,7 +153,7 @@ class AgentSettings:
     #: Explain missing gradients (the front end's diagnosis hooks).
     diagnose: bool = setting(True, "GRADWATCH_DIAGNOSE", _flag)
     #: On-device ring buffer per session, in steps; None: as many as fit in 4 MiB per
-    #: replica, 16 to 256 (`gradwatch.agent.core.session.ring_capacity`).
+    #: replica, 16 to 1,024 (`gradwatch.agent.core.session.ring_capacity`).
     buffer_steps: int | None = setting(None, "GRADWATCH_BUFFER_STEPS",
                                        _number(int, 1, maximum=MAX_BUFFER_STEPS))
     #: Statistics (norms, NaN/Inf counts) at every Nth optimizer step only, to trade
@@ -166,7 +166,7 @@ class AgentSettings:
                                     _number(int, 0))
     #: How often statistics leave the device, in seconds (at least 1 ms: less would keep
     #: the sender thread spinning).
-    flush_interval_s: float = setting(0.1, "GRADWATCH_FLUSH_INTERVAL", _number(float, 0.001))
+    flush_interval_s: float = setting(0.25, "GRADWATCH_FLUSH_INTERVAL", _number(float, 0.001))
     #: A collector that acknowledges nothing for this long is left for another (at least
     #: 0.1 s: less would leave a healthy collector at every batch).
     ack_timeout_s: float = setting(10.0, "GRADWATCH_ACK_TIMEOUT", _number(float, 0.1))

@@ -64,8 +64,11 @@ class TorchSession(Session):
         #: every gradient was None after it (``zero_grad`` with ``set_to_none``, the default).
         self._seen: list[tuple[weakref.ref, int] | None] | None = None
         self._record: torch.Tensor | None = None
-        #: The gradients as a clip left them after `_record` was measured (`clipped`).
-        self._clipped: list[tuple[weakref.ref, int] | None] | None = None
+        #: A few gradients (index, tensor, version) as a clip left them after `_record` was
+        #: measured (`clipped`): a backward pass since changes them.
+        self._clipped: list[tuple[int, weakref.ref, int]] | None = None
+        self._sentinels = sorted({0, len(self.params) // 3, 2 * len(self.params) // 3,
+                                  len(self.params) - 1} - {-1})
         self._every = every
         self._skipped = False  # this step is not recorded (see `measures`)
         self.steps = first_step
@@ -104,7 +107,8 @@ class TorchSession(Session):
         measured again if a backward pass added to the gradients since the last clip (a
         clip after every micro-batch: the step applies the sum, measured at the last)."""
         if after_clip and self._clipped is not None and any(
-                not _same(p.grad, s) for p, s in zip(self.params, self._clipped, strict=True)):
+                not _same(self.params[i].grad, (ref, version))
+                for i, ref, version in self._clipped):
             self._record, self._skipped, self._clipped = None, False, None
         if self._record is not None or self._skipped:
             return
@@ -138,9 +142,12 @@ class TorchSession(Session):
         self._record = record
 
     def clipped(self) -> None:
-        """After a clip of a measured step: the gradients as it left them (`measure`)."""
+        """After a clip of a measured step: a few gradients as it left them (`measure`;
+        a micro-batch's backward pass reaches nearly every parameter, and a handful cost
+        microseconds where all of a large model's would cost tens)."""
         if self._record is not None or self._skipped:
-            self._clipped = self._snapshot()
+            self._clipped = [(i, weakref.ref(g), g._version) for i in self._sentinels
+                             if (g := self.params[i].grad) is not None] or None
 
     def finish(self) -> None:
         """Ends the step: writes its record and remembers the gradients seen (training
