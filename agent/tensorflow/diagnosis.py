@@ -210,6 +210,10 @@ class Diagnoser:
                            "writes a value computed from it into a variable that the loss "
                            "reads back",
                            HINTS["state"])
+            if all(reader.outside for reader in readers):
+                # Read only while the tape was not recording, and not for the loss: after
+                # the update (logging, check_numerics) or before the step. Not computed with.
+                return Diagnosis(name, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
             return _at(name, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers))
         reached, stopped = graph.flow(start, upstream, why_blocked)
         if not reached & targets:

@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import diagnose_missing_gradients
-from gradwatch.agent.core.diagnosis import Cause
+from gradwatch.agent.core.diagnosis import Cause, Diagnosis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -543,6 +543,39 @@ def test_tape_patterns(step, mode):
     check(report.diagnoses, TAPE_PATTERNS[step])
     for diagnosis in report.diagnoses.values():
         assert WHY_OUTSIDE.get(step, "") in diagnosis.explanation(), diagnosis.message()
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_weights_checked_after_the_update_are_not_read_by_the_loss(mode):
+    """A loop that checks every weight after the update (``check_numerics``, a histogram
+    for TensorBoard) around a layer it never calls: those reads happen while no tape
+    records, and do not make the layer "read, but not on the loss path" at the check's
+    line: it is unused."""
+    keras.utils.set_random_seed(0)
+    model = UnusedLayer()
+    model.build((None, 4))
+    x, y = _data()
+    optimizer = keras.optimizers.SGD(0.01)
+
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        for variable in model.trainable_variables:
+            tf.debugging.check_numerics(variable, "weight")
+
+    from gradwatch.agent.tensorflow import tape
+
+    verdicts: dict[str, Diagnosis] = {}  # as a monitor listens: the next eager step recorded
+    stop = tape.listen(lambda variable, verdict: verdicts.setdefault(verdict.variable, verdict),
+                       tells=False)
+    try:
+        for _ in range(3):
+            (tf.function(train_step) if mode == "function" else train_step)()
+    finally:
+        stop()
+    check(verdicts, CATALOGUE[UnusedLayer])
 
 
 def cnn() -> keras.Model:
