@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -360,13 +361,17 @@ def _data():
             rng.normal(size=(32, 1)).astype("float32"))
 
 
-def train(model_class: type[Pattern], mode: str, steps: int = 2) -> dict:
-    """Trains a fresh model for ``steps`` steps in ``mode``; returns the diagnoses."""
+def fresh(model_class: type[Pattern]) -> tuple[Pattern, np.ndarray, np.ndarray, Any]:
+    """A built model, the data and an SGD optimizer, seeded alike for every case."""
     keras.utils.set_random_seed(0)
     model = model_class()
     model.build((None, 4))
-    x, y = _data()
-    optimizer = keras.optimizers.SGD(0.01)
+    return (model, *_data(), keras.optimizers.SGD(0.01))
+
+
+def train(model_class: type[Pattern], mode: str, steps: int = 2) -> dict:
+    """Trains a fresh model for ``steps`` steps in ``mode``; returns the diagnoses."""
+    model, x, y, optimizer = fresh(model_class)
     with diagnose_missing_gradients() as report:
         if mode == "fit":
             model.compile(optimizer=optimizer, loss="mse")
@@ -525,11 +530,7 @@ class TapePattern(Pattern):
 @pytest.mark.parametrize(("step", "mode"), TAPE_MODES,
                          ids=[f"{step.__name__}-{mode}" for step, mode in TAPE_MODES])
 def test_tape_patterns(step, mode):
-    keras.utils.set_random_seed(0)
-    model = TapePattern()
-    model.build((None, 4))
-    x, y = _data()
-    optimizer = keras.optimizers.SGD(0.01)
+    model, x, y, optimizer = fresh(TapePattern)
 
     def train_step():
         tape, loss, sources = step(model, x, y)
@@ -551,11 +552,7 @@ def test_weights_checked_after_the_update_are_not_read_by_the_loss(mode):
     for TensorBoard) around a layer it never calls: those reads happen while no tape
     records, and do not make the layer "read, but not on the loss path" at the check's
     line: it is unused."""
-    keras.utils.set_random_seed(0)
-    model = UnusedLayer()
-    model.build((None, 4))
-    x, y = _data()
-    optimizer = keras.optimizers.SGD(0.01)
+    model, x, y, optimizer = fresh(UnusedLayer)
 
     def train_step():
         with tf.GradientTape() as tape:
