@@ -154,8 +154,8 @@ class Diagnosis:
                                 else f"{op} {self.reason or 'ran outside the GradientTape'}",
             Cause.UNKNOWN: (f"a differentiable path to the loss exists, but {op} "
                             f"{self.reason}") if self.reason and self.op_name else
-                           ("gradwatch found a differentiable path to the loss; "
-                            "the gradient was lost elsewhere"),
+                           self.reason or ("gradwatch found a differentiable path to the "
+                                           "loss; the gradient was lost elsewhere"),
             Cause.CLEARED: f"its gradient was computed by {op}, then cleared before the "
                            f"optimizer step ({self.reason})",
             Cause.NOT_TRACKED: f"{self.framework} does not track its gradient "

@@ -89,6 +89,9 @@ HINTS = {
                    "optimizer.step(), never between them.",
 }
 #: Why an unused parameter has a stand-in (see `_stand_in`).
+#: The reason of a step that found every gradient as the last step left it.
+STALE = ("no backward() since the previous step (or zero_grad()) reached any parameter: the "
+         "optimizer stepped again on old gradients")
 STAND_IN = "the loss reads another parameter of its shape, which no optimizer updates"
 _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from gradwatch import __version__
-from gradwatch.agent.core.diagnosis import Cause
+from gradwatch.agent.core.diagnosis import Cause, Diagnosis
 from gradwatch.agent.core.identity import torchrun
 from gradwatch.agent.core.monitor import MonitorCore
 from gradwatch.agent.torch import ddp, patches
-from gradwatch.agent.torch.diagnosis import Recorder, Retries, StepRecording, diagnose
+from gradwatch.agent.torch.diagnosis import STALE, Recorder, Retries, StepRecording, diagnose
 from gradwatch.agent.torch.names import ddp_of, parameter_names, strategy_of
 from gradwatch.agent.torch.session import TorchSession, local_tensor
 from gradwatch.agent.torch.stats import measure
@@ -71,6 +71,7 @@ class GradientMonitor(MonitorCore):
         self._watched: dict[int, _Watched] = {}
         self._recorder = Recorder() if self.enabled and self.settings.diagnose else None
         self._explained: set[int] = set()  # parameters diagnosed (ids)
+        self._stale: set[int] = set()  # parameters said to be stepped on old gradients
         self._unexplained: set[int] = set()  # seen without gradient, no verdict yet (ids)
         self._retries = Retries()
         self._logged: set[str] = set()
@@ -200,6 +201,9 @@ class GradientMonitor(MonitorCore):
         session = watched.session()
         if self._recorder is None or session is None:
             return
+        if len(session.missing) == len(session.params) and any(
+                p.grad is not None for p in session.params):
+            self._explain_stale(watched, session)
         recording = self._recorder.take()
         if recording is not None:
             explained = self._explain(recording, watched)
@@ -209,6 +213,25 @@ class GradientMonitor(MonitorCore):
         self._unexplained -= self._explained
         if self._retries.step_ended() and self._unexplained and not self._recorder.recording:
             self._recorder.start()
+
+    def _explain_stale(self, watched: _Watched, session: TorchSession) -> None:
+        """A step that found every gradient as the previous step (or ``zero_grad``) left
+        it: no backward pass reached a parameter in between (``step()`` called twice, a
+        skipped ``backward()``), and the update reused old gradients. Said as such: a
+        recording of the next step, a healthy one, would explain nothing (one that finds
+        a cause, a detached loss, replaces this verdict)."""
+        for i in sorted(session.missing):
+            param = session.params[i]
+            if id(param) in self._explained or id(param) in self._stale:
+                continue
+            self._stale.add(id(param))
+            verdict = Diagnosis(watched.names[i], Cause.UNKNOWN, reason=STALE, hint=(
+                "call backward() on a loss computed from the parameters once before each "
+                "optimizer step"), framework="PyTorch")
+            self.add_diagnosis(param, watched.names[i], verdict)
+            if verdict.explanation() not in self._logged:
+                self._logged.add(verdict.explanation())
+                log.warning("gradwatch: %s", verdict.message())
 
     def _explain(self, recording: StepRecording, stepped: _Watched) -> int:
         """Diagnoses the parameters without gradient at this step that have no verdict yet

@@ -938,6 +938,31 @@ def test_a_notebook_cell_run_again_replaces_its_monitor(collector, job_name, cap
     assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
 
 
+@pytest.mark.parametrize("reset", ["none", "zero_grad(set_to_none=False)"])
+def test_a_step_without_a_backward_pass_since_the_last_says_so(collector, job_name, caplog,
+                                                                reset):
+    """``step()`` called twice after one ``backward()`` (or after ``zero_grad`` with no
+    ``backward()``): the second update reuses old gradients, and every parameter is
+    missing at that step. It paged without a cause ("not diagnosed"): the recording of
+    the next, healthy step had nothing to explain."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(X), Y).backward()
+            optimizer.step()
+            if reset != "none":
+                optimizer.zero_grad(set_to_none=False)
+            optimizer.step()  # the bug
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    mine = {labels["variable"]: labels["cause"] for labels, _ in causes
+            if labels["training_job"] == job_name}
+    assert mine == {name: "unknown" for name, _ in model.named_parameters()}, mine
+    warnings = gradwatch_warnings(caplog)
+    assert len(warnings) == 1 and "No backward() since the previous step" in warnings[0]
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
