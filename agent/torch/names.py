@@ -23,7 +23,8 @@ def _layers(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
         inner = getattr(model, "module", None) if type(model).__name__ in _HOLDING_MODULE \
             else None
-        model = inner or getattr(model, "_orig_mod", None)
+        # (not ``inner or``: a compiled module's truth value asks the module for len())
+        model = inner if inner is not None else getattr(model, "_orig_mod", None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

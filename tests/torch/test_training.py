@@ -1294,15 +1294,21 @@ def test_a_ddp_communication_hook_of_the_users_own(collector, job_name, caplog, 
 def test_ddp_and_data_parallel_are_seen_through_their_wrappers(collector, job_name,
                                                                 one_rank_group):
     """``torch.compile(DDP(model))`` gets the measuring communication hook on the DDP
-    inside (else its norms would be averaged over ranks); DataParallel's ``module.`` is
-    not part of the names."""
+    inside (else its norms would be averaged over ranks), and ``DDP(torch.compile(model))``
+    one too (wrapping it failed: "M does not support len()", and nothing was watched);
+    DataParallel's ``module.`` is not part of the names."""
     from gradwatch.agent.torch import ddp
 
     compiled = torch.compile(torch.nn.parallel.DistributedDataParallel(Net()))
+    of_compiled = torch.nn.parallel.DistributedDataParallel(torch.compile(Net()))
     parallel = torch.nn.DataParallel(Net())
     with monitor_for(collector, job_name) as monitor:
         monitor.wrap(torch.optim.SGD(compiled.parameters(), 1e-2), compiled)
         assert ddp.measures(ddp.comm_hook_of(compiled._orig_mod))
+        sgd = monitor.wrap(torch.optim.SGD(of_compiled.parameters(), 1e-2), of_compiled)
+        assert ddp.measures(ddp.comm_hook_of(of_compiled))
+        assert monitor.watched(sgd).names == ["hidden.weight", "hidden.bias", "out.weight",
+                                              "out.bias"]
         optimizer = monitor.wrap(torch.optim.Adam(parallel.parameters(), 1e-2), parallel)
         train(parallel, optimizer, 1)
     assert set(metrics(collector, "gradwatch_gradient_present", job_name, optimizer="Adam")) \
