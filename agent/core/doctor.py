@@ -22,6 +22,8 @@ class Report:
 
     diagnoses: dict[str, Diagnosis] = field(default_factory=dict)
     error: str = ""  # how the watched code failed, if it did
+    #: Gradient computations the front end saw (optimizer steps, gradient calls).
+    seen: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, variable: Any, diagnosis: Diagnosis) -> None:
@@ -33,15 +35,19 @@ class Report:
         return bool(self.diagnoses)
 
     def __str__(self) -> str:
-        if not self.diagnoses:
+        if not self.diagnoses and not self.seen:
+            text = ("gradwatch doctor: no gradient was computed (no optimizer step or "
+                    "gradient call ran), so nothing was checked.")
+        elif not self.diagnoses:
             text = "gradwatch doctor: every watched variable got a gradient."
         else:
             groups: dict[str, list[str]] = {}
             for d in self.diagnoses.values():
                 groups.setdefault(d.explanation(), []).append(d.variable)
             causes = "1 cause" if len(groups) == 1 else f"{len(groups)} causes"
-            lines = [f"gradwatch doctor: {len(self.diagnoses)} variables get no gradient "
-                     f"({causes})."]
+            count = len(self.diagnoses)
+            lines = [f"gradwatch doctor: {count} variable{'s get' if count > 1 else ' gets'} "
+                     f"no gradient ({causes})."]
             for n, (explanation, variables) in enumerate(groups.items(), 1):
                 lines.append(f"\n{n}. {', '.join(variables)}")
                 lines.append(f"   {explanation}")

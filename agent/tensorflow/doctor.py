@@ -26,8 +26,10 @@ def diagnose_missing_gradients() -> Iterator[Report]:
     block and collects why variables get no gradient; eager steps are recorded from the
     start, so the first step is explained (slower than training normally)."""
     report = Report()
+    calls = tape.gradient_calls()
     stop = tape.listen(report.add, record_eagerly=True)
     try:
         yield report
     finally:
         stop()
+        report.seen += tape.gradient_calls() - calls

@@ -93,6 +93,7 @@ class _GradientCalls:
         self.listeners: list[Listener] = []
         self.record_eagerly_always = 0
         self.telling = 0  # listeners that leave logging the verdicts to this module
+        self.calls = 0  # gradient calls seen while listening
         self._lock = threading.RLock()
         self._originals: dict[str, Any] = {}
         self._seen = _Seen()
@@ -219,6 +220,7 @@ class _GradientCalls:
 
     def _after_gradient(self, tape: Any, target: Any, sources: Any, result: Any,
                         before: tuple[Any, int] | None) -> None:
+        self.calls += 1
         flat_sources = tf.nest.flatten(sources, expand_composites=False)
         flat_grads = tf.nest.flatten(result, expand_composites=False)
         if len(flat_sources) != len(flat_grads) or before is None:
@@ -290,3 +292,8 @@ def listen(listener: Listener, *, record_eagerly: bool = False,
     what it needs to: a monitor, for the variables its optimizers get no gradient for).
     Returns a function that stops listening."""
     return _CALLS.listen(listener, record_eagerly=record_eagerly, tells=tells)
+
+
+def gradient_calls() -> int:
+    """``GradientTape.gradient`` calls seen while anyone listened (a running count)."""
+    return _CALLS.calls

@@ -60,6 +60,7 @@ class _Watch:
         """Explains the parameters without gradient with the step's recording; records the
         next step if some could not be explained yet."""
         recording = self.recorder.take()
+        self.report.seen += 1
         self.updated.update(id(p) for group in optimizer.param_groups for p in group["params"])
         missing = [(g, j, p) for g, group in enumerate(optimizer.param_groups)
                    for j, p in enumerate(group["params"])

@@ -60,10 +60,40 @@ def test_doctor_explains_a_pytorch_script():
         result.stdout
 
 
-def test_framework_is_told_by_the_imports():
+def test_framework_is_told_by_the_imports(tmp_path):
+    """By the script's imports and its own modules' (``import sys, torch`` was taken for
+    TensorFlow, as was a script importing its training code from a module next to it:
+    both then reported "every watched variable got a gradient"); where they name both
+    frameworks or neither, both are watched."""
     from gradwatch.doctor_cli import detect_framework
 
-    assert detect_framework("import torch\nimport numpy") == "torch"
-    assert detect_framework("from torch import nn") == "torch"
-    assert detect_framework("import tensorflow as tf\nimport torch") == "tensorflow"
-    assert detect_framework("import keras") == "tensorflow"
+    def framework(source: str, **modules: str) -> str:
+        for name, text in modules.items():
+            (tmp_path / f"{name}.py").write_text(text)
+        script = tmp_path / "train.py"
+        script.write_text(source)
+        return detect_framework(script)
+
+    assert framework("import torch\nimport numpy") == "torch"
+    assert framework("from torch import nn") == "torch"
+    assert framework("import sys, torch, torch.nn as nn") == "torch"
+    assert framework("import lightning as L") == "torch"
+    assert framework("import keras") == "tensorflow"
+    assert framework("import tensorflow as tf\nimport torch") == "both"
+    assert framework("from model import train\ntrain()",
+                     model="from helpers import net\n", helpers="import torch.nn\n") == "torch"
+    assert framework("import numpy\n") == "both"
+    assert framework("this is not python(") == "both"
+
+
+@pytest.mark.parametrize("ending", ["raise SystemExit(3)", "pass"])
+def test_a_script_that_computes_no_gradient_says_so(tmp_path, ending):
+    """A script that fails before training (argparse, a missing file) or never trains:
+    doctor said "every watched variable got a gradient"; it now says nothing was checked,
+    and exits 2."""
+    script = tmp_path / "no_training.py"
+    script.write_text(f"import torch\nmodel = torch.nn.Linear(2, 1)\n{ending}\n")
+    result = doctor(script)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no gradient was computed" in result.stdout
+    assert "every watched variable" not in result.stdout
