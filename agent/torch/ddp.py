@@ -45,9 +45,16 @@ def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
     def measured(state, bucket):
         try:
             params = bucket.parameters()
-            for watched in monitor.watching(params[:1]):
-                if watched.measures():  # a failure stops it measuring, logged once
-                    watched.measure_part(params, bucket.gradients())
+            for watched in monitor.watching(params):
+                if not watched.measures():  # a failure stops it measuring, logged once
+                    continue
+                grads = bucket.gradients()
+                mine = watched.param_ids
+                if not mine.issuperset(map(id, params)):  # a bucket of several optimizers'
+                    kept = [i for i, p in enumerate(params) if id(p) in mine]
+                    watched.measure_part([params[i] for i in kept], [grads[i] for i in kept])
+                else:
+                    watched.measure_part(params, grads)
         except Exception:  # never break the backward pass
             log.exception("gradwatch: measuring a DDP bucket failed")
         return hook(state, bucket)

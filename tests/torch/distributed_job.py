@@ -8,7 +8,9 @@ the second step), ``unused-found`` (the same with find_unused_parameters=True), 
 (fully_shard; rank 0 prints the full gradients' norms as JSON), ``no-sync`` (DDP gradient
 accumulation: 4 micro-batches of the rank's own data, the first 3 under ``no_sync()``;
 each rank prints the norm of its accumulated gradients as DDP never saw them, from a
-plain copy of the model). The agent is configured
+plain copy of the model), ``two-optimizers`` (SGD over one layer, Adam over another, one
+DDP bucket holding both; each rank prints its own gradients' norm per optimizer, from a
+plain copy). The agent is configured
 by GRADWATCH_* variables; the job name comes from torchrun's run id.
 """
 
@@ -53,6 +55,8 @@ def main(mode: str) -> int:
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
     if mode == "no-sync":
         return accumulate_without_sync(model, rank)
+    if mode == "two-optimizers":
+        return two_optimizers(model, rank)
     status = 0
     with GradientMonitor(flush_interval_s=0.05) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
@@ -95,6 +99,25 @@ def accumulate_without_sync(model: torch.nn.parallel.DistributedDataParallel, ra
             with model.no_sync() if i < 3 else contextlib.nullcontext():
                 model(x).pow(2).mean().backward()
         optimizer.step()
+    delivered = monitor.close()
+    dist.destroy_process_group()
+    return 0 if delivered else 4
+
+
+def two_optimizers(model: torch.nn.parallel.DistributedDataParallel, rank: int) -> int:
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))
+    plain = copy.deepcopy(model.module)
+    plain(x).pow(2).mean().backward()
+    local = {name: sum(float(p.grad.norm()) ** 2 for p in layer.parameters()) ** 0.5
+             for name, layer in (("SGD", plain.hidden), ("Adam", plain.out))}
+    print("LOCAL " + json.dumps({"rank": rank, **local}), flush=True)
+    with GradientMonitor(flush_interval_s=0.05) as monitor:
+        optimizers = [monitor.wrap(torch.optim.SGD(model.module.hidden.parameters(), 1e-2),
+                                   model),
+                      monitor.wrap(torch.optim.Adam(model.module.out.parameters(), 1e-2), model)]
+        model(x).pow(2).mean().backward()
+        for optimizer in optimizers:
+            optimizer.step()
     delivered = monitor.close()
     dist.destroy_process_group()
     return 0 if delivered else 4

@@ -131,6 +131,22 @@ def test_gradients_accumulated_under_no_sync_are_each_ranks_own(collector):
     assert sorted(scrape(collector, "gradwatch_steps_total", job).values()) == [1.0, 1.0]
 
 
+def test_two_optimizers_sharing_a_ddp_bucket_report_each_ranks_own(collector):
+    """Two optimizers over disjoint layers of one DDP model, whose gradients share a bucket:
+    the bucket was measured for the optimizer of its first parameter and thrown away, so
+    both reported the all-reduced average (the same on both ranks)."""
+    job, result = torchrun(collector, "two-optimizers")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    local = [json.loads(line) for line in re.findall(r"LOCAL (\{[^}]*\})", result.stdout)]
+    assert len(local) == 2, result.stdout
+    norms = scrape(collector, "gradwatch_global_gradient_norm", job)
+    reported = {(k.split("optimizer=")[1].split(",")[0], int(k.split("task_index=")[1].split(
+        ",")[0])): v for k, v in norms.items()}
+    truth = {(name, line["rank"]): line[name] for line in local for name in ("SGD", "Adam")}
+    assert reported == pytest.approx(truth, rel=1e-5)
+    assert reported[("SGD", 0)] != pytest.approx(reported[("SGD", 1)])
+
+
 @pytest.mark.timeout(240)
 def test_a_nan_on_one_rank_is_that_ranks(collector):
     job, result = torchrun(collector, "nan")
