@@ -253,7 +253,10 @@ class GradientMonitor(MonitorCore):
                 param = session.params[i]
                 if id(param) in self._explained:
                     continue
-                verdict = diagnose(recording, param, watched.names[i], updated,
+                # (FSDP: the loss reads unsharded copies of the parameters, never the
+                # optimizer's shards, so no read would count as of an updated parameter.)
+                verdict = diagnose(recording, param, watched.names[i],
+                                   () if watched.strategy.startswith("FSDP") else updated,
                                    stepped=watched is stepped)
                 if verdict.cause is Cause.UNKNOWN and watched is not stepped:
                     continue  # another optimizer's loss: its own step's recording may tell

@@ -33,7 +33,7 @@ class Net(torch.nn.Module):
         torch.manual_seed(0)
         self.hidden = torch.nn.Linear(4, 8)
         self.out = torch.nn.Linear(8, 3)
-        self.unused = torch.nn.Linear(8, 2)
+        self.unused = torch.nn.Linear(8, 8)  # its bias shaped like hidden's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.hidden(x)))
@@ -46,9 +46,8 @@ def main(mode: str) -> int:
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in (model.hidden, model.out):
-            fully_shard(layer)
-        fully_shard(model)
+        fully_shard(model.hidden)
+        fully_shard(model)  # out and unused in the root's group
     else:
         model = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=mode != "unused")

@@ -168,3 +168,9 @@ def test_fsdp2_shards_combine_into_each_parameters_norm(collector):
     assert set(reported) == set(full) | {"unused.weight", "unused.bias"}
     for name, norm in full.items():
         assert reported[name] == pytest.approx(norm, rel=1e-5), name
+    # The loss reads unsharded copies of the parameters, never the optimizer's shards: an
+    # unused layer shaped like one that trains must not be taken for a model built twice
+    # ("another parameter of its shape, which no optimizer updates"), as it was in a
+    # helper's mp.spawn script; this job did not show it before the fix, and guards it.
+    assert set(scrape(collector, "gradwatch_gradient_missing_cause_info", job,
+                      cause="unused")) == {"unused.weight", "unused.bias"}
