@@ -15,7 +15,7 @@ import tensorflow as tf
 from gradwatch.agent.core.identity import Identity
 from gradwatch.agent.core.session import Session, ring_capacity
 from gradwatch.agent.tensorflow.recorder import StepRecorder, replica_local_variable, row_bytes
-from gradwatch.agent.tensorflow.stats import branch, gradient_record, scale_record
+from gradwatch.agent.tensorflow.stats import branch, gradient_record, unscale_record
 from gradwatch.agent.tensorflow.variables import describe
 
 #: One step's gradients (None where a variable got none), or a function returning them.
@@ -60,8 +60,7 @@ class TensorFlowSession(Session):
         def write() -> tf.Operation:
             record = self._statistics(grads() if callable(grads) else grads)
             if loss_scale is not None:  # report what the optimizer will apply: g / scale
-                record = scale_record(record, self._recorder.num_variables,
-                                      1.0 / tf.cast(loss_scale, tf.float32))
+                record = unscale_record(record, self._recorder.num_variables, loss_scale)
             return self._recorder.record(record, number)
 
         number = (tf.cast(step, tf.int64) if step is not None

@@ -236,13 +236,15 @@ def gradient_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None], *,
                   lambda: _rare_branch(record, present, values, sparse))
 
 
-def scale_record(record: tf.Tensor, num_variables: int, factor: tf.Tensor) -> tf.Tensor:
-    """The record of the gradients multiplied by ``factor`` (absent ones stay absent):
-    what the optimizer applies when the loss was scaled (mixed precision)."""
+def unscale_record(record: tf.Tensor, num_variables: int, scale: tf.Tensor) -> tf.Tensor:
+    """The record of the gradients divided by ``scale`` (absent ones stay absent): what
+    the optimizer applies when the loss was scaled (mixed precision). Divided, twice for
+    a sum of squares: ``1 / scale`` (and its square) underflows to 0 in float32 for the
+    scales a long run's dynamic loss scaling reaches (from about 1e19; 1e38 gave 0)."""
     values, counts = record[:num_variables], record[num_variables:]
-    factor = tf.cast(factor, tf.float32)
-    scaled = tf.where(values < 0, values * factor, values * (factor * factor))
-    return tf.concat([tf.where(values == ABSENT, values, scaled), counts], 0)
+    scale = tf.cast(scale, tf.float32)
+    unscaled = tf.where(values < 0, values / scale, values / scale / scale)
+    return tf.concat([tf.where(values == ABSENT, values, unscaled), counts], 0)
 
 
 def to_norms(records: np.ndarray, num_variables: int) -> np.ndarray:

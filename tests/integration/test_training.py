@@ -356,6 +356,33 @@ def test_scaled_losses_report_the_gradients_applied(collector, job_name, make, a
     assert_norms(samples, model.trainable_variables, mse_gradients(model))
 
 
+def test_a_loss_scale_near_the_float32_maximum_leaves_the_norms_right(collector, job_name):
+    """A Keras 3 ``LossScaleOptimizer`` in a custom train step (keras.io: ``scale_loss``,
+    then ``apply``) whose dynamic scale grew to 1e38, as a long run's does where nothing
+    overflows: the norms were multiplied by 1 / 1e38, which float32 flushes to 0, and
+    every norm read 0. They are divided by the scale now."""
+    variable = keras.Variable(np.array([1.0, 2.0], "float32"))
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0),
+                                                    initial_scale=1e38)
+    with monitor_for(collector, job_name) as monitor:
+        monitor.wrap(optimizer)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = 1e-3 * tf.reduce_sum(tf.square(variable))
+                scaled = optimizer.scale_loss(loss)  # 5e35: finite
+            grads = tape.gradient(scaled, [variable])
+            optimizer.apply(grads, [variable])
+
+        for _ in range(2):
+            step()
+    samples = scrape(collector, job_name)
+    assert list(select(samples, "gradwatch_skipped_steps_total").values()) == [0]
+    (norm,) = select(samples, "gradwatch_gradient_norm").values()
+    assert norm == pytest.approx(2e-3 * np.sqrt(5.0), rel=1e-5)
+
+
 def test_an_optimizer_wrapped_before_a_mixed_precision_compile_counts_skipped_steps(
         collector, job_name, caplog):
     """Under a ``mixed_float16`` policy ``compile`` puts the optimizer it is given inside a
