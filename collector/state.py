@@ -227,13 +227,20 @@ class Registry:
         )
         # A task that registers again (restarted, or reconnected to a collector that
         # lost it) replaces its previous session, so stale state cannot linger; one whose
-        # open session grew continues its totals.
+        # open session grew continues its totals. A new run of a job's only task (the
+        # same job name again; PyTorch counts its steps from 0) starts a new history: the
+        # old run's steps held the heat map's slots and refused the new ones.
         previous = self.find_task(training_job, optimizer, task_type, task_index)
         if previous is not None:
-            if (not previous.closed and previous.pid and previous.num_replicas == num_replicas
-                    and (previous.hostname, previous.pid) == (session.hostname, session.pid)):
+            continued = (not previous.closed and previous.pid
+                         and previous.num_replicas == num_replicas
+                         and (previous.hostname, previous.pid) == (session.hostname,
+                                                                   session.pid))
+            if continued:
                 session.continue_totals(previous)
             self.remove(previous.id)
+            if not continued and not group.sessions:
+                group.history = History(group.sharded)
         group.sessions[session.id] = session
         self.sessions[session.id] = session
         self.statistics += num_replicas * session.num_variables

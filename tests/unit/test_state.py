@@ -85,3 +85,20 @@ def test_a_task_that_stopped_reporting_is_not_shown_stepping_on():
 
     assert rate(fast, 105.0) == 3.47 and rate(fast, 111.0) == 0.0
     assert rate(slow, 180.0) == pytest.approx(1 / 30) and rate(slow, 191.0) == 0.0
+
+
+def test_a_new_run_of_the_same_job_starts_a_new_history():
+    """The same job name run again (PyTorch counts steps from 0): the old run's steps kept
+    the heat map's slots, refused the new run's lower steps, and the page showed the old
+    run's norms beside the new run's gauges. A process that only reconnected keeps it."""
+    from tests.support.rules import Harness, healthy
+
+    h = Harness()
+    first = h.register()
+    for _ in range(3):
+        h.feed(first, *[healthy(norm=5.0)] * 50)
+    assert first.group.history.window()[0].tolist() == list(range(22, 150))
+    second = h.register()  # another process: a new run
+    h.feed(second, *[healthy(norm=0.5)] * 20, first_step=0)
+    steps, _, norms = second.group.history.window()
+    assert steps.tolist() == list(range(20)) and list(norms) == [second.id]
