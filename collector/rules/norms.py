@@ -32,7 +32,9 @@ class NormHistory:
     median_age: float = np.inf
     global_exploded: bool = False
     variables_exploded: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    latest_global: float = 0.0
+    #: The largest finite global norm of the latest batch (NaN ones are
+    #: GradientNonFinite's; Python's max() would also drop them silently).
+    peak_global: float = 0.0
 
 
 class GradientExploding(Rule[NormHistory]):
@@ -76,7 +78,8 @@ class GradientExploding(Rule[NormHistory]):
         )[-params.window_steps:]
         state.global_exploded = bool((too_big_g & ~counted.any(axis=1)).any())
         state.variables_exploded = too_big_v & ~counted.any(axis=0)
-        state.latest_global = float(global_norm[-1])
+        if finite.any():
+            state.peak_global = float(global_norm[finite].max())
 
     def evaluate(self, group: Group, states: Mapping[str, NormHistory],
                  params: ExplodingParams, now: float) -> list[Alert]:
@@ -87,12 +90,13 @@ class GradientExploding(Rule[NormHistory]):
             if state and (state.global_exploded or state.variables_exploded.any()):
                 exploded[s.columns[state.variables_exploded]] = True
                 tasks.append(s.task)
-                worst = max(worst, state.latest_global)
+                worst = max(worst, state.peak_global)
         if not tasks:
             return []
         return [alert(self.name, "warning", group,
                       f"Gradient norm of {group.training_job} ({group.optimizer}) exploded",
-                      f"Latest global norm {worst:.4g}; limits: {params.max_norm:g} or "
+                      f"Largest finite global norm of the latest batch {worst:.4g}; limits: "
+                      f"{params.max_norm:g} or "
                       f"{params.median_factor:g}x the median of the last "
                       f"{params.window_steps} steps.", names(group, exploded), tasks)]
 

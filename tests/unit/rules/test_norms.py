@@ -17,6 +17,19 @@ def test_exploding_absolute_limit():
     assert alert.annotations["variables"] == "b"
 
 
+def test_an_explosion_followed_by_a_nan_step_names_the_exploded_norm():
+    """A diverging run: the norm explodes, then the batch's last step goes NaN. The alert
+    said "Latest global norm 0" (the NaN, through max()); it names the largest finite
+    global norm of the batch."""
+    h = Harness(GradientExploding={"max_norm": 100.0})
+    s = h.register()
+    h.feed(s, {"present": [1, 1, 1], "norm": [1, 150, 1]},
+           {"present": [1, 1, 1], "norm": [np.nan, 1, 1], "nan": [1, 0, 0]})
+    (alert,) = h.active("GradientExploding")
+    assert "Largest finite global norm of the latest batch 150" in alert.annotations[
+        "description"], alert.annotations["description"]
+
+
 def test_exploding_relative_to_rolling_median_needs_history():
     h = Harness(GradientExploding={"median_factor": 10.0, "min_steps": 5, "window_steps": 20})
     s = h.register()
