@@ -74,6 +74,8 @@ HINTS = {
                "a count or an index.",
     "unwatched": "call tape.watch() on it inside the `with` block (a Keras variable: "
                  "tape.watch(variable.value)), or leave watch_accessed_variables at True.",
+    "untrainable": "make it trainable if it is meant to train (and pass it to the optimizer), "
+                   "or leave it out of the variables whose gradients you take.",
     "state": "compute the loss from tensors (keras.losses, tf ops), not from a keras.metrics "
              "object or a variable assigned in the step: reading a variable back passes no "
              "gradient to what was written into it.",
@@ -162,9 +164,11 @@ class Diagnoser:
         self.live = graph.gradient_reachable(targets, why_blocked)
         self._everything = set(graph.producer)
 
-    def _break(self, stopped: list[tuple[Node, str]]) -> tuple[Node, str]:
+    def _break(self, stopped: list[tuple[Node, str]]) -> tuple[Node, str] | None:
+        """The op to blame among those that stopped the walk (None if none did: the walk
+        lost the path inside a function it cannot see into, a restored SavedModel's)."""
         on_path = [s for s in stopped if any(out in self.live for out in s[0].outputs)]
-        return min(on_path or stopped, key=lambda s: s[0].order)
+        return min(on_path or stopped, key=lambda s: s[0].order) if stopped else None
 
     def diagnose_all(self, variables: list[Any]) -> list[Diagnosis]:
         """The verdicts for ``variables`` (tf or Keras variables), whose gradients were
@@ -189,6 +193,11 @@ class Diagnoser:
             return Diagnosis(name, Cause.NOT_TRACKED, *_op_fields(reader),
                              f"its dtype is {dtype.name}: only floating-point variables get "
                              "gradients", HINTS["integer"])
+        if getattr(variable, "trainable", True) is False:  # the tape watches trainable ones
+            return Diagnosis(name, Cause.NOT_TRACKED, *_op_fields(_first_user_node(
+                _readers(graph, start))), "it is not trainable (trainable=False), and a "
+                "GradientTape watches only trainable variables unless told to",
+                HINTS["untrainable"])
         readers = _readers(graph, start)
         if not readers:
             return Diagnosis(name, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
@@ -217,7 +226,10 @@ class Diagnoser:
             return _at(name, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers))
         reached, stopped = graph.flow(start, upstream, why_blocked)
         if not reached & targets:
-            node, why = self._break(stopped)
+            blamed = self._break(stopped)
+            if blamed is None:
+                return Diagnosis(name, Cause.UNKNOWN)
+            node, why = blamed
             return _at(name, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
 
         def outside_tape(node: Node, index: int) -> str | None:
@@ -236,7 +248,10 @@ class Diagnoser:
 
         reached, stopped = graph.flow(start, upstream, custom)
         if not reached & targets:
-            node, why = self._break(stopped)
+            blamed = self._break(stopped)
+            if blamed is None:
+                return Diagnosis(name, Cause.UNKNOWN)
+            node, why = blamed
             return _at(name, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
         return Diagnosis(name, Cause.UNKNOWN)
 
@@ -283,8 +298,8 @@ def _stored_tensors(variables: list[Any]) -> dict[int, list[tuple[str, Any]]]:
     wanted = {id(v): _size(v) for v in variables}
     found: dict[int, list[tuple[str, Any]]] = {}
     for namespace in gc.get_referrers(*variables):
-        if not isinstance(namespace, dict):
-            continue
+        if not isinstance(namespace, dict) or "__builtins__" in namespace:
+            continue  # (a module's globals: a script's data and loop variables, not state)
         held = [id(v) for v in namespace.values() if id(v) in wanted]
         if not held:
             continue

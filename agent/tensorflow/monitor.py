@@ -212,9 +212,9 @@ class GradientMonitor(MonitorCore):
         self._unread_accumulators: set[str] = set()
         #: Wrapped optimizers (by id): a weak reference, and their step count when wrapped.
         self._wrapped: dict[int, tuple[weakref.ref, int | None]] = {}
-        #: Verdicts not logged yet, by variable id (`_tell`), and the explanations logged.
+        #: Verdicts not logged yet, by variable id (`_tell`), and those logged (once each).
         self._untold: dict[int, Diagnosis] = {}
-        self._told: set[str] = set()
+        self._told: set[Diagnosis] = set()
         if self.enabled and self.settings.diagnose:
             self._stop_diagnosing = tape.listen(self._on_diagnosis, tells=False)
 
@@ -352,8 +352,8 @@ class GradientMonitor(MonitorCore):
         for grad, variable in zip(grads, variables, strict=False):
             if grad is None:
                 verdict = self._untold.pop(id(variable), None)
-                if verdict is not None and verdict.explanation() not in self._told:
-                    self._told.add(verdict.explanation())
+                if verdict is not None and verdict not in self._told:
+                    self._told.add(verdict)
                     log.warning("gradwatch: %s", verdict.message())
 
     @staticmethod

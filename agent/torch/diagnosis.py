@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 CONVERSIONS = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__",
                          "__index__", "__array__"})
 #: Calls whose output never carries a gradient, by design.
-DETACHING = frozenset({"detach", "detach_", "data"})
+DETACHING = frozenset({"detach", "detach_", "data", "tensor", "new_tensor"})
 
 HINTS = {
     Cause.NOT_TRACKED: "set requires_grad back to True, or leave the parameter out of the "
@@ -90,8 +90,10 @@ HINTS = {
 }
 #: Why an unused parameter has a stand-in (see `_stand_in`).
 #: The reason of a step that found every gradient as the last step left it.
-STALE = ("no backward() since the previous step (or zero_grad()) reached any parameter: the "
-         "optimizer stepped again on old gradients")
+STALE = ("its gradient is as the previous step (or zero_grad()) left it, as are all of its "
+         "optimizer's: no backward() since reached them (step() called twice, a skipped "
+         "backward()), and the update reused old gradients; a gradient written through "
+         ".data is not seen either")
 STAND_IN = "the loss reads another parameter of its shape, which no optimizer updates"
 _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})

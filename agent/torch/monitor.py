@@ -201,9 +201,9 @@ class GradientMonitor(MonitorCore):
         session = watched.session()
         if self._recorder is None or session is None:
             return
-        if len(session.missing) == len(session.params) and any(
-                p.grad is not None for p in session.params):
-            self._explain_stale(watched, session)
+        if len(self._watched) == 1 and len(session.missing) == len(session.params) and any(
+                p.grad is not None for p in session.params):  # (with several optimizers,
+            self._explain_stale(watched, session)  # another's backward may be the step's)
         recording = self._recorder.take()
         if recording is not None:
             explained = self._explain(recording, watched)
@@ -227,7 +227,8 @@ class GradientMonitor(MonitorCore):
             self._stale.add(id(param))
             verdict = Diagnosis(watched.names[i], Cause.UNKNOWN, reason=STALE, hint=(
                 "call backward() on a loss computed from the parameters once before each "
-                "optimizer step"), framework="PyTorch")
+                "optimizer step; write gradients with p.grad.copy_(...), not through .data"),
+                framework="PyTorch")
             self.add_diagnosis(param, watched.names[i], verdict)
             if verdict.explanation() not in self._logged:
                 self._logged.add(verdict.explanation())

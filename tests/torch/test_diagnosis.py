@@ -63,6 +63,13 @@ def detach(m, x):
     return out + m.broken(h).detach()  # <- here
 
 
+def tensor_copy(m, x):
+    """``torch.tensor(t)`` copies a value out of the graph (PyTorch warns, once): it was
+    said to be "computed by backward(), then cleared before the step"."""
+    h, out = m.healthy(x)
+    return out + torch.tensor(m.broken(h))  # <- here
+
+
 def data_attribute(m, x):
     h, out = m.healthy(x)
     return out + m.broken(h).data  # <- here
@@ -127,6 +134,7 @@ CASES = [
     (branch_not_taken, Cause.UNUSED, ""),
     (output_left_out, Cause.NOT_ON_LOSS_PATH, "linear"),
     (detach, Cause.BROKEN_AT_OP, "detach"),
+    (tensor_copy, Cause.BROKEN_AT_OP, "tensor"),
     (data_attribute, Cause.BROKEN_AT_OP, "data"),
     (no_grad, Cause.OUTSIDE_TAPE, "linear"),
     (set_grad_enabled, Cause.OUTSIDE_TAPE, "linear"),

@@ -960,7 +960,29 @@ def test_a_step_without_a_backward_pass_since_the_last_says_so(collector, job_na
             if labels["training_job"] == job_name}
     assert mine == {name: "unknown" for name, _ in model.named_parameters()}, mine
     warnings = gradwatch_warnings(caplog)
-    assert len(warnings) == 1 and "No backward() since the previous step" in warnings[0]
+    assert len(warnings) == 1 and "Its gradient is as the previous step" in warnings[0]
+
+
+def test_a_part_of_the_model_skipped_for_a_step_is_not_said_to_have_had_no_backward(
+        collector, job_name, caplog):
+    """Two optimizers, gradients zeroed in place, the encoder skipped at one step while
+    the head trains: every encoder gradient is as the last step left it, but backward()
+    ran (for the head). It was said to be "stepped again on old gradients" and paged as
+    critical; the step's recording says what happened: unused."""
+    encoder, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    model = torch.nn.Sequential(encoder, head)
+    with monitor_for(collector, job_name) as monitor:
+        optimizers = [monitor.wrap(torch.optim.SGD(encoder.parameters(), 1e-2), model),
+                      monitor.wrap(torch.optim.Adam(head.parameters(), 1e-2), model)]
+        for step in range(4):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=False)
+            h = X if step == 2 else encoder(X)
+            torch.nn.functional.mse_loss(head(h), Y).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+    warnings = gradwatch_warnings(caplog)
+    assert warnings and all("never read" in w for w in warnings), warnings
 
 
 def test_two_optimizers_are_two_sessions(collector, job_name):
