@@ -169,8 +169,8 @@ class Sender:
     def _back(self, endpoint: Endpoint) -> None:
         """Says at the outage's level that it is over (a log showing warnings only would
         otherwise end on the failure)."""
-        if self._last_error:
-            began, dropped_before = self._outage or (time.monotonic(), self._dropped())
+        if self._outage is not None:  # set with `_last_error`
+            began, dropped_before = self._outage
             log.warning("gradwatch: streaming to collector %s again after %.1f s (%.1f kB "
                         "buffered, %d steps dropped meanwhile)", endpoint,
                         time.monotonic() - began, self.buffer.bytes() / 1e3,

@@ -88,12 +88,12 @@ HINTS = {
     Cause.CLEARED: "call optimizer.zero_grad() before loss.backward() or after "
                    "optimizer.step(), never between them.",
 }
-#: Why an unused parameter has a stand-in (see `_stand_in`).
 #: The reason of a step that found every gradient as the last step left it.
 STALE = ("its gradient is as the previous step (or zero_grad()) left it, as are all of its "
          "optimizer's: no backward() since reached them (step() called twice, a skipped "
          "backward()), and the update reused old gradients; a gradient written through "
          ".data is not seen either")
+#: Why an unused parameter has a stand-in (see `_stand_in`).
 STAND_IN = "the loss reads another parameter of its shape, which no optimizer updates"
 _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})

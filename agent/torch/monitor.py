@@ -225,14 +225,11 @@ class GradientMonitor(MonitorCore):
             if id(param) in self._explained or id(param) in self._stale:
                 continue
             self._stale.add(id(param))
-            verdict = Diagnosis(watched.names[i], Cause.UNKNOWN, reason=STALE, hint=(
-                "call backward() on a loss computed from the parameters once before each "
-                "optimizer step; write gradients with p.grad.copy_(...), not through .data"),
-                framework="PyTorch")
-            self.add_diagnosis(param, watched.names[i], verdict)
-            if verdict.explanation() not in self._logged:
-                self._logged.add(verdict.explanation())
-                log.warning("gradwatch: %s", verdict.message())
+            self._give(param, Diagnosis(
+                watched.names[i], Cause.UNKNOWN, reason=STALE, hint=(
+                    "call backward() on a loss computed from the parameters once before each "
+                    "optimizer step; write gradients with p.grad.copy_(...), not through "
+                    ".data"), framework="PyTorch"))
 
     def _explain(self, recording: StepRecording, stepped: _Watched) -> int:
         """Diagnoses the parameters without gradient at this step that have no verdict yet
@@ -263,11 +260,15 @@ class GradientMonitor(MonitorCore):
                     continue  # another optimizer's loss: its own step's recording may tell
                 self._explained.add(id(param))
                 explained += 1
-                self.add_diagnosis(param, watched.names[i], verdict)
-                if verdict.explanation() not in self._logged:
-                    self._logged.add(verdict.explanation())
-                    log.warning("gradwatch: %s", verdict.message())
+                self._give(param, verdict)
         return explained
+
+    def _give(self, param: torch.Tensor, verdict: Diagnosis) -> None:
+        """Attaches ``verdict`` to ``param``'s session; logs each explanation once."""
+        self.add_diagnosis(param, verdict.variable, verdict)
+        if verdict.explanation() not in self._logged:
+            self._logged.add(verdict.explanation())
+            log.warning("gradwatch: %s", verdict.message())
 
     def watched(self, optimizer: Any) -> _Watched | None:
         return self._watched.get(id(optimizer))
