@@ -592,8 +592,11 @@ def test_a_collector_fault_at_exit(exits, name):
     assert "Traceback" not in stderr, stderr[-3000:]
     assert json.loads(result["weights"]) == reference_weights(20)
     assert result["seconds"] <= 5.0 + CLOSE_SLACK_S, result["seconds"]  # the exit hook
+    # (The token cases' "sending a token without TLS" is the setup's, not the fault's: the
+    # revoked token's fault may take two reasons, gRPC's INTERNAL and UNAUTHENTICATED.)
     lines = [line for line in stderr.splitlines()
-             if line.startswith(("WARNING:gradwatch", "ERROR:gradwatch"))]
+             if line.startswith(("WARNING:gradwatch", "ERROR:gradwatch"))
+             and "sending a token without TLS" not in line]
     native = [line for line in stderr.splitlines() if NATIVE_LINE.match(line)]
     MEASURED[f"exit, {name}"] = (f"{len(lines)} lines, {len(native)} of gRPC's own, exit "
                                  f"hook {result['seconds']:.2f} s")
