@@ -17,6 +17,7 @@ one recorded eager step, never on the training hot path.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -128,6 +129,37 @@ class ForwardGraph:
             self.first_seen.setdefault(key, node.order)
         return node
 
+    def link_unseen_reads(self, variables: Iterable[Any]) -> None:
+        """Eager only: adds the reads of ``variables`` (tf.Variables) that no op callback saw.
+
+        TensorFlow's C++ fast path reads a tf.Variable passed straight to an op (``x * v``,
+        ``tf.nn.bias_add(x, v)``, as tf-keras layers and ``tf.Module`` models do) with no
+        ``ReadVariableOp`` a callback sees: the op gets a tensor no recorded op made. Such
+        a read shares the variable's buffer, so each such input whose buffer is a
+        variable's becomes the output of a ``ReadVariableOp`` of it, placed at the op that
+        consumed it. Give only variables the tape watched: a tensor the user read from an
+        unchanged variable before the step shares its buffer too, but was not read there.
+        """
+        unproduced = {id(t): t for t in self.keep_alive
+                      if id(t) not in self.producer and id(t) in self.consumers}
+        for variable in variables:
+            try:
+                dtype = tf.as_dtype(variable.dtype).base_dtype
+                value = tf.raw_ops.ReadVariableOp(resource=variable.handle, dtype=dtype)
+            except Exception:  # not a resource variable after all
+                continue
+            address = _buffer_address(value)
+            if address is None:
+                continue
+            for key, tensor in unproduced.items():
+                if tensor.dtype != dtype or tensor.shape != value.shape or \
+                        _buffer_address(tensor) != address or key in self.producer:
+                    continue
+                consumer = min(self.consumers[key], key=lambda node: node.order)
+                self.add(Node("ReadVariableOp", "ReadVariableOp", [id(variable.handle)], [key],
+                              [tf.resource], [dtype], consumer.order, _source=consumer.source))
+                self.keep_alive.append(variable.handle)
+
     def mark_outside(self, recording: Recording) -> None:
         """Marks the nodes the tape did not record (eager: positions are node orders)."""
         for node in self.nodes:
@@ -181,6 +213,21 @@ class ForwardGraph:
                         reached.add(out)
                         queue.append(out)
         return reached, stopped
+
+
+def _buffer_address(tensor: Any) -> int | None:
+    """Where an eager tensor's data lives, on any device (through DLPack: a
+    ``DLManagedTensor`` starts with the data pointer); None if that cannot be told."""
+    try:
+        capsule = tf.experimental.dlpack.to_dlpack(tensor)
+        managed = _CAPSULE_POINTER(capsule, b"dltensor")
+        return ctypes.c_void_p.from_address(managed).value if managed else None
+    except Exception:  # a dtype DLPack has no code for, or another TensorFlow
+        return None
+
+
+_CAPSULE_POINTER = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
 # -- from a tf.function graph ---------------------------------------------------------------

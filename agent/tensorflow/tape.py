@@ -33,7 +33,7 @@ from gradwatch.agent.core.diagnosis import Cause, Diagnosis
 from gradwatch.agent.tensorflow import forward_graph
 from gradwatch.agent.tensorflow.diagnosis import Diagnoser
 from gradwatch.agent.tensorflow.forward_graph import RECORDED_ALL, EagerRecorder, Recording
-from gradwatch.agent.tensorflow.variables import variable_handles
+from gradwatch.agent.tensorflow.variables import tf_variables, variable_handles
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,10 @@ class _GradientCalls:
                 self._seen.add(None, variable)
         elif missing and recorder.active:
             forward = recorder.stop()
+            watched = {id(v.handle) for v in tape.watched_variables()
+                       for v in tf_variables(v)}
+            forward.link_unseen_reads(v for m in missing for v in tf_variables(m)
+                                      if id(v.handle) in watched)
             forward.mark_outside(self._recording(tape, None))
             self._diagnose(forward, tape, target, missing, None)
         elif missing:

@@ -23,10 +23,10 @@ def describe(variable: Any) -> Variable:
                     id(variable))
 
 
-def variable_handles(variable: Any) -> list[int]:
-    """ids of the eager resource handles behind ``variable`` (a tf.Variable, a Keras 3
-    variable, a distributed variable: one handle per replica), empty if none."""
-    found: list[int] = []
+def tf_variables(variable: Any) -> list[Any]:
+    """The TensorFlow variables with an eager resource handle behind ``variable`` (a
+    tf.Variable, a Keras 3 variable, a distributed variable: one per replica)."""
+    found: list[Any] = []
     pending = [variable]
     while pending:
         value = pending.pop()
@@ -42,5 +42,11 @@ def variable_handles(variable: Any) -> list[int]:
         except Exception:
             continue
         if isinstance(handle, ops.EagerTensor):
-            found.append(id(handle))
+            found.append(value)
     return found
+
+
+def variable_handles(variable: Any) -> list[int]:
+    """ids of the eager resource handles behind ``variable`` (see `tf_variables`), empty
+    if none."""
+    return [id(v.handle) for v in tf_variables(variable)]

@@ -688,3 +688,48 @@ def test_an_op_inside_keras_under_model_fit_does_not_point_at_the_fit_line():
         assert (diagnosis.cause, diagnosis.op_type) == (Cause.BROKEN_AT_OP, "Floor")
         assert diagnosis.source is None, diagnosis.message()
         assert "lambda" in diagnosis.op_name, diagnosis.op_name
+
+
+class RawVariables(tf.Module):
+    """A ``tf.Module`` model as TensorFlow's "basic training loops" guide writes one:
+    plain tf.Variables handed straight to ops. Eagerly TensorFlow's C++ fast path reads
+    them (``x * v``, ``tf.nn.bias_add``; tf-keras layers do the same) with no op a
+    callback sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = tf.Variable(tf.ones([4, 1]), name="kernel")
+        self.scale = tf.Variable(tf.ones([1]), name="scale")
+        self.offset = tf.Variable(tf.zeros([1]), name="offset")
+        self.spare = tf.Variable(tf.ones([1]), name="spare")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        binned = tf.math.floor(tf.nn.bias_add(x[:, :1] * self.scale, self.offset))  # line:raw
+        return tf.matmul(x, self.kernel) + binned
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_raw_variables_read_by_the_fast_path_are_followed_to_the_break(mode):
+    """``scale`` and ``offset`` reach the loss through ``floor``: eagerly too, where
+    their reads are no ops the recording sees, they were "never read" (and a tf-keras
+    Dense's bias was, beside its correctly diagnosed kernel). A variable only read
+    into a tensor before training (``spare``, whose snapshot the loss uses) stays
+    unused: that read was not the step's."""
+    module = RawVariables()
+    snapshot = tf.convert_to_tensor(module.spare)
+    x, y = _data()
+    variables = [module.kernel, module.scale, module.offset, module.spare]
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(module(x) * snapshot - y))
+        return tape.gradient(loss, variables)
+
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            (tf.function(step) if mode == "function" else step)()
+    verdicts = {name: (d.cause, d.op_type) for name, d in report.diagnoses.items()}
+    assert verdicts == {"scale": (Cause.BROKEN_AT_OP, "Floor"),
+                        "offset": (Cause.BROKEN_AT_OP, "Floor"),
+                        "spare": (Cause.UNUSED, "")}, report.diagnoses
+    assert {report.diagnoses[name].source.line for name in ("scale", "offset")} == lines("raw")
