@@ -521,7 +521,10 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         if conversions:
             call = conversions[0]
             return verdict(Cause.LEFT_TENSORFLOW, call, f"via {call.name}")
-        first = next((c for c in readers if c.source is not None), readers[0])
+        # Name a read that computed something (not model.to() or a copy before the step).
+        computing = [c for c in readers if c.grad_enabled and c.name not in DETACHING]
+        first = next((c for c in computing or readers if c.source is not None),
+                     (computing or readers)[0])
         return verdict(Cause.NOT_ON_LOSS_PATH, first, **stand_in)
     reached, stopped = _flow(calls, start, _tracked)
     if losses & reached:

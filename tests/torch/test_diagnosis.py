@@ -175,6 +175,19 @@ def test_cause_op_and_line(forward, cause, op):
     assert verdict.hint
 
 
+def test_a_model_moved_after_wrapping_is_blamed_where_its_output_is_left_out():
+    """Hugging Face's Trainer moves the model (``model.to(device)``) after the optimizer
+    exists: that read, without gradient tracking, was named instead of the layer whose
+    output never reaches the loss (BERT's pooler under a masked-LM loss)."""
+    with diagnose_missing_gradients() as report:
+        model = Base().to("cpu")
+        train(model, output_left_out)
+    verdict = report.diagnoses["broken.weight"]
+    assert (verdict.cause, verdict.op_name) == (Cause.NOT_ON_LOSS_PATH, "linear"), \
+        verdict.message()
+    assert verdict.source.line == marked_line(output_left_out), verdict.message()
+
+
 def test_reentrant_checkpoint_of_an_input_without_gradient():
     """torch.utils.checkpoint(use_reentrant=True) runs the block without gradient
     tracking when no input needs a gradient: its parameters get none."""
