@@ -328,6 +328,14 @@ def _initialising_state() -> bool:
     return False
 
 
+def _parameters(optimizer: Any) -> list[torch.Tensor]:
+    """The optimizer's parameters in group order, each once: torch accepts a parameter
+    listed twice (with a warning), as a tied weight is when both modules' parameters are
+    given, and it is still one parameter with one gradient."""
+    return list({id(p): p for group in optimizer.param_groups
+                 for p in group["params"]}.values())
+
+
 class _Watched:
     """One wrapped optimizer: its patched methods and its session (created at the first
     step, when it is known whether a GradScaler drives it and which parameters are
@@ -352,7 +360,7 @@ class _Watched:
             if replaced._session is not None:
                 self._first_step = replaced._session.steps
         #: The optimizer's parameters; from the first step, the watched ones (see `_create`).
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.params = _parameters(optimizer)
         if not self.params:
             raise ValueError("the optimizer has no parameters")
         #: Every parameter of the optimizer, watched or not (clipping them measures).
@@ -397,7 +405,7 @@ class _Watched:
         for g, group in enumerate(self.optimizer.param_groups):
             given = group.get("param_names") or ()
             for j, p in enumerate(group["params"]):
-                places[id(p)] = given[j] if j < len(given) else f"group{g}.param{j}"
+                places.setdefault(id(p), given[j] if j < len(given) else f"group{g}.param{j}")
         return [names.get(id(p)) or places[id(p)] for p in params]
 
     def session(self) -> TorchSession | None:
@@ -485,7 +493,7 @@ class _Watched:
         steps are in (training thread, before the step's statistics are taken)."""
         optimizer = self.optimizer
         self._layout_seen = self._layout()
-        everything = [p for group in optimizer.param_groups for p in group["params"]]
+        everything = _parameters(optimizer)
         self.param_ids = {id(p) for p in everything}
         kept = [k for k, p in enumerate(self.params) if id(p) in self.param_ids]
         watched = {id(p) for p in self.params}

@@ -100,6 +100,32 @@ def test_an_optimizer_given_named_parameters_names_them_without_the_model(collec
         "hidden.weight", "hidden.bias", "out.weight", "out.bias"}
 
 
+def test_a_tied_weight_given_twice_is_one_parameter(collector, job_name):
+    """A decoder tied to its embedding, the optimizer made from both modules' parameters:
+    torch warns of the duplicate and updates it once. It was reported twice: a phantom
+    ``#2`` variable, and a global norm √2 too large."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(10, 4)
+    decoder = torch.nn.Linear(4, 10, bias=False)
+    decoder.weight = embedding.weight
+    model = torch.nn.ModuleDict({"embedding": embedding, "decoder": decoder})
+    tokens = torch.arange(10)
+    with monitor_for(collector, job_name) as monitor:
+        with pytest.warns(UserWarning, match="duplicate"):
+            sgd = torch.optim.SGD([*embedding.parameters(), *decoder.parameters()], 1e-2)
+        optimizer = monitor.wrap(sgd, model)
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(decoder(embedding(tokens)), tokens).backward()
+            norm = float(embedding.weight.grad.norm())
+            optimizer.step()
+    assert monitor.close() is True
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        {"embedding.weight": norm}, rel=1e-5)
+    assert list(metrics(collector, "gradwatch_global_gradient_norm", job_name).values()) == \
+        pytest.approx([norm], rel=1e-5)
+
+
 def test_missing_gradients_page_with_their_cause_and_line(collector, webhook, job_name, layout):
     model = Net(extra=True)
     # Flushing every millisecond, the first page must already say why (the first step is
