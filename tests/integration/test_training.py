@@ -356,6 +356,19 @@ def test_scaled_losses_report_the_gradients_applied(collector, job_name, make, a
     assert_norms(samples, model.trainable_variables, mse_gradients(model))
 
 
+@pytest.mark.parametrize("clipping", [{"clipnorm": 1e-3}, {"clipvalue": 1e-4},
+                                      {"global_clipnorm": 1e-3}], ids=lambda c: next(iter(c)))
+def test_norms_are_taken_before_keras_clips(collector, job_name, clipping):
+    """A Keras optimizer's ``clipnorm``, ``clipvalue`` or ``global_clipnorm`` clips inside
+    ``apply``: what is reported is the gradient the step computed, so an explosion shows
+    even where clipping contains it (as for PyTorch's ``clip_grad_norm_``)."""
+    model = small_model()
+    with monitor_for(collector, job_name) as monitor:
+        model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.0, **clipping)), loss="mse")
+        model.fit(X, Y, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
+    assert_norms(scrape(collector, job_name), model.trainable_variables, mse_gradients(model))
+
+
 def test_a_loss_scale_near_the_float32_maximum_leaves_the_norms_right(collector, job_name):
     """A Keras 3 ``LossScaleOptimizer`` in a custom train step (keras.io: ``scale_loss``,
     then ``apply``) whose dynamic scale grew to 1e38, as a long run's does where nothing
