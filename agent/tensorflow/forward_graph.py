@@ -142,6 +142,7 @@ class ForwardGraph:
         """
         unproduced = {id(t): t for t in self.keep_alive
                       if id(t) not in self.producer and id(t) in self.consumers}
+        addresses: dict[int, int | None] = {}
         for variable in variables:
             try:
                 dtype = tf.as_dtype(variable.dtype).base_dtype
@@ -152,8 +153,11 @@ class ForwardGraph:
             if address is None:
                 continue
             for key, tensor in unproduced.items():
-                if tensor.dtype != dtype or tensor.shape != value.shape or \
-                        _buffer_address(tensor) != address or key in self.producer:
+                if tensor.dtype != dtype or tensor.shape != value.shape or key in self.producer:
+                    continue
+                if key not in addresses:
+                    addresses[key] = _buffer_address(tensor)
+                if addresses[key] != address:
                     continue
                 consumer = min(self.consumers[key], key=lambda node: node.order)
                 self.add(Node("ReadVariableOp", "ReadVariableOp", [id(variable.handle)], [key],
