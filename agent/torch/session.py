@@ -31,6 +31,16 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def _replicated_elsewhere(param: torch.Tensor) -> bool:
+    """A DTensor (tensor parallel, HSDP) replicated along a mesh dimension on which this
+    rank is not the first: that first rank's copy stands for it."""
+    placements, mesh = getattr(param, "placements", None), getattr(param, "device_mesh", None)
+    coordinate = mesh.get_coordinate() if mesh is not None else None
+    return placements is not None and coordinate is not None and any(
+        placement.is_replicate() and c != 0
+        for placement, c in zip(placements, coordinate, strict=False))
+
+
 def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
@@ -59,6 +69,13 @@ class TorchSession(Session):
         self._build = stats.RecordBuilder(len(self.params), self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._sharded = sharded
+        #: Sharded: the parameters of which this rank holds no element (FSDP1 leaves their
+        #: .grad None), and the replicated ones another rank reports (see `_local_parts`).
+        self._none_here = [i for i, p in enumerate(self.params)
+                           if sharded and local_tensor(p).numel() == 0]
+        self._reported_elsewhere = [i for i, p in enumerate(self.params)
+                                    if sharded and _replicated_elsewhere(p)]
+        self._nothing = torch.zeros(0, device=self.device)
         self._all = list(range(len(self.params)))
         #: The gradients of the previous step (weakly, with their versions), or None when
         #: every gradient was None after it (``zero_grad`` with ``set_to_none``, the default).
@@ -88,6 +105,18 @@ class TorchSession(Session):
         return [None if g is None or _same(g, s) else g
                 for g, s in zip(grads, self._seen, strict=True)]
 
+    def _local_parts(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """What this rank adds to each parameter's combined statistics (the collector adds
+        the ranks' squares and counts, `sharded`): nothing, yet present, for a parameter
+        none of whose elements are here, and for a replicated one another rank reports
+        (each rank holds all of it: counted once per rank its norm read √ranks too large)."""
+        for i in self._none_here:
+            grads[i] = self._nothing
+        for i in self._reported_elsewhere:
+            if grads[i] is not None:
+                grads[i] = self._nothing
+        return grads
+
     def _snapshot(self) -> list[tuple[weakref.ref, int] | None]:
         """The parameters' gradients now: which tensors, at which in-place version."""
         return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
@@ -112,7 +141,7 @@ class TorchSession(Session):
             self._record, self._skipped, self._clipped = None, False, None
         if self._record is not None or self._skipped:
             return
-        grads = self._gradients()
+        grads = self._local_parts(self._gradients())
         if not self.measures() and not parts and self.missing == {
                 i for i, g in enumerate(grads) if g is None}:
             self._skipped = True

@@ -5,7 +5,9 @@
 MODE: ``unused`` (DDP, a layer never called, find_unused_parameters=False: DDP raises at
 the second step), ``unused-found`` (the same with find_unused_parameters=True), ``nan``
 (DDP with find_unused_parameters=True; rank 1's loss turns NaN at step 1), ``fsdp2``
-(fully_shard; rank 0 prints the full gradients' norms as JSON), ``no-sync`` (DDP gradient
+(fully_shard; rank 0 prints the whole gradients' norms as JSON), ``fsdp1`` (the same with
+FSDP1, ``use_orig_params=True``), ``tensor-parallel`` (``hidden`` column-wise, ``out``
+row-wise: its bias replicated; the same JSON), ``no-sync`` (DDP gradient
 accumulation: 4 micro-batches of the rank's own data, the first 3 under ``no_sync()``;
 each rank prints the norm of its accumulated gradients as DDP never saw them, from a
 plain copy of the model), ``two-optimizers`` (SGD over one layer, Adam over another, one
@@ -48,6 +50,21 @@ def main(mode: str) -> int:
 
         fully_shard(model.hidden)
         fully_shard(model)  # out and unused in the root's group
+    elif mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(model, use_orig_params=True,
+                                         device_id=torch.device("cpu"))
+    elif mode == "tensor-parallel":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        parallelize_module(model, init_device_mesh("cpu", (2,)),
+                           {"hidden": ColwiseParallel(), "out": RowwiseParallel()})
     else:
         model = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=mode != "unused")
@@ -66,9 +83,8 @@ def main(mode: str) -> int:
                 if mode == "nan" and rank == 1 and step == 1:
                     loss = loss * float("nan")
                 loss.backward()
-                if mode == "fsdp2" and step == 2:
-                    norms = {n: float(p.grad.full_tensor().norm())
-                             for n, p in model.named_parameters() if p.grad is not None}
+                if mode in ("fsdp2", "fsdp1", "tensor-parallel") and step == 2:
+                    norms = whole_norms(model)
                     if rank == 0:
                         print("NORMS " + json.dumps(norms), flush=True)
                 optimizer.step()
@@ -80,6 +96,24 @@ def main(mode: str) -> int:
         status = 4
     dist.destroy_process_group()
     return status
+
+
+def whole_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Each parameter's whole gradient norm from every rank's part (all ranks call it):
+    a DTensor's (FSDP2, tensor parallel) in full; FSDP1's flat slices, each rank's (its
+    .grad None where it holds none of the parameter) summed as squares."""
+    norms = {}
+    for name, p in model.named_parameters():
+        name = name.replace("_fsdp_wrapped_module.", "")  # FSDP1's wrapper, unnamed by us
+        if hasattr(p.grad, "full_tensor"):
+            norms[name] = float(p.grad.full_tensor().norm())
+        elif not hasattr(p, "full_tensor"):  # (a DTensor without gradient has none anywhere)
+            square_and_ranks = (torch.zeros(2, dtype=torch.float64) if p.grad is None else
+                                torch.stack([p.grad.double().pow(2).sum(), torch.ones(())]))
+            dist.all_reduce(square_and_ranks)
+            if square_and_ranks[1] > 0:
+                norms[name] = float(square_and_ranks[0].sqrt())
+    return norms
 
 
 def accumulate_without_sync(model: torch.nn.parallel.DistributedDataParallel, rank: int

@@ -159,6 +159,32 @@ def test_a_nan_on_one_rank_is_that_ranks(collector):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["fsdp1", "tensor-parallel"])
+def test_other_shardings_combine_into_each_parameters_norm(collector, mode):
+    """FSDP1 (``use_orig_params=True``) leaves the .grad of a parameter none of whose
+    elements a rank holds None there: healthy parameters read missing, paged as "never
+    read" and as diverging replicas. Tensor parallelism replicates ``out.bias`` on both
+    ranks: counted once per rank, its norm read √2 too large. FSDP1 fills a flat
+    gradient, so its unused layer reads present with norm 0."""
+    job, result = torchrun(collector, mode)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    whole = json.loads(next(line for line in result.stdout.splitlines()
+                            if line.startswith("NORMS "))[6:])
+    reported = scrape(collector, "gradwatch_gradient_norm", job)
+    present = scrape(collector, "gradwatch_gradient_present", job)
+    for name, norm in whole.items():
+        assert reported[name] == pytest.approx(norm, rel=1e-5), name
+        assert present[name] == 1, name
+    unused = {"unused.weight", "unused.bias"}
+    assert set(reported) == set(whole) | unused
+    if mode == "tensor-parallel":
+        assert not unused & set(whole)
+        assert {name for name, value in present.items() if not value} == unused
+    else:
+        assert set(present.values()) == {1}
+
+
+@pytest.mark.timeout(240)
 def test_fsdp2_shards_combine_into_each_parameters_norm(collector):
     job, result = torchrun(collector, "fsdp2")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
