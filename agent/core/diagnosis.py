@@ -67,19 +67,21 @@ TRAINING_LOOPS = tuple(os.path.join(*parts) for parts in (
 ))
 
 
-def _in_training_loop(filename: str) -> bool:
-    return any(loop in filename if loop.endswith(os.sep) else filename.endswith(loop)
-               for loop in TRAINING_LOOPS)
+def _in_training_loop(filename: str, function: str) -> bool:
+    """(A model's ``__call__`` is no loop: tf-keras defines it in its training.py too.)"""
+    return function != "__call__" and any(
+        loop in filename if loop.endswith(os.sep) else filename.endswith(loop)
+        for loop in TRAINING_LOOPS)
 
 
-def _innermost_user(frames: Iterable[tuple[str, int]], stop_at_training_loop: bool = True
+def _innermost_user(frames: Iterable[tuple[str, int, str]], stop_at_training_loop: bool = True
                     ) -> Source | None:
-    """The first user frame of ``frames`` (innermost first), unless a training loop
-    comes before it (and ``stop_at_training_loop``)."""
-    for filename, line in frames:
+    """The first user frame of ``frames`` (file, line, function; innermost first), unless
+    a training loop comes before it (and ``stop_at_training_loop``)."""
+    for filename, line, function in frames:
         if is_user_file(filename):
             return Source(filename, line)
-        if stop_at_training_loop and _in_training_loop(filename):
+        if stop_at_training_loop and _in_training_loop(filename, function):
             return None
     return None
 
@@ -87,15 +89,16 @@ def _innermost_user(frames: Iterable[tuple[str, int]], stop_at_training_loop: bo
 def user_source(frames: Iterable[Any]) -> Source | None:
     """The innermost user frame of ``frames`` (outermost first, like a traceback) that
     is inside the computation, not the line that called ``model.fit``."""
-    return _innermost_user((f.filename, f.lineno) for f in reversed(list(frames)))
+    return _innermost_user((f.filename, f.lineno, getattr(f, "name", ""))
+                           for f in reversed(list(frames)))
 
 
 def caller_source(stop_at_training_loop: bool = True) -> Source | None:
     """The same for the current Python stack. Where a value leaves the framework, the
     line that called ``model.predict`` is the answer: pass ``stop_at_training_loop=False``."""
-    def stack(frame: Any) -> Iterable[tuple[str, int]]:
+    def stack(frame: Any) -> Iterable[tuple[str, int, str]]:
         while frame is not None:
-            yield frame.f_code.co_filename, frame.f_lineno
+            yield frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
             frame = frame.f_back
 
     return _innermost_user(stack(sys._getframe(1)), stop_at_training_loop)

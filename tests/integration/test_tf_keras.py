@@ -118,3 +118,32 @@ def test_legacy_optimizers_are_reported_under_the_names_given(collector, job_nam
     steps = select(parse_metrics(collector.scrape()), "gradwatch_steps_total",
                    training_job=job_name)
     assert {key.split(",")[0] for key in steps} == {"optimizer=d_adam", "optimizer=g_adam"}
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_a_tf_keras_eager_loop_diagnoses_a_floored_head_at_the_users_line(mode):
+    """A tf-keras functional model whose head goes through ``tf.floor``, trained in a custom
+    loop. Eagerly its Dense reads kernel and bias by TensorFlow's C++ fast path (the bias
+    was "never read"); and tf-keras defines ``Model.__call__`` in its training.py, which
+    was taken for the training loop, so no line was named (the one calling the model is)."""
+    from gradwatch.agent import diagnose_missing_gradients
+
+    inputs = tf_keras.Input((4,))
+    head = tf_keras.layers.Dense(1, name="head")(inputs)
+    model = tf_keras.Model(inputs, tf.floor(head) + tf_keras.layers.Dense(1, name="ok")(inputs))
+    optimizer = tf_keras.optimizers.SGD(0.01)
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(X) - Y))  # the line named
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            (tf.function(step) if mode == "function" else step)()
+    line = next(n for n, text in enumerate(open(__file__), 1) if "# the line named" in text)
+    assert {name: (d.cause.value, d.op_type, d.source and d.source.line)
+            for name, d in report.diagnoses.items()} == {
+        "head/kernel": ("broken_at_op", "Floor", line),
+        "head/bias": ("broken_at_op", "Floor", line)}
