@@ -17,10 +17,11 @@ one recorded eager step, never on the training hot path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,6 +356,7 @@ class EagerRecorder:
         self.overflowed = False
         self._order = 0
         self._lock = threading.Lock()
+        self._paused = False
         self._originals: dict[str, Any] = {}
 
     @property
@@ -394,6 +396,18 @@ class EagerRecorder:
             self.active = False
         return self.graph
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[ForwardGraph]:
+        """The graph so far, left alone (no op of any thread recorded) while it is read:
+        the recording goes on afterwards."""
+        with self._lock:
+            self._paused = True
+        try:
+            yield self.graph
+        finally:
+            with self._lock:
+                self._paused = False
+
     def _next(self) -> int:
         self._order += 1
         return self._order
@@ -403,6 +417,8 @@ class EagerRecorder:
         if graph is not None or self.overflowed:  # graph construction: not ours
             return None
         with self._lock:
+            if self._paused:
+                return None
             if len(self.graph.nodes) >= self.max_ops:
                 self.overflowed = True
                 return None
@@ -427,7 +443,7 @@ class EagerRecorder:
         return self._originals["record_operation"](op_type, outputs, inputs, *args, **kwargs)
 
     def _note_conversion(self, tensor: Any, how: str) -> None:
-        if self.active and id(tensor) in self.graph.producer:
+        if self.active and not self._paused and id(tensor) in self.graph.producer:
             with self._lock:
                 self.graph.conversions.append(
                     Conversion(id(tensor), how, self._next(),

@@ -100,6 +100,9 @@ class _GradientCalls:
         self._logged: set[Diagnosis] = set()
         self._recorder = EagerRecorder()
         self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
+        #: The persistent tape whose gradient calls the current eager recording serves
+        #: (kept through its calls: they read the same forward ops), if any.
+        self._kept_for: Callable[[], Any] | None = None
 
     def listen(self, listener: Listener, *, record_eagerly: bool = False,
                tells: bool = True) -> Callable[[], None]:
@@ -138,6 +141,7 @@ class _GradientCalls:
 
         def entered(tape):
             result = originals["__enter__"](tape)
+            calls._entered(tape)
             calls._mark(tape, "start")
             return result
 
@@ -238,29 +242,55 @@ class _GradientCalls:
                                                     self._recording(tape, graph))
             self._diagnose(forward, tape, target, missing, graph)
 
+    def _entered(self, tape: Any) -> None:
+        """A tape starts recording: a recording kept for a persistent tape whose own
+        recording is over (the previous step's) ends, so that it spans one step."""
+        kept = self._kept_for() if self._kept_for is not None else None
+        if self._kept_for is None or kept is tape or getattr(kept, "_recording", False):
+            return
+        with self._lock:
+            self._kept_for = None
+            self._recorder.stop()
+            if self.record_eagerly_always or self._awaiting:
+                self._recorder.start()
+
     def _after_eager_gradient(self, tape: Any, target: Any, missing: list[Any]) -> None:
         """Diagnoses from the recording of this step if there is one, else records the
-        next. Each gradient call ends the recording and starts a fresh one if needed."""
+        next. Each gradient call ends the recording and starts a fresh one if needed,
+        except a persistent tape's: its next call reads the same forward ops (a GAN's or
+        CycleGAN's losses, one tape), so the recording goes on (see `_entered`)."""
         recorder = self._recorder
+        persistent = bool(getattr(tape, "_persistent", False))
         if missing and recorder.active and recorder.overflowed:
             log.warning("gradwatch: an eager step has more than %d ops; its missing gradients "
                         "are not diagnosed", recorder.max_ops)
             for variable in missing:
                 self._seen.add(None, variable)
         elif missing and recorder.active:
-            forward = recorder.stop()
-            watched = {id(v.handle) for v in tape.watched_variables()
-                       for v in tf_variables(v)}
-            forward.link_unseen_reads(v for m in missing for v in tf_variables(m)
-                                      if id(v.handle) in watched)
-            forward.mark_outside(self._recording(tape, None))
-            self._diagnose(forward, tape, target, missing, None)
+            if persistent:
+                with recorder.paused() as forward:
+                    self._diagnose_recorded(forward, tape, target, missing)
+            else:
+                self._diagnose_recorded(recorder.stop(), tape, target, missing)
         elif missing:
             self._awaiting.update(id(v) for v in missing)
         self._awaiting.difference_update(id(v) for v in missing if (None, v) in self._seen)
+        if persistent and recorder.active and (self.record_eagerly_always or self._awaiting):
+            self._kept_for = _ref(tape)
+            return
+        self._kept_for = None
         recorder.stop()
         if self.record_eagerly_always or self._awaiting:
             recorder.start()
+
+    def _diagnose_recorded(self, forward: forward_graph.ForwardGraph, tape: Any, target: Any,
+                           missing: list[Any]) -> None:
+        """Diagnoses ``missing`` with an eager recording."""
+        watched = {id(v.handle) for v in tape.watched_variables() for v in tf_variables(v)}
+        forward.link_unseen_reads(v for m in missing for v in tf_variables(m)
+                                  if id(v.handle) in watched)
+        forward.mark_outside(self._recording(tape, None))
+        self._diagnose(forward, tape, target, missing, None)
 
     def _diagnose(self, forward: forward_graph.ForwardGraph, tape: Any, target: Any,
                   missing: list[Any], graph: Any) -> None:

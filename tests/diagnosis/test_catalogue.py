@@ -733,3 +733,48 @@ def test_raw_variables_read_by_the_fast_path_are_followed_to_the_break(mode):
                         "offset": (Cause.BROKEN_AT_OP, "Floor"),
                         "spare": (Cause.UNUSED, "")}, report.diagnoses
     assert {report.diagnoses[name].source.line for name in ("scale", "offset")} == lines("raw")
+
+
+@pytest.mark.parametrize("listening", ["doctor", "monitor"])
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_a_persistent_tapes_second_gradient_call_sees_the_forward_pass(mode, listening):
+    """One persistent tape for two losses, two gradient calls (TensorFlow's CycleGAN and
+    DCGAN-style tutorials): the floored second loss's head was "never read" eagerly,
+    because each gradient call ended the recording. ``doctor`` records from the first
+    step; a ``monitor`` records the step after the one that missed a gradient."""
+    from gradwatch.agent.tensorflow import tape as tape_module
+
+    keras.utils.set_random_seed(0)
+    first, second = keras.layers.Dense(1, name="first"), keras.layers.Dense(1, name="second")
+    x, _ = _data()
+    first.build((None, 4))
+    second.build((None, 4))
+
+    def step():
+        with tf.GradientTape(persistent=True) as tape:
+            healthy = tf.reduce_mean(first(x))
+            floored = tf.reduce_mean(tf.math.floor(second(x)))  # line:persistent
+        return [tape.gradient(loss, layer.trainable_variables)
+                for loss, layer in ((healthy, first), (floored, second))]
+
+    step = tf.function(step) if mode == "function" else step
+    verdicts: dict[str, Diagnosis] = {}
+    if listening == "doctor":
+        with diagnose_missing_gradients() as report:
+            for _ in range(2):
+                step()
+        verdicts = report.diagnoses
+    else:
+        stop = tape_module.listen(lambda v, verdict: verdicts.setdefault(verdict.variable,
+                                                                         verdict), tells=False)
+        try:
+            for _ in range(3):
+                step()
+            # Nothing awaits a diagnosis: the recording kept for the tape has ended.
+            assert not tape_module._CALLS._recorder.active
+        finally:
+            stop()
+    assert {name: (d.cause, d.op_type) for name, d in verdicts.items()} == {
+        "second/kernel": (Cause.BROKEN_AT_OP, "Floor"),
+        "second/bias": (Cause.BROKEN_AT_OP, "Floor")}, verdicts
+    assert {d.source.line for d in verdicts.values()} == lines("persistent")
