@@ -286,7 +286,7 @@ class _GradientCalls:
     def _diagnose_recorded(self, forward: forward_graph.ForwardGraph, tape: Any, target: Any,
                            missing: list[Any]) -> None:
         """Diagnoses ``missing`` with an eager recording."""
-        watched = {id(v.handle) for v in tape.watched_variables() for v in tf_variables(v)}
+        watched = {id(v.handle) for w in tape.watched_variables() for v in tf_variables(w)}
         forward.link_unseen_reads(v for m in missing for v in tf_variables(m)
                                   if id(v.handle) in watched)
         forward.mark_outside(self._recording(tape, None))
