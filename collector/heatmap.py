@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from gradwatch.collector.history import MISSING, NO_DATA
+from gradwatch.collector.history import MISSING, NO_DATA, ZERO
 
 #: Colours, as hex for the page's legend and RGB for the image.
 MISSING_COLOUR = "#e4572e"  # red-orange: no gradient
@@ -37,8 +37,10 @@ def scale_colours(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def value_range(cells: np.ndarray) -> tuple[float, float]:
-    """log10 norm range of the finite cells (the legend's ends)."""
-    finite = cells[np.isfinite(cells)].astype(np.float64)
+    """log10 norm range of the finite cells (the legend's ends). Zero norms are left out
+    (one variable at `ZERO` would squeeze every other into the top colour); they take
+    the scale's lowest."""
+    finite = cells[np.isfinite(cells) & (cells > ZERO)].astype(np.float64)
     if finite.size == 0:
         return -6.0, 0.0
     low, high = np.percentile(finite, [1, 99]) if finite.size > 100 else (

@@ -34,19 +34,16 @@ def encode(present: np.ndarray, norms: np.ndarray, nonfinite: np.ndarray) -> np.
 
 def combine(a: np.ndarray, b: np.ndarray, sharded: bool = False) -> np.ndarray:
     """Two reports of the same steps: non-finite wins, then missing, then the larger norm
-    (or, for shards, the norm of both)."""
+    (or, for shards, the norm of both); a cell not reported yet takes the other."""
     nan = np.isnan(a) | np.isnan(b)
     missing = (a == MISSING) | (b == MISSING)
-    a = np.where(a == NO_DATA, b, a)
-    b = np.where(b == NO_DATA, a, b)
     if sharded:
         high, low = np.maximum(a, b).astype(np.float64), np.minimum(a, b).astype(np.float64)
-        both = a != b  # equal cells (a repeat of the same report) stay as they are
         with np.errstate(over="ignore", invalid="ignore"):
-            merged = np.where(both, high + 0.5 * np.log10(1 + 10 ** (2 * (low - high))), high)
-        merged = merged.astype(np.float16)
+            merged = (high + 0.5 * np.log10(1 + 10 ** (2 * (low - high)))).astype(np.float16)
     else:
         merged = np.maximum(a, b)
+    merged = np.where(a == NO_DATA, b, np.where(b == NO_DATA, a, merged))
     return np.where(nan, NONFINITE, np.where(missing, MISSING, merged))
 
 
@@ -60,6 +57,9 @@ class History:
         #: Per session id: global norm per slot and replica (float32; NaN or Inf as
         #: reported, `NO_REPORT` where none).
         self.global_norms: dict[str, np.ndarray] = {}
+        #: Per slot, the sessions whose report of its step is in its cells: a shard's
+        #: report comes once (a repeat is not added again, as two equal shards are).
+        self.reported_by: list[set[str]] = [set() for _ in range(STEPS)]
 
     @property
     def nbytes(self) -> int:
@@ -91,9 +91,17 @@ class History:
             self.cells[fresh] = NO_DATA
             for other in self.global_norms.values():
                 other[fresh] = NO_REPORT
+            for slot in fresh.tolist():
+                self.reported_by[slot] = set()
+        history[slots] = global_norm
+        if self.sharded:
+            first = np.array([session_id not in self.reported_by[slot] for slot in slots.tolist()],
+                             bool)
+            slots, cells = slots[first], cells[first]
+        for slot in slots.tolist():
+            self.reported_by[slot].add(session_id)
         rows = np.ix_(slots, columns)
         self.cells[rows] = combine(self.cells[rows], cells, self.sharded)
-        history[slots] = global_norm
 
     def window(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """(steps, cells ``[steps, columns]``, global norms per session) of the held steps,

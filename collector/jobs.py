@@ -47,7 +47,7 @@ def summary(job: str, groups: Iterable[Group], tracker: AlertTracker,
     groups = list(groups)
     sessions = [s for g in groups for s in g.sessions.values()]
     tasks = {(s.task_type, s.task_index) for s in sessions}
-    replicas = {(s.task_type, s.task_index): s.num_replicas for s in sessions}
+    replicas = [s.num_replicas for s in sessions]
     reported = [s.last_report_time for s in sessions if s.last_report_time]
     without: set[str] = set()  # distinct names, over the job's optimizers
     for group in groups:
@@ -57,14 +57,17 @@ def summary(job: str, groups: Iterable[Group], tracker: AlertTracker,
     return {
         "training_job": job,
         "tasks": len(tasks),
-        "replicas": sum(replicas.values()),
+        "replicas": max(replicas, default=0),  # per task (the most any task has)
         "optimizers": sorted(g.optimizer for g in groups),
         "last_step": max((s.last_step for s in sessions), default=-1),
         "steps_per_second": max((s.rate(now) for s in sessions if not s.closed), default=0.0),
         "last_report_age_seconds": now - max(reported) if reported else None,
         "variables": len({name for g in groups for name in g.names}),
         "variables_without_gradient": len(without),
-        "nonfinite_steps": sum(s.nonfinite_steps_total for s in sessions),
+        # Per optimizer the most any task counted (a step non-finite on every rank is
+        # one step, not one per rank), summed over the optimizers.
+        "nonfinite_steps": sum(max((s.nonfinite_steps_total for s in g.sessions.values()),
+                                   default=0) for g in groups),
         "firing_alerts": sorted({a["alertname"] for a in firing}),
         "finished": bool(sessions) and all(s.closed for s in sessions),
     }

@@ -227,9 +227,11 @@ class Registry:
         )
         # A task that registers again (restarted, or reconnected to a collector that
         # lost it) replaces its previous session, so stale state cannot linger; one whose
-        # open session grew continues its totals. A new run of a job's only task (the
-        # same job name again; PyTorch counts its steps from 0) starts a new history: the
-        # old run's steps held the heat map's slots and refused the new ones.
+        # open session grew continues its totals. A new run of the job (the same job name
+        # again; PyTorch counts its steps from 0) starts a new history: the old run's
+        # steps held the heat map's slots (or, met again, were merged with the new). It
+        # is one when no session of another task started after this task's old one last
+        # reported: those are the old run's (its other ranks), not the new run's.
         previous = self.find_task(training_job, optimizer, task_type, task_index)
         if previous is not None:
             continued = (not previous.closed and previous.pid
@@ -239,7 +241,8 @@ class Registry:
             if continued:
                 session.continue_totals(previous)
             self.remove(previous.id)
-            if not continued and not group.sessions:
+            ended = max(previous.registered_at, previous.last_report_time)
+            if not continued and all(s.registered_at <= ended for s in group.sessions.values()):
                 group.history = History(group.sharded)
         group.sessions[session.id] = session
         self.sessions[session.id] = session

@@ -21,8 +21,8 @@ class DivergenceParams(Params):
 class ReplicaDivergence(Rule[None]):
     """Replicas or workers of one job disagree at the same step: a gradient present on
     some and absent on others, finite on some and not on others, or global norms
-    whose max/min ratio exceeds ``norm_ratio``. Compares the latest step of every
-    task that has reached the group's newest step."""
+    whose max/min ratio exceeds ``norm_ratio`` (sharded jobs: presence only). Compares
+    the latest step of every task that has reached the group's newest step."""
 
     name = "ReplicaDivergence"
     Params = DivergenceParams
@@ -51,9 +51,12 @@ class ReplicaDivergence(Rule[None]):
             norms.extend(s.global_norm.tolist())
         present, nonfinite, norms = np.array(present), np.array(nonfinite), np.array(norms)
         presence_differs = present.any(axis=0) & ~present.all(axis=0)
-        finiteness_differs = nonfinite.any(axis=0) & ~nonfinite.all(axis=0)
+        # Shards (FSDP, tensor parallel) hold different elements, so they differ in global
+        # norm, and a NaN sits in the shard holding it (or a rank holds none of a
+        # parameter): only presence is compared.
+        finiteness_differs = (nonfinite.any(axis=0) & ~nonfinite.all(axis=0)
+                              & (not group.sharded))
         finite_norms = norms[np.isfinite(norms)]
-        # Shards (FSDP) have different global norms by design: only presence and finiteness.
         ratio = (finite_norms.max() / finite_norms.min()
                  if finite_norms.size >= 2 and finite_norms.min() > 0 and not group.sharded
                  else 1.0)

@@ -1,5 +1,6 @@
 """Registry bookkeeping: which sessions are forgotten, and when."""
 
+import numpy as np
 import pytest
 
 from gradwatch.collector.ingest import InvalidReport, Limits, admit_registration
@@ -102,3 +103,59 @@ def test_a_new_run_of_the_same_job_starts_a_new_history():
     h.feed(second, *[healthy(norm=0.5)] * 20, first_step=0)
     steps, _, norms = second.group.history.window()
     assert steps.tolist() == list(range(20)) and list(norms) == [second.id]
+
+
+def test_a_new_run_of_a_job_of_two_tasks_starts_a_new_history():
+    """Each rank of the new run registers while the other rank's old session is still
+    there: the history was never reset, and the new run's cells were merged with the old
+    run's at equal steps (√2 too large for shards, the max for replicas)."""
+    import time
+
+    from tests.support.rules import Harness, healthy
+
+    h = Harness()
+    old = [h.register(task_index=t, sharded=True) for t in (0, 1)]
+    for session in old:
+        h.feed(session, *[healthy(norm=5.0)] * 6)
+    time.sleep(0.01)
+    new = []
+    for t in (0, 1):  # the new run's ranks, one after the other
+        new.append(h.register(task_index=t, sharded=True))
+        time.sleep(0.01)
+    for session in new:
+        h.feed(session, *[healthy(norm=0.3)] * 3, first_step=0)
+    steps, cells, _ = new[0].group.history.window()
+    assert steps.tolist() == [0, 1, 2]
+    # Two shards of 0.3 each: 0.3 * sqrt(2) whole, nothing of the old run's 5.0.
+    assert np.allclose(10.0 ** cells.astype(np.float64), 0.3 * 2 ** 0.5, rtol=1e-2)
+
+
+def test_the_job_summary_counts_replicas_per_task_and_each_nonfinite_step_once():
+    """Two ranks of one replica each read "2 tasks x 2 replicas"; a step NaN on both
+    ranks counted twice."""
+    from gradwatch.collector import jobs
+    from tests.support.rules import Harness
+
+    h = Harness()
+    ranks = [h.register(task_index=t) for t in (0, 1)]
+    for session in ranks:
+        h.feed(session, {"present": [1, 1, 1], "norm": [1, 1, 1], "nan": [0, 2, 0]})
+    row = jobs.summary("job", h.registry.groups.values(), h.tracker)
+    assert (row["tasks"], row["replicas"], row["nonfinite_steps"]) == (2, 1, 1)
+
+
+def test_shards_of_equal_norm_combine_and_a_repeat_does_not():
+    """Two shards of one step with the same norm were taken for one report sent twice
+    (the heat map read 1/sqrt(2) of the norm); a session's own repeat of a step is the
+    one not to add again."""
+    from gradwatch.collector.history import History
+
+    history = History(sharded=True)
+    one = dict(columns=np.array([0]), steps=np.array([7]), present=np.ones((1, 1, 1), bool),
+               norms=np.full((1, 1, 1), 3.0, np.float32), nonfinite=np.zeros((1, 1, 1), bool),
+               global_norm=np.full((1, 1), 3.0, np.float32), width=1)
+    for session in ("rank0", "rank1", "rank1"):
+        history.add(session, **one)
+    steps, cells, _ = history.window()
+    assert steps.tolist() == [7]
+    assert 10.0 ** float(cells[0, 0]) == pytest.approx(3.0 * 2 ** 0.5, rel=1e-2)

@@ -42,6 +42,18 @@ def test_shards_differ_in_norm_by_design_but_not_in_presence():
     assert alert.annotations["variables"] == "b"
 
 
+def test_a_nan_in_one_shard_is_no_divergence():
+    """A NaN sits in the shard holding it, and a rank may hold none of a parameter (FSDP1,
+    a replicated tensor-parallel bias reported by one rank): it paged as "NaN/Inf on some
+    replicas only" while every rank's gradients were NaN."""
+    h = Harness()
+    w0, w1 = h.register(0, sharded=True), h.register(1, sharded=True)
+    h.feed(w0, {"present": [1, 1, 1], "norm": [1, 0, 1], "nan": [0, 0, 0]}, first_step=3)
+    h.feed(w1, {"present": [1, 1, 1], "norm": [1, 1, 1], "nan": [0, 4, 0]}, first_step=3)
+    assert h.active("ReplicaDivergence") == []
+    assert h.active("GradientNonFinite") != []
+
+
 def test_divergence_ignores_workers_at_other_steps():
     h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
     w0, w1 = h.register(0), h.register(1)
