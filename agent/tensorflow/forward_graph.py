@@ -220,6 +220,13 @@ class ForwardGraph:
         return reached, stopped
 
 
+def _nbytes(tensor: Any) -> int:
+    try:
+        return tensor.shape.num_elements() * tensor.dtype.size
+    except Exception:  # unknown shape, or a dtype without a size (strings, resources)
+        return 0
+
+
 def _buffer_address(tensor: Any) -> int | None:
     """Where an eager tensor's data lives, on any device (through DLPack: a
     ``DLManagedTensor`` starts with the data pointer); None if that cannot be told."""
@@ -340,24 +347,35 @@ class _NumpyWatch:
         return getattr(self._function, name)
 
 
+#: What one eager recording may keep alive (its ops' outputs): a recording left running
+#: after the step (interrupted in a notebook, or training over) would keep every tensor.
+MAX_RECORDED_BYTES = 256 << 20
+
+
 class EagerRecorder:
     """Records the eager ops of (about) one training step.
 
     `start` installs an op callback and wraps the ways a tensor leaves TensorFlow;
     `stop` removes them. Records ops of every thread while active, bounded by
-    ``max_ops``; the training thread only pays for this while recording.
+    ``max_ops`` and ``max_bytes`` of tensors kept alive: past either, what was recorded
+    is dropped and nothing is intercepted any more, but the recording stays `active` and
+    `overflowed` until `stop` (the step's gradient call says it was not diagnosed). The
+    training thread only pays for this while recording.
     """
 
-    def __init__(self, max_ops: int = 200_000) -> None:
-        self.max_ops = max_ops
+    def __init__(self, max_ops: int = 200_000, max_bytes: int = MAX_RECORDED_BYTES) -> None:
+        self.max_ops, self.max_bytes = max_ops, max_bytes
         self.graph = ForwardGraph()
         self.generation = 0  # counts recordings: positions are comparable within one
         self.active = False
         self.overflowed = False
         self._order = 0
+        self._bytes = 0
         self._lock = threading.Lock()
         self._paused = False
         self._originals: dict[str, Any] = {}
+        self._numpy_originals: dict[str, Any] = {}
+        self._intercepting = False
 
     @property
     def position(self) -> int:
@@ -366,8 +384,11 @@ class EagerRecorder:
     def start(self) -> None:
         if self.active:
             return
-        self.graph, self._order, self.overflowed = ForwardGraph(), 0, False
+        self.graph, self._order, self._bytes, self.overflowed = ForwardGraph(), 0, 0, False
         self.generation += 1
+        # Active before anything is patched: a stop() after an interrupt in between
+        # restores what was.
+        self.active = self._intercepting = True
         op_callbacks.add_op_callback(self._on_op)
         base = ops._EagerTensorBase
         for name in _CONVERSIONS:
@@ -377,24 +398,39 @@ class EagerRecorder:
                 setattr(base, name, self._conversion(name, original))
         self._originals["record_operation"] = record.record_operation
         record.record_operation = self._on_record_operation
-        self._numpy_originals = {}
         for name, value in vars(np).items():
             if isinstance(value, np.ufunc) or name in _NUMPY_FUNCTIONS:
                 self._numpy_originals[name] = value
                 setattr(np, name, _NumpyWatch(value, name, self._note_conversion))
-        self.active = True
 
     def stop(self) -> ForwardGraph:
         if self.active:
-            op_callbacks.remove_op_callback(self._on_op)
-            record.record_operation = self._originals.pop("record_operation")
-            for name, original in self._originals.items():
-                setattr(ops._EagerTensorBase, name, original)
-            self._originals.clear()
-            for name, original in self._numpy_originals.items():
-                setattr(np, name, original)
+            self._stop_intercepting()
             self.active = False
         return self.graph
+
+    def _stop_intercepting(self) -> None:
+        if not self._intercepting:
+            return
+        self._intercepting = False
+        try:
+            op_callbacks.remove_op_callback(self._on_op)
+        except KeyError:  # added on another thread (op callbacks are per thread), or not yet
+            pass
+        if "record_operation" in self._originals:
+            record.record_operation = self._originals.pop("record_operation")
+        for name, original in self._originals.items():
+            setattr(ops._EagerTensorBase, name, original)
+        self._originals.clear()
+        for name, original in self._numpy_originals.items():
+            setattr(np, name, original)
+        self._numpy_originals.clear()
+
+    def _overflow(self) -> None:
+        """Past a bound (lock held): drops the recording and stops intercepting."""
+        self.overflowed = True
+        self.graph = ForwardGraph()
+        self._stop_intercepting()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[ForwardGraph]:
@@ -417,14 +453,16 @@ class EagerRecorder:
         if graph is not None or self.overflowed:  # graph construction: not ours
             return None
         with self._lock:
-            if self._paused:
+            # (Not intercepting: a callback left on a thread that stop() was not called on.)
+            if self._paused or not self._intercepting:
                 return None
-            if len(self.graph.nodes) >= self.max_ops:
-                self.overflowed = True
+            inputs, outputs = list(inputs or ()), list(outputs or ())
+            self._bytes += sum(_nbytes(t) for t in outputs)
+            if len(self.graph.nodes) >= self.max_ops or self._bytes > self.max_bytes:
+                self._overflow()
                 return None
             if isinstance(op_type, bytes):
                 op_type = op_type.decode()
-            inputs, outputs = list(inputs or ()), list(outputs or ())
             self.graph.keep_alive.extend(inputs + outputs)
             self.graph.add(Node(op_name or op_type, op_type, [id(t) for t in inputs],
                                 [id(t) for t in outputs], [t.dtype for t in inputs],

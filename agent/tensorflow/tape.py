@@ -262,8 +262,9 @@ class _GradientCalls:
         recorder = self._recorder
         persistent = bool(getattr(tape, "_persistent", False))
         if missing and recorder.active and recorder.overflowed:
-            log.warning("gradwatch: an eager step has more than %d ops; its missing gradients "
-                        "are not diagnosed", recorder.max_ops)
+            log.warning("gradwatch: an eager step has more than %d ops or keeps more than "
+                        "%d MiB of tensors; its missing gradients are not diagnosed",
+                        recorder.max_ops, recorder.max_bytes >> 20)
             for variable in missing:
                 self._seen.add(None, variable)
         elif missing and recorder.active:

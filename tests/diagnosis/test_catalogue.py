@@ -778,3 +778,33 @@ def test_a_persistent_tapes_second_gradient_call_sees_the_forward_pass(mode, lis
         "second/kernel": (Cause.BROKEN_AT_OP, "Floor"),
         "second/bias": (Cause.BROKEN_AT_OP, "Floor")}, verdicts
     assert {d.source.line for d in verdicts.values()} == lines("persistent")
+
+
+def test_a_recording_left_running_is_bounded_and_released():
+    """A Ctrl-C in the step being recorded (a notebook), or training that ends before the
+    next gradient call, left the recording running: every later eager tensor was kept
+    alive (3.5 GB after 300 ops on 4 MB tensors) and NumPy's functions stayed stand-ins.
+    Past its bound the recording lets go of everything and stops intercepting; the step's
+    gradient call, if it ever comes, says that the step was not diagnosed."""
+    import gc
+    import weakref
+
+    from gradwatch.agent.tensorflow.forward_graph import EagerRecorder
+
+    floor = np.floor
+    recorder = EagerRecorder(max_bytes=4 << 20)
+    recorder.start()
+    try:
+        assert np.floor is not floor
+        first = tf.random.normal((256, 256))  # 256 KiB, kept by the recording
+        kept = weakref.ref(recorder.graph)
+        for _ in range(20):  # 5 MiB more: past the bound
+            tf.random.normal((256, 256))
+        assert recorder.overflowed and recorder.active
+        assert np.floor is floor
+        del first
+        gc.collect()
+        assert kept() is None, "the recorded graph (and its tensors) is released"
+    finally:
+        recorder.stop()
+    assert not recorder.active and np.floor is floor
