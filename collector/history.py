@@ -57,8 +57,8 @@ class History:
         #: Per session id: global norm per slot and replica (float32; NaN or Inf as
         #: reported, `NO_REPORT` where none).
         self.global_norms: dict[str, np.ndarray] = {}
-        #: Per slot, the sessions whose report of its step is in its cells: a shard's
-        #: report comes once (a repeat is not added again, as two equal shards are).
+        #: Sharded: per slot, the sessions whose report of its step is in its cells, so a
+        #: shard's repeat is not added again (two equal shards are).
         self.reported_by: list[set[str]] = [set() for _ in range(STEPS)]
 
     @property
@@ -91,15 +91,16 @@ class History:
             self.cells[fresh] = NO_DATA
             for other in self.global_norms.values():
                 other[fresh] = NO_REPORT
-            for slot in fresh.tolist():
-                self.reported_by[slot] = set()
+            if self.sharded:
+                for slot in fresh.tolist():
+                    self.reported_by[slot].clear()
         history[slots] = global_norm
-        if self.sharded:
+        if self.sharded:  # (the max of replicas is the same for a repeat: no bookkeeping)
             first = np.array([session_id not in self.reported_by[slot] for slot in slots.tolist()],
                              bool)
             slots, cells = slots[first], cells[first]
-        for slot in slots.tolist():
-            self.reported_by[slot].add(session_id)
+            for slot in slots.tolist():
+                self.reported_by[slot].add(session_id)
         rows = np.ix_(slots, columns)
         self.cells[rows] = combine(self.cells[rows], cells, self.sharded)
 

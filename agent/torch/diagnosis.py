@@ -522,9 +522,8 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
             call = conversions[0]
             return verdict(Cause.LEFT_TENSORFLOW, call, f"via {call.name}")
         # Name a read that computed something (not model.to() or a copy before the step).
-        computing = [c for c in readers if c.grad_enabled and c.name not in DETACHING]
-        first = next((c for c in computing or readers if c.source is not None),
-                     (computing or readers)[0])
+        named = [c for c in readers if c.grad_enabled and c.name not in DETACHING] or readers
+        first = next((c for c in named if c.source is not None), named[0])
         return verdict(Cause.NOT_ON_LOSS_PATH, first, **stand_in)
     reached, stopped = _flow(calls, start, _tracked)
     if losses & reached:
