@@ -72,6 +72,7 @@ class GradientMonitor(MonitorCore):
         self._recorder = Recorder() if self.enabled and self.settings.diagnose else None
         self._explained: set[int] = set()  # parameters diagnosed (ids)
         self._stale: set[int] = set()  # parameters said to be stepped on old gradients
+        self._stale_suspects: tuple[_Watched, list[int]] | None = None  # see `step_ended`
         self._unexplained: set[int] = set()  # seen without gradient, no verdict yet (ids)
         self._retries = Retries()
         self._logged: set[str] = set()
@@ -201,26 +202,38 @@ class GradientMonitor(MonitorCore):
         session = watched.session()
         if self._recorder is None or session is None:
             return
-        if len(self._watched) == 1 and len(session.missing) == len(session.params) and any(
-                p.grad is not None for p in session.params):  # (with several optimizers,
-            self._explain_stale(watched, session)  # another's backward may be the step's)
         recording = self._recorder.take()
         if recording is not None:
             explained = self._explain(recording, watched)
             recording.release()
             self._retries.recorded(explained)
+        suspects, self._stale_suspects = self._stale_suspects, None
+        if len(self._watched) == 1 and len(session.missing) == len(session.params) and any(
+                p.grad is not None for p in session.params):  # (with several optimizers,
+            # another's backward may be the step's)
+            if recording is not None:
+                self._explain_stale(watched, sorted(session.missing))
+            else:  # what the recording of the next step finds first (zero_grad() after
+                self._stale_suspects = watched, sorted(session.missing)  # backward())
+        if suspects is not None:
+            self._explain_stale(*suspects)
         self._unexplained.update(id(session.params[i]) for i in session.missing)
         self._unexplained -= self._explained
         if self._retries.step_ended() and self._unexplained and not self._recorder.recording:
             self._recorder.start()
 
-    def _explain_stale(self, watched: _Watched, session: TorchSession) -> None:
+    def _explain_stale(self, watched: _Watched, missing: list[int]) -> None:
         """A step that found every gradient as the previous step (or ``zero_grad``) left
-        it: no backward pass reached a parameter in between (``step()`` called twice, a
-        skipped ``backward()``), and the update reused old gradients. Said as such: a
-        recording of the next step, a healthy one, would explain nothing (one that finds
-        a cause, a detached loss, replaces this verdict)."""
-        for i in sorted(session.missing):
+        it, ``missing`` its parameters (indices): no backward pass reached a parameter in
+        between (``step()`` called twice, a skipped ``backward()``), and the update reused
+        old gradients. Said as such once the step's recording, or the next step's, found
+        no other cause (``zero_grad()`` between backward and step leaves the same zeros); a
+        healthy next step's recording has nothing to explain, so it does not wait for one
+        that finds a cause, which replaces this verdict."""
+        session = watched.session()
+        if session is None:
+            return
+        for i in missing:
             param = session.params[i]
             if id(param) in self._explained or id(param) in self._stale:
                 continue

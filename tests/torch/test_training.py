@@ -165,18 +165,25 @@ def test_bookkeeping_between_wrap_and_training_does_not_explain_an_unused_layer(
     assert causes == {"unused.weight": "unused", "unused.bias": "unused"}
 
 
-def test_zero_grad_between_backward_and_step_pages_as_cleared(collector, webhook, job_name):
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_between_backward_and_step_pages_as_cleared(collector, webhook, job_name,
+                                                              caplog, set_to_none):
     """The loop that never learns because ``zero_grad()`` runs after ``backward()``: every
-    parameter pages, with the cause ``cleared`` and the line of the backward call."""
+    parameter pages, with the cause ``cleared`` and the line of the backward call, and the
+    log says that once (not also that no backward ran, as the zeros alone would suggest)."""
+    caplog.set_level(logging.WARNING, logger="gradwatch")
     model = Net()
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
         for _ in range(3):
             backward_line = sys._getframe().f_lineno + 1
             torch.nn.functional.mse_loss(model(X), Y).backward()
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             optimizer.step()
     assert monitor.close() is True
+    verdicts = [r.getMessage() for r in caplog.records if "gradient" in r.getMessage()]
+    assert len(verdicts) == 1 and "then cleared before the optimizer step" in verdicts[0], \
+        verdicts
     alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name, 10)
     assert alert is not None and alert["labels"]["alertname"] == "GradientMissing"
     assert "then cleared before the optimizer step" in alert["annotations"]["causes"]
