@@ -4,6 +4,7 @@ collector's are checked against deploy/collector.example.yaml in tests/unit/test
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -40,3 +41,39 @@ def test_every_agent_variable_is_in_the_readme():
     missing = [v for v in AgentSettings.environment_variables().values()
                if f"`{v}`" not in readme]
     assert missing == []
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens, a
+    repeated heading numbered."""
+    anchors: set[str] = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"#{1,6} ", line):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            anchor, n = slug, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{slug}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_every_link_between_the_docs_resolves():
+    """Relative links in the README and docs/ name files that exist and headings in them."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(
+                    linked.read_text()):
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
