@@ -28,6 +28,7 @@ from gradwatch.collector.settings import (
     Sources,
     add_flags,
     address,
+    declared,
     number,
     section,
     setting,
@@ -75,7 +76,7 @@ class CollectorConfig:
               "are evaluated together", _SECONDS, metavar="SECONDS")
     runbook_url: str = setting(
         "docs/runbook.md", "where alerts' runbook_url annotations point (each alert appends "
-                           "#its-name)", text, metavar="URL")
+                           "#its-name in lower case, its heading's anchor)", text, metavar="URL")
     dashboard_base_url: str | None = setting(
         None, "Grafana's root URL, e.g. https://grafana.example.com: alerts then carry a "
               "dashboard_url annotation opening the job dashboard on the panel that answers "
@@ -119,6 +120,11 @@ class ConfigError(ValueError):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("; ".join(errors))
         self.errors = errors
+
+
+def environment_variables() -> frozenset[str]:
+    """Every ``GRADWATCH_*`` variable the collector reads."""
+    return frozenset(d.env for d in declared(CollectorConfig)) | {"GRADWATCH_CONFIG"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

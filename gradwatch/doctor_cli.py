@@ -22,8 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run SCRIPT (with ARGS) in diagnose-only mode: no collector is needed; "
                     "each variable that gets no gradient is reported with the cause, the op "
                     "and the source line, and a fix. Exit status: 0 when every variable got "
-                    "a gradient, 1 when some did not, 2 when the script failed or computed no "
-                    "gradient.")
+                    "a gradient, 1 when some did not (whether or not the script then failed), "
+                    "2 when the script failed or computed no gradient otherwise.")
     parser.add_argument("--framework", choices=("auto", "tensorflow", "torch", "both"),
                         default="auto",
                         help="what the script trains with; auto: from its imports (and its "
