@@ -130,6 +130,16 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _collector_variables() -> frozenset[str]:
+    """The collector's ``GRADWATCH_*`` variables; none where it is not installed (its
+    dependencies, YAML, are not the agent's)."""
+    try:
+        from gradwatch.collector.config import environment_variables
+    except ImportError:
+        return frozenset()
+    return environment_variables()
+
+
 def setting(default: Any, env: str, parse: Callable[[Any], Any], *,
             invert: bool = False) -> Any:
     """A field of `AgentSettings`: read from ``env`` (``invert``: the variable says the
@@ -219,15 +229,15 @@ class AgentSettings:
     @classmethod
     def misspelt_variables(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """Set ``GRADWATCH_*`` variables that are no setting but close to one (a typo, as
-        ``GRADWATCH_COLECTOR``), each with the setting's variable. Not close ones: the
-        collector's variables may share an environment."""
+        ``GRADWATCH_COLECTOR``), each with the setting's variable; the collector's own
+        (``GRADWATCH_GRPC_TLS_CERT_FILE``), which may share an environment, are none."""
         environ = os.environ if environ is None else environ
         known = list(cls.environment_variables().values())
         found = {}
         for name in environ:
             if name.startswith("GRADWATCH_") and name not in known:
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
-                if close:
+                if close and name not in _collector_variables():
                     found[name] = close[0]
         return found
 

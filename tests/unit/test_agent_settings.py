@@ -101,7 +101,11 @@ def test_a_misspelt_variable_is_named_with_the_setting_meant():
 
     environ = {"GRADWATCH_COLECTOR": "c:8470", "GRADWATCH_DISABLE": "1",
                "GRADWATCH_COLLECTOR": "c:8470", "GRADWATCH_RESOLVE_AFTER": "30",
-               "GRADWATCH_CONFIG": "collector.yaml", "GRADWATCH_LOG_LEVEL": "debug"}
+               "GRADWATCH_CONFIG": "collector.yaml", "GRADWATCH_LOG_LEVEL": "debug",
+               # close to the agent's GRADWATCH_TLS_CERT_FILE and GRADWATCH_TOKEN_FILE:
+               "GRADWATCH_GRPC_TLS_CERT_FILE": "server.pem",
+               "GRADWATCH_GRPC_TLS_KEY_FILE": "server.key",
+               "GRADWATCH_TOKENS_FILE": "tokens.yaml"}
     assert AgentSettings.misspelt_variables(environ) == {
         "GRADWATCH_COLECTOR": "GRADWATCH_COLLECTOR", "GRADWATCH_DISABLE": "GRADWATCH_DISABLED"}
 
