@@ -129,8 +129,8 @@ class Collector:
         except RuntimeError:  # grpcio: "Failed to bind to address" (in use, or no such host)
             port = 0
         if not port:
-            raise OSError(f"cannot bind gRPC address {config.grpc_address} (in use, or not an "
-                          "address of this host)")
+            raise OSError(f"cannot bind gRPC address {config.grpc_address} (--grpc-address; in "
+                          "use, or not an address of this host)")
         await self._grpc.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -148,7 +148,11 @@ class Collector:
         host, port = split_host_port(self.config.metrics_address)
         site = web.TCPSite(self._http, host, port,
                            ssl_context=security.ssl_context if security else None)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:  # named as the gRPC address is, with the setting
+            raise OSError(f"cannot bind metrics address {self.config.metrics_address} "
+                          f"(--metrics-address): {error.strerror or error}") from error
         return self._http.addresses[0][1]
 
     def _start_timers(self) -> list[asyncio.Task]:

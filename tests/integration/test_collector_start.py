@@ -42,8 +42,9 @@ def test_collector_says_why_it_cannot_start_when_its_port_is_taken(taken_port):
              "--grpc-address", addresses["grpc"], "--metrics-address", addresses["metrics"]],
             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "cannot start" in result.stderr and ("address already in use" in result.stderr
-                                               or "cannot bind gRPC address" in result.stderr)
+    flag = {"grpc": "gRPC address", "metrics": "metrics address"}[taken_port]
+    assert f"cannot start: cannot bind {flag} 127.0.0.1:{port} (--{taken_port}-address" \
+        in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
 
 

@@ -36,3 +36,15 @@ def test_an_unknown_log_level_is_one_clear_error(capsys, monkeypatch):
     error = capsys.readouterr().err
     assert "GRADWATCH_LOG_LEVEL" in error and "'verbose'" in error
     assert "Traceback" not in error
+
+
+def test_an_unknown_flag_is_named_by_the_subcommand_with_the_flag_meant(capsys):
+    """``gradwatch collector --grpc-adress …`` printed the top-level usage and nothing about
+    the flag meant."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["collector", "--grpc-adress", "127.0.0.1:8470"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: gradwatch collector" in error
+    assert "unrecognized arguments: --grpc-adress 127.0.0.1:8470 (did you mean --grpc-address?)" \
+        in error
