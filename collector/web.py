@@ -394,10 +394,18 @@ class WebUI:
                 f"<th>cause</th></tr></thead><tbody>{rows}</tbody></table>")
 
     def _group(self, job: str, optimizer: str):
+        """The job's group of ``optimizer``; "" names a job's only optimizer. 404 for an
+        unknown job, 400 when no optimizer or an unknown one is named, listing the job's."""
         group = self.registry.groups.get((job, optimizer))
-        if group is None:
-            raise web.HTTPNotFound(text="unknown training job or optimizer\n")
-        return group
+        if group is not None:
+            return group
+        optimizers = sorted(o for j, o in list(self.registry.groups) if j == job)
+        if not optimizers:
+            raise web.HTTPNotFound(text="unknown training job\n")
+        if not optimizer and len(optimizers) == 1:
+            return self.registry.groups[(job, optimizers[0])]
+        said = f"unknown optimizer {optimizer!r}" if optimizer else "name an optimizer"
+        raise web.HTTPBadRequest(text=f"{said}: optimizer= one of {', '.join(optimizers)}\n")
 
     def _heatmap_request(self, request: web.Request):
         job = request.match_info["job"]

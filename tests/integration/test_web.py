@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import quote
@@ -116,6 +117,15 @@ def test_the_api_says_which_variables_miss_gradients_and_why(collector, trained_
     heat = get_json(f"{base_url(collector)}/api/v1/jobs/{trained_job}/heatmap?optimizer=sgd")
     row = heat["variables"].index("partly_unused/unused/kernel")
     assert set(heat["log10_norm"][row]) == {"missing"}  # a row per variable, a column per step
+    for query, code, said in [("", 400, "name an optimizer: optimizer= one of probe, sgd"),
+                              ("?optimizer=adam", 400, "unknown optimizer 'adam'"),
+                              ("x?optimizer=sgd", 404, "unknown training job")]:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(
+                f"{base_url(collector)}/api/v1/jobs/{trained_job}{query.partition('?')[0]}"
+                f"/heatmap?{query.partition('?')[2]}", timeout=10)
+        assert (refused.value.code, refused.value.read().decode().strip()[:len(said)]) == (
+            code, said)
     # The probe is a group of its own, sent in its own session: the 11 steps of "sgd"
     # can be in before its one step is.
     found = wait_for_steps(collector, trained_job, "probe", 1)
@@ -279,6 +289,9 @@ def test_an_infinite_norm_is_valid_json_and_a_bad_offset_a_400(collector):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{base_url(collector)}/jobs/{job}?offset=abc", timeout=10)
     assert refused.value.code == 400
+    # A job's only optimizer need not be named for its heat map.
+    heat = get_json(f"{base_url(collector)}/api/v1/jobs/{job}/heatmap")
+    assert heat["total_variables"] == 1 and len(heat["steps"]) == 3
 
 
 def test_a_nan_norm_and_an_undiagnosed_missing_gradient_are_shown(collector):
