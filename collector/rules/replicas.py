@@ -88,9 +88,11 @@ class SilenceParams(Params):
 
 class WorkerSilent(Rule[None]):
     """A task that has not said goodbye reported no step, with any of the job's optimizers,
-    for ``seconds`` (``first_step_seconds`` before its first step). An optimizer that is
-    idle while another of the task trains (GANs, distillation, layer-wise schedules) is
-    not a silent task; its ``gradwatch_last_report_timestamp_seconds`` shows it."""
+    for ``seconds`` (``first_step_seconds`` before its first step, and a PyTorch task's
+    second: its agent runs the first uncompiled, to explain any missing gradient, so a
+    ``torch.compile``d model compiles in the second). An optimizer that is idle while
+    another of the task trains (GANs, distillation, layer-wise schedules) is not a silent
+    task; its ``gradwatch_last_report_timestamp_seconds`` shows it."""
 
     name = "WorkerSilent"
     Params = SilenceParams
@@ -101,9 +103,11 @@ class WorkerSilent(Rule[None]):
             if session.closed:
                 return False
             task = group.task_sessions(session.task_type, session.task_index) or [session]
-            stepped = [s.last_report_time for s in task if s.steps_total]
+            stepped = [s for s in task if s.steps_total]
             if stepped:
-                return now - max(stepped) > params.seconds
+                compiling = all(s.steps_total == 1 and "torch" in s.versions for s in stepped)
+                return now - max(s.last_report_time for s in stepped) > (
+                    params.first_step_seconds if compiling else params.seconds)
             return now - min(s.registered_at for s in task) > params.first_step_seconds
 
         silent = [s.task for s in group.sessions.values() if silent(s)]

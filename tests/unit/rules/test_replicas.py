@@ -4,6 +4,8 @@ On collector state built by hand (`tests.support.rules`)."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.rules import Harness, healthy
 
 
@@ -108,3 +110,25 @@ def test_a_long_first_step_is_not_silence():
     h.engine.tick(h.registry.groups.values())
     (alert,) = h.active("WorkerSilent")
     assert alert.annotations["tasks"] == "worker/0"
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_pytorch_tasks_second_step_may_take_as_long_as_a_first(framework):
+    """The PyTorch agent runs the first step uncompiled (to record it for the diagnosis),
+    so a ``torch.compile``d model compiles in the second: a compile of over a minute paged
+    WorkerSilent at the start of every such job. Its third step has no such allowance; a
+    TensorFlow task's second step neither (its first step traced)."""
+    h = Harness(WorkerSilent={"seconds": 30.0, "first_step_seconds": 300.0})
+    session = h.register(0)
+    session.versions = {framework: "2.x", "gradwatch": "0.2"}
+    h.feed(session, healthy())
+    session.last_report_time = h.clock.now
+    h.clock.now += 120
+    h.engine.tick(h.registry.groups.values())
+    assert (h.active("WorkerSilent") == []) is (framework == "torch")
+    if framework == "torch":
+        h.feed(session, healthy())
+        session.last_report_time = h.clock.now
+        h.clock.now += 31
+        h.engine.tick(h.registry.groups.values())
+        assert [a.annotations["tasks"] for a in h.active("WorkerSilent")] == ["worker/0"]
