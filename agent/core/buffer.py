@@ -85,9 +85,16 @@ class SessionBuffer:
                 if self.diagnoses_sent.get(i) is not d]
 
     def finished(self) -> bool:
-        """Ended, with nothing left to send or to have acknowledged."""
-        return self.ending and (self.retired or self.broken
-                                or not (self.pending or self.unacked))
+        """Ended, with nothing left to send or to have acknowledged (a closed session's
+        goodbye included, where it is registered)."""
+        return self.ending and (self.retired or self.broken or not (
+            self.pending or self.unacked or self.says_goodbye()))
+
+    def says_goodbye(self) -> bool:
+        """Its session closed and everything it recorded is acknowledged: time to tell
+        the collector (`pb.ReportBatch.final`)."""
+        return (self.ending and self.session.closed and bool(self.session_id)
+                and not self.final_sent and not (self.pending or self.unacked))
 
     def has_news(self) -> bool:
         """Registered here, with steps or diagnoses to send."""
@@ -97,7 +104,7 @@ class SessionBuffer:
         """A new connection to the collector at ``address``: resume its session, if any;
         a retired one is registered again (the collector may be another one now)."""
         self.session_id = self.registrations.get(address, "")
-        self.final_sent = False
+        self.final_sent = any(batch.final for batch in self.unacked)  # replayed, said again
         self.retired = False
 
     def registered(self, address: str, response: pb.RegisterResponse) -> None:
@@ -200,6 +207,7 @@ class Buffer:
             buffer = SessionBuffer(session)
             buffer.predecessor = next(
                 (b for b in self.sessions if b.session is session.predecessor), None)
+            session.predecessor = None  # linked here now; a chain would keep them all
             if buffer.predecessor is not None:
                 # Its source gets no more steps: this drain reads its last ones.
                 buffer.predecessor.ending = True
@@ -207,6 +215,8 @@ class Buffer:
         for buffer in self.sessions:
             if buffer.broken or buffer.retired:
                 continue
+            if buffer.session.closed:  # (read before: these are then its last steps)
+                buffer.ending = True
             try:
                 reports, dropped = buffer.session.drain()
             except Exception:  # a broken session must not stop the others, nor flood
@@ -241,6 +251,12 @@ class Buffer:
     def bytes(self) -> int:
         """Host memory held by steps not yet acknowledged."""
         return sum(b.buffered_steps() * b.step_bytes for b in self.sessions)
+
+    def release(self) -> None:
+        """Forgets every session (once nothing more is sent: the sender stopped), and so
+        the variables their statistics come from."""
+        with self._lock:
+            self.sessions, self._new = [], []
 
     def holds_nothing(self) -> bool:
         """No session was ever handed over: nothing to deliver (any thread)."""

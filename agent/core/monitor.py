@@ -56,6 +56,8 @@ class MonitorCore:
         self._sessions: dict[Hashable, Session] = {}
         self._failed: set[Hashable] = set()
         self._names: dict[Hashable, str] = {}
+        #: Sessions ended by `release`, by name: the next session of the name follows each.
+        self._released: dict[str, Session] = {}
         #: Diagnoses seen so far, by the variable's id() (the variable is kept, so its id is
         #: not reused): sessions created later get them too.
         self._diagnoses: dict[int, tuple[Any, str, Diagnosis]] = {}
@@ -111,6 +113,10 @@ class MonitorCore:
             atexit.unregister(self.close)
             self._on_close()
             self._delivered = self._sender.close(timeout_s)
+            with self._lock:  # nothing is sent any more: the variables may go
+                self._sessions.clear()
+                self._released.clear()
+                self._diagnoses.clear()
         return self._delivered
 
     def _take_over(self) -> None:
@@ -194,8 +200,10 @@ class MonitorCore:
         """Starts shipping ``session`` (created by the caller for ``key``) and gives it the
         diagnoses known so far (any thread; call under `session_lock`). A second session
         for ``key`` continues the first (the same optimizer, more variables): the first
-        ends once its steps are delivered, then this one replaces it at the collector."""
-        session.predecessor = self._sessions.get(key)
+        ends once its steps are delivered, then this one replaces it at the collector; so
+        does the first session of a name after a `release`d one."""
+        session.predecessor = (self._sessions.get(key)
+                               or self._released.pop(session.optimizer, None))
         self._sessions[key] = session
         for key, (_, name, diagnosis) in self._diagnoses.items():
             session.add_diagnosis(key, name, diagnosis)
@@ -204,6 +212,23 @@ class MonitorCore:
                  session.num_variables, session.optimizer, session.num_replicas,
                  self.identity.training_job, self.identity.task_type,
                  self.identity.task_index, self.collector)
+
+    def release(self, key: Hashable, name_key: Hashable) -> None:
+        """``key``'s optimizer (named by ``name_key``) is gone: its session ends once what
+        it recorded is delivered, telling the collector so; its name is free for the next
+        optimizer, and what was kept of its variables goes (any thread; a sweep of models
+        trained one after another in one process frees each in turn)."""
+        with self._lock:
+            session = self._sessions.pop(key, None)
+            self._names.pop(name_key, None)
+            if session is None:
+                return
+            kept = set().union(*(s.variable_keys() for s in self._sessions.values()))
+            for gone in session.variable_keys() - kept:
+                self._diagnoses.pop(gone, None)
+            # (its name's next session registers once this one said goodbye)
+            self._released[session.optimizer] = session
+        session.close()
 
     @property
     def session_lock(self) -> threading.Lock:

@@ -121,6 +121,9 @@ class Session:
         #: `MonitorCore.adopt`): it registers under the same name, which replaces that
         #: one at the collector, so it registers only once all of that one's steps are in.
         self.predecessor: Session | None = None
+        #: Its optimizer is gone (`close`): no more steps; the sender delivers what it
+        #: recorded, says goodbye to the collector and forgets it.
+        self.closed = False
 
     @property
     def num_replicas(self) -> int:
@@ -149,6 +152,14 @@ class Session:
         with self._lock:
             self._diagnoses[index] = diagnosis.to_proto(index)
         return True
+
+    def close(self) -> None:
+        """Its optimizer is gone (`MonitorCore.release`): it takes no more steps."""
+        self.closed = True
+
+    def variable_keys(self) -> set[int]:
+        """The keys (``id()``) of its variables."""
+        return set(self._ids_by_key)
 
     def diagnoses(self) -> dict[int, pb.Diagnosis]:
         """The latest diagnosis per variable id (sender thread)."""

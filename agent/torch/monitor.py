@@ -27,6 +27,7 @@ import functools
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,6 +74,8 @@ class GradientMonitor(MonitorCore):
         self._explained: set[int] = set()  # parameters diagnosed (ids)
         self._stale: set[int] = set()  # parameters said to be stepped on old gradients
         self._stale_suspects: tuple[_Watched, list[int]] | None = None  # see `step_ended`
+        #: Watched optimizers garbage-collected since the training thread last looked.
+        self._gone: list[_Watched] = []
         self._unexplained: set[int] = set()  # seen without gradient, no verdict yet (ids)
         self._retries = Retries()
         self._logged: set[str] = set()
@@ -91,6 +94,7 @@ class GradientMonitor(MonitorCore):
         updating = _updating_optimizer(optimizer)
         if not self.enabled or id(updating) in self._watched:
             return optimizer
+        self._forget_gone()
         replaced = self._replaced_by(updating)
         try:
             watched = _Watched(self, updating, model, replaced)
@@ -98,18 +102,38 @@ class GradientMonitor(MonitorCore):
             log.exception("gradwatch: cannot watch %s", type(optimizer).__name__)
             return optimizer
         if replaced is not None:
-            del self._watched[id(replaced.optimizer)]
+            del self._watched[replaced.optimizer_id]
             replaced.retire()
             log.info("gradwatch: a new %s over the same parameters replaces the one wrapped "
                      "before (an optimizer made each epoch): reported as %s, its step count "
                      "going on", type(updating).__name__, watched.name)
         self._watched[id(updating)] = watched
+        weakref.finalize(updating, self._gone.append, watched).atexit = False
         if self._recorder is not None:  # the first step is explained at its end
             self._recorder.start()
         ddp_model = ddp_of(model)
         if ddp_model is not None:
             self._hook_into(ddp_model)
         return optimizer
+
+    def _forget_gone(self) -> None:
+        """Stops watching the optimizers garbage-collected since (training thread: a
+        finalizer, run wherever the garbage collector runs, only queues them): their
+        sessions end at the collector, their parameters and models may go, their names
+        are free. A sweep training model after model in one process keeps none."""
+        while self._gone:
+            watched = self._gone.pop()
+            if self._watched.get(watched.optimizer_id) is not watched:
+                continue  # replaced before (its successor goes on)
+            del self._watched[watched.optimizer_id]
+            ids = watched.param_ids | {id(p) for p in watched.params}
+            self._explained -= ids
+            self._unexplained -= ids
+            self._stale -= ids
+            if self._stale_suspects is not None and self._stale_suspects[0] is watched:
+                self._stale_suspects = None
+            self.release(watched.key, watched.optimizer_id)
+            watched.forget()
 
     def _replaced_by(self, optimizer: torch.optim.Optimizer) -> _Watched | None:
         """The wrapped optimizer that ``optimizer`` replaces: one of its class over the
@@ -176,6 +200,9 @@ class GradientMonitor(MonitorCore):
         patches.uninstall(self)
         for watched in self._watched.values():
             watched.remove_hooks()
+            watched.forget()
+        # (the sessions still deliver what they hold; then the core forgets them too)
+        self._watched, self._gone, self._stale_suspects = {}, [], None
 
     def identify_by_process_group(self) -> None:
         """Before the first session (under `session_lock`): in an initialized process
@@ -199,6 +226,7 @@ class GradientMonitor(MonitorCore):
     def step_ended(self, watched: _Watched) -> None:
         """After a step: explain new missing gradients with the step's recording if there
         is one, else record the next step (training thread)."""
+        self._forget_gone()
         session = watched.session()
         if self._recorder is None or session is None:
             return
@@ -359,17 +387,19 @@ class _Watched:
         """``replaced``: the watched optimizer this one replaces (`GradientMonitor.wrap`):
         its name, and its sessions' key and step count, go on here."""
         self.monitor = monitor
-        self.optimizer = optimizer
+        # Both held weakly: a model and optimizer the user drops must go (`_forget_gone`).
+        self._optimizer = weakref.ref(optimizer)
+        self.optimizer_id = id(optimizer)
         #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called); it names
         #: the parameters.
-        self.model = model
+        self._model = None if model is None else weakref.ref(model)
         #: The key of its sessions (`MonitorCore.adopt`), and the number of its first step.
-        self._key, self._first_step = id(self), 0
+        self.key, self._first_step = id(self), 0
         if replaced is None:
             self.name = monitor.optimizer_name(optimizer)
         else:
-            self.name = monitor.pass_name(id(replaced.optimizer), id(optimizer))
-            self._key = replaced._key
+            self.name = monitor.pass_name(replaced.optimizer_id, id(optimizer))
+            self.key = replaced.key
             if replaced._session is not None:
                 self._first_step = replaced._session.steps
         #: The optimizer's parameters; from the first step, the watched ones (see `_create`).
@@ -408,6 +438,14 @@ class _Watched:
             optimizer.register_step_pre_hook(torch.compiler.disable(self._pre_step)),
             optimizer.register_step_post_hook(lambda *_: self.after_step())]
         self._patch_zero_grad(optimizer)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer()
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return None if self._model is None else self._model()
 
     def _names(self, params: list[torch.Tensor]) -> list[str]:
         """``params``' names in the model, else those the optimizer was given (torch ≥ 2.6
@@ -480,7 +518,7 @@ class _Watched:
             log.exception("gradwatch: cannot watch %s", self.name)
             return None
         with monitor.session_lock:
-            monitor.adopt(self._key, session)
+            monitor.adopt(self.key, session)
         return session
 
     def _layout(self) -> tuple[int, int]:
@@ -535,7 +573,14 @@ class _Watched:
         pickles and copies without it (its ``__getstate__``); a model's is seen through
         ``torch.nn.Module.zero_grad`` instead (`patches`), so that the model still pickles
         (``torch.save(model)``) and a deep copy zeroes its own gradients."""
-        original = optimizer.zero_grad
+        original = vars(optimizer).get("zero_grad")  # patched before, else the class's
+        if original is None:  # called through a weak reference: the optimizer can go
+            method, owner = type(optimizer).zero_grad, weakref.ref(optimizer)
+
+            def original(*args: Any, **kwargs: Any) -> Any:
+                return method(owner(), *args, **kwargs)
+
+            functools.update_wrapper(original, method)
 
         @functools.wraps(original)
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
@@ -552,6 +597,12 @@ class _Watched:
     def remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
+
+    def forget(self) -> None:
+        """Lets its parameters go (its optimizer is gone; it is in reference cycles, which
+        only the garbage collector's rarer full passes would free)."""
+        self.params, self._frozen, self._parts, self._session = [], [], [], None
+        self._failed = True
 
     def retire(self) -> None:
         """Stops watching: another optimizer replaced this one (its steps, if it takes any

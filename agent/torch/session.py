@@ -194,6 +194,11 @@ class TorchSession(Session):
             seen = dict(zip((id(p) for p in previous.params), previous._seen, strict=True))
             self._seen = [seen.get(id(p)) for p in self.params]
 
+    def close(self) -> None:
+        """Its optimizer is gone: the parameters go too (the ring keeps what it recorded)."""
+        super().close()
+        self.params, self._record = [], None
+
     def gradients_zeroed(self, between_steps: bool = True) -> None:
         """After ``zero_grad``: remembers the gradients zeroed in place, if any. Between
         steps (not in a step's closure), a step measured and not taken (skipped after

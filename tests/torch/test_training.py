@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -1017,6 +1018,40 @@ def test_a_part_of_the_model_skipped_for_a_step_is_not_said_to_have_had_no_backw
     assert not [w for w in gradwatch_warnings(caplog) if "previous step" in w]
     assert list(metrics(collector, "gradwatch_gradient_missing_steps_total", job_name,
                         optimizer="SGD").values()) == [1.0, 1.0]
+
+
+def test_models_trained_one_after_another_go_and_their_sessions_end(collector, job_name):
+    """A hyperparameter sweep, a k-fold loop or a notebook cell run again trains a fresh
+    model and optimizer each time under one monitor. The monitor kept every model, its
+    parameters and its optimizer (Adam's moments too) alive until it closed: out of
+    memory after a few trials on a GPU. Each trial also opened a session under a new name
+    (Adam, Adam_2, ...: a new series each) that stayed open. Now a dropped optimizer goes
+    with its model at once (no garbage collector pass needed), its session ends at the
+    collector once delivered, and the next trial reports under its name."""
+    trials = [lambda p: torch.optim.Adam(p, 1e-2), lambda p: torch.optim.Adam(p, 1e-3),
+              lambda p: torch.optim.SGD(p, 1e-2)]
+    gone = []
+    with monitor_for(collector, job_name) as monitor:
+        for steps, make in enumerate(trials, start=2):
+            model = Net()
+            optimizer = monitor.wrap(make(model.parameters()), model)
+            assert [[ref() is None for ref in refs] for refs in gone] == [
+                [True] * 3] * len(gone)  # model, a parameter, optimizer of each trial before
+            train(model, optimizer, steps)
+            gone.append((weakref.ref(model), weakref.ref(model.hidden.weight),
+                         weakref.ref(optimizer)))
+            del model, optimizer
+        deadline = time.monotonic() + 20
+        while (reporting := {k.split(",")[0] for k in metrics(
+                collector, "gradwatch_last_report_timestamp_seconds", job_name)}) != {
+                "optimizer=SGD"}:  # Adam's last session said goodbye while SGD trains on
+            assert time.monotonic() < deadline, reporting
+            time.sleep(0.05)
+    assert monitor.close() is True
+    assert metrics(collector, "gradwatch_steps_total", job_name) == {
+        f"optimizer=Adam,task_index=0,task_type=worker,training_job={job_name}": 3.0,
+        f"optimizer=SGD,task_index=0,task_type=worker,training_job={job_name}": 4.0}
+    assert all(ref() is None for refs in gone for ref in refs)
 
 
 def test_two_optimizers_are_two_sessions(collector, job_name):
