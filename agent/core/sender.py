@@ -88,9 +88,14 @@ class Sender:
                 self.buffer.drain()
             steps = sum(b.buffered_steps() for b in self.buffer.sessions)
             dropped = sum(b.dropped for b in self.buffer.sessions)
-            reason = self._last_error or f"no acknowledgement within {timeout_s:g} s"
+            refused = next((f"the collector did not take {b.name}: {b.not_registered_because}"
+                            for b in self.buffer.sessions if b.not_registered_because), "")
+            reason = (self._last_error or refused
+                      or f"no acknowledgement within {timeout_s:g} s")
             log.warning("gradwatch: closed with %d steps not delivered (%d dropped before): %s",
                         steps, dropped, reason)
+        if not self._thread.is_alive():  # (else it may still read them)
+            self.buffer.release()
         return self._drained.is_set()
 
     def _call_soon(self, callback: Callable[[], object]) -> None:

@@ -65,6 +65,17 @@ class _Ended(Exception):
         self.outcome = outcome
 
 
+def _hint(error: grpc.aio.AioRpcError) -> str:
+    """What the agent's user can do about ``error``, where the collector's words are about
+    the wire (its metadata, a TLS record)."""
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return " (the agent's token: GRADWATCH_TOKEN or GRADWATCH_TOKEN_FILE)"
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "handshake" in error.details().lower():
+        return (" (TLS: does the collector serve TLS, --grpc-tls-cert-file, and does "
+                "GRADWATCH_TLS_CA_FILE hold its CA? Without TLS there, unset GRADWATCH_TLS)")
+    return ""
+
+
 class Connection:
     """One connection's protocol.
 
@@ -106,7 +117,7 @@ class Connection:
         except _Ended as ended:
             return ended.outcome
         except grpc.aio.AioRpcError as error:
-            self.error = f"{error.code().name} {error.details()}"
+            self.error = f"{error.code().name} {error.details()}{_hint(error)}"
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 for buffer in self.buffer.sessions:
                     buffer.forget(self.endpoint.address)
@@ -152,6 +163,10 @@ class Connection:
             if buffer.session_id:
                 await self._replay(call, buffer, acks)
         while True:
+            for buffer in self.buffer.sessions:
+                if buffer.says_goodbye():  # its optimizer is gone
+                    buffer.final_sent = True
+                    await self._send(call, buffer, acks, final=True)
             self.buffer.remove_finished()
             for buffer in await self._register_new(stub):  # taken only now: what waited
                 await self._replay(call, buffer, acks)

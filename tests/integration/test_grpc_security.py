@@ -70,6 +70,16 @@ def test_tls_agents_need_the_ca_and_plaintext_is_refused(certificates, job_name)
         assert steps_of(collector, job_name + "-p") == 0
 
 
+def test_a_tls_agent_told_the_collector_serves_no_tls(certificates, job_name, caplog):
+    """An agent with TLS on and a collector without: gRPC's words were about a handshake
+    and an SSL record (WRONG_VERSION_NUMBER); the line now says what to check."""
+    with CollectorProcess() as collector:
+        agent = GradientMonitor(collector=collector.grpc_target, training_job=job_name,
+                                tls_ca_file=str(certificates.ca))
+        assert not train(agent)
+    assert "does the collector serve TLS, --grpc-tls-cert-file" in caplog.text
+
+
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(certificates, job_name):
     with CollectorProcess("--grpc-tls-cert-file", str(certificates.server_cert),
                           "--grpc-tls-key-file", str(certificates.server_key),
@@ -176,6 +186,12 @@ def test_agent_with_a_token_file_reports_and_tokens_never_reach_a_log(
     assert steps_of(token_collector, "vision-ok") == 3
     assert steps_of(token_collector, "nlp-stolen") == 0
     assert "PERMISSION_DENIED" in caplog.text, "the agent says why"
+    caplog.clear()
+    none = GradientMonitor(collector=token_collector.grpc_target, training_job="vision-none",
+                           tls_ca_file=str(certificates.ca))
+    assert not train(none)
+    assert "UNAUTHENTICATED missing token" in caplog.text
+    assert "(the agent's token: GRADWATCH_TOKEN or GRADWATCH_TOKEN_FILE)" in caplog.text
     for secret in (VISION, NLP):
         assert secret not in caplog.text
         assert secret not in token_collector.log()

@@ -1054,6 +1054,47 @@ def test_models_trained_one_after_another_go_and_their_sessions_end(collector, j
     assert all(ref() is None for refs in gone for ref in refs)
 
 
+def test_a_second_process_for_one_task_says_why_nothing_was_delivered(collector, job_name,
+                                                                      caplog):
+    """Two processes started as the same task (a launcher run twice): the collector
+    refuses the second one's session (ALREADY_EXISTS), which says so when it starts; its
+    closing line then blamed a collector that sent no acknowledgement within 5 s."""
+    first = subprocess.Popen([sys.executable, "-c", f"""
+import time, torch
+from gradwatch.agent.torch import GradientMonitor
+model = torch.nn.Linear(4, 1)
+with GradientMonitor(collector={collector.grpc_target!r}, training_job={job_name!r},
+                     flush_interval_s=0.05) as monitor:
+    optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.1), model)
+    for _ in range(600):
+        optimizer.zero_grad(); model(torch.ones(2, 4)).sum().backward(); optimizer.step()
+        print("stepped", flush=True)
+        time.sleep(0.05)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "stepped\n"
+        deadline = time.monotonic() + 30
+        while not metrics(collector, "gradwatch_steps_total", job_name):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        model = torch.nn.Linear(4, 1)
+        caplog.set_level(logging.WARNING, logger="gradwatch")
+        monitor = monitor_for(collector, job_name)
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.1), model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            optimizer.step()
+        time.sleep(0.5)
+        assert monitor.close(timeout_s=1.0) is False
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    (closing,) = [w for w in gradwatch_warnings(caplog) if "closed with" in w]
+    assert "the collector did not take SGD: " in closing and "already reporting" in closing, \
+        closing
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
