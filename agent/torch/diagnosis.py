@@ -227,6 +227,9 @@ class Recorder:
         self._eager = False  # holds `_EAGER`
         self._paused = False  # off the mode stack while a backward pass runs
         self.abandoned = False  # a step was too large to record: no more tries
+        #: Called with the recording when a backward pass raises because its loss has no
+        #: graph ("does not require grad"): no step follows to explain it at.
+        self.on_no_graph: Callable[[StepRecording], None] | None = None
 
     @property
     def recording(self) -> bool:
@@ -288,6 +291,10 @@ class Recorder:
         self._paused = True
         try:
             yield
+        except RuntimeError as error:
+            if "does not require grad" in str(error) and self.on_no_graph is not None:
+                self.on_no_graph(recording)
+            raise
         finally:
             self._paused = False
             if self._recording is recording:  # not ended meanwhile (a step inside backward)

@@ -71,6 +71,8 @@ class GradientMonitor(MonitorCore):
         super().__init__(collector=collector, training_job=training_job, **settings)
         self._watched: dict[int, _Watched] = {}
         self._recorder = Recorder() if self.enabled and self.settings.diagnose else None
+        if self._recorder is not None:
+            self._recorder.on_no_graph = self._explain_no_graph
         self._explained: set[int] = set()  # parameters diagnosed (ids)
         self._stale: set[int] = set()  # parameters said to be stepped on old gradients
         self._stale_suspects: tuple[_Watched, list[int]] | None = None  # see `step_ended`
@@ -303,6 +305,27 @@ class GradientMonitor(MonitorCore):
                 explained += 1
                 self._give(param, verdict)
         return explained
+
+    def _explain_no_graph(self, recording: StepRecording) -> None:
+        """``backward()`` raised, its loss having no graph at all (a loss through
+        ``argmax`` alone): no parameter of the recorded computation gets a gradient, and no
+        step follows to explain it at, so it is said now, before PyTorch's error
+        propagates (training thread). Never raises."""
+        try:
+            everything = list(self._watched.values())
+            updated = set().union(*(w.param_ids for w in everything))
+            for watched in everything:
+                if not watched.param_ids & recording.parameters.keys():
+                    continue  # its model took no part
+                for param, name in zip(watched.params, watched.names, strict=True):
+                    if id(param) in self._explained or not param.requires_grad:
+                        continue
+                    verdict = diagnose(recording, param, name, updated)
+                    if verdict.cause is not Cause.UNKNOWN:
+                        self._explained.add(id(param))
+                        self._give(param, verdict)
+        except Exception:  # gradwatch must never change how training fails
+            log.debug("gradwatch: explaining a loss without graph failed", exc_info=True)
 
     def _give(self, param: torch.Tensor, verdict: Diagnosis) -> None:
         """Attaches ``verdict`` to ``param``'s session; logs each explanation once."""

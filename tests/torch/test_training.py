@@ -1095,6 +1095,25 @@ with GradientMonitor(collector={collector.grpc_target!r}, training_job={job_name
         closing
 
 
+def test_a_loss_without_graph_is_explained_before_pytorchs_error(collector, job_name,
+                                                                 caplog):
+    """A loss computed through ``argmax`` alone has no graph: ``backward()`` raises
+    PyTorch's "element 0 of tensors does not require grad", no step follows, and gradwatch
+    said nothing, though it had recorded the cause. It says it now, and PyTorch's error
+    goes on unchanged."""
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        line = sys._getframe().f_lineno + 1
+        loss = (model(X).argmax(-1).float() - Y[:, 0]).square().mean()
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            loss.backward()
+    (said,) = gradwatch_warnings(caplog)
+    assert "gets no gradient: The path to the loss crosses argmax()" in said
+    assert f"{__file__}:{line}" in said
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
