@@ -4,6 +4,7 @@ each variable's gradient."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from gradwatch.collector.rules.base import (
     Params,
     Rule,
     SinceEvaluation,
+    above,
     alert,
     flagged,
     listing,
@@ -32,36 +34,58 @@ def _causes(group: Group, columns: np.ndarray) -> str:
                       for explanation, variables in list(by_explanation.items())[:10])
 
 
+@dataclass(frozen=True)
+class MissingParams(Params):
+    #: Consecutive steps a variable must miss its gradient (on some replica) to be flagged:
+    #: more than 1 for models that skip parts on purpose (LayerDrop, stochastic depth,
+    #: experts routed away). A step without any gradient is flagged at once.
+    steps: int = above(1, 0)
+
+
 class MissingSince(SinceEvaluation):
     """`SinceEvaluation`, and whether some step of some replica had no gradient at all."""
 
     def __init__(self, num_variables: int) -> None:
         super().__init__(num_variables)
         self.none_at_all = False
+        #: Consecutive steps each variable missed its gradient (kept where steps > 1).
+        self.streak = np.zeros(num_variables, np.int64)
 
-    def raise_missing(self, absent: np.ndarray) -> None:
-        """``absent``: [steps, replicas, variables]."""
-        none_at_all = bool(absent.all(axis=2).any())
+    def raise_missing(self, absent: np.ndarray, steps: int = 1) -> None:
+        """``absent``: [steps, replicas, variables]; flags the variables that missed their
+        gradient for ``steps`` steps in a row by the end of any of these steps."""
+        blank = absent.all(axis=2).any(axis=1)  # [steps]: no gradient at all on a replica
+        none_at_all = bool(blank.any())
         self.none_at_all = none_at_all if self._looked else self.none_at_all or none_at_all
-        self.raise_flags(absent.any(axis=(0, 1)))
+        if steps == 1:
+            self.raise_flags(absent.any(axis=(0, 1)))
+            return
+        streak, reached = self.streak, np.zeros_like(self.flags)
+        for missing, empty in zip(absent.any(axis=1), blank, strict=True):  # vectorized over
+            streak = np.where(missing, streak + 1, 0)                    # variables
+            reached |= (streak >= steps) | (missing & empty)
+        self.streak = streak
+        self.raise_flags(reached)
 
 
 class GradientMissing(Rule[MissingSince]):
     """A trainable variable got no gradient in a batch since the last evaluation, on some
-    task or replica. Critical when a step of a task (on some replica) had no gradient for
-    any variable; variables missing at different steps (heads trained in turn) are not."""
+    task or replica (for ``steps`` steps in a row). Critical when a step of a task (on
+    some replica) had no gradient for any variable; variables missing at different steps
+    (heads trained in turn) are not."""
 
     name = "GradientMissing"
+    Params = MissingParams
 
     def new_state(self, session: SessionState) -> MissingSince:
         return MissingSince(session.num_variables)
 
     def observe(self, state: MissingSince, session: SessionState, batch: StepBatch,
-                params: Params) -> None:
-        state.raise_missing(~batch.present)
+                params: MissingParams) -> None:
+        state.raise_missing(~batch.present, params.steps)
 
-    def evaluate(self, group: Group, states: Mapping[str, MissingSince], params: Params,
-                 now: float) -> list[Alert]:
+    def evaluate(self, group: Group, states: Mapping[str, MissingSince],
+                 params: MissingParams, now: float) -> list[Alert]:
         seen = {sid: state.look() for sid, state in states.items()}
         missing, tasks = flagged(group, lambda s: seen.get(s.id))
         if not tasks:

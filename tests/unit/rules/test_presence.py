@@ -116,3 +116,24 @@ def test_undiagnosed_missing_gradient_says_so():
     h.feed(h.register(), [1, 0, 1])
     (alert,) = h.active("GradientMissing")
     assert alert.annotations["causes"].startswith("not diagnosed")
+
+
+def test_a_model_that_skips_parts_on_purpose_pages_past_steps_in_a_row():
+    """LayerDrop, stochastic depth, experts routed away: a part skipped at random misses
+    its gradient at some steps by design, and paged at each (warning, for as long as the
+    job ran). With ``steps: 3`` a variable pages once it missed 3 steps in a row, on any
+    replica, across batches; a step without any gradient still pages at once."""
+    h = Harness(GradientMissing={"steps": 3})
+    s = h.register(replicas=2)
+    h.feed(s, [[1, 0, 1]] * 2, [[1, 1, 1], [1, 0, 1]], [[1, 1, 1]] * 2, [[1, 0, 1]] * 2)
+    assert h.active("GradientMissing") == []
+    assert s.missing_steps_total.tolist() == [0, 5, 0]  # counted all the same (per replica)
+    h.feed(s, [[1, 0, 1]] * 2, [[1, 0, 1]] * 2)
+    h.clock.now += 1
+    h.engine.tick(h.registry.groups.values())
+    (alert,) = h.active("GradientMissing")
+    assert alert.annotations["variables"] == "b" and alert.labels["severity"] == "warning"
+    h = Harness(GradientMissing={"steps": 3})
+    h.feed(h.register(), [0, 0, 0])
+    (alert,) = h.active("GradientMissing")
+    assert alert.labels["severity"] == "critical"
