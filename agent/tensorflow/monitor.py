@@ -330,8 +330,10 @@ class GradientMonitor(MonitorCore):
 
     def _on_rejected(self, optimizer: Any, grads: list, variables: list, error: Exception) -> None:
         """The optimizer raised (Keras: "No gradients provided for any variable").
-        Inside a trace our in-graph record never runs, so report from the host."""
-        if not tf.inside_function():
+        Inside a trace our in-graph record never runs, so report from the host. Not for
+        other refusals, with every gradient there ("Unknown variable": an optimizer built
+        for other variables): no step ran, and none was missing a gradient."""
+        if not tf.inside_function() or all(g is not None for g in grads):
             return
         session = self._sessions.get(self._session_key(id(optimizer), variables))
         if session is not None:

@@ -206,6 +206,27 @@ def test_model_fit_that_keras_rejects_still_reports(collector, webhook, job_name
         "the loss crosses Floor op")
 
 
+def test_an_update_keras_refuses_with_every_gradient_there_is_no_step(collector, job_name):
+    """keras.io's fine-tuning guide, recompiled with the same Keras 3 optimizer after the
+    base was unfrozen: Keras refuses ("Unknown variable"), no update runs, yet a step with
+    every gradient "present" at norm 0 was reported."""
+    base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="b1")], name="base")
+    base.trainable = False
+    model = keras.Sequential([keras.Input((4,)), base, keras.layers.Dense(1, name="head")])
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.Adam(name="adam"))
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(X, Y, batch_size=8, verbose=0)
+        steps = int(optimizer.iterations)
+        base.trainable = True
+        model.compile(optimizer=optimizer, loss="mse")
+        with pytest.raises(ValueError, match="Unknown variable"):
+            model.fit(X, Y, batch_size=8, verbose=0)
+    assert monitor.close()
+    reported = steps_by_optimizer(scrape(collector, job_name))
+    assert reported["adam"] == steps and reported.get("adam_2", 0.0) == 0.0, reported
+
+
 def test_nan_in_one_gradient_is_counted(collector, webhook, job_name):
     model = small_model()
     variables = model.trainable_variables
