@@ -130,14 +130,10 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _collector_variables() -> frozenset[str]:
-    """The collector's ``GRADWATCH_*`` variables; none where it is not installed (its
-    dependencies, YAML, are not the agent's)."""
-    try:
-        from gradwatch.collector.config import environment_variables
-    except ImportError:
-        return frozenset()
-    return environment_variables()
+#: The collector's variables close to an agent's: an environment may hold both, and these
+#: are no typos (the agent does not import the collector; a test keeps this complete).
+COLLECTOR_LOOKALIKES = frozenset({"GRADWATCH_GRPC_TLS_CERT_FILE", "GRADWATCH_GRPC_TLS_KEY_FILE",
+                                  "GRADWATCH_TOKENS_FILE"})
 
 
 def setting(default: Any, env: str, parse: Callable[[Any], Any], *,
@@ -237,7 +233,7 @@ class AgentSettings:
         for name in environ:
             if name.startswith("GRADWATCH_") and name not in known:
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
-                if close and name not in _collector_variables():
+                if close and name not in COLLECTOR_LOOKALIKES:
                     found[name] = close[0]
         return found
 

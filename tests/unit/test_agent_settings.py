@@ -110,6 +110,16 @@ def test_a_misspelt_variable_is_named_with_the_setting_meant():
         "GRADWATCH_COLECTOR": "GRADWATCH_COLLECTOR", "GRADWATCH_DISABLE": "GRADWATCH_DISABLED"}
 
 
+def test_no_collector_variable_is_taken_for_a_typo_of_an_agents():
+    """Both may share an environment (a compose file, a shell): ``GRADWATCH_TOKENS_FILE``
+    was "did you mean GRADWATCH_TOKEN_FILE?", which points the agent at the collector's
+    token list. The agent does not import the collector: this keeps its list complete."""
+    from gradwatch.agent.core.settings import AgentSettings
+    from gradwatch.collector.config import environment_variables
+
+    assert AgentSettings.misspelt_variables({v: "x" for v in environment_variables()}) == {}
+
+
 def test_a_misspelt_variable_is_one_warning_when_the_monitor_starts(monkeypatch, caplog):
     import logging
 
