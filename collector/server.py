@@ -237,11 +237,7 @@ def _host_port(host: str, port: int) -> str:
 async def serve(config: CollectorConfig) -> None:
     """Runs until SIGINT or SIGTERM, then drains streams and flushes sinks."""
     collector = Collector(config)
-    try:
-        await collector.start()
-    except BaseException:  # e.g. a port in use: release what did start, then report
-        await collector.stop(grace_s=0)
-        raise
+    # Handlers first: the ready file, written by start(), says signals are handled.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -251,6 +247,11 @@ async def serve(config: CollectorConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
         "SIGHUP ignored: the collector does not reload its configuration; restart it (SIGTERM "
         "drains the streams first) to apply changes"))
+    try:
+        await collector.start()
+    except BaseException:  # e.g. a port in use: release what did start, then report
+        await collector.stop(grace_s=0)
+        raise
     await stop.wait()
     log.info("shutting down")
     await collector.stop(config.shutdown_grace_seconds)
