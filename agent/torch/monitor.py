@@ -94,9 +94,11 @@ class GradientMonitor(MonitorCore):
         backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``
         before wrapping)."""
         updating = _updating_optimizer(optimizer)
-        if not self.enabled or id(updating) in self._watched:
+        if not self.enabled:
             return optimizer
-        self._forget_gone()
+        self._forget_gone()  # (first: a new optimizer may have a dropped one's id)
+        if self.watched(updating) is not None:
+            return optimizer
         replaced = self._replaced_by(updating)
         try:
             watched = _Watched(self, updating, model, replaced)
@@ -125,16 +127,18 @@ class GradientMonitor(MonitorCore):
         are free. A sweep training model after model in one process keeps none."""
         while self._gone:
             watched = self._gone.pop()
-            if self._watched.get(watched.optimizer_id) is not watched:
+            if watched.retired:
                 continue  # replaced before (its successor goes on)
-            del self._watched[watched.optimizer_id]
+            named = self._watched.get(watched.optimizer_id) is watched
+            if named:  # (else a newer optimizer took its id, and with it its name)
+                del self._watched[watched.optimizer_id]
             ids = watched.param_ids | {id(p) for p in watched.params}
             self._explained -= ids
             self._unexplained -= ids
             self._stale -= ids
             if self._stale_suspects is not None and self._stale_suspects[0] is watched:
                 self._stale_suspects = None
-            self.release(watched.key, watched.optimizer_id)
+            self.release(watched.key, watched.optimizer_id if named else None)
             watched.forget()
 
     def _replaced_by(self, optimizer: torch.optim.Optimizer) -> _Watched | None:
@@ -335,7 +339,9 @@ class GradientMonitor(MonitorCore):
             log.warning("gradwatch: %s", verdict.message())
 
     def watched(self, optimizer: Any) -> _Watched | None:
-        return self._watched.get(id(optimizer))
+        """``optimizer``'s, if it is wrapped (not a dropped one's whose id it took)."""
+        watched = self._watched.get(id(optimizer))
+        return watched if watched is not None and watched.optimizer is optimizer else None
 
     def zeroed_with(self, model: torch.nn.Module) -> list[_Watched]:
         """The wrapped optimizers whose gradients ``model.zero_grad()`` zeroes: those wrapped
@@ -437,6 +443,7 @@ class _Watched:
         self.device = local_tensor(self.params[0]).device
         self.strategy = strategy_of(model)
         self._session: TorchSession | None = None
+        self.retired = False  # replaced by a successor (`retire`)
         #: The optimizer's parameters not watched because frozen, until one trains.
         self._frozen: list[torch.Tensor] = []
         self._lock = threading.Lock()
@@ -631,7 +638,7 @@ class _Watched:
         """Stops watching: another optimizer replaced this one (its steps, if it takes any
         more, are not reported)."""
         self.remove_hooks()
-        self._failed = True
+        self._failed = self.retired = True
 
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple | None:
         """Before ``optimizer.step``: measures now, or, when the step is given a closure
