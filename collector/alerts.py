@@ -4,7 +4,8 @@ Rules produce the set of alerts active *now* for a scope (a job x optimizer);
 `AlertTracker` diffs it against the previous set and emits a `Notification`
 for each alert that started or resolved, and for one whose annotations changed
 (at most once per ``update_interval_s``: a cause whose text moves must not page
-again and again). Labels
+again and again; but at once when its first cause arrives, `UNDIAGNOSED` before).
+Labels
 identify an alert and never name the collector, so several collectors (and
 Prometheus) deduplicate in Alertmanager.
 """
@@ -77,6 +78,16 @@ class _Active:
     absent_since: float | None = None  # condition gone, resolution pending
 
 
+#: How a ``causes`` annotation starts while no cause is known: the first one replacing it
+#: is sent at once (it is what the page was missing), not ``update_interval_s`` later.
+UNDIAGNOSED = "not diagnosed"
+
+
+def _first_cause(before: Alert, after: Alert) -> bool:
+    return (before.annotations.get("causes", "").startswith(UNDIAGNOSED)
+            and not after.annotations.get("causes", UNDIAGNOSED).startswith(UNDIAGNOSED))
+
+
 class AlertTracker:
     """Tracks active alerts per scope; calls ``notify`` on every change (event loop only).
 
@@ -111,7 +122,7 @@ class AlertTracker:
                 changed = before.changed or alert.annotations != before.alert.annotations
                 current[alert.key] = entry = _Active(alert, before.starts_at,
                                                      before.notified_at, changed)
-                self._send_update(entry, now)
+                self._send_update(entry, now, at_once=_first_cause(before.alert, alert))
         for key, gone in previous.items():
             if key not in current:
                 if gone.absent_since is None:
@@ -139,8 +150,8 @@ class AlertTracker:
             if not active:
                 del self._active[scope]
 
-    def _send_update(self, entry: _Active, now: float) -> None:
-        if entry.changed and now - entry.notified_at >= self.update_interval_s:
+    def _send_update(self, entry: _Active, now: float, at_once: bool = False) -> None:
+        if entry.changed and (at_once or now - entry.notified_at >= self.update_interval_s):
             entry.changed, entry.notified_at = False, now
             self._notify(Notification(entry.alert, entry.starts_at))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.collector.alerts import Alert
+from gradwatch.collector.alerts import UNDIAGNOSED, Alert
 from gradwatch.collector.rules.base import (
     Params,
     Rule,
@@ -98,8 +98,9 @@ class GradientMissing(Rule[MissingSince]):
             f"{len(variables)} of {len(group.names)} variables of {group.training_job} "
             f"({group.optimizer}) get no gradient",
             "These variables are not being trained." + (f" Why: {causes}" if causes else ""),
-            variables, tasks, causes=causes or "not diagnosed (gradwatch diagnoses "
-            "GradientTape-based training; see docs/diagnosis.md)")]
+            variables, tasks, causes=causes or f"{UNDIAGNOSED} (yet: the agent explains a "
+            "missing gradient where it can tell, within a step or two; or its diagnosis is "
+            "off; docs/diagnosis.md)")]
 
 
 class GradientNonFinite(Rule[SinceEvaluation]):

@@ -53,6 +53,26 @@ def test_changed_annotations_are_sent_at_most_once_per_interval():
     assert len(sent) == 2
 
 
+def test_the_first_cause_is_sent_at_once():
+    """An eager step is diagnosed a step later: the page went out saying "not diagnosed",
+    and the cause reached Alertmanager only at the next resend, 30 s on. The first cause
+    goes at once; later moves of its text wait for the interval."""
+    from gradwatch.collector.alerts import UNDIAGNOSED, Alert, AlertTracker
+
+    sent = []
+    tracker = AlertTracker(sent.append, update_interval_s=30.0)
+    labels = {"alertname": "GradientMissing", "training_job": "j"}
+
+    def evaluate(now, causes):
+        tracker.update(("j", "adam"), [Alert(labels, {"causes": causes})], now)
+
+    evaluate(100.0, f"{UNDIAGNOSED} (yet)")
+    evaluate(100.1, "w: Floor at train.py:10")
+    evaluate(100.2, "w: Floor at train.py:11")
+    assert [(n.alert.annotations["causes"], n.starts_at) for n in sent] == [
+        (f"{UNDIAGNOSED} (yet)", 100.0), ("w: Floor at train.py:10", 100.0)]
+
+
 def test_hysteresis_turns_flapping_into_one_alert():
     h = Harness(resolve_after_s=5.0)
     s = h.register()
