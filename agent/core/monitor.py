@@ -15,7 +15,8 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from collections.abc import Hashable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 from gradwatch.agent.core import forking
@@ -58,9 +59,9 @@ class MonitorCore:
         self._names: dict[Hashable, str] = {}
         #: Sessions ended by `release`, by name: the next session of the name follows each.
         self._released: dict[str, Session] = {}
-        #: Diagnoses seen so far, by the variable's id() (the variable is kept, so its id is
-        #: not reused): sessions created later get them too.
-        self._diagnoses: dict[int, tuple[Any, str, Diagnosis]] = {}
+        #: Diagnoses seen so far, by the variable's id(), with a weak reference to it (a model
+        #: dropped must go; a dead one's id may be reused): sessions created later get them.
+        self._diagnoses: dict[int, tuple[Callable[[], Any], str, Diagnosis]] = {}
         try:
             self.settings = AgentSettings.resolve(**arguments)
         except SettingsError as error:
@@ -205,22 +206,25 @@ class MonitorCore:
         session.predecessor = (self._sessions.get(key)
                                or self._released.pop(session.optimizer, None))
         self._sessions[key] = session
-        for key, (_, name, diagnosis) in self._diagnoses.items():
-            session.add_diagnosis(key, name, diagnosis)
+        for key, (variable, name, diagnosis) in self._diagnoses.items():
+            if variable() is not None:
+                session.add_diagnosis(key, name, diagnosis)
         self._sender.add_session(session)
         log.info("gradwatch: watching %d variables of %s x %d replicas (%s, %s:%d) -> %s",
                  session.num_variables, session.optimizer, session.num_replicas,
                  self.identity.training_job, self.identity.task_type,
                  self.identity.task_index, self.collector)
 
-    def release(self, key: Hashable, name_key: Hashable) -> None:
-        """``key``'s optimizer (named by ``name_key``) is gone: its session ends once what
-        it recorded is delivered, telling the collector so; its name is free for the next
-        optimizer, and what was kept of its variables goes (any thread; a sweep of models
-        trained one after another in one process frees each in turn)."""
+    def release(self, key: Hashable, name_key: Hashable | None) -> None:
+        """``key``'s optimizer (named by ``name_key``, if that is still its) is gone: its
+        session ends once what it recorded is delivered, telling the collector so; its
+        name is free for the next optimizer, and what was kept of its variables goes (any
+        thread; a sweep of models trained one after another in one process frees each in
+        turn)."""
         with self._lock:
             session = self._sessions.pop(key, None)
-            self._names.pop(name_key, None)
+            if name_key is not None:
+                self._names.pop(name_key, None)
             if session is None:
                 return
             kept = set().union(*(s.variable_keys() for s in self._sessions.values()))
@@ -238,7 +242,16 @@ class MonitorCore:
         """``variable`` (called ``name``) gets no gradient, and this is why (any thread,
         often while tracing)."""
         with self._lock:
-            self._diagnoses[id(variable)] = (variable, name, diagnosis)
+            self._diagnoses = {k: d for k, d in self._diagnoses.items() if d[0]() is not None}
+            self._diagnoses[id(variable)] = (_reference(variable), name, diagnosis)
             sessions = list(self._sessions.values())
         for session in sessions:
             session.add_diagnosis(id(variable), name, diagnosis)
+
+
+def _reference(value: Any) -> Callable[[], Any]:
+    """A weak reference to ``value``, or a strong one where it takes no weak references."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return lambda: value

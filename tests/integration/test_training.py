@@ -227,6 +227,31 @@ def test_an_update_keras_refuses_with_every_gradient_there_is_no_step(collector,
     assert reported["adam"] == steps and reported.get("adam_2", 0.0) == 0.0, reported
 
 
+def test_a_diagnosed_model_dropped_is_freed_under_one_monitor(collector, job_name):
+    """A notebook cell run again under one monitor: the model of the first run had an
+    unused layer, diagnosed. The monitor kept that layer's variables (keyed by id(), "so
+    that the id is not reused") until it closed: a leak per run, and a stale verdict for
+    whatever took the id next."""
+    import gc
+    import weakref
+
+    kept = []
+    with monitor_for(collector, job_name) as monitor:
+        for _ in range(2):
+            model = ModelWithUnusedLayer()
+            model.compile(optimizer=monitor.wrap(keras.optimizers.SGD()), loss="mse")
+            model.fit(X, Y, epochs=1, batch_size=16, verbose=0)
+            kept.append(weakref.ref(model.unused.kernel))
+            del model
+            gc.collect()
+            assert kept[-1]() is None
+    assert monitor.close()
+    causes = {labels["variable"]: labels["cause"]
+              for labels, _ in scrape(collector, job_name)["gradwatch_gradient_missing_cause_info"]}
+    assert causes == {"partly_unused/unused/kernel": "unused",
+                      "partly_unused/unused/bias": "unused"}, causes
+
+
 def test_nan_in_one_gradient_is_counted(collector, webhook, job_name):
     model = small_model()
     variables = model.trainable_variables
