@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -285,27 +286,36 @@ def from_func_graph(graph: Any, until: int, recording: Recording) -> ForwardGrap
     marked with what ``recording`` says of their positions."""
     forward = ForwardGraph()
     counter = iter(range(1 << 62))
+    copies = itertools.count(-1, -1)  # keys of inlined tensors (ids are positive)
 
-    def add_op(op: tf.Operation, outside: str) -> None:
+    def add_op(op: tf.Operation, outside: str, key: Callable[[Any], int] = id) -> None:
         bodies = _function_graphs(op)
         if not bodies:
             custom = op.node_def.attr["_gradient_op_type"].s.decode() \
                 if "_gradient_op_type" in op.node_def.attr else ""
-            forward.add(Node(op.name, op.type, [id(t) for t in op.inputs],
-                             [id(t) for t in op.outputs], [t.dtype for t in op.inputs],
+            forward.add(Node(op.name, op.type, [key(t) for t in op.inputs],
+                             [key(t) for t in op.outputs], [t.dtype for t in op.inputs],
                              [t.dtype for t in op.outputs], next(counter), outside,
                              custom_gradient=custom, _op=op))
             return
         for body in bodies:  # inline: outer inputs -> body inputs -> body -> outer outputs
+            # A copy per call site: a function called twice is two computations, not one
+            # whose inputs and outputs mix (a healthy call's path taken for a broken one's).
+            copy = _copy_keys(copies)
             inner_inputs = list(body.inputs)
             outer_inputs = list(op.inputs)[len(op.inputs) - len(inner_inputs):]
             for outer, inner in zip(outer_inputs, inner_inputs, strict=False):
-                forward.add(_link(op, outer, inner, next(counter), outside))
+                forward.add(_link(op, (outer, key(outer)), (inner, copy(inner)),
+                                  next(counter), outside))
             for inner_op in body.get_operations():
-                add_op(inner_op, outside)
-            if len(body.outputs) == len(op.outputs):
-                for inner, outer in zip(body.outputs, op.outputs, strict=True):
-                    forward.add(_link(op, inner, outer, next(counter), outside))
+                if inner_op.type != "Placeholder":  # its value comes by the link above (as
+                    add_op(inner_op, outside, copy)  # its producer, it cut the way back)
+            # (A body may end in more outputs than a call takes: the intermediates that
+            # TensorFlow appends for the gradient of another, differentiated, call of it.)
+            if len(body.outputs) >= len(op.outputs):
+                for inner, outer in zip(body.outputs, op.outputs, strict=False):
+                    forward.add(_link(op, (inner, copy(inner)), (outer, key(outer)),
+                                      next(counter), outside))
 
     for op in graph.get_operations():
         if op._id > until:
@@ -315,9 +325,23 @@ def from_func_graph(graph: Any, until: int, recording: Recording) -> ForwardGrap
     return forward
 
 
-def _link(op: tf.Operation, source: Any, target: Any, order: int, outside: str) -> Node:
-    return Node(op.name, op.type, [id(source)], [id(target)], [source.dtype], [target.dtype],
-                order, outside, link=True, _op=op)
+def _copy_keys(keys: Iterator[int]) -> Callable[[Any], int]:
+    """Keys for the tensors of one inlined copy of a function body, drawn from ``keys``."""
+    given: dict[int, int] = {}
+
+    def key(tensor: Any) -> int:
+        if id(tensor) not in given:
+            given[id(tensor)] = next(keys)
+        return given[id(tensor)]
+
+    return key
+
+
+def _link(op: tf.Operation, source: tuple[Any, int], target: tuple[Any, int], order: int,
+          outside: str) -> Node:
+    """A node passing ``source`` to ``target`` (each a tensor and its key) across a call."""
+    return Node(op.name, op.type, [source[1]], [target[1]], [source[0].dtype],
+                [target[0].dtype], order, outside, link=True, _op=op)
 
 
 # -- from eager execution -------------------------------------------------------------------

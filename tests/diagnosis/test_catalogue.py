@@ -120,6 +120,30 @@ class CustomGradientNone(Pattern):
         return quantize(self.head(h))  # line:custom
 
 
+@tf.function
+def scaled(t):
+    return t * 2.0
+
+
+class FloorAfterAFunction(Pattern):
+    """A ``tf.function`` helper between the layer and the break: inlined, its inputs'
+    placeholders were taken for where their values came from, so the way back from the
+    loss stopped inside it (tf-keras's LSTM, a function, then a floor: "unknown")."""
+
+    def broken(self, h, x):
+        return tf.math.floor(scaled(self.head(h)))  # line:afterfn
+
+
+class FunctionSharedWithTheHealthyPart(Pattern):
+    """One ``tf.function`` helper called by the healthy part and the broken one: its two
+    calls were merged into one computation, the broken part's path taken through the
+    healthy call ("unknown")."""
+
+    def call(self, x):
+        h = self.trunk(x)
+        return scaled(self.healthy(h)) + tf.math.floor(scaled(self.head(h)))  # line:shared
+
+
 class UnusedLayer(Pattern):
     def broken(self, h, x):
         return 0.0 * tf.reduce_mean(h, axis=1, keepdims=True)  # ``head`` is never called
@@ -341,6 +365,8 @@ CATALOGUE = {
     AssignedState: Expected(Cause.BROKEN_AT_OP, "AssignVariableOp", "assign"),
     HistogramCounts: Expected(Cause.BROKEN_AT_OP, "HistogramFixedWidth", "hist"),
     OneHotPrediction: Expected(Cause.BROKEN_AT_OP, "ArgMax", "onehot"),
+    FloorAfterAFunction: Expected(Cause.BROKEN_AT_OP, "Floor", "afterfn"),
+    FunctionSharedWithTheHealthyPart: Expected(Cause.BROKEN_AT_OP, "Floor", "shared"),
 }
 MODES = ("eager", "function", "fit")
 EAGER_ONLY = {
