@@ -59,7 +59,8 @@ class GradientExploding(Rule[NormHistory]):
         too_big_g = global_norm > params.max_norm
         too_big_v = (per_variable > params.max_norm).any(axis=0)
         if len(state.global_norms) >= params.min_steps:
-            too_big_g |= global_norm > params.median_factor * np.median(state.global_norms)
+            median_g = np.median(state.global_norms)
+            too_big_g |= (global_norm > params.median_factor * median_g) & (median_g > 0)
             # The per-variable median over the window is the costly part: refreshed when a
             # quarter of the window is new, which a factor of 100 does not notice.
             if state.median_age >= max(1, params.window_steps // 4):
@@ -71,10 +72,13 @@ class GradientExploding(Rule[NormHistory]):
                           (median > 0)).any(axis=0)
         counted = (batch.nan_count + batch.inf_count).max(axis=1) > 0  # [S, N]
         finite = np.isfinite(global_norm)
+        # A step without any gradient has no norm: its 0 is no history (a median of such
+        # zeros made the first healthy step after them "100x the median").
+        kept = finite & batch.present.any(axis=(1, 2))
         state.global_norms = np.concatenate(
-            [state.global_norms, global_norm[finite]])[-params.window_steps:]
+            [state.global_norms, global_norm[kept]])[-params.window_steps:]
         state.variable_norms = np.concatenate(
-            [state.variable_norms, per_variable[finite].astype(np.float32)]
+            [state.variable_norms, per_variable[kept].astype(np.float32)]
         )[-params.window_steps:]
         state.global_exploded = bool((too_big_g & ~counted.any(axis=1)).any())
         state.variables_exploded = too_big_v & ~counted.any(axis=0)

@@ -90,3 +90,19 @@ def test_missing_is_not_vanishing():
     h.feed(s, b_missing, b_missing, b_missing)
     assert h.active("GradientVanishing") == []
     assert h.active("GradientMissing")
+
+
+def test_steps_without_any_gradient_are_no_history_for_the_median():
+    """A job that lost every gradient for a while (norm 0 at each such step), then
+    recovered: the first healthy step was "100x the median" of those zeros, and paged
+    GradientExploding on a run that had just been fixed."""
+    h = Harness(GradientExploding={"min_steps": 5})
+    s = h.register()
+    for _ in range(3):
+        h.feed(s, healthy(norm=1.0))
+    for _ in range(10):
+        h.feed(s, {"present": [0, 0, 0], "norm": [0, 0, 0]})
+    h.feed(s, healthy(norm=1.5))
+    h.clock.now += 1
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("GradientExploding") == []
