@@ -202,6 +202,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                      session.task, session.group.optimizer,
                      session.group.names[session.columns[variable_id]], cause.explanation)
         session.closed = batch.final
+        session.moved = batch.final and batch.moving
         self.rules.on_batch(session, decoded)
         self.telemetry.batches += 1
         self.telemetry.step_reports += decoded.steps.size

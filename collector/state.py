@@ -71,6 +71,7 @@ class SessionState:
     nonfinite_steps_total: int = 0
     dropped_steps: int = 0
     closed: bool = False  # the agent said it will send no more
+    moved: bool = False  # ... and goes on with another collector: forgotten at once
     #: Report streams that carried a batch of this session and are still open (kept by
     #: the service): a task whose stream is open is alive, however long it stays quiet.
     open_streams: int = 0
@@ -271,12 +272,14 @@ class Registry:
     def expire_inactive(self, older_than: float) -> list[Group]:
         """Forgets sessions last heard of before ``older_than`` (Unix time) that said
         goodbye or have no open Report stream (their process crashed or lost the
-        collector: a task that hangs keeps its stream, and its WorkerSilent alert), and
-        groups left empty. Returns the groups that lost sessions (for a last rule pass)."""
+        collector: a task that hangs keeps its stream, and its WorkerSilent alert), those
+        that moved to another collector at once, and groups left empty. Returns the
+        groups that lost sessions (for a last rule pass)."""
         touched = {}
         for session in list(self.sessions.values()):
             heard = session.last_report_time or session.registered_at
-            if heard < older_than and (session.closed or not session.open_streams):
+            if session.moved or (heard < older_than
+                                 and (session.closed or not session.open_streams)):
                 self.remove(session.id)
                 touched[id(session.group)] = session.group
         for key, group in list(self.groups.items()):

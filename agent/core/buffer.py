@@ -125,7 +125,7 @@ class SessionBuffer:
         """The collector at ``address`` lost our session: register again there."""
         self.registrations.pop(address, None)
 
-    def next_batch(self, final: bool = False) -> pb.ReportBatch:
+    def next_batch(self, final: bool = False, moving: bool = False) -> pb.ReportBatch:
         """The next batch: the oldest pending steps (as many as a batch may hold) and the
         diagnoses not yet sent, kept in ``unacked`` until acknowledged. A step lower than
         the one before it (the optimizer's counter was set back) is marked ``rewound``."""
@@ -135,7 +135,8 @@ class SessionBuffer:
             step.rewound = step.step < self.last_step
             self.last_step = step.step
         batch = pb.ReportBatch(session_id=self.session_id, sequence=self.next_sequence,
-                               dropped_steps=self.dropped, steps=steps, final=final)
+                               dropped_steps=self.dropped, steps=steps, final=final,
+                               moving=final and moving)
         self.attach_diagnoses(batch)
         self.next_sequence += 1
         self.unacked.append(batch)

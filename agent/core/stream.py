@@ -181,7 +181,7 @@ class Connection:
                 goodbyes = [b for b in self.buffer.sessions if b.session_id and not b.final_sent]
                 for buffer in goodbyes:
                     buffer.final_sent = True
-                    await self._send(call, buffer, acks, final=True)
+                    await self._send(call, buffer, acks, final=True, moving=moving)
                 if not goodbyes:
                     await self._done_writing(call, acks)
                     if moving:
@@ -227,10 +227,10 @@ class Connection:
             await self._write(call, buffer, batch, acks)
 
     async def _send(self, call, buffer: SessionBuffer, acks: asyncio.Future,
-                    final: bool = False) -> None:
+                    final: bool = False, moving: bool = False) -> None:
         if not self.buffer.any_unacked():
             self._waiting_since = time.monotonic()
-        await self._write(call, buffer, buffer.next_batch(final), acks)
+        await self._write(call, buffer, buffer.next_batch(final, moving), acks)
 
     async def _write(self, call, buffer: SessionBuffer, batch: pb.ReportBatch,
                      acks: asyncio.Future) -> None:

@@ -81,20 +81,22 @@ class StepReport(_message.Message):
     def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., present: _Optional[bytes] = ..., l2_norm: _Optional[bytes] = ..., nan_count: _Optional[bytes] = ..., inf_count: _Optional[bytes] = ..., rewound: _Optional[bool] = ...) -> None: ...
 
 class ReportBatch(_message.Message):
-    __slots__ = ("session_id", "sequence", "steps", "dropped_steps", "final", "diagnoses")
+    __slots__ = ("session_id", "sequence", "steps", "dropped_steps", "final", "diagnoses", "moving")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSES_FIELD_NUMBER: _ClassVar[int]
+    MOVING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
     dropped_steps: int
     final: bool
     diagnoses: _containers.RepeatedCompositeFieldContainer[Diagnosis]
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ..., final: _Optional[bool] = ..., diagnoses: _Optional[_Iterable[_Union[Diagnosis, _Mapping]]] = ...) -> None: ...
+    moving: bool
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., dropped_steps: _Optional[int] = ..., final: _Optional[bool] = ..., diagnoses: _Optional[_Iterable[_Union[Diagnosis, _Mapping]]] = ..., moving: _Optional[bool] = ...) -> None: ...
 
 class Diagnosis(_message.Message):
     __slots__ = ("variable_id", "cause", "op_name", "op_type", "source_file", "source_line", "reason", "hint", "message")
