@@ -75,7 +75,7 @@ class GradientMonitor(MonitorCore):
             self._recorder.on_no_graph = self._explain_no_graph
         self._explained: set[int] = set()  # parameters diagnosed (ids)
         self._stale: set[int] = set()  # parameters said to be stepped on old gradients
-        self._stale_suspects: tuple[_Watched, list[int]] | None = None  # see `step_ended`
+        self._stale_suspects: tuple[_Watched, list[torch.Tensor]] | None = None  # `step_ended`
         #: Watched optimizers garbage-collected since the training thread last looked.
         self._gone: list[_Watched] = []
         self._unexplained: set[int] = set()  # seen without gradient, no verdict yet (ids)
@@ -133,6 +133,7 @@ class GradientMonitor(MonitorCore):
             if named:  # (else a newer optimizer took its id, and with it its name)
                 del self._watched[watched.optimizer_id]
             ids = watched.param_ids | {id(p) for p in watched.params}
+            ids -= set().union(*(w.param_ids for w in self._watched.values()))  # still ours
             self._explained -= ids
             self._unexplained -= ids
             self._stale -= ids
@@ -245,10 +246,11 @@ class GradientMonitor(MonitorCore):
         if len(self._watched) == 1 and len(session.missing) == len(session.params) and any(
                 p.grad is not None for p in session.params):  # (with several optimizers,
             # another's backward may be the step's)
+            missing = [session.params[i] for i in sorted(session.missing)]
             if recording is not None:
-                self._explain_stale(watched, sorted(session.missing))
+                self._explain_stale(watched, missing)
             else:  # what the recording of the next step finds first (zero_grad() after
-                self._stale_suspects = watched, sorted(session.missing)  # backward())
+                self._stale_suspects = watched, missing  # backward())
         if suspects is not None:
             self._explain_stale(*suspects)
         self._unexplained.update(id(session.params[i]) for i in session.missing)
@@ -256,24 +258,22 @@ class GradientMonitor(MonitorCore):
         if self._retries.step_ended() and self._unexplained and not self._recorder.recording:
             self._recorder.start()
 
-    def _explain_stale(self, watched: _Watched, missing: list[int]) -> None:
+    def _explain_stale(self, watched: _Watched, missing: list[torch.Tensor]) -> None:
         """A step that found every gradient as the previous step (or ``zero_grad``) left
-        it, ``missing`` its parameters (indices): no backward pass reached a parameter in
+        it, ``missing`` its parameters: no backward pass reached a parameter in
         between (``step()`` called twice, a skipped ``backward()``), and the update reused
         old gradients. Said as such once the step's recording, or the next step's, found
         no other cause (``zero_grad()`` between backward and step leaves the same zeros); a
         healthy next step's recording has nothing to explain, so it does not wait for one
         that finds a cause, which replaces this verdict."""
-        session = watched.session()
-        if session is None:
-            return
-        for i in missing:
-            param = session.params[i]
-            if id(param) in self._explained or id(param) in self._stale:
+        names = dict(zip(map(id, watched.params), watched.names, strict=True))
+        for param in missing:
+            if id(param) in self._explained or id(param) in self._stale \
+                    or id(param) not in names:  # (no longer watched: a regroup)
                 continue
             self._stale.add(id(param))
             self._give(param, Diagnosis(
-                watched.names[i], Cause.UNKNOWN, reason=STALE, hint=(
+                names[id(param)], Cause.UNKNOWN, reason=STALE, hint=(
                     "call backward() on a loss computed from the parameters once before each "
                     "optimizer step; write gradients with p.grad.copy_(...), not through "
                     ".data"), framework="PyTorch"))
@@ -348,6 +348,8 @@ class GradientMonitor(MonitorCore):
         with ``model``, or updating its parameters (wrapped without a model)."""
         found, ids = [], None
         for w in list(self._watched.values()):
+            if w.optimizer is None:  # dropped, not yet forgotten
+                continue
             if w.model is not model:
                 if ids is None:
                     ids = {id(p) for p in model.parameters()}
@@ -357,9 +359,11 @@ class GradientMonitor(MonitorCore):
         return found
 
     def watching(self, params: Iterable[torch.Tensor]) -> list[_Watched]:
-        """The wrapped optimizers that update any of ``params``."""
+        """The wrapped optimizers that update any of ``params`` (not dropped ones, which
+        `_forget_gone` has yet to forget: any thread, the DDP hook's too)."""
         ids = {id(p) for p in params}
-        return [w for w in list(self._watched.values()) if ids & w.param_ids]
+        return [w for w in list(self._watched.values())
+                if ids & w.param_ids and w.optimizer is not None]
 
 
 def _updating_optimizer(optimizer: Any) -> Any:
@@ -669,7 +673,7 @@ class _Watched:
         """Measures the step's gradients unless done already this step (``scale``: the
         loss scale they still carry; ``after_clip``: see `TorchSession.measure`)."""
         session = self.session()
-        if session is None or self.monitor._closed:
+        if session is None or self.monitor._closed or self.optimizer is None:
             return
         self.monitor.step_starting()
         if self._regrouped(session) or self._thawed(session):
@@ -685,7 +689,7 @@ class _Watched:
     def clipped(self) -> None:
         """After a clip that `before_step` measured for."""
         session = self._session
-        if session is not None and not self.monitor._closed:
+        if session is not None and not self.monitor._closed and self.optimizer is not None:
             self.guarded(session.clipped)
 
     def after_step(self) -> None:

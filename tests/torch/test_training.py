@@ -1114,6 +1114,47 @@ def test_a_loss_without_graph_is_explained_before_pytorchs_error(collector, job_
     assert f"{__file__}:{line}" in said
 
 
+def test_a_dropped_optimizer_is_left_alone_until_forgotten(collector, job_name):
+    """A notebook cell run again wraps a new optimizer over the same model: the old one is
+    dropped but forgotten only at the next step's end. Clipping before that reached its
+    hooks, which read its (gone) param groups: an AttributeError raised into training."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-2), model)
+        train(model, optimizer, 2)
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(X), Y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    assert monitor.close() is True
+    assert metrics(collector, "gradwatch_steps_total", job_name) == {
+        f"optimizer=Adam,task_index=0,task_type=worker,training_job={job_name}": 2.0,
+        f"optimizer=SGD,task_index=0,task_type=worker,training_job={job_name}": 1.0}
+
+
+def test_a_step_on_old_gradients_then_a_group_removed_keeps_watching(collector, job_name):
+    """``step()`` twice (the second on old gradients), then a param group taken out: the
+    stale-gradient verdict, said at the next step, used the old table's indices on the
+    new one (an IndexError that stopped the watching, or the wrong parameters named)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(
+            [{"params": model[0].parameters()}, {"params": model[1].parameters()}], 1e-2),
+            model)
+        for extra_step in (False, True, False, False):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(X), Y).backward()
+            optimizer.step()
+            if extra_step:
+                optimizer.step()  # the bug: no backward() since
+                del optimizer.param_groups[1]
+        assert not monitor.watched(optimizer)._failed
+    assert monitor.close() is True
+    assert metrics(collector, "gradwatch_steps_total", job_name) == {
+        f"optimizer=SGD,task_index=0,task_type=worker,training_job={job_name}": 5.0}
+
+
 def test_two_optimizers_are_two_sessions(collector, job_name):
     generator, critic = Net(), Net()
     with monitor_for(collector, job_name) as monitor:
