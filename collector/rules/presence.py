@@ -48,12 +48,14 @@ class MissingSince(SinceEvaluation):
     def __init__(self, num_variables: int) -> None:
         super().__init__(num_variables)
         self.none_at_all = False
-        #: Consecutive steps each variable missed its gradient (kept where steps > 1).
-        self.streak = np.zeros(num_variables, np.int64)
+        #: Consecutive steps each replica missed each variable's gradient (where steps > 1):
+        #: [replicas, variables], sized at the first batch.
+        self.streak = np.zeros((0, num_variables), np.int64)
 
     def raise_missing(self, absent: np.ndarray, steps: int = 1) -> None:
-        """``absent``: [steps, replicas, variables]; flags the variables that missed their
-        gradient for ``steps`` steps in a row by the end of any of these steps."""
+        """``absent``: [steps, replicas, variables]; flags the variables that one replica
+        missed for ``steps`` steps in a row by the end of any of these steps (replicas that
+        skip a part by turns, each once, are no streak)."""
         blank = absent.all(axis=2).any(axis=1)  # [steps]: no gradient at all on a replica
         none_at_all = bool(blank.any())
         self.none_at_all = none_at_all if self._looked else self.none_at_all or none_at_all
@@ -61,9 +63,11 @@ class MissingSince(SinceEvaluation):
             self.raise_flags(absent.any(axis=(0, 1)))
             return
         streak, reached = self.streak, np.zeros_like(self.flags)
-        for missing, empty in zip(absent.any(axis=1), blank, strict=True):  # vectorized over
-            streak = np.where(missing, streak + 1, 0)                    # variables
-            reached |= (streak >= steps) | (missing & empty)
+        if streak.shape != absent.shape[1:]:
+            streak = np.zeros(absent.shape[1:], np.int64)
+        for missing, empty in zip(absent, blank, strict=True):  # vectorized over replicas
+            streak = np.where(missing, streak + 1, 0)            # and variables
+            reached |= (streak >= steps).any(axis=0) | (missing.any(axis=0) & empty)
         self.streak = streak
         self.raise_flags(reached)
 

@@ -137,3 +137,20 @@ def test_a_model_that_skips_parts_on_purpose_pages_past_steps_in_a_row():
     h.feed(h.register(), [0, 0, 0])
     (alert,) = h.active("GradientMissing")
     assert alert.labels["severity"] == "critical"
+
+
+def test_replicas_that_skip_a_part_by_turns_are_no_streak():
+    """Per-replica LayerDrop: each replica skips the layer now and then, never twice in a
+    row, but some replica skips it at every step: counted across replicas it was a
+    streak, and paged."""
+    h = Harness(GradientMissing={"steps": 2})
+    s = h.register(replicas=2)
+    h.feed(s, [[0, 1, 1], [1, 1, 1]], [[1, 1, 1], [0, 1, 1]], [[0, 1, 1], [1, 1, 1]])
+    h.clock.now += 1
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("GradientMissing") == []
+    h.feed(s, [[0, 1, 1], [1, 1, 1]])  # replica 0: twice in a row
+    h.clock.now += 1
+    h.engine.tick(h.registry.groups.values())
+    (alert,) = h.active("GradientMissing")
+    assert alert.annotations["variables"] == "a"
