@@ -104,6 +104,9 @@ class SessionBuffer:
         """A new connection to the collector at ``address``: resume its session, if any;
         a retired one is registered again (the collector may be another one now)."""
         self.session_id = self.registrations.get(address, "")
+        if not self.session.closed:  # a goodbye to the connection before, left unacked (a
+            # move): not for this one, where the session goes on; one at close is said again
+            self.unacked = collections.deque(b for b in self.unacked if not b.final)
         self.final_sent = any(batch.final for batch in self.unacked)  # replayed, said again
         self.retired = False
 
