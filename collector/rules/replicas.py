@@ -105,7 +105,8 @@ class WorkerSilent(Rule[None]):
             task = group.task_sessions(session.task_type, session.task_index) or [session]
             stepped = [s for s in task if s.steps_total]
             if stepped:
-                compiling = all(s.steps_total == 1 and "torch" in s.versions for s in stepped)
+                # (its step 0: not the first step a restarted collector hears of)
+                compiling = all(s.last_step == 0 and "torch" in s.versions for s in stepped)
                 return now - max(s.last_report_time for s in stepped) > (
                     params.first_step_seconds if compiling else params.seconds)
             return now - min(s.registered_at for s in task) > params.first_step_seconds

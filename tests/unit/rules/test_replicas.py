@@ -121,13 +121,22 @@ def test_a_pytorch_tasks_second_step_may_take_as_long_as_a_first(framework):
     h = Harness(WorkerSilent={"seconds": 30.0, "first_step_seconds": 300.0})
     session = h.register(0)
     session.versions = {framework: "2.x", "gradwatch": "0.2"}
-    h.feed(session, healthy())
+    h.feed(session, healthy(), first_step=0)
     session.last_report_time = h.clock.now
     h.clock.now += 120
     h.engine.tick(h.registry.groups.values())
     assert (h.active("WorkerSilent") == []) is (framework == "torch")
     if framework == "torch":
         h.feed(session, healthy())
+        session.last_report_time = h.clock.now
+        h.clock.now += 31
+        h.engine.tick(h.registry.groups.values())
+        assert [a.annotations["tasks"] for a in h.active("WorkerSilent")] == ["worker/0"]
+        # A collector restarted under a long run hears first of its step 500: no allowance.
+        h = Harness(WorkerSilent={"seconds": 30.0, "first_step_seconds": 300.0})
+        session = h.register(0)
+        session.versions = {framework: "2.x"}
+        h.feed(session, healthy(), first_step=500)
         session.last_report_time = h.clock.now
         h.clock.now += 31
         h.engine.tick(h.registry.groups.values())
