@@ -135,9 +135,11 @@ def _warn_if_known_broken(optimizer: Any) -> None:
 
 
 def _iterations(optimizer: Any) -> int | None:
-    """The optimizer's step count, read eagerly (None inside a trace, or if unreadable)."""
+    """The optimizer's step count, read eagerly (None inside a trace, or if unreadable).
+    Through a tensor: ``int()`` of a Keras 3 variable that wraps a ``MirroredVariable``
+    (any tf.distribute strategy) raises."""
     try:
-        return int(optimizer.iterations)
+        return int(tf.convert_to_tensor(optimizer.iterations).numpy())
     except Exception:
         return None
 

@@ -633,13 +633,20 @@ def test_a_notebook_cell_run_again_reports_through_the_new_monitor(collector, jo
     assert len(warnings) == 1 and "replaces the one open in this process" in warnings[0]
 
 
+@pytest.mark.parametrize("strategy", ["none", "mirrored"])
 def test_steps_of_a_function_traced_before_wrap_are_said_to_be_unseen(collector, job_name,
-                                                                        caplog):
+                                                                        caplog, strategy):
     """``wrap(model.optimizer)`` after a first ``fit`` (or by the monitor of a notebook cell
     run again): Keras's train function, traced before, runs on without gradwatch. Close says
-    so; compiling again after wrapping reports every step."""
-    model = small_model()
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    so (under a strategy too: the step count, a MirroredVariable, was unreadable, and close
+    said nothing); compiling again after wrapping reports every step."""
+    import contextlib
+
+    scope = (tf.distribute.MirroredStrategy(["/cpu:0"]).scope() if strategy == "mirrored"
+             else contextlib.nullcontext())
+    with scope:
+        model = small_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
     with monitor_for(collector, job_name) as monitor:
         monitor.wrap(model.optimizer)
