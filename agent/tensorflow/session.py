@@ -38,6 +38,7 @@ class TensorFlowSession(Session):
                          strategy=type(strategy).__name__, versions=versions,
                          loss_scaled=loss_scaled)
         self._recorder = recorder
+        self._strategy = strategy
         self._every = every
         #: Steps given without a number (`observe` without ``step``) are numbered by this
         #: count of calls, per replica, from 0 like an optimizer's: every call counts,
@@ -53,6 +54,13 @@ class TensorFlowSession(Session):
         #: traces them once, and each update adds one call to its graph, which graph
         #: optimisation and XLA inline.
         self._statistics = tf.function(functools.partial(gradient_record), autograph=False)
+
+    def _outside_replicas(self) -> bool:
+        """Whether this runs outside the replicas of the session's strategy: in its
+        cross-replica context, or outside its scope (``strategy.run`` called from a
+        ``tf.function`` without ``strategy.scope()``, as the tutorials write it)."""
+        context = tf.distribute.get_replica_context()
+        return context is None or context.strategy is not self._strategy
 
     def _record_step(self, grads: Gradients, step: tf.Tensor | None,
                      loss_scale: tf.Tensor | None, due: tf.Tensor | None = None
@@ -90,7 +98,15 @@ class TensorFlowSession(Session):
         ``step``: the step's number (default: the number of calls without one, from 0).
         ``loss_scale``: the factor the gradients are scaled by (mixed precision).
         ``due``: a boolean tensor; False skips this call (the optimizer applies nothing).
+
+        In a strategy's cross-replica context (gradients reduced by the user, applied
+        outside ``strategy.run``) every replica records the statistics of those
+        gradients: already aggregated, the same for each.
         """
+        if self._outside_replicas():
+            grads = list(grads() if callable(grads) else grads)
+            self._strategy.run(self.record, args=(grads, step, loss_scale, due))
+            return
         if tf.inside_function():
             self._record_step(grads, step, loss_scale, due)
             return

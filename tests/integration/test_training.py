@@ -252,6 +252,43 @@ def test_a_diagnosed_model_dropped_is_freed_under_one_monitor(collector, job_nam
                       "partly_unused/unused/bias": "unused"}, causes
 
 
+def test_gradients_applied_outside_the_replicas_are_recorded(collector, job_name):
+    """tf.distribute's custom loop with the update outside ``strategy.run``: gradients
+    computed per replica, reduced with ``strategy.reduce``, applied in cross-replica
+    context. Recording there raised ("Could not convert from tf.VariableAggregation
+    NONE"): the optimizer went unwatched for the rest of the run, no step reported and
+    its unused layer never paged. Every replica now records the reduced gradients."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = ModelWithUnusedLayer()
+        model.build((None, 4))
+        variables = model.trainable_variables
+        monitor = monitor_for(collector, job_name)
+        optimizer = monitor.wrap(keras.optimizers.SGD(0.01, name="sgd"))
+        optimizer.build(variables)
+
+    def gradients(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        return tape.gradient(loss, variables)
+
+    @tf.function
+    def step(x, y):
+        per_replica = strategy.run(gradients, args=(x, y))
+        reduced = [None if g is None else strategy.reduce("SUM", g, axis=None)
+                   for g in per_replica]
+        optimizer.apply_gradients(zip(reduced, variables, strict=True))
+
+    for _ in range(3):
+        step(X, Y)
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert steps_by_optimizer(samples) == {"sgd": 3.0}
+    missing = {labels["variable"] for labels, value in
+               samples["gradwatch_gradient_missing_steps_total"] if value}
+    assert missing == {"partly_unused/unused/kernel", "partly_unused/unused/bias"}
+
+
 def test_nan_in_one_gradient_is_counted(collector, webhook, job_name):
     model = small_model()
     variables = model.trainable_variables
