@@ -76,11 +76,12 @@ def _clipping(original: Callable) -> Callable:
 def _unscale(original: Callable) -> Callable:
     @functools.wraps(original)
     def unscale_(self: GradScaler, optimizer: torch.optim.Optimizer) -> Any:
+        scale = self._scale  # (what the gradients the DDP hook measured still carry)
         result = original(self, optimizer)
         watched = _watched(optimizer)
         if watched is not None and self.is_enabled():
             watched.scaled = True
-            watched.before_step()
+            watched.before_step(parts_scale=scale)
         return result
 
     return unscale_

@@ -129,12 +129,15 @@ class TorchSession(Session):
         return self.steps % self._every == 0
 
     def measure(self, parts: list[tuple[list[int], torch.Tensor]],
-                scale: torch.Tensor | None = None, after_clip: bool = False) -> None:
+                scale: torch.Tensor | None = None, after_clip: bool = False,
+                parts_scale: torch.Tensor | None = None) -> None:
         """Computes this step's record unless done already (training thread). ``parts``:
         (variable ids, their `stats.measure`) taken earlier in the step; ``scale``: the loss
         scale the gradients still carry (their norms are divided by it). ``after_clip``:
         measured again if a backward pass added to the gradients since the last clip (a
-        clip after every micro-batch: the step applies the sum, measured at the last)."""
+        clip after every micro-batch: the step applies the sum, measured at the last).
+        ``parts_scale``: the loss scale only ``parts`` carry (the DDP hook measured them
+        before ``GradScaler.unscale_`` unscaled the gradients themselves)."""
         if after_clip and self._clipped is not None and any(
                 not _same(self.params[i].grad, (ref, version))
                 for i, ref, version in self._clipped):
@@ -158,17 +161,14 @@ class TorchSession(Session):
                                      if g is None and i not in covered}
         else:  # the common step: every gradient fresh, none measured earlier
             absent, ids, tensors, self.missing = frozenset(), self._all, grads, set()
-        parts = list(parts)
+        parts = [(i, _divide_norms(m, parts_scale)) for i, m in parts] \
+            if parts_scale is not None else list(parts)
         if ids:
             if self._sharded:
                 tensors = [local_tensor(t) for t in tensors]
             parts.append((ids, stats.measure(tensors, self.device)))
         record = self._build(parts, absent)
-        if scale is not None:
-            norms = record[:1]
-            record = torch.cat([torch.where(norms >= 0, norms / scale.to(norms.device), norms),
-                                record[1:]])
-        self._record = record
+        self._record = record if scale is None else _divide_norms(record, scale)
 
     def clipped(self) -> None:
         """After a clip of a measured step: a few gradients as it left them (`measure`;
@@ -220,3 +220,11 @@ def _same(grad: torch.Tensor | None, seen: tuple[weakref.ref, int] | None) -> bo
     if grad is None or seen is None:
         return grad is None and seen is None
     return seen[0]() is grad and seen[1] == grad._version
+
+
+def _divide_norms(measures: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``measures`` (``[width, N]``) with its norms row divided by ``scale`` (an absent
+    variable's negative marker kept)."""
+    norms = measures[:1]
+    return torch.cat([torch.where(norms >= 0, norms / scale.to(norms.device), norms),
+                      measures[1:]])

@@ -1414,6 +1414,31 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
+def test_ddp_with_a_grad_scaler_unscaled_before_clipping_reports_unscaled_norms(
+        collector, job_name, one_rank_group):
+    """PyTorch's AMP recipe with clipping under DDP: ``scaler.unscale_(optimizer)`` then
+    ``clip_grad_norm_``. The DDP hook had measured the gradients while still scaled, and
+    they were reported so: norms times the loss scale (65536 by default: a false
+    GradientExploding on every such job)."""
+    model = torch.nn.parallel.DistributedDataParallel(Net())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    norms = []
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-3), model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(X), Y)).backward()
+            scaler.unscale_(optimizer)
+            norms.append({n.removeprefix("module."): float(p.grad.norm())
+                          for n, p in model.named_parameters()})
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+            scaler.step(optimizer)
+            scaler.update()
+    assert monitor.close() is True
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert reported == pytest.approx(norms[-1], rel=1e-5)
+
+
 def test_a_ddp_bucket_that_cannot_be_measured_is_logged_once(collector, job_name, caplog,
                                                               monkeypatch, one_rank_group):
     """A failure in DDP's communication hook (the autograd thread, every bucket of every
