@@ -1254,17 +1254,24 @@ def test_a_head_used_every_other_step_is_explained_by_few_recorded_steps(collect
     assert len(started) <= 4, f"{len(started)} steps recorded in 40"
 
 
+def scaled_steps(model, optimizer, scaler, steps: int, *, before_step=None) -> None:
+    """Mixed-precision steps with ``scaler`` (a ``torch.amp.GradScaler``)."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(X), Y)).backward()
+        if before_step:
+            before_step()
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def test_grad_scaler_overflow_is_skipped_not_nan_and_norms_are_unscaled(collector, webhook,
                                                                          job_name, layout):
     model = Net()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows float32 at first
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
-        for _ in range(4):
-            optimizer.zero_grad()
-            scaler.scale(torch.nn.functional.mse_loss(model(X), Y)).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        scaled_steps(model, optimizer, scaler, 4)
         scale = scaler.get_scale()
         assert scale < 2.0**127, "the scaler backed off"
         optimizer.zero_grad()
@@ -1425,15 +1432,14 @@ def test_ddp_with_a_grad_scaler_unscaled_before_clipping_reports_unscaled_norms(
     norms = []
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-3), model)
-        for _ in range(3):
-            optimizer.zero_grad()
-            scaler.scale(torch.nn.functional.mse_loss(model(X), Y)).backward()
+
+        def unscale_and_clip():
             scaler.unscale_(optimizer)
             norms.append({n.removeprefix("module."): float(p.grad.norm())
                           for n, p in model.named_parameters()})
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
-            scaler.step(optimizer)
-            scaler.update()
+
+        scaled_steps(model, optimizer, scaler, 3, before_step=unscale_and_clip)
     assert monitor.close() is True
     reported = metrics(collector, "gradwatch_gradient_norm", job_name)
     assert reported == pytest.approx(norms[-1], rel=1e-5)
