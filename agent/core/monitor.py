@@ -206,9 +206,9 @@ class MonitorCore:
         session.predecessor = (self._sessions.get(key)
                                or self._released.pop(session.optimizer, None))
         self._sessions[key] = session
-        for key, (variable, name, diagnosis) in self._diagnoses.items():
-            if variable() is not None:
-                session.add_diagnosis(key, name, diagnosis)
+        self._diagnoses = {k: d for k, d in self._diagnoses.items() if d[0]() is not None}
+        for key, (_, name, diagnosis) in self._diagnoses.items():
+            session.add_diagnosis(key, name, diagnosis)
         self._sender.add_session(session)
         log.info("gradwatch: watching %d variables of %s x %d replicas (%s, %s:%d) -> %s",
                  session.num_variables, session.optimizer, session.num_replicas,
@@ -241,8 +241,8 @@ class MonitorCore:
     def add_diagnosis(self, variable: Any, name: str, diagnosis: Diagnosis) -> None:
         """``variable`` (called ``name``) gets no gradient, and this is why (any thread,
         often while tracing)."""
-        with self._lock:
-            self._diagnoses = {k: d for k, d in self._diagnoses.items() if d[0]() is not None}
+        with self._lock:  # (a dead variable's entry goes at the next `adopt`, or when its
+            # id is reused by a variable diagnosed in turn)
             self._diagnoses[id(variable)] = (_reference(variable), name, diagnosis)
             sessions = list(self._sessions.values())
         for session in sessions:

@@ -45,12 +45,11 @@ class MissingParams(Params):
 class MissingSince(SinceEvaluation):
     """`SinceEvaluation`, and whether some step of some replica had no gradient at all."""
 
-    def __init__(self, num_variables: int) -> None:
+    def __init__(self, num_replicas: int, num_variables: int) -> None:
         super().__init__(num_variables)
         self.none_at_all = False
-        #: Consecutive steps each replica missed each variable's gradient (where steps > 1):
-        #: [replicas, variables], sized at the first batch.
-        self.streak = np.zeros((0, num_variables), np.int64)
+        #: Consecutive steps each replica missed each variable's gradient (where steps > 1).
+        self.streak = np.zeros((num_replicas, num_variables), np.int64)
 
     def raise_missing(self, absent: np.ndarray, steps: int = 1) -> None:
         """``absent``: [steps, replicas, variables]; flags the variables that one replica
@@ -63,8 +62,6 @@ class MissingSince(SinceEvaluation):
             self.raise_flags(absent.any(axis=(0, 1)))
             return
         streak, reached = self.streak, np.zeros_like(self.flags)
-        if streak.shape != absent.shape[1:]:
-            streak = np.zeros(absent.shape[1:], np.int64)
         for missing, empty in zip(absent, blank, strict=True):  # vectorized over replicas
             streak = np.where(missing, streak + 1, 0)            # and variables
             reached |= (streak >= steps).any(axis=0) | (missing.any(axis=0) & empty)
@@ -82,7 +79,7 @@ class GradientMissing(Rule[MissingSince]):
     Params = MissingParams
 
     def new_state(self, session: SessionState) -> MissingSince:
-        return MissingSince(session.num_variables)
+        return MissingSince(session.num_replicas, session.num_variables)
 
     def observe(self, state: MissingSince, session: SessionState, batch: StepBatch,
                 params: MissingParams) -> None:
