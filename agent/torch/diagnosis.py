@@ -18,7 +18,9 @@ towards the loss:
 - **broken at an op** (``BROKEN_AT_OP``): every path to the loss crosses ``.detach()``
   or an op with an integer or boolean result (``argmax``, comparisons, casts);
 - **outside gradient tracking** (``OUTSIDE_TAPE``): the path ran under
-  ``torch.no_grad()`` or ``torch.inference_mode()``;
+  ``torch.no_grad()`` or ``torch.inference_mode()`` (not a reentrant
+  ``torch.utils.checkpoint`` whose output has a gradient: backward runs its block again
+  with tracking on, so its calls count as tracked, and what breaks inside is named);
 - **cleared** (``CLEARED``): a differentiable path exists and ``backward()`` ran on the
   loss, so the gradient was computed, then cleared before the optimizer step
   (``zero_grad()`` between ``backward()`` and ``step()``, or ``.grad`` set to None);
@@ -43,7 +45,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -99,6 +101,10 @@ _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__"
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})
 
 
+#: The gradient function of a reentrant checkpoint's outputs (PyTorch's, DeepSpeed's):
+#: its block ran without gradient tracking and runs again with it in backward().
+_RECOMPUTING = "CheckpointFunctionBackward"
+
 #: Calls that are bookkeeping, not computation (attribute reads like ``.grad``).
 _IGNORED = frozenset({"_set_grad_enabled", "grad", "grad_fn", "requires_grad", "is_leaf",
                       "_version", "_base"})
@@ -150,6 +156,9 @@ class StepRecording(TorchFunctionMode):
         self.full = False
         #: Trainable parameters the calls read: id -> shape.
         self.parameters: dict[int, torch.Size] = {}
+        #: Tensors read that a reentrant checkpoint returned (see `_RECOMPUTING`).
+        self.checkpointed: set[int] = set()
+        self._as_backward_runs: list[Call] | None = None
         self._alive: dict[int, torch.Tensor] = {}
         self._storages: set[int] = set()
         self._bytes = 0
@@ -169,6 +178,8 @@ class StepRecording(TorchFunctionMode):
         if outputs or (inputs and name in CONVERSIONS):  # not metadata (dim(), size())
             for tensor in inputs + outputs:
                 self._keep(tensor)
+            self.checkpointed.update(id(t) for t in inputs
+                                     if type(t.grad_fn).__name__ == _RECOMPUTING)
             self.calls.append(Call(len(self.calls), name, [id(t) for t in inputs],
                                    [id(t) for t in outputs], [t.dtype for t in outputs],
                                    torch.is_grad_enabled(), caller_source()))
@@ -179,6 +190,20 @@ class StepRecording(TorchFunctionMode):
                     self.abandoned = True
                     self.calls, self._alive = [], {}
         return result
+
+    def as_backward_runs(self) -> list[Call]:
+        """The calls, with those of a reentrant checkpoint's block (run without gradient
+        tracking, computing a checkpoint's output) marked as tracked: backward() runs them
+        again with tracking on. Computed once."""
+        if self._as_backward_runs is None:
+            needed, again = set(self.checkpointed), set()
+            for call in reversed(self.calls):
+                if not call.grad_enabled and needed.intersection(call.outputs):
+                    again.add(call.order)
+                    needed.update(call.inputs)
+            self._as_backward_runs = [replace(c, grad_enabled=True)
+                                      if c.order in again else c for c in self.calls]
+        return self._as_backward_runs
 
     def reached(self, call: Call, losses: list[int], inputs: set[int] | None) -> None:
         """A backward pass from ``losses`` (by ``call``) for ``inputs`` (None: all)."""
@@ -505,7 +530,7 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
 
     if not param.requires_grad:
         return verdict(Cause.NOT_TRACKED, reason="requires_grad is False")
-    calls, start = recording.calls, {id(param)}
+    calls, start = recording.as_backward_runs(), {id(param)}
     readers = [c for c in calls if id(param) in c.inputs]
     losses = recording.losses
     upstream = _ancestors(calls, losses)

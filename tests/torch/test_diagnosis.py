@@ -5,7 +5,8 @@ the op and the source line (the line marked ``# <- here``). The patterns come fr
 PyTorch forum and GitHub reports: DDP's "parameters that were not used in producing
 loss", "element 0 of tensors does not require grad" worked around with
 ``torch.tensor(loss.item(), requires_grad=True)``, accuracy (argmax, comparisons) used
-as a loss, reentrant checkpointing of a block whose input needs no gradient, a model
+as a loss, reentrant checkpointing of a block whose input needs no gradient (and of one
+whose input does, with the break inside: the block then runs twice), a model
 rebuilt after its optimizer, freezing the wrong layer.
 """
 
@@ -129,6 +130,31 @@ def reentrant_checkpoint(m, x):
     return out + side
 
 
+def detach_in_reentrant_checkpoint(m, x):
+    """The block runs without gradient tracking first, and again with it in backward():
+    what breaks is the detach(), not the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, out = m.healthy(x)
+
+    def block(t):
+        return m.broken(t).detach() + t.mean(1, keepdim=True)  # <- here
+
+    return out + checkpoint(block, h, use_reentrant=True)
+
+
+def argmax_in_reentrant_checkpoint(m, x):
+    from torch.utils.checkpoint import checkpoint
+
+    h, out = m.healthy(x)
+
+    def block(t):
+        scores = torch.cat([m.broken(t), t[:, :1]], 1)
+        return scores.argmax(1, keepdim=True).float() + t.mean(1, keepdim=True)  # <- here
+
+    return out + checkpoint(block, h, use_reentrant=True)
+
+
 CASES = [
     (unused_layer, Cause.UNUSED, ""),
     (branch_not_taken, Cause.UNUSED, ""),
@@ -144,6 +170,8 @@ CASES = [
     (argmax, Cause.BROKEN_AT_OP, "argmax"),
     (comparison, Cause.BROKEN_AT_OP, "gt"),
     (integer_cast, Cause.BROKEN_AT_OP, "long"),
+    (detach_in_reentrant_checkpoint, Cause.BROKEN_AT_OP, "detach"),
+    (argmax_in_reentrant_checkpoint, Cause.BROKEN_AT_OP, "argmax"),
 ]
 
 
