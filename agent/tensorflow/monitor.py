@@ -214,6 +214,8 @@ class GradientMonitor(MonitorCore):
         self._unread_accumulators: set[str] = set()
         #: Wrapped optimizers (by id): a weak reference, and their step count when wrapped.
         self._wrapped: dict[int, tuple[weakref.ref, int | None]] = {}
+        #: The variables each wrapped optimizer (by id) was built for, held weakly.
+        self._built: dict[int, list[weakref.ref]] = {}
         #: Verdicts not logged yet, by variable id (`_tell`), and those logged (once each).
         self._untold: dict[int, Diagnosis] = {}
         self._told: set[Diagnosis] = set()
@@ -306,6 +308,7 @@ class GradientMonitor(MonitorCore):
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         if self._inside_loss_scaling(optimizer):
             return
+        grads, variables = self._filtered_back(optimizer, grads, variables)
         if self._untold:
             self._tell(grads, variables)
         step = getattr(optimizer, "iterations", None)
@@ -323,7 +326,36 @@ class GradientMonitor(MonitorCore):
                      None if step is None else tf.convert_to_tensor(step),
                      loss_scale=loss_scale, loss_scaled=_is_loss_scaled(optimizer), due=due)
 
+    def _built_variables(self, optimizer: Any) -> list | None:
+        """The variables ``optimizer`` was built for (None: not known, or some are gone)."""
+        refs = self._built.get(id(optimizer))
+        if refs is None:
+            built = getattr(optimizer, "_trainable_variables", None)  # Keras 3, built earlier
+            return list(built) if built else None
+        built = [ref() for ref in refs]
+        return None if any(v is None for v in built) else built
+
+    def _filtered_back(self, optimizer: Any, grads: list, variables: list
+                       ) -> tuple[list, list]:
+        """An update that leaves out variables its optimizer was built for whose latest
+        gradient call returned None (``if g is not None`` over the pairs: the usual way to
+        quiet Keras's "Gradients do not exist" warning) is the update with them put back
+        as None, in the order the optimizer was built with: they are reported missing,
+        and every such update goes to the optimizer's one session, whichever it drops. A
+        variable simply not in this update (a part trained by its own loss) stays out."""
+        built = self._built_variables(optimizer)
+        if not built or len(variables) >= len(built):
+            return grads, variables
+        given = {id(v): g for g, v in zip(grads, variables, strict=False)}
+        if len(given) != len(variables):
+            return grads, variables
+        kept = [v for v in built if id(v) in given or tape.got_no_gradient(v)]
+        if len(kept) == len(variables) or len({id(v) for v in kept} & given.keys()) < len(given):
+            return grads, variables  # nothing filtered out, or variables it was not built for
+        return [given.get(id(v)) for v in kept], kept
+
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
+        self._built[id(optimizer)] = [weakref.ref(v) for v in variables]
         if self._inside_loss_scaling(optimizer):
             return
         if tf.distribute.in_cross_replica_context() and not self._closed:

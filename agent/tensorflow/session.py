@@ -21,6 +21,11 @@ from gradwatch.agent.tensorflow.variables import describe
 #: One step's gradients (None where a variable got none), or a function returning them.
 Gradients = Sequence[Any] | Callable[[], Sequence[Any]]
 
+#: Eager steps are recorded by one traced function per pattern of missing gradients
+#: (presence is fixed in a trace); past this many patterns (layer drop, stochastic
+#: depth: up to 2^layers) further ones run op by op instead of tracing again.
+MAX_EAGER_TRACES = 4
+
 
 class TensorFlowSession(Session):
     """Create in cross-replica context (see `StepRecorder`)."""
@@ -54,6 +59,7 @@ class TensorFlowSession(Session):
         #: traces them once, and each update adds one call to its graph, which graph
         #: optimisation and XLA inline.
         self._statistics = tf.function(functools.partial(gradient_record), autograph=False)
+        self._eager_patterns: set[tuple[bool, ...]] = set()  # traced for eager steps
 
     def _outside_replicas(self) -> bool:
         """Whether this runs outside the replicas of the session's strategy: in its
@@ -66,7 +72,9 @@ class TensorFlowSession(Session):
                      loss_scale: tf.Tensor | None, due: tf.Tensor | None = None
                      ) -> tf.Operation | tf.Tensor:
         def write() -> tf.Operation:
-            record = self._statistics(grads() if callable(grads) else grads)
+            # Eagerly (a pattern past MAX_EAGER_TRACES), op by op: no trace.
+            statistics = self._statistics if tf.inside_function() else gradient_record
+            record = statistics(grads() if callable(grads) else grads)
             if loss_scale is not None:  # report what the optimizer will apply: g / scale
                 record = unscale_record(record, self._recorder.num_variables, loss_scale)
             return self._recorder.record(record, number)
@@ -112,4 +120,10 @@ class TensorFlowSession(Session):
             return
         if due is not None and not bool(due):
             return
-        self._record(list(grads() if callable(grads) else grads), step, loss_scale)
+        grads = list(grads() if callable(grads) else grads)
+        pattern = tuple(g is None for g in grads)
+        if pattern in self._eager_patterns or len(self._eager_patterns) < MAX_EAGER_TRACES:
+            self._eager_patterns.add(pattern)
+            self._record(grads, step, loss_scale)
+        else:
+            self._record_step(grads, step, loss_scale)

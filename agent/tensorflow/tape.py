@@ -98,6 +98,9 @@ class _GradientCalls:
         self._originals: dict[str, Any] = {}
         self._seen = _Seen()
         self._logged: set[Diagnosis] = set()
+        #: Per variable id: a reference to it, and whether the latest gradient call that
+        #: asked for it returned None (see `got_no_gradient`).
+        self._latest: dict[int, tuple[Callable[[], Any], bool]] = {}
         self._recorder = EagerRecorder()
         self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
         #: The persistent tape whose gradient calls the current eager recording serves
@@ -127,6 +130,7 @@ class _GradientCalls:
                     self._recorder.stop()
                     self._awaiting.clear()
                     self._seen.clear()
+                    self._latest.clear()
                     self._unpatch()
 
         return stop
@@ -227,7 +231,10 @@ class _GradientCalls:
         self.calls += 1
         flat_sources = tf.nest.flatten(sources, expand_composites=False)
         flat_grads = tf.nest.flatten(result, expand_composites=False)
-        if len(flat_sources) != len(flat_grads) or before is None:
+        if len(flat_sources) != len(flat_grads):
+            return
+        self._note_results(flat_sources, flat_grads)
+        if before is None:
             return
         graph, position = before
         missing = [v for v, g in zip(flat_sources, flat_grads, strict=True)
@@ -241,6 +248,17 @@ class _GradientCalls:
             forward = forward_graph.from_func_graph(graph, position,
                                                     self._recording(tape, graph))
             self._diagnose(forward, tape, target, missing, graph)
+
+    def _note_results(self, sources: list[Any], grads: list[Any]) -> None:
+        with self._lock:
+            if len(self._latest) > 10_000:  # forget the dead
+                self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
+            for variable, grad in zip(sources, grads, strict=True):
+                self._latest[id(variable)] = (_ref(variable), grad is None)
+
+    def got_no_gradient(self, variable: Any) -> bool:
+        latest = self._latest.get(id(variable))
+        return latest is not None and latest[1] and latest[0]() is variable
 
     def _entered(self, tape: Any) -> None:
         """A tape starts recording: a recording kept for a persistent tape whose own
@@ -327,6 +345,12 @@ def listen(listener: Listener, *, record_eagerly: bool = False,
     what it needs to: a monitor, for the variables its optimizers get no gradient for).
     Returns a function that stops listening."""
     return _CALLS.listen(listener, record_eagerly=record_eagerly, tells=tells)
+
+
+def got_no_gradient(variable: Any) -> bool:
+    """Whether the latest ``GradientTape.gradient`` call that asked for ``variable`` (while
+    anyone listened; in a traced function, when it was traced) returned None for it."""
+    return _CALLS.got_no_gradient(variable)
 
 
 def gradient_calls() -> int:

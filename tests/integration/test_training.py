@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
+from gradwatch.agent.tensorflow.session import MAX_EAGER_TRACES
 from tests.support.logs import gradwatch_warnings
 from tests.support.metrics import parse_metrics, select
 from tests.support.models import ModelWithUnusedLayer, X, Y, mse_gradients, small_model
@@ -645,6 +646,92 @@ def test_one_optimizer_updating_parts_of_a_model_in_turn(collector, job_name, ca
         "shared_adam_2": {"generator/g/kernel", "generator/g/bias"}}
     assert steps_by_optimizer(samples) == {"shared_adam": 3.0, "shared_adam_2": 3.0}
     assert_no_session_was_replaced(caplog)
+
+
+class FlooredHead(keras.Model):
+    """A trunk, a head that trains, and one behind ``tf.math.floor`` (no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="floored_head")
+        self.trunk = keras.layers.Dense(8, activation="relu", name="trunk")
+        self.ok = keras.layers.Dense(1, name="ok")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def call(self, x):
+        h = self.trunk(x)
+        return self.ok(h) + tf.math.floor(self.head(h))
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf_function"])
+def test_none_gradients_filtered_out_of_the_update_are_reported_missing(
+        collector, job_name, caplog, traced):
+    """The usual way to quiet Keras's "Gradients do not exist for variables" warning,
+    ``apply_gradients((g, v) for g, v in pairs if g is not None)``, leaves the broken
+    head out of the update: it was reported by nobody (a session of the other four
+    variables, all present). It is reported missing, with its cause, in the optimizer's
+    one session."""
+    model = FlooredHead()
+    model(X[:1])  # builds it
+    variables = model.trainable_variables
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.Adam(1e-3, name="adam"))
+        optimizer.build(variables)
+
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((model(X) - Y) ** 2)
+            grads = tape.gradient(loss, variables)
+            optimizer.apply_gradients((g, v) for g, v in zip(grads, variables, strict=True)
+                                      if g is not None)
+
+        step = tf.function(step) if traced else step
+        for _ in range(4):
+            step()
+        assert monitor.close()
+    samples = scrape(collector, job_name)
+    head = {v.path for v in model.head.trainable_variables}
+    assert steps_by_optimizer(samples) == {"adam": 4.0}
+    present = select(samples, "gradwatch_gradient_present")
+    assert present == {v.path: float(v.path not in head) for v in variables}
+    causes = {labels["variable"]: labels["op_type"]
+              for labels, _ in samples["gradwatch_gradient_missing_cause_info"]}
+    assert causes == dict.fromkeys(head, "Floor")
+    # the verdicts, nothing else (no session replaced by another)
+    assert all("gets no gradient" in line for line in gradwatch_warnings(caplog))
+
+
+def test_layers_dropped_at_random_in_an_eager_loop_stay_one_session(collector, job_name):
+    """Stochastic depth in an eager loop, dropped blocks' None gradients filtered out: a
+    new session (optimizer ``sgd_2`` ... ``sgd_131``) for every subset of blocks, and a
+    trace of the statistics for every pattern of missing gradients (11x the plain loop's
+    time). One session; the traces stay few."""
+    rng = np.random.default_rng(0)
+    blocks = [keras.layers.Dense(4, activation="relu", name=f"block{i}") for i in range(8)]
+    for block in blocks:
+        block.build((None, 4))
+    variables = [v for block in blocks for v in block.trainable_variables]
+    steps = 40
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.SGD(1e-2, name="sgd"))
+        optimizer.build(variables)
+        for _ in range(steps):
+            kept = [block for block in blocks if rng.random() < 0.5] or blocks[:1]
+            with tf.GradientTape() as tape:
+                h = tf.constant(X)
+                for block in kept:
+                    h = h + block(h)
+                loss = tf.reduce_mean(h ** 2)
+            grads = tape.gradient(loss, variables)
+            optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables, strict=True)
+                                       if g is not None])
+        (session,) = monitor._sessions.values()
+        traces = (session._record.experimental_get_tracing_count()
+                  + session._statistics.experimental_get_tracing_count())
+        assert monitor.close()
+    assert traces <= 2 * MAX_EAGER_TRACES
+    samples = scrape(collector, job_name)
+    assert steps_by_optimizer(samples) == {"sgd": float(steps)}
+    assert set(select(samples, "gradwatch_gradient_present")) == {v.path for v in variables}
 
 
 def test_a_notebook_cell_run_again_reports_through_the_new_monitor(collector, job_name,
