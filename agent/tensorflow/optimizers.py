@@ -84,6 +84,8 @@ def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
             grads = list(grads)
             variables = (list(trainable_variables) if trainable_variables is not None
                          else list(optimizer._trainable_variables))
+            if len(variables) != len(grads):  # not built yet, or a mistake: Keras says which
+                return original(grads, trainable_variables)
             current().on_gradients(optimizer, grads, variables)
             try:
                 return original(grads, trainable_variables)

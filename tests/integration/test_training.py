@@ -207,6 +207,16 @@ def test_model_fit_that_keras_rejects_still_reports(collector, webhook, job_name
         "the loss crosses Floor op")
 
 
+def test_keras_says_why_an_unbuilt_optimizer_given_no_variables_refuses(collector, job_name):
+    """``optimizer.apply(grads)`` without variables before the optimizer is built: Keras's
+    own message (call ``optimizer.build`` first), not gradwatch's "2 gradients for 0
+    variables"."""
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(keras.optimizers.SGD())
+        with pytest.raises(ValueError, match="must already be built"):
+            optimizer.apply([tf.ones(2), tf.ones(1)])
+
+
 def test_an_update_keras_refuses_with_every_gradient_there_is_no_step(collector, job_name):
     """keras.io's fine-tuning guide, recompiled with the same Keras 3 optimizer after the
     base was unfrozen: Keras refuses ("Unknown variable"), no update runs, yet a step with
