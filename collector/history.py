@@ -112,5 +112,9 @@ class History:
         return (self.steps[order], self.cells[order],
                 {sid: g[order] for sid, g in self.global_norms.items()})
 
+    def keep_columns(self, kept: np.ndarray) -> None:
+        """Keeps the columns where ``kept`` (bool, over the group's columns) is True."""
+        self.cells = self.cells[:, kept[:self.cells.shape[1]]]
+
     def forget(self, session_id: str) -> None:
         self.global_norms.pop(session_id, None)

@@ -193,6 +193,26 @@ class Group:
         return [s for group in self.job_groups for s in group.sessions.values()
                 if (s.task_type, s.task_index) == (task_type, task_index)]
 
+    def drop_unheld_columns(self) -> None:
+        """Forgets the variables no session holds any more (those of a run that another
+        replaced, or of tasks forgotten): alerts, pages and the heat map count and list
+        what the job's tasks watch now. Renumbers the columns left (sessions, causes and
+        history follow)."""
+        held = np.zeros(len(self.names), bool)
+        for session in self.sessions.values():
+            held[session.columns] = True
+        if held.all():
+            return
+        renumbered = np.cumsum(held) - 1
+        self.names = [name for name, kept in zip(self.names, held.tolist(), strict=True)
+                      if kept]
+        self.column_of = {name: i for i, name in enumerate(self.names)}
+        self.causes = {int(renumbered[c]): cause for c, cause in self.causes.items()
+                       if held[c]}
+        for session in self.sessions.values():
+            session.columns = renumbered[session.columns]
+        self.history.keep_columns(held)
+
     def columns_for(self, names: list[str]) -> np.ndarray:
         for name in names:
             if name not in self.column_of:
@@ -248,6 +268,8 @@ class Registry:
         group.sessions[session.id] = session
         self.sessions[session.id] = session
         self.statistics += num_replicas * session.num_variables
+        if previous is not None:
+            group.drop_unheld_columns()
         return session
 
     def find_task(self, training_job: str, optimizer: str, task_type: str,
@@ -286,6 +308,8 @@ class Registry:
             if not group.sessions:
                 del self.groups[key]
                 group.job_groups.remove(group)
+            elif id(group) in touched:
+                group.drop_unheld_columns()
         return list(touched.values())
 
     def jobs(self) -> set[str]:

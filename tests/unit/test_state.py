@@ -159,3 +159,45 @@ def test_shards_of_equal_norm_combine_and_a_repeat_does_not():
     steps, cells, _ = history.window()
     assert steps.tolist() == [7]
     assert 10.0 ** float(cells[0, 0]) == pytest.approx(3.0 * 2 ** 0.5, rel=1e-2)
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_new_run_with_other_variables_lists_only_its_own(tasks):
+    """The same job name run again with a layer removed: the old run's variables stayed
+    in the group, counted on the jobs page ("variables: 6" for 4 watched), listed with
+    empty rows in the table and heat map, and in GradientMissing's "2 of 8 variables"."""
+    import time
+
+    from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.jobs import detail, summary
+    from tests.support.rules import Harness, healthy
+
+    h = Harness()
+    old_names = ("trunk", "unused", "head")
+    old = [h.register(task_index=t, names=old_names) for t in range(tasks)]
+    for session in old:
+        h.feed(session, {"present": [1, 0, 1], "norm": [1.0, 0.0, 2.0]})
+    time.sleep(0.01)
+    new = [h.register(task_index=t, names=("trunk", "head")) for t in range(tasks)]
+    for session in new:
+        h.feed(session, *[healthy(n=2, norm=3.0)] * 4, first_step=0)
+    group = new[0].group
+    assert group.names == ["trunk", "head"]
+    assert summary("job", [group], AlertTracker(print))["variables"] == 2
+    (optimizer,) = detail(h.registry, AlertTracker(print), "job")["groups"]
+    assert [v["name"] for v in optimizer["variables"]] == ["trunk", "head"]
+    assert [v["norm"] for v in optimizer["variables"]] == [3.0, 3.0]
+    _, cells, _ = group.history.window()
+    assert cells.shape == (4, 2) and np.allclose(10.0 ** cells.astype(np.float64), 3.0,
+                                                 rtol=1e-2)
+
+
+def test_variables_of_forgotten_tasks_leave_the_group():
+    """A task forgotten (crashed an hour ago) takes the variables only it watched along."""
+    registry = Registry()
+    kept = registry.register("job", "sgd", "worker", 0, 1, ["shared", "mine"])
+    gone = registry.register("job", "sgd", "worker", 1, 1, ["theirs", "shared"])
+    kept.last_report_time, gone.last_report_time = 300.0, 60.0
+    registry.expire_inactive(older_than=200.0)
+    assert kept.group.names == ["shared", "mine"]
+    assert kept.columns.tolist() == [0, 1]
