@@ -107,7 +107,7 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
             request.training_job, request.optimizer, request.task_type, request.task_index,
             request.num_replicas, names, strategy=request.strategy, hostname=request.hostname,
             pid=request.pid, versions=dict(request.versions), loss_scaled=request.loss_scaled,
-            sharded=request.sharded,
+            sharded=request.sharded, stepped_before=request.stepped,
         )
         self.telemetry.registrations += 1
         log.info("registered %s/%s %s (%s, %d variables, %d replicas) as %s",
@@ -138,8 +138,9 @@ class GradientWatchService(pb_grpc.GradientWatchServicer):
                         if session.id not in carried:
                             carried[session.id] = session
                             session.open_streams += 1
-                        if batch.sequence <= session.last_sequence:
-                            self.telemetry.duplicate_batches += 1
+                        if batch.sequence <= session.last_sequence:  # 0: the agent asks
+                            if batch.sequence:                         # if it is known here
+                                self.telemetry.duplicate_batches += 1
                             yield pb.Ack(session_id=session.id, sequence=session.last_sequence)
                             continue
                         decoded = decode_batch(batch, session.num_replicas, session.num_variables,

@@ -64,6 +64,9 @@ class SessionState:
     pid: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     registered_at: float = field(default_factory=time.time)
+    #: It sent steps before this registration (to a collector that lost it, or another
+    #: replica): past its first step, though none came here yet.
+    stepped_before: bool = False
     last_sequence: int = 0
     last_report_time: float = 0.0
     last_step: int = -1

@@ -110,6 +110,13 @@ class SessionBuffer:
         self.final_sent = any(batch.final for batch in self.unacked)  # replayed, said again
         self.retired = False
 
+    def registration(self) -> pb.RegisterRequest:
+        """The session's registration, saying whether it sent steps before (to a collector
+        that lost it, or another one): then it is past its first step."""
+        request = self.session.registration()
+        request.stepped = self.last_step >= 0
+        return request
+
     def registered(self, address: str, response: pb.RegisterResponse) -> None:
         self.session_id = self.registrations[address] = response.session_id
         self.not_registered_because = ""

@@ -2,7 +2,9 @@
 
 `Connection.run` registers the sessions the collector does not know, sends again
 what the previous connection left unacknowledged (same sequence numbers: the
-collector drops duplicates), then writes a batch per session with news every flush
+collector drops duplicates; a session with nothing to resend sends an empty batch of
+sequence 0, so that an idle or hung task finds a collector that lost its session at
+once: ``NOT_FOUND``, `Outcome.LOST`), then writes a batch per session with news every flush
 interval on one ordered ``Report`` stream, while a task reads the acks. It ends with
 an `Outcome` that tells `gradwatch.agent.core.failover` what to do next.
 
@@ -220,7 +222,13 @@ class Connection:
             raise ConnectionError(f"no acknowledgement for {self.ack_timeout_s:g} s")
 
     async def _replay(self, call, buffer: SessionBuffer, acks: asyncio.Future) -> None:
-        """Sends again, under its session id here, what ``buffer`` has had no ack for."""
+        """Sends again, under its session id here, what ``buffer`` has had no ack for; with
+        nothing to resend, a batch of sequence 0 (it applies nothing), so that a quiet task
+        learns at once whether the collector still knows the session (``NOT_FOUND``: it
+        restarted, and the session is registered again) and its stream counts as the
+        session's there (a task that hangs is kept, and pages as silent)."""
+        if not buffer.unacked:
+            await self._write(call, buffer, pb.ReportBatch(session_id=buffer.session_id), acks)
         for batch in list(buffer.unacked):  # acks arriving meanwhile remove from it
             batch.session_id = buffer.session_id
             buffer.attach_diagnoses(batch)  # registered again: they go with its first batch
@@ -262,7 +270,7 @@ class Connection:
                     or time.monotonic() < buffer.register_after):
                 continue
             try:
-                response = await stub.Register(buffer.session.registration(),
+                response = await stub.Register(buffer.registration(),
                                                timeout=self.rpc_timeout_s,
                                                metadata=self.channel.metadata())
             except grpc.aio.AioRpcError as error:

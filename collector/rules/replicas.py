@@ -90,7 +90,9 @@ class WorkerSilent(Rule[None]):
     """A task that has not said goodbye reported no step, with any of the job's optimizers,
     for ``seconds`` (``first_step_seconds`` before its first step, and a PyTorch task's
     second: its agent runs the first uncompiled, to explain any missing gradient, so a
-    ``torch.compile``d model compiles in the second). An optimizer that is idle while
+    ``torch.compile``d model compiles in the second); a task that registers again past
+    its first step (`pb.RegisterRequest.stepped`: with a collector that lost it, or
+    another replica) is silent since it registered. An optimizer that is idle while
     another of the task trains (GANs, distillation, layer-wise schedules) is not a silent
     task; its ``gradwatch_last_report_timestamp_seconds`` shows it."""
 
@@ -103,11 +105,12 @@ class WorkerSilent(Rule[None]):
             if session.closed:
                 return False
             task = group.task_sessions(session.task_type, session.task_index) or [session]
-            stepped = [s for s in task if s.steps_total]
+            stepped = [s for s in task if s.steps_total or s.stepped_before]
             if stepped:
                 # (its step 0: not the first step a restarted collector hears of)
                 compiling = all(s.last_step == 0 and "torch" in s.versions for s in stepped)
-                return now - max(s.last_report_time for s in stepped) > (
+                # (registered again after a collector lost it: silent since then)
+                return now - max(s.last_report_time or s.registered_at for s in stepped) > (
                     params.first_step_seconds if compiling else params.seconds)
             return now - min(s.registered_at for s in task) > params.first_step_seconds
 

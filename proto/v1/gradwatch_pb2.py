@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradwatch/proto/v1/gradwatch.proto\x12\x0cgradwatch.v1\"6\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xe9\x02\n\x0fRegisterRequest\x12\x14\n\x0ctraining_job\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x12\n\ntask_index\x18\x03 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x04 \x01(\r\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12=\n\x08versions\x18\x07 \x03(\x0b\x32+.gradwatch.v1.RegisterRequest.VersionsEntry\x12)\n\tvariables\x18\x08 \x03(\x0b\x32\x16.gradwatch.v1.Variable\x12\x10\n\x08hostname\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x13\n\x0bloss_scaled\x18\x0b \x01(\x08\x12\x0f\n\x07sharded\x18\x0c \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_batch_steps\x18\x02 \x01(\r\x12\x11\n\tmax_cause\x18\x03 \x01(\r\"\x95\x01\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\twall_time\x18\x02 \x01(\x01\x12\x0f\n\x07present\x18\x03 \x01(\x0c\x12\x0f\n\x07l2_norm\x18\x04 \x01(\x0c\x12\x11\n\tnan_count\x18\x06 \x01(\x0c\x12\x11\n\tinf_count\x18\x07 \x01(\x0c\x12\x0f\n\x07rewound\x18\x08 \x01(\x08J\x04\x08\x05\x10\x06R\x07max_abs\"\xbe\x01\n\x0bReportBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\'\n\x05steps\x18\x03 \x03(\x0b\x32\x18.gradwatch.v1.StepReport\x12\x15\n\rdropped_steps\x18\x04 \x01(\x04\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12*\n\tdiagnoses\x18\x06 \x03(\x0b\x32\x17.gradwatch.v1.Diagnosis\x12\x0e\n\x06moving\x18\x07 \x01(\x08\"\xf0\x02\n\tDiagnosis\x12\x13\n\x0bvariable_id\x18\x01 \x01(\r\x12,\n\x05\x63\x61use\x18\x02 \x01(\x0e\x32\x1d.gradwatch.v1.Diagnosis.Cause\x12\x0f\n\x07op_name\x18\x03 \x01(\t\x12\x0f\n\x07op_type\x18\x04 \x01(\t\x12\x13\n\x0bsource_file\x18\x05 \x01(\t\x12\x13\n\x0bsource_line\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0c\n\x04hint\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"\xa4\x01\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\n\n\x06UNUSED\x10\x01\x12\x14\n\x10NOT_ON_LOSS_PATH\x10\x02\x12\x10\n\x0c\x42ROKEN_AT_OP\x10\x03\x12\x13\n\x0fLEFT_TENSORFLOW\x10\x04\x12\x10\n\x0cOUTSIDE_TAPE\x10\x05\x12\x0b\n\x07UNKNOWN\x10\x06\x12\x0f\n\x0bNOT_TRACKED\x10\x07\x12\x0b\n\x07\x43LEARED\x10\x08\"+\n\x03\x41\x63k\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x32\x96\x01\n\rGradientWatch\x12I\n\x08Register\x12\x1d.gradwatch.v1.RegisterRequest\x1a\x1e.gradwatch.v1.RegisterResponse\x12:\n\x06Report\x12\x19.gradwatch.v1.ReportBatch\x1a\x11.gradwatch.v1.Ack(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradwatch/proto/v1/gradwatch.proto\x12\x0cgradwatch.v1\"6\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xfa\x02\n\x0fRegisterRequest\x12\x14\n\x0ctraining_job\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x12\n\ntask_index\x18\x03 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x04 \x01(\r\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12=\n\x08versions\x18\x07 \x03(\x0b\x32+.gradwatch.v1.RegisterRequest.VersionsEntry\x12)\n\tvariables\x18\x08 \x03(\x0b\x32\x16.gradwatch.v1.Variable\x12\x10\n\x08hostname\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x13\n\x0bloss_scaled\x18\x0b \x01(\x08\x12\x0f\n\x07sharded\x18\x0c \x01(\x08\x12\x0f\n\x07stepped\x18\r \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_batch_steps\x18\x02 \x01(\r\x12\x11\n\tmax_cause\x18\x03 \x01(\r\"\x95\x01\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\twall_time\x18\x02 \x01(\x01\x12\x0f\n\x07present\x18\x03 \x01(\x0c\x12\x0f\n\x07l2_norm\x18\x04 \x01(\x0c\x12\x11\n\tnan_count\x18\x06 \x01(\x0c\x12\x11\n\tinf_count\x18\x07 \x01(\x0c\x12\x0f\n\x07rewound\x18\x08 \x01(\x08J\x04\x08\x05\x10\x06R\x07max_abs\"\xbe\x01\n\x0bReportBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\'\n\x05steps\x18\x03 \x03(\x0b\x32\x18.gradwatch.v1.StepReport\x12\x15\n\rdropped_steps\x18\x04 \x01(\x04\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12*\n\tdiagnoses\x18\x06 \x03(\x0b\x32\x17.gradwatch.v1.Diagnosis\x12\x0e\n\x06moving\x18\x07 \x01(\x08\"\xf0\x02\n\tDiagnosis\x12\x13\n\x0bvariable_id\x18\x01 \x01(\r\x12,\n\x05\x63\x61use\x18\x02 \x01(\x0e\x32\x1d.gradwatch.v1.Diagnosis.Cause\x12\x0f\n\x07op_name\x18\x03 \x01(\t\x12\x0f\n\x07op_type\x18\x04 \x01(\t\x12\x13\n\x0bsource_file\x18\x05 \x01(\t\x12\x13\n\x0bsource_line\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0c\n\x04hint\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"\xa4\x01\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\n\n\x06UNUSED\x10\x01\x12\x14\n\x10NOT_ON_LOSS_PATH\x10\x02\x12\x10\n\x0c\x42ROKEN_AT_OP\x10\x03\x12\x13\n\x0fLEFT_TENSORFLOW\x10\x04\x12\x10\n\x0cOUTSIDE_TAPE\x10\x05\x12\x0b\n\x07UNKNOWN\x10\x06\x12\x0f\n\x0bNOT_TRACKED\x10\x07\x12\x0b\n\x07\x43LEARED\x10\x08\"+\n\x03\x41\x63k\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x32\x96\x01\n\rGradientWatch\x12I\n\x08Register\x12\x1d.gradwatch.v1.RegisterRequest\x1a\x1e.gradwatch.v1.RegisterResponse\x12:\n\x06Report\x12\x19.gradwatch.v1.ReportBatch\x1a\x11.gradwatch.v1.Ack(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VARIABLE']._serialized_start=52
   _globals['_VARIABLE']._serialized_end=106
   _globals['_REGISTERREQUEST']._serialized_start=109
-  _globals['_REGISTERREQUEST']._serialized_end=470
-  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_start=423
-  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_end=470
-  _globals['_REGISTERRESPONSE']._serialized_start=472
-  _globals['_REGISTERRESPONSE']._serialized_end=554
-  _globals['_STEPREPORT']._serialized_start=557
-  _globals['_STEPREPORT']._serialized_end=706
-  _globals['_REPORTBATCH']._serialized_start=709
-  _globals['_REPORTBATCH']._serialized_end=899
-  _globals['_DIAGNOSIS']._serialized_start=902
-  _globals['_DIAGNOSIS']._serialized_end=1270
-  _globals['_DIAGNOSIS_CAUSE']._serialized_start=1106
-  _globals['_DIAGNOSIS_CAUSE']._serialized_end=1270
-  _globals['_ACK']._serialized_start=1272
-  _globals['_ACK']._serialized_end=1315
-  _globals['_GRADIENTWATCH']._serialized_start=1318
-  _globals['_GRADIENTWATCH']._serialized_end=1468
+  _globals['_REGISTERREQUEST']._serialized_end=487
+  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_start=440
+  _globals['_REGISTERREQUEST_VERSIONSENTRY']._serialized_end=487
+  _globals['_REGISTERRESPONSE']._serialized_start=489
+  _globals['_REGISTERRESPONSE']._serialized_end=571
+  _globals['_STEPREPORT']._serialized_start=574
+  _globals['_STEPREPORT']._serialized_end=723
+  _globals['_REPORTBATCH']._serialized_start=726
+  _globals['_REPORTBATCH']._serialized_end=916
+  _globals['_DIAGNOSIS']._serialized_start=919
+  _globals['_DIAGNOSIS']._serialized_end=1287
+  _globals['_DIAGNOSIS_CAUSE']._serialized_start=1123
+  _globals['_DIAGNOSIS_CAUSE']._serialized_end=1287
+  _globals['_ACK']._serialized_start=1289
+  _globals['_ACK']._serialized_end=1332
+  _globals['_GRADIENTWATCH']._serialized_start=1335
+  _globals['_GRADIENTWATCH']._serialized_end=1485
 # @@protoc_insertion_point(module_scope)

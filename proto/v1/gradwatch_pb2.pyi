@@ -18,7 +18,7 @@ class Variable(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid", "loss_scaled", "sharded")
+    __slots__ = ("training_job", "task_type", "task_index", "num_replicas", "strategy", "optimizer", "versions", "variables", "hostname", "pid", "loss_scaled", "sharded", "stepped")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class RegisterRequest(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     LOSS_SCALED_FIELD_NUMBER: _ClassVar[int]
     SHARDED_FIELD_NUMBER: _ClassVar[int]
+    STEPPED_FIELD_NUMBER: _ClassVar[int]
     training_job: str
     task_type: str
     task_index: int
@@ -50,7 +51,8 @@ class RegisterRequest(_message.Message):
     pid: int
     loss_scaled: bool
     sharded: bool
-    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., loss_scaled: _Optional[bool] = ..., sharded: _Optional[bool] = ...) -> None: ...
+    stepped: bool
+    def __init__(self, training_job: _Optional[str] = ..., task_type: _Optional[str] = ..., task_index: _Optional[int] = ..., num_replicas: _Optional[int] = ..., strategy: _Optional[str] = ..., optimizer: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., variables: _Optional[_Iterable[_Union[Variable, _Mapping]]] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., loss_scaled: _Optional[bool] = ..., sharded: _Optional[bool] = ..., stepped: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("session_id", "max_batch_steps", "max_cause")

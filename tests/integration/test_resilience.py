@@ -8,6 +8,7 @@ Kubernetes Service (what kube-proxy does), the one part that cannot run here for
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -381,3 +382,43 @@ def test_a_buffer_too_small_for_one_step_says_so_once(job_name, caplog):
         monitor.close(timeout_s=5)
     lines = [r.getMessage() for r in caplog.records if "holds not one step" in r.getMessage()]
     assert len(lines) == 1 and "GRADWATCH_MAX_BUFFER_BYTES" in lines[0], caplog.text
+
+
+def test_a_hung_task_registers_with_its_restarted_collector_and_pages_again(job_name,
+                                                                           tmp_path):
+    """A task that stepped, then hung (its sender alive, no steps to send), while WorkerSilent
+    fires: its collector is restarted (SIGTERM, then again on the same address). The agent
+    finds out at the reconnect that its session is unknown there and registers it again at
+    once, not at exit; the new collector pages WorkerSilent for it after ``seconds`` of
+    silence since then (the task is past its first step: not ``first_step_seconds``)."""
+    config = tmp_path / "collector.yaml"
+    config.write_text(json.dumps({
+        "evaluation_interval_seconds": 0.2,
+        "rules": {"WorkerSilent": {"seconds": 2.0, "first_step_seconds": 600.0}}}))
+    args = ("--grpc-address", f"127.0.0.1:{free_port()}", "--config", str(config))
+
+    def state(collector: CollectorProcess) -> tuple[int, float]:
+        samples = parse_metrics(collector.scrape())
+        sessions = select(samples, "gradwatch_task_info", training_job=job_name)
+        silent = select(samples, "gradwatch_alerts_active", alertname="WorkerSilent",
+                        training_job=job_name)
+        return len(sessions), sum(silent.values())
+
+    monitor, trainer = reporting_trainer(args[1], job_name)
+    try:
+        with CollectorProcess(*args) as first:
+            trainer.train(20)
+            wait_until(lambda: acked_all(first, job_name, trainer))
+            wait_until(lambda: state(first) == (1, 1), timeout_s=10)  # hung: it pages
+        with CollectorProcess(*args) as second:
+            started = time.monotonic()
+            wait_until(lambda: state(second)[0] == 1, timeout_s=10)  # (reconnect backoff)
+            registered_s = time.monotonic() - started
+            assert state(second) == (1, 0), "silent since it registered again, not before"
+            wait_until(lambda: state(second) == (1, 1), timeout_s=10)
+            paged_s = time.monotonic() - started
+            assert second.log().count("registered ") == 1, second.log()
+    finally:
+        monitor.close(timeout_s=1)
+    print(f"registered again {registered_s:.2f} s after the collector restarted; "
+          f"WorkerSilent after {paged_s:.2f} s")

@@ -112,6 +112,21 @@ def test_a_long_first_step_is_not_silence():
     assert alert.annotations["tasks"] == "worker/0"
 
 
+def test_a_task_registered_again_past_its_first_step_is_silent_since_then():
+    """A hung task registers with a collector that restarted (it stepped before, there):
+    no step comes, and ``seconds`` after the registration it pages, not
+    ``first_step_seconds`` after."""
+    h = Harness(WorkerSilent={"seconds": 30.0, "first_step_seconds": 300.0})
+    session = h.registry.register("job", "adam", "worker", 0, 1, ["a"], stepped_before=True)
+    session.registered_at = h.clock.now
+    h.clock.now += 29
+    h.engine.tick(h.registry.groups.values())
+    assert h.active("WorkerSilent") == []
+    h.clock.now += 2
+    h.engine.tick(h.registry.groups.values())
+    assert [a.annotations["tasks"] for a in h.active("WorkerSilent")] == ["worker/0"]
+
+
 @pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 def test_a_pytorch_tasks_second_step_may_take_as_long_as_a_first(framework):
     """The PyTorch agent runs the first step uncompiled (to record it for the diagnosis),
