@@ -37,6 +37,13 @@ class StepBatch:
     dropped_steps: int
     rewound_to: tuple[int, ...] = ()  # steps marked rewound (counter set back on purpose)
 
+    def standing(self) -> np.ndarray:
+        """Which steps stand (bool [S]): a step reported again later in the batch, or
+        followed by a lower one (the counter set back), is superseded. The standing steps
+        strictly increase."""
+        later = np.minimum.accumulate(self.steps[::-1])[::-1]
+        return self.steps < np.append(later[1:], np.iinfo(np.int64).max)
+
 
 @dataclass(frozen=True)
 class MissingCause:

@@ -3,14 +3,15 @@ and which stopped reporting."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradwatch.collector.alerts import Alert
-from gradwatch.collector.rules.base import Params, Rule, above, alert, names, reporting
-from gradwatch.collector.state import Group
+from gradwatch.collector.rules.base import Params, Rule, above, alert, names
+from gradwatch.collector.state import Group, SessionState, StepBatch
 
 
 @dataclass(frozen=True)
@@ -18,65 +19,151 @@ class DivergenceParams(Params):
     norm_ratio: float = above(10.0, 1)
 
 
-class ReplicaDivergence(Rule[None]):
+#: Steps a task may lag behind the group's newest step before the other tasks' steps are
+#: compared without it (a task that hangs with its stream open must not hold them back).
+LAG_STEPS = 256
+#: Bits of a variable's code at one step, OR-ed over the tasks compared: a gradient
+#: present on some replica, absent on some, non-finite on some, finite on some.
+PRESENT, ABSENT, NONFINITE, FINITE = (np.uint8(1 << i) for i in range(4))
+MIXED_PRESENCE, MIXED_FINITENESS = PRESENT | ABSENT, NONFINITE | FINITE
+
+Steps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # steps, codes, odd, norms
+
+
+class Unmatched:
+    """A task's steps not yet compared with the other tasks', in increasing step order,
+    kept as the batches' chunks (so a batch costs what its steps do). Per step: a code per
+    variable (`PRESENT` ... bits), per replica whether it is odd (a gradient missing or
+    non-finite) and its global norm."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[Steps] = deque()
+        #: The alerts of the latest comparison this task was part of (None: none yet).
+        self.verdict: list[Alert] | None = None
+
+    def add(self, chunk: Steps) -> None:
+        """Appends a batch's standing steps; they supersede the task's earlier reports of
+        the same or later steps (a repeat, or the counter set back)."""
+        first = chunk[0][0]
+        while self.chunks and self.chunks[-1][0][0] >= first:
+            self.chunks.pop()
+        if self.chunks and self.chunks[-1][0][-1] >= first:
+            n = int(np.searchsorted(self.chunks[-1][0], first))
+            self.chunks[-1] = tuple(a[:n] for a in self.chunks[-1])
+        self.chunks.append(chunk)
+
+    def take(self, upto: int) -> Steps | None:
+        """Removes and returns the steps up to ``upto`` (None: none)."""
+        taken = []
+        while self.chunks and self.chunks[0][0][-1] <= upto:
+            taken.append(self.chunks.popleft())
+        if self.chunks and self.chunks[0][0][0] <= upto:
+            n = int(np.searchsorted(self.chunks[0][0], upto, side="right"))
+            taken.append(tuple(a[:n] for a in self.chunks[0]))
+            self.chunks[0] = tuple(a[n:] for a in self.chunks[0])
+        if not taken:
+            return None
+        return tuple(np.concatenate(arrays) for arrays in zip(*taken, strict=True))
+
+
+class ReplicaDivergence(Rule[Unmatched]):
     """Replicas or workers of one job disagree at the same step: a gradient present on
     some and absent on others, finite on some and not on others, or global norms
-    whose max/min ratio exceeds ``norm_ratio`` (sharded jobs: presence only). Compares
-    the latest step of every task that has reached the group's newest step."""
+    whose max/min ratio exceeds ``norm_ratio`` (sharded jobs: presence only). Every step
+    is compared once every task that has not said goodbye has reported it or a later
+    step (or once it is `LAG_STEPS` behind the group's newest step: then without the
+    tasks that lag), among the tasks that reported it. The alert stands for the steps
+    compared at the latest evaluation that compared any."""
 
     name = "ReplicaDivergence"
     Params = DivergenceParams
 
-    def evaluate(self, group: Group, states: Mapping[str, None], params: DivergenceParams,
-                 now: float) -> list[Alert]:
-        sessions = reporting(group)
+    def new_state(self, session: SessionState) -> Unmatched:
+        return Unmatched()
+
+    def observe(self, state: Unmatched, session: SessionState, batch: StepBatch,
+                params: DivergenceParams) -> None:
+        standing = batch.standing()
+        present, bad = batch.present[standing], session.nonfinite_steps(batch)[standing]
+        codes = (present.any(axis=1) * PRESENT | ~present.all(axis=1) * ABSENT
+                 | bad.any(axis=1) * NONFINITE | ~bad.all(axis=1) * FINITE)
+        odd = ~present.all(axis=2) | bad.any(axis=2)
+        state.add((batch.steps[standing], codes, odd, batch.global_norm[standing]))
+
+    def evaluate(self, group: Group, states: Mapping[str, Unmatched],
+                 params: DivergenceParams, now: float) -> list[Alert]:
+        sessions = list(group.sessions.values())
         if not sessions:
             return []
         newest = max(s.last_step for s in sessions)
-        peers = [s for s in sessions if s.last_step == newest]
-        if sum(s.num_replicas for s in peers) < 2:
-            return []
-        n = len(group.names)
-        present, nonfinite, norms, labels = [], [], [], []
-        for s in peers:
-            reported = np.zeros(n, bool)
-            reported[s.columns] = True
-            for r in range(s.num_replicas):
-                row_present, row_bad = np.zeros(n, bool), np.zeros(n, bool)
-                row_present[s.columns] = s.present[r]
-                row_bad[s.columns] = s.nonfinite[r]
-                present.append(np.where(reported, row_present, True))
-                nonfinite.append(row_bad)
-                labels.append(f"{s.task} replica {r}")
-            norms.extend(s.global_norm.tolist())
-        present, nonfinite, norms = np.array(present), np.array(nonfinite), np.array(norms)
-        presence_differs = present.any(axis=0) & ~present.all(axis=0)
+        upto = max(min((s.last_step for s in sessions if not s.closed), default=newest),
+                   newest - LAG_STEPS)
+        taken = {sid: steps for sid, state in states.items()
+                 if (steps := state.take(upto)) is not None}
+        verdict = self._compare(group, taken, params) if taken else None
+        if verdict is None:  # nothing compared since: the latest comparison stands
+            return next((s.verdict for s in states.values() if s.verdict is not None), [])
+        for state in states.values():
+            state.verdict = verdict
+        return verdict
+
+    def _compare(self, group: Group, taken: Mapping[str, Steps],
+                 params: DivergenceParams) -> list[Alert] | None:
+        """The alerts of these steps of these sessions (None: no step had 2 replicas)."""
+        steps = np.unique(np.concatenate([t[0] for t in taken.values()]))
+        width = sum(group.sessions[sid].num_replicas for sid in taken)
+        codes = np.zeros((len(steps), len(group.names)), np.uint8)
+        replicas = np.zeros(len(steps), np.int64)
+        odd = np.zeros((len(steps), width), bool)
+        norms = np.full((len(steps), width), np.nan)
+        labels: list[str] = []
+        for sid, (s_steps, s_codes, s_odd, s_norms) in taken.items():
+            s = group.sessions[sid]
+            rows = np.searchsorted(steps, s_steps)
+            if np.array_equal(s.columns, np.arange(len(s.columns))):  # (10x faster)
+                codes[rows, :len(s.columns)] |= s_codes
+            else:
+                codes[rows[:, None], s.columns] |= s_codes
+            replicas[rows] += s.num_replicas
+            own = slice(len(labels), len(labels) + s.num_replicas)
+            odd[rows, own] = s_odd
+            norms[rows, own] = np.where(np.isfinite(s_norms), s_norms, np.nan)
+            labels += [f"{s.task} replica {r}" for r in range(s.num_replicas)]
+        compared = replicas >= 2
+        if not compared.any():
+            return None
+        steps, codes, odd, norms = steps[compared], codes[compared], odd[compared], norms[compared]
+        presence = (codes & MIXED_PRESENCE) == MIXED_PRESENCE
         # Shards (FSDP, tensor parallel) hold different elements, so they differ in global
         # norm, and a NaN sits in the shard holding it (or a rank holds none of a
         # parameter): only presence is compared.
-        finiteness_differs = (nonfinite.any(axis=0) & ~nonfinite.all(axis=0)
-                              & (not group.sharded))
-        finite_norms = norms[np.isfinite(norms)]
-        ratio = (finite_norms.max() / finite_norms.min()
-                 if finite_norms.size >= 2 and finite_norms.min() > 0 and not group.sharded
-                 else 1.0)
-        reasons = []
-        if presence_differs.any():
-            reasons.append("gradient present on some replicas only")
-        if finiteness_differs.any():
-            reasons.append("NaN/Inf on some replicas only")
-        if ratio > params.norm_ratio:
-            reasons.append(f"global norms differ {ratio:.3g}x (limit {params.norm_ratio:g}x)")
-        if not reasons:
+        finiteness = ((codes & MIXED_FINITENESS) == MIXED_FINITENESS) & (not group.sharded)
+        high, low = np.fmax.reduce(norms, axis=1), np.fmin.reduce(norms, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where((np.isfinite(norms).sum(axis=1) >= 2) & (low > 0)
+                             & (not group.sharded), high / low, 1.0)
+        skewed = ratio > params.norm_ratio
+        differs = presence.any(axis=1) | finiteness.any(axis=1) | skewed
+        if not differs.any():
             return []
-        odd = np.flatnonzero(~present.all(axis=1) | nonfinite.any(axis=1))
-        if ratio > params.norm_ratio:
-            odd = np.union1d(odd, [int(np.nanargmax(norms)), int(np.nanargmin(norms))])
+        reasons = []
+        if presence.any():
+            reasons.append("gradient present on some replicas only")
+        if finiteness.any():
+            reasons.append("NaN/Inf on some replicas only")
+        if skewed.any():
+            reasons.append(f"global norms differ {ratio.max():.3g}x "
+                           f"(limit {params.norm_ratio:g}x)")
+        odd &= differs[:, None]
+        for row in np.flatnonzero(skewed):
+            odd[row, [np.nanargmax(norms[row]), np.nanargmin(norms[row])]] = True
+        first, later = int(steps[differs][0]), int(differs.sum()) - 1
         return [alert(self.name, "warning", group,
                       f"Replicas of {group.training_job} ({group.optimizer}) disagree at "
-                      f"step {newest}", "; ".join(reasons).capitalize() + ".",
-                      names(group, presence_differs | finiteness_differs),
-                      [labels[i] for i in odd])]
+                      f"step {first}" + (f" and {later} later steps" if later else ""),
+                      "; ".join(reasons).capitalize() + ".",
+                      names(group, (presence | finiteness).any(axis=0)),
+                      [labels[i] for i in np.flatnonzero(odd.any(axis=0))])]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from gradwatch.collector.rules.replicas import LAG_STEPS
 from tests.support.rules import Harness, healthy
 
 
@@ -61,6 +62,63 @@ def test_divergence_ignores_workers_at_other_steps():
     w0, w1 = h.register(0), h.register(1)
     h.feed(w0, healthy(norm=1.0), first_step=10)
     h.feed(w1, healthy(norm=100.0), first_step=11)
+    assert h.active("ReplicaDivergence") == []
+
+
+def test_a_nan_on_one_rank_for_one_step_inside_a_batch_is_divergence():
+    """DDP, NaN input on rank 1 from step 20: only at step 20 is rank 1 alone NaN (the
+    all-reduce spreads it at 21). That step was not the newest of its batch, and only
+    GradientNonFinite fired; the ranks' batches need not end at the same steps."""
+    h = Harness()
+    w0, w1 = h.register(0), h.register(1)
+    nan = {"present": [1, 1, 1], "norm": [1, 1, 1], "nan": [0, 2, 0]}
+    h.feed(w0, *[healthy()] * 8, first_step=15)  # 15..22
+    h.feed(w1, *[healthy()] * 5, first_step=15)  # 15..19
+    assert h.active("ReplicaDivergence") == []
+    h.feed(w1, nan, nan, nan, nan)  # 20..23: step 20 now has both ranks' records
+    (alert,) = h.active("ReplicaDivergence")
+    assert "disagree at step 20" in alert.annotations["summary"]
+    assert alert.annotations["variables"] == "b"
+    assert alert.annotations["tasks"] == "worker/1 replica 0"
+    h.feed(w0, nan, nan, nan)  # 23..25: both NaN, nothing new disagrees
+    assert h.active("ReplicaDivergence") == []
+
+
+def test_every_step_of_a_batch_of_replicas_is_compared():
+    h = Harness()
+    mirrored = h.register(replicas=2)
+    odd = {"present": [[1, 1, 1], [1, 0, 1]], "norm": [[1, 1, 1], [1, 0, 1]]}
+    h.feed(mirrored, healthy(6), odd, healthy(6), healthy(6))
+    (alert,) = h.active("ReplicaDivergence")
+    assert "disagree at step 1" in alert.annotations["summary"]
+    h.engine.tick(h.registry.groups.values())  # nothing new compared: the verdict stands
+    assert len(h.active("ReplicaDivergence")) == 1
+
+
+def test_a_task_that_hangs_holds_the_comparison_back_for_a_while_only():
+    h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
+    w0, w1, hung = h.register(0), h.register(1), h.register(2)
+    for session in (w0, w1, hung):
+        h.feed(session, healthy(), first_step=0)
+    h.feed(w0, healthy(norm=1.0), first_step=1)
+    h.feed(w1, healthy(norm=9.0), first_step=1)
+    assert h.active("ReplicaDivergence") == []  # step 1 waits for worker/2
+    h.feed(w0, *[healthy()] * LAG_STEPS)
+    h.feed(w1, *[healthy()] * LAG_STEPS)
+    (alert,) = h.active("ReplicaDivergence")
+    assert "disagree at step 1" in alert.annotations["summary"]
+
+
+def test_a_step_reported_again_replaces_the_tasks_earlier_report():
+    """A checkpoint restored sets the counter back: the steps reported before it, from
+    the one restored on, did not happen as reported and are not compared."""
+    h = Harness()
+    w0, w1 = h.register(0), h.register(1)
+    missing = {"present": [1, 0, 1], "norm": [1, 0, 1]}
+    h.feed(w0, healthy(), healthy(), missing, first_step=0)  # its step 2 is then rewound
+    h.feed(w1, healthy(), healthy(), first_step=0)
+    h.feed(w0, healthy(), first_step=2)  # (the harness marks nothing; equal is a repeat)
+    h.feed(w1, healthy(), first_step=2)
     assert h.active("ReplicaDivergence") == []
 
 
