@@ -6,8 +6,9 @@ or for shards the norm of them together), or a sentinel: `MISSING` (some task or
 had no gradient), `NONFINITE` (NaN or Inf somewhere), `NO_DATA` (nobody reported that
 step yet). A cell is 2 bytes: 256 bytes per variable per group, 0.26 MB for 1,000
 variables (docs/limits.md). Rows are slots ``step % STEPS``; a slot reused by a newer
-step starts afresh, and older steps are refused. Per session it also keeps the global
-norm of each replica at the same steps. Event loop only.
+step starts afresh, and older steps are refused, unless the session's counter was set
+back (`History.rewind`). Per session it also keeps the global norm of each replica at the
+same steps. Event loop only.
 """
 
 from __future__ import annotations
@@ -103,6 +104,21 @@ class History:
                 self.reported_by[slot].add(session_id)
         rows = np.ix_(slots, columns)
         self.cells[rows] = combine(self.cells[rows], cells, self.sharded)
+
+    def rewind(self, session_id: str, step: int) -> None:
+        """The session's step counter was set back to ``step`` (a checkpoint restored): the
+        held steps from ``step`` on that it reported, or that no session still known did,
+        leave the window, so the new steps are drawn. Another task's reports of them stay
+        until its counter is set back too (so its new steps are not cleared then)."""
+        reported = {sid: (g != NO_REPORT).any(axis=1) for sid, g in self.global_norms.items()}
+        anyone = np.logical_or.reduce([*reported.values(), np.zeros(STEPS, bool)])
+        stale = (self.steps >= step) & (reported.get(session_id, False) | ~anyone)
+        self.steps[stale] = -1
+        self.cells[stale] = NO_DATA
+        for norms in self.global_norms.values():
+            norms[stale] = NO_REPORT
+        for slot in np.flatnonzero(stale).tolist():
+            self.reported_by[slot].clear()
 
     def window(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """(steps, cells ``[steps, columns]``, global norms per session) of the held steps,

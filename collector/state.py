@@ -152,8 +152,13 @@ class SessionState:
         nonfinite = self.nonfinite_steps(batch)
         self.nonfinite = nonfinite[-1]
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
-        self.group.history.add(self.id, self.columns, batch.steps, batch.present, batch.l2_norm,
-                               nonfinite, batch.global_norm, len(self.group.names))
+        kept = slice(None)
+        if batch.rewound_to:  # the heat map continues from the step restored
+            kept = batch.standing()
+            self.group.history.rewind(self.id, int(batch.steps[kept][0]))
+        self.group.history.add(self.id, self.columns, batch.steps[kept], batch.present[kept],
+                               batch.l2_norm[kept], nonfinite[kept], batch.global_norm[kept],
+                               len(self.group.names))
 
     def continue_totals(self, previous: SessionState) -> None:
         """Takes over the totals of ``previous``, an open session of the same process that

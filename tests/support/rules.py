@@ -36,14 +36,16 @@ class Harness:
         return self.registry.register("job", "adam", "worker", task_index, replicas, list(names),
                                       sharded=sharded)
 
-    def feed(self, session, *steps, first_step=None):
-        """Each step: present (per replica or flat), with optional norm=/nan= arrays."""
+    def feed(self, session, *steps, first_step=None, rewound=False):
+        """Each step: present (per replica or flat), with optional norm=/nan= arrays;
+        ``rewound``: the first is marked so (the step counter set back)."""
         start = session.last_step + 1 if first_step is None else first_step
         reports = []
         for i, step in enumerate(steps):
             present, extra = (step, {}) if not isinstance(step, dict) else (
                 step["present"], {k: v for k, v in step.items() if k != "present"})
             reports.append(wire.step(start + i, present, **extra))
+        reports[0].rewound = rewound
         batch = wire.batch(session.id, session.last_sequence + 1, *reports)
         decoded = decode_batch(batch, session.num_replicas, session.num_variables, Limits())
         session.apply(batch.sequence, decoded)

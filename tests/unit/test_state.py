@@ -130,6 +130,42 @@ def test_a_new_run_of_a_job_of_two_tasks_starts_a_new_history():
     assert np.allclose(10.0 ** cells.astype(np.float64), 0.3 * 2 ** 0.5, rtol=1e-2)
 
 
+def test_a_step_counter_set_back_continues_the_history_from_the_step_restored():
+    """``optimizer.iterations.assign(20)`` after 300 steps (a checkpoint restored): the
+    heat map and global-norm chart kept steps 172-299 and refused the new ones until the
+    count passed 299."""
+    from tests.support.rules import Harness, healthy
+
+    h = Harness()
+    task = h.register()
+    for _ in range(6):
+        h.feed(task, *[healthy(norm=5.0)] * 50)  # steps 0..299
+    h.feed(task, healthy(norm=0.5), healthy(norm=0.5), healthy(norm=0.5), first_step=20,
+           rewound=True)
+    steps, cells, norms = task.group.history.window()
+    assert steps.tolist() == [20, 21, 22]
+    assert np.allclose(10.0 ** cells.astype(np.float64), 0.5, rtol=1e-2)
+    assert norms[task.id][:, 0] == pytest.approx([0.5 * 3 ** 0.5] * 3, rel=1e-3)
+
+
+def test_ranks_set_back_one_after_the_other_keep_each_others_new_steps():
+    """Each rank's restore clears the steps it reported; the second rank's does not clear
+    the first rank's new steps, which it had not reported."""
+    from tests.support.rules import Harness, healthy
+
+    h = Harness()
+    ranks = [h.register(task_index=t) for t in (0, 1)]
+    for rank in ranks:
+        h.feed(rank, *[healthy(norm=5.0)] * 40)  # steps 0..39
+    h.feed(ranks[0], healthy(norm=0.5), healthy(norm=0.5), first_step=10, rewound=True)
+    h.feed(ranks[1], healthy(norm=0.5), first_step=10, rewound=True)
+    steps, cells, norms = ranks[0].group.history.window()
+    assert steps.tolist() == list(range(12))  # 0..9 from before the restore point
+    assert np.allclose(10.0 ** cells[10:].astype(np.float64), 0.5, rtol=1e-2)
+    assert (norms[ranks[0].id][10:, 0] > 0).tolist() == [True, True]
+    assert (norms[ranks[1].id][10:, 0] > 0).tolist() == [True, False]
+
+
 def test_the_job_summary_counts_replicas_per_task_and_each_nonfinite_step_once():
     """Two ranks of one replica each read "2 tasks x 2 replicas"; a step NaN on both
     ranks counted twice."""
