@@ -119,7 +119,7 @@ class TorchSession(Session):
 
     def _snapshot(self) -> list[tuple[weakref.ref, int] | None]:
         """The parameters' gradients now: which tensors, at which in-place version."""
-        return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+        return [None if (g := p.grad) is None else (weakref.ref(g), g._version)
                 for p in self.params]
 
     def measures(self) -> bool:

@@ -94,18 +94,47 @@ def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack(norms)
 
 
+#: Elements counted at once on the rare path (a copy of that many, at most, at a time).
+_COUNTED_TOGETHER = 1 << 24
+
+
+def _counts(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN and Inf counts of each of the flat ``values``: a few ops per
+    `_COUNTED_TOGETHER` elements, not per tensor (a diverged model has every gradient NaN
+    at every step)."""
+    nan, inf, start = [torch.zeros(0)], [torch.zeros(0)], 0
+    while start < len(values):
+        end, size = start + 1, values[start].numel()
+        while end < len(values) and size + values[end].numel() <= _COUNTED_TOGETHER:
+            size += values[end].numel()
+            end += 1
+        part = values[start:end]
+        if len(part) == 1:
+            nan.append(torch.isnan(part[0]).sum().reshape(1).float())
+            inf.append(torch.isinf(part[0]).sum().reshape(1).float())
+        else:
+            flat = torch.cat(part)
+            segments = torch.repeat_interleave(torch.arange(len(part)),
+                                               torch.tensor([v.numel() for v in part]))
+            for counts, found in ((nan, torch.isnan(flat)), (inf, torch.isinf(flat))):
+                counts.append(torch.zeros(len(part)).index_add_(0, segments, found.float()))
+        start = end
+    return torch.cat(nan), torch.cat(inf)
+
+
 def _exact(tensors: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
     """The rare path on the CPU: exact counts, and float64 norms where float32 overflowed."""
     nan = torch.zeros_like(norms)
     inf = torch.zeros_like(norms)
     norms = norms.clone()
-    for k in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
-        values = tensors[k].coalesce().values() if tensors[k].is_sparse else tensors[k]
-        nan[k] = torch.isnan(values).sum()
-        inf[k] = torch.isinf(values).sum()
-        if not nan[k] and not inf[k]:
-            norms[k] = _norm(values.to(torch.complex128 if values.is_complex()
-                                               else torch.float64))
+    bad = torch.nonzero(~torch.isfinite(norms)).flatten()
+    values = [(t.coalesce().values() if t.is_sparse else t).reshape(-1)
+              for t in (tensors[k] for k in bad.tolist())]
+    nan[bad], inf[bad] = _counts(values)
+    overflowed = ((nan[bad] == 0) & (inf[bad] == 0)).tolist()  # finite, too large for float32
+    for k, v, wide in zip(bad.tolist(), values, overflowed, strict=True):
+        if wide:
+            norms[k] = _norm(v.to(torch.complex128 if v.is_complex() else torch.float64))
     return torch.stack([norms, nan, inf])
 
 
