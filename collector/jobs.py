@@ -119,8 +119,10 @@ def detail(registry: Registry, tracker: AlertTracker, job: str) -> dict | None:
                     "source": cause.source, "explanation": cause.explanation,
                     "variables": []})
                 entry["variables"].append(group.names[column])
+        # No norm where none was reported, or no replica had a gradient (not a norm of 0).
+        normed = agg["reported"] & (agg["present"] | (agg["norm"] != 0))
         variables = [{
-            "name": name, "norm": _number(float(agg["norm"][i])) if agg["reported"][i] else None,
+            "name": name, "norm": _number(float(agg["norm"][i])) if normed[i] else None,
             "present": bool(agg["present"][i]) if agg["reported"][i] else None,
             "nan_values": float(agg["nan"][i]), "inf_values": float(agg["inf"][i]),
             "missing_steps": float(agg["missing_steps"][i]),

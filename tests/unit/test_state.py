@@ -237,3 +237,17 @@ def test_variables_of_forgotten_tasks_leave_the_group():
     registry.expire_inactive(older_than=200.0)
     assert kept.group.names == ["shared", "mine"]
     assert kept.columns.tolist() == [0, 1]
+
+
+def test_a_missing_gradient_has_no_norm_on_the_job_page():
+    """A variable without gradient read "norm 0" in the table, like a zero gradient."""
+    from gradwatch.collector.alerts import AlertTracker
+    from gradwatch.collector.jobs import detail
+    from tests.support.rules import Harness
+
+    h = Harness()
+    session = h.register(names=("trained", "missing", "zero"))
+    h.feed(session, {"present": [1, 0, 1], "norm": [2.0, 0.0, 0.0]})
+    (group,) = detail(h.registry, AlertTracker(print), "job")["groups"]
+    assert [(v["norm"], v["present"]) for v in group["variables"]] == [
+        (2.0, True), (None, False), (0.0, True)]
