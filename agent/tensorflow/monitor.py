@@ -32,6 +32,12 @@ from gradwatch.agent.tensorflow.variables import variable_name
 
 log = logging.getLogger(__name__)
 
+#: Distinct ``observe`` names one monitor watches. Each is a session (a ring buffer of
+#: device memory, a trace, a registration with the collector); a name per step (an
+#: f-string with the step number) would add one every step: calls with a name past
+#: these are ignored, said once. GANs and multi-model loops use a few.
+MAX_OBSERVE_NAMES = 64
+
 #: On a wrapped optimizer: whether a ``LossScaleOptimizer`` around it reports instead
 #: (`GradientMonitor._inside_loss_scaling`).
 _OUTER = "_gradwatch_inside_loss_scaling"
@@ -219,6 +225,10 @@ class GradientMonitor(MonitorCore):
         #: Verdicts not logged yet, by variable id (`_tell`), and those logged (once each).
         self._untold: dict[int, Diagnosis] = {}
         self._told: set[Diagnosis] = set()
+        #: ``observe`` names seen (at most MAX_OBSERVE_NAMES), and whether one past them
+        #: was refused (said once).
+        self._observe_names: set[str] = set()
+        self._refused_observe_name = False
         if self.enabled and self.settings.diagnose:
             self._stop_diagnosing = tape.listen(self._on_diagnosis, tells=False)
 
@@ -240,14 +250,34 @@ class GradientMonitor(MonitorCore):
 
         Call it where the gradients are (eagerly, inside ``tf.function``, or in
         replica context); ``step`` defaults to a count of the calls for this ``name``
-        and variable list, from 0 as an optimizer's.
+        and variable list, from 0 as an optimizer's. ``name`` names a series of steps
+        (a model), not a step: past `MAX_OBSERVE_NAMES` distinct names, calls with a
+        new one record nothing (said once).
         """
-        if self.enabled:
+        if self.enabled and self._known_observe_name(name):
             if self._untold:
                 self._tell(grads, variables)
             self._record(("observe", name), name, list(grads), list(variables), step)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _known_observe_name(self, name: str) -> bool:
+        """Whether `observe` records under ``name``: one of the first MAX_OBSERVE_NAMES
+        distinct names; past them, a warning the first time, and False."""
+        if name in self._observe_names:
+            return True
+        if len(self._observe_names) < MAX_OBSERVE_NAMES:
+            self._observe_names.add(name)
+            return True
+        if not self._refused_observe_name:
+            self._refused_observe_name = True
+            log.warning("gradwatch: observe() was given %d distinct names; %r and any other "
+                        "new name are ignored (not recorded). A name stands for one model or "
+                        "series of steps and should be the same at every step: a name that "
+                        "changes each step (name=f\"step{i}\") would make a session, a trace "
+                        "and device memory per step. Pass the step number as step=.",
+                        MAX_OBSERVE_NAMES, name)
+        return False
 
     def _on_close(self) -> None:
         if self._stop_diagnosing is not None:

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
+from gradwatch.agent.tensorflow import monitor as tf_monitor
 from gradwatch.agent.tensorflow.session import MAX_EAGER_TRACES
 from tests.support.logs import gradwatch_warnings
 from tests.support.metrics import parse_metrics, select
@@ -681,6 +682,28 @@ def test_observe_called_for_two_models_reports_each_under_its_own_name(
         "observe_2": {"generator/g/kernel", "generator/g/bias"}}
     assert steps_by_optimizer(samples) == {"observe": 3.0, "observe_2": 3.0}
     assert_no_session_was_replaced(caplog)
+
+
+def test_observe_with_a_new_name_each_step_is_bounded_and_said_once(
+        collector, job_name, caplog, monkeypatch):
+    """``name=f"step{i}"`` (a user's mistake) would make a session, a trace and a ring
+    buffer per step (11x the step time after 60 steps): past MAX_OBSERVE_NAMES names new
+    ones are ignored, with one warning; the names before it go on, and so does training."""
+    monkeypatch.setattr(tf_monitor, "MAX_OBSERVE_NAMES", 3, raising=False)
+    model, optimizer = small_model(), keras.optimizers.SGD(0.01)
+    with monitor_for(collector, job_name) as monitor:
+        for i in range(8):
+            grads = mse_gradients(model)
+            monitor.observe(grads, model.trainable_variables, name=f"step{i}")
+            monitor.observe(grads, model.trainable_variables, name="step0")  # a known one
+            optimizer.apply(grads, model.trainable_variables)
+        assert len(monitor._sessions) == 3
+        assert monitor.close()
+    assert int(optimizer.iterations) == 8
+    warnings = [w for w in gradwatch_warnings(caplog) if "distinct names" in w]
+    assert len(warnings) == 1 and "'step3'" in warnings[0] and "step=" in warnings[0]
+    assert steps_by_optimizer(scrape(collector, job_name)) == {
+        "step0": 9.0, "step1": 1.0, "step2": 1.0}
 
 
 def test_one_optimizer_updating_parts_of_a_model_in_turn(collector, job_name, caplog):
