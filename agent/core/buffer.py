@@ -5,6 +5,12 @@ Each session's steps wait in ``pending`` until they go out in a batch, then in
 whole buffer exceeds ``max_bytes``, the oldest steps of the largest sessions are
 dropped and counted; the count reaches the collector with the next batch.
 
+A session that continues another (`Session.predecessor`) registers once that one's
+steps are all acknowledged. At most `MAX_WAITING` wait so, one behind the other; a
+further one takes the place of the last (whose steps count as dropped), so a table that
+changes faster than the collector takes it (a param group added every few steps) keeps
+a few sessions, and ring buffers, not a growing queue.
+
 `Buffer.add` may be called from any thread; everything else belongs to the sender
 thread.
 """
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 OLDEST_MAX_CAUSE = pb.Diagnosis.NOT_TRACKED
 #: Bytes of a buffered step besides its statistics (step, wall time, field headers).
 BYTES_PER_STEP = 48
+#: Sessions of one name that may wait for the one before to be delivered (see above).
+MAX_WAITING = 2
 
 
 def step_bytes(num_replicas: int, num_variables: int) -> int:
@@ -63,6 +71,9 @@ class SessionBuffer:
     #: It continues the session of this buffer (see `Session.predecessor`): it is not
     #: registered until that one's steps are all acknowledged and it is gone.
     predecessor: SessionBuffer | None = None
+    #: It continues a session of its name that was registered: its first registration
+    #: is a hand-over, not news.
+    follows: bool = False
     #: A successor took over: once its last steps are acknowledged, it goes.
     ending: bool = False
     #: Diagnoses sent since the session was (re-)registered, by variable id.
@@ -205,8 +216,17 @@ class Buffer:
         self._said_too_small = False  # that max_bytes holds not one step (said once)
 
     def add(self, session: Session) -> None:
-        """Takes a new session (any thread); it is read from the next `drain` on."""
+        """Takes a new session (any thread); it is read from the next `drain` on. One
+        that continues a session not read yet, behind `MAX_WAITING` waiting ones in all,
+        takes its place at once (as `drain` would)."""
         with self._lock:
+            replaced = session.predecessor
+            unread = {id(s) for s in self._new}
+            if _waiting(replaced, lambda s: s.predecessor if id(s) in unread else None) \
+                    >= MAX_WAITING:
+                self._new = [s for s in self._new if s is not replaced]
+                session.predecessor, replaced.predecessor = replaced.predecessor, None
+                session.dropped_before += replaced.dropped_before + replaced.unread_steps()
             self._new.append(session)
 
     def drain(self) -> None:
@@ -215,13 +235,20 @@ class Buffer:
         with self._lock:
             new, self._new = self._new, []
         for session in new:
-            buffer = SessionBuffer(session)
-            buffer.predecessor = next(
+            buffer = SessionBuffer(session, dropped=session.dropped_before)
+            predecessor = next(
                 (b for b in self.sessions if b.session is session.predecessor), None)
             session.predecessor = None  # linked here now; a chain would keep them all
-            if buffer.predecessor is not None:
+            if _waiting(predecessor, lambda b: b.predecessor) >= MAX_WAITING:
+                # It never registered (it waits behind another), nor would its successor
+                # soon: this one takes its place, so that tables changing faster than the
+                # collector takes them keep a few sessions, not a growing queue.
+                self._discard(predecessor, buffer)
+                predecessor = predecessor.predecessor
+            if predecessor is not None:
                 # Its source gets no more steps: this drain reads its last ones.
-                buffer.predecessor.ending = True
+                predecessor.ending = True
+                buffer.predecessor = predecessor
             self.sessions.append(buffer)
         for buffer in self.sessions:
             if buffer.broken or buffer.retired:
@@ -248,6 +275,18 @@ class Buffer:
                             "bytes): every step is dropped; raise GRADWATCH_MAX_BUFFER_BYTES",
                             self.max_bytes, buffer.name, buffer.step_bytes)
 
+    def _discard(self, replaced: SessionBuffer, successor: SessionBuffer) -> None:
+        """Forgets ``replaced``, never registered, for ``successor``, which counts its steps
+        as dropped (those still in its source too)."""
+        self.sessions.remove(replaced)
+        successor.dropped += replaced.dropped + replaced.buffered_steps()
+        if not (replaced.broken or replaced.retired):
+            try:
+                reports, dropped = replaced.session.drain()
+                successor.dropped += len(reports) + dropped
+            except Exception:  # (counted as far as known)
+                log.debug("gradwatch: reading %s failed", replaced.name, exc_info=True)
+
     def remove_finished(self) -> None:
         """Forgets the ended sessions whose steps are all acknowledged; their successors
         may register now."""
@@ -257,6 +296,7 @@ class Buffer:
         self.sessions = [b for b in self.sessions if not b.finished()]
         for buffer in self.sessions:
             if buffer.predecessor in finished:
+                buffer.follows = bool(buffer.predecessor.registrations)
                 buffer.predecessor = None
 
     def bytes(self) -> int:
@@ -281,3 +321,12 @@ class Buffer:
 
     def all_acked(self) -> bool:
         return all(not b.pending and not b.unacked for b in self.sessions)
+
+
+def _waiting(last, before) -> int:
+    """How many of ``last`` and those ``before`` it wait behind another (a chain of
+    `SessionBuffer` or, not read yet, of `Session`)."""
+    count = 0
+    while last is not None and (last := before(last)) is not None:
+        count += 1
+    return count

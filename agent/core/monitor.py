@@ -202,7 +202,9 @@ class MonitorCore:
         diagnoses known so far (any thread; call under `session_lock`). A second session
         for ``key`` continues the first (the same optimizer, more variables): the first
         ends once its steps are delivered, then this one replaces it at the collector; so
-        does the first session of a name after a `release`d one."""
+        does the first session of a name after a `release`d one. Logged, unless it
+        continues ``key``'s session (the front end says what changed)."""
+        regrouped = key in self._sessions
         session.predecessor = (self._sessions.get(key)
                                or self._released.pop(session.optimizer, None))
         self._sessions[key] = session
@@ -210,10 +212,15 @@ class MonitorCore:
         for key, (_, name, diagnosis) in self._diagnoses.items():
             session.add_diagnosis(key, name, diagnosis)
         self._sender.add_session(session)
-        log.info("gradwatch: watching %d variables of %s x %d replicas (%s, %s:%d) -> %s",
-                 session.num_variables, session.optimizer, session.num_replicas,
-                 self.identity.training_job, self.identity.task_type,
-                 self.identity.task_index, self.collector)
+        log.log(logging.DEBUG if regrouped else logging.INFO,
+                "gradwatch: watching %d variables of %s x %d replicas (%s, %s:%d) -> %s",
+                session.num_variables, session.optimizer, session.num_replicas,
+                self.identity.training_job, self.identity.task_type,
+                self.identity.task_index, self.collector)
+
+    def session_of(self, key: Hashable) -> Session | None:
+        """``key``'s current session, if any (call under `session_lock`)."""
+        return self._sessions.get(key)
 
     def release(self, key: Hashable, name_key: Hashable | None) -> None:
         """``key``'s optimizer (named by ``name_key``, if that is still its) is gone: its

@@ -119,8 +119,12 @@ class Session:
         self._diagnoses: dict[int, pb.Diagnosis] = {}
         #: The session this one continues with a grown variable table (set by
         #: `MonitorCore.adopt`): it registers under the same name, which replaces that
-        #: one at the collector, so it registers only once all of that one's steps are in.
+        #: one at the collector, so it registers only once all of that one's steps are in;
+        #: or it takes the place of one that never registered (`Buffer.drain`).
         self.predecessor: Session | None = None
+        #: Steps of the sessions it replaced before the sender read them (counted as
+        #: dropped: their tables changed faster than the collector took them).
+        self.dropped_before = 0
         #: Its optimizer is gone (`close`): no more steps; the sender delivers what it
         #: recorded, says goodbye to the collector and forgets it.
         self.closed = False
@@ -152,6 +156,14 @@ class Session:
         with self._lock:
             self._diagnoses[index] = diagnosis.to_proto(index)
         return True
+
+    def unread_steps(self) -> int:
+        """Steps recorded that the sender never read, for a session it never read (any
+        thread): those a source can count without reading (``unread``), and those
+        recorded on the host."""
+        unread = getattr(self.source, "unread", None)
+        with self._lock:
+            return (unread() if unread is not None else 0) + len(self._host_reports)
 
     def close(self) -> None:
         """Its optimizer is gone (`MonitorCore.release`): it takes no more steps."""

@@ -292,10 +292,13 @@ class Connection:
                             buffer.name, error.details())
                 self._answered()
                 continue
+            # (a hand-over: the front end said what changed)
+            handed_over = buffer.follows and not buffer.registrations
             buffer.registered(address, response)
             self._answered()
-            log.info("gradwatch: registered %s with %s as session %s",
-                     buffer.name, self.endpoint, buffer.session_id)
+            log.log(logging.DEBUG if handed_over else logging.INFO,
+                    "gradwatch: registered %s with %s as session %s",
+                    buffer.name, self.endpoint, buffer.session_id)
             registered.append(buffer)
         return registered
 

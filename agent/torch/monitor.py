@@ -37,6 +37,7 @@ from gradwatch import __version__
 from gradwatch.agent.core.diagnosis import Cause, Diagnosis
 from gradwatch.agent.core.identity import torchrun
 from gradwatch.agent.core.monitor import MonitorCore
+from gradwatch.agent.core.session import Variable, variable_table
 from gradwatch.agent.torch import ddp, patches
 from gradwatch.agent.torch.diagnosis import STALE, Recorder, Retries, StepRecording, diagnose
 from gradwatch.agent.torch.names import ddp_of, parameter_names, strategy_of
@@ -108,9 +109,12 @@ class GradientMonitor(MonitorCore):
         if replaced is not None:
             del self._watched[replaced.optimizer_id]
             replaced.retire()
-            log.info("gradwatch: a new %s over the same parameters replaces the one wrapped "
-                     "before (an optimizer made each epoch): reported as %s, its step count "
-                     "going on", type(updating).__name__, watched.name)
+            said = f"replaced {watched.name}"  # once: a loop makes one each epoch
+            log.log(logging.DEBUG if said in self._logged else logging.INFO,
+                    "gradwatch: a new %s over the same parameters replaces the one wrapped "
+                    "before (an optimizer made each epoch): reported as %s, its step count "
+                    "going on", type(updating).__name__, watched.name)
+            self._logged.add(said)
         self._watched[id(updating)] = watched
         weakref.finalize(updating, self._gone.append, watched).atexit = False
         if self._recorder is not None:  # the first step is explained at its end
@@ -428,13 +432,19 @@ class _Watched:
         self._model = None if model is None else weakref.ref(model)
         #: The key of its sessions (`MonitorCore.adopt`), and the number of its first step.
         self.key, self._first_step = id(self), 0
+        #: The session of the optimizer it replaces, which its own continues if it watches
+        #: the same table (`_create`); dropped then, so that no chain of them is kept.
+        self._continues: TorchSession | None = None
         if replaced is None:
             self.name = monitor.optimizer_name(optimizer)
         else:
             self.name = monitor.pass_name(replaced.optimizer_id, id(optimizer))
             self.key = replaced.key
-            if replaced._session is not None:
-                self._first_step = replaced._session.steps
+            # (one replaced before its first step passes on what it would have continued)
+            self._continues = replaced._session or replaced._continues
+            replaced._continues = None
+            if self._continues is not None:
+                self._first_step = self._continues.steps
         #: The optimizer's parameters; from the first step, the watched ones (see `_create`).
         self.params = _parameters(optimizer)
         if not self.params:
@@ -533,8 +543,31 @@ class _Watched:
             self.names = [n for n, t in zip(self.names, trainable, strict=True) if t]
         with monitor.session_lock:
             monitor.identify_by_process_group()
+        continued, self._continues = self._continues, None
+        if continued is not None and self._same_table(continued):
+            # An optimizer made again over the same parameters (each epoch, at an LR
+            # restart): its session goes on, with no new ring buffer or registration.
+            self._session = continued
+            return
         self._session = self._start(self.params, self.names, self._first_step)
         self._failed = self._session is None
+
+    def _same_table(self, session: TorchSession) -> bool:
+        """Whether ``session`` (the replaced optimizer's) is still this key's and would be
+        registered as this optimizer's: the same parameters, in order, under the same
+        names, shapes and dtypes, strategy and loss scaling."""
+        with self.monitor.session_lock:
+            if self.monitor.session_of(self.key) is not session or session.closed:
+                return False
+        if len(session.params) != len(self.params) or any(
+                p is not q for p, q in zip(session.params, self.params, strict=True)):
+            return False
+        registration = session.registration()
+        return (registration.strategy == self.strategy
+                and registration.loss_scaled == self.scaled
+                and list(registration.variables) == variable_table([
+                    Variable(name, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+                    for name, p in zip(self.names, self.params, strict=True)]))
 
     def _start(self, params: list[torch.Tensor], names: list[str],
                first_step: int = 0) -> TorchSession | None:
@@ -575,7 +608,8 @@ class _Watched:
         ``add_param_group``, gradual unfreezing, or to a group's list) join; those taken
         out of every group leave. A successor session with the new table takes this step
         and continues the step count; the collector gets it once the current session's
-        steps are in (training thread, before the step's statistics are taken)."""
+        steps are in (one not registered yet is replaced instead: `Buffer.add`, `drain`)
+        (training thread, before the step's statistics are taken)."""
         optimizer = self.optimizer
         self._layout_seen = self._layout()
         everything = _parameters(optimizer)

@@ -60,6 +60,10 @@ class HostRing:
         self._steps[slot] = step
         self._written += 1  # last: the row is complete from the host's point of view
 
+    def unread(self) -> int:
+        """Steps written and not read yet, overwritten ones included (any thread)."""
+        return self._written - self._read
+
     def read_new(self) -> RecordedSteps:
         """Rows completed since the previous call (sender thread)."""
         written = self._written
