@@ -100,9 +100,10 @@ class ReplicaDivergence(Rule[Unmatched]):
                    newest - LAG_STEPS)
         taken = {sid: steps for sid, state in states.items()
                  if (steps := state.take(upto)) is not None}
-        verdict = self._compare(group, taken, params) if taken else None
-        if verdict is None:  # nothing compared since: the latest comparison stands
+        if not taken:  # nothing new since: the latest comparison stands
             return next((s.verdict for s in states.values() if s.verdict is not None), [])
+        # (steps of one replica alone, its peers gone or not waited for: nothing differs)
+        verdict = self._compare(group, taken, params) or []
         for state in states.values():
             state.verdict = verdict
         return verdict

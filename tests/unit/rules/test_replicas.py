@@ -109,6 +109,20 @@ def test_a_task_that_hangs_holds_the_comparison_back_for_a_while_only():
     assert "disagree at step 1" in alert.annotations["summary"]
 
 
+def test_divergence_resolves_once_the_other_task_is_gone():
+    """Rank 1 NaN at step 0, then it said goodbye and rank 0 trained on alone: its steps,
+    compared with nobody, kept the old verdict, and the alert (naming a task long
+    forgotten) stood for ever."""
+    h = Harness()
+    w0, w1 = h.register(0), h.register(1)
+    h.feed(w0, healthy(), first_step=0)
+    h.feed(w1, {"present": [1, 1, 1], "norm": [1, 1, 1], "nan": [0, 2, 0]}, first_step=0)
+    assert h.active("ReplicaDivergence")
+    w1.closed = True
+    h.feed(w0, *[healthy()] * 10)
+    assert h.active("ReplicaDivergence") == []
+
+
 def test_a_step_reported_again_replaces_the_tasks_earlier_report():
     """A checkpoint restored sets the counter back: the steps reported before it, from
     the one restored on, did not happen as reported and are not compared."""
