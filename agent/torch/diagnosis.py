@@ -18,8 +18,8 @@ towards the loss:
 - **broken at an op** (``BROKEN_AT_OP``): every path to the loss crosses ``.detach()``
   or an op with an integer or boolean result (``argmax``, comparisons, casts);
 - **outside gradient tracking** (``OUTSIDE_TAPE``): the path ran under
-  ``torch.no_grad()`` or ``torch.inference_mode()`` (not a reentrant
-  ``torch.utils.checkpoint`` whose output has a gradient: backward runs its block again
+  ``torch.no_grad()`` or ``torch.inference_mode()`` (not the block of a reentrant
+  ``torch.utils.checkpoint`` with an input that needs a gradient: backward runs it again
   with tracking on, so its calls count as tracked, and what breaks inside is named);
 - **cleared** (``CLEARED``): a differentiable path exists and ``backward()`` ran on the
   loss, so the gradient was computed, then cleared before the optimizer step
@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -101,10 +102,6 @@ _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__"
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})
 
 
-#: The gradient function of a reentrant checkpoint's outputs (PyTorch's, DeepSpeed's):
-#: its block ran without gradient tracking and runs again with it in backward().
-_RECOMPUTING = "CheckpointFunctionBackward"
-
 #: Calls that are bookkeeping, not computation (attribute reads like ``.grad``).
 _IGNORED = frozenset({"_set_grad_enabled", "grad", "grad_fn", "requires_grad", "is_leaf",
                       "_version", "_base"})
@@ -156,8 +153,9 @@ class StepRecording(TorchFunctionMode):
         self.full = False
         #: Trainable parameters the calls read: id -> shape.
         self.parameters: dict[int, torch.Size] = {}
-        #: Tensors read that a reentrant checkpoint returned (see `_RECOMPUTING`).
-        self.checkpointed: set[int] = set()
+        #: The calls (by order) of reentrant checkpoints' blocks that backward() runs
+        #: again with gradient tracking (an input needs a gradient): see `Recorder`.
+        self.recomputed: list[range] = []
         self._as_backward_runs: list[Call] | None = None
         self._alive: dict[int, torch.Tensor] = {}
         self._storages: set[int] = set()
@@ -178,8 +176,6 @@ class StepRecording(TorchFunctionMode):
         if outputs or (inputs and name in CONVERSIONS):  # not metadata (dim(), size())
             for tensor in inputs + outputs:
                 self._keep(tensor)
-            self.checkpointed.update(id(t) for t in inputs
-                                     if type(t.grad_fn).__name__ == _RECOMPUTING)
             self.calls.append(Call(len(self.calls), name, [id(t) for t in inputs],
                                    [id(t) for t in outputs], [t.dtype for t in outputs],
                                    torch.is_grad_enabled(), caller_source()))
@@ -192,17 +188,15 @@ class StepRecording(TorchFunctionMode):
         return result
 
     def as_backward_runs(self) -> list[Call]:
-        """The calls, with those of a reentrant checkpoint's block (run without gradient
-        tracking, computing a checkpoint's output) marked as tracked: backward() runs them
-        again with tracking on. Computed once."""
+        """The calls, with those of reentrant checkpoints' blocks (run without gradient
+        tracking) marked as tracked: backward() runs them again with tracking on (a
+        ``torch.no_grad()`` of the user's inside such a block is taken for tracked too).
+        Computed once."""
         if self._as_backward_runs is None:
-            needed, again = set(self.checkpointed), set()
-            for call in reversed(self.calls):
-                if not call.grad_enabled and needed.intersection(call.outputs):
-                    again.add(call.order)
-                    needed.update(call.inputs)
+            again = {order for block in self.recomputed for order in block}
             self._as_backward_runs = [replace(c, grad_enabled=True)
-                                      if c.order in again else c for c in self.calls]
+                                      if not c.grad_enabled and c.order in again else c
+                                      for c in self.calls]
         return self._as_backward_runs
 
     def reached(self, call: Call, losses: list[int], inputs: set[int] | None) -> None:
@@ -249,6 +243,8 @@ class Recorder:
         #: What recording patches: ``Tensor.backward``, ``torch.autograd.backward`` and
         #: ``torch.autograd.grad`` (empty when not recording).
         self._originals: tuple[Callable, ...] = ()
+        #: ``CheckpointFunction`` and its own ``forward`` while recording patches it.
+        self._checkpoint: tuple[Any, Any] | None = None
         self._eager = False  # holds `_EAGER`
         self._paused = False  # off the mode stack while a backward pass runs
         self.abandoned = False  # a step was too large to record: no more tries
@@ -293,6 +289,30 @@ class Recorder:
         torch.Tensor.backward = backward
         torch.autograd.backward = autograd_backward
         torch.autograd.grad = grad
+        self._patch_checkpoint()
+
+    def _patch_checkpoint(self) -> None:
+        """Notes which calls a reentrant ``torch.utils.checkpoint`` block makes (PyTorch's
+        ``CheckpointFunction``): it runs them without gradient tracking, and backward()
+        again with it if an input needs a gradient."""
+        function = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+        if function is None or "forward" not in vars(function):
+            return
+        original = function.forward
+        recorder = self
+
+        def forward(ctx: Any, run_function: Any, preserve_rng_state: Any, *args: Any) -> Any:
+            recording = recorder._recording
+            first = None if recording is None else len(recording.calls)
+            result = original(ctx, run_function, preserve_rng_state, *args)
+            if (recording is not None and recording is recorder._recording
+                    and threading.get_ident() == recorder._thread
+                    and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+                recording.recomputed.append(range(first, len(recording.calls)))
+            return result
+
+        self._checkpoint = (function, vars(function)["forward"])
+        function.forward = staticmethod(forward)
 
     @contextlib.contextmanager
     def _reached_loss(self, how: str, losses: Any, inputs: Any) -> Iterator[None]:
@@ -375,6 +395,9 @@ class Recorder:
         if self._originals:
             (torch.Tensor.backward, torch.autograd.backward,
              torch.autograd.grad), self._originals = self._originals, ()
+        if self._checkpoint is not None:
+            (function, forward), self._checkpoint = self._checkpoint, None
+            function.forward = forward
         if self._eager:
             self._eager = False
             _EAGER.release()

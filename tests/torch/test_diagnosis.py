@@ -155,6 +155,21 @@ def argmax_in_reentrant_checkpoint(m, x):
     return out + checkpoint(block, h, use_reentrant=True)
 
 
+def no_grad_before_reentrant_checkpoint(m, x):
+    """Only the block runs again in backward(): what was computed untracked before it
+    stays untracked (it was taken for tracked, and blamed on a zero_grad())."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, out = m.healthy(x)
+    with torch.no_grad():
+        side = m.broken(h)  # <- here
+
+    def block(t, s):
+        return t.mean(1, keepdim=True) + s
+
+    return out + checkpoint(block, h, side, use_reentrant=True)
+
+
 CASES = [
     (unused_layer, Cause.UNUSED, ""),
     (branch_not_taken, Cause.UNUSED, ""),
@@ -172,6 +187,7 @@ CASES = [
     (integer_cast, Cause.BROKEN_AT_OP, "long"),
     (detach_in_reentrant_checkpoint, Cause.BROKEN_AT_OP, "detach"),
     (argmax_in_reentrant_checkpoint, Cause.BROKEN_AT_OP, "argmax"),
+    (no_grad_before_reentrant_checkpoint, Cause.OUTSIDE_TAPE, "linear"),
 ]
 
 
