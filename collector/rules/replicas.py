@@ -19,9 +19,11 @@ class DivergenceParams(Params):
     norm_ratio: float = above(10.0, 1)
 
 
-#: Steps a task may lag behind the group's newest step before the other tasks' steps are
-#: compared without it (a task that hangs with its stream open must not hold them back).
+#: Steps a task may lag behind the group's newest step, and seconds its latest report may
+#: lag behind the group's, before the other tasks' steps are compared without it (a task
+#: that hangs with its stream open must not hold them back long, at any step rate).
 LAG_STEPS = 256
+LAG_SECONDS = 60.0
 #: Bits of a variable's code at one step, OR-ed over the tasks compared: a gradient
 #: present on some replica, absent on some, non-finite on some, finite on some.
 PRESENT, ABSENT, NONFINITE, FINITE = (np.uint8(1 << i) for i in range(4))
@@ -71,8 +73,9 @@ class ReplicaDivergence(Rule[Unmatched]):
     some and absent on others, finite on some and not on others, or global norms
     whose max/min ratio exceeds ``norm_ratio`` (sharded jobs: presence only). Every step
     is compared once every task that has not said goodbye has reported it or a later
-    step (or once it is `LAG_STEPS` behind the group's newest step: then without the
-    tasks that lag), among the tasks that reported it. The alert stands for the steps
+    step (or once it is `LAG_STEPS` behind the group's newest step, or a task's latest
+    report `LAG_SECONDS` behind the group's: then without the tasks that lag), among the
+    tasks that reported it. The alert stands for the steps
     compared at the latest evaluation that compared any."""
 
     name = "ReplicaDivergence"
@@ -96,8 +99,10 @@ class ReplicaDivergence(Rule[Unmatched]):
         if not sessions:
             return []
         newest = max(s.last_step for s in sessions)
-        upto = max(min((s.last_step for s in sessions if not s.closed), default=newest),
-                   newest - LAG_STEPS)
+        latest = max(s.last_report_time or s.registered_at for s in sessions)
+        awaited = [s.last_step for s in sessions if not s.closed
+                   and latest - (s.last_report_time or s.registered_at) <= LAG_SECONDS]
+        upto = max(min(awaited, default=newest), newest - LAG_STEPS)
         taken = {sid: steps for sid, state in states.items()
                  if (steps := state.take(upto)) is not None}
         if not taken:  # nothing new since: the latest comparison stands

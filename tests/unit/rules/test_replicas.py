@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradwatch.collector.rules.replicas import LAG_STEPS
+from gradwatch.collector.rules.replicas import LAG_SECONDS, LAG_STEPS
 from tests.support.rules import Harness, healthy
 
 
@@ -105,6 +105,22 @@ def test_a_task_that_hangs_holds_the_comparison_back_for_a_while_only():
     assert h.active("ReplicaDivergence") == []  # step 1 waits for worker/2
     h.feed(w0, *[healthy()] * LAG_STEPS)
     h.feed(w1, *[healthy()] * LAG_STEPS)
+    (alert,) = h.active("ReplicaDivergence")
+    assert "disagree at step 1" in alert.annotations["summary"]
+
+
+def test_a_task_silent_for_a_minute_holds_the_comparison_back_no_longer():
+    """At 10 s a step, 256 steps are 43 minutes: a hung task is not waited for once the
+    others have reported for LAG_SECONDS without it."""
+    h = Harness(ReplicaDivergence={"norm_ratio": 5.0})
+    w0, w1, hung = h.register(0), h.register(1), h.register(2)
+    for session in (w0, w1, hung):
+        h.feed(session, healthy(), first_step=0)
+    h.feed(w0, healthy(norm=1.0))
+    h.feed(w1, healthy(norm=9.0))
+    assert h.active("ReplicaDivergence") == []  # step 1 waits for worker/2
+    hung.last_report_time -= LAG_SECONDS + 1
+    h.feed(w0, healthy())
     (alert,) = h.active("ReplicaDivergence")
     assert "disagree at step 1" in alert.annotations["summary"]
 
