@@ -240,6 +240,9 @@ class GradientMonitor(MonitorCore):
         if not self.enabled:
             return optimizer
         _warn_if_known_broken(optimizer)
+        known = self._wrapped.get(id(optimizer))
+        if known is None or known[0]() is not optimizer:  # (a dead one's id: not its build)
+            self._built.pop(id(optimizer), None)
         self._wrapped[id(optimizer)] = (weakref.ref(optimizer), _iterations(optimizer))
         return wrap_optimizer(optimizer, Hooks(self._on_optimizer_gradients, self._on_rejected,
                                                self._on_optimizer_built))

@@ -101,6 +101,7 @@ class _GradientCalls:
         #: Per variable id: a reference to it, and whether the latest gradient call that
         #: asked for it returned None (see `got_no_gradient`).
         self._latest: dict[int, tuple[Callable[[], Any], bool]] = {}
+        self._latest_limit = 10_000
         self._recorder = EagerRecorder()
         self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
         #: The persistent tape whose gradient calls the current eager recording serves
@@ -251,8 +252,9 @@ class _GradientCalls:
 
     def _note_results(self, sources: list[Any], grads: list[Any]) -> None:
         with self._lock:
-            if len(self._latest) > 10_000:  # forget the dead
+            if len(self._latest) > self._latest_limit:  # forget the dead
                 self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
+                self._latest_limit = max(10_000, 2 * len(self._latest))
             for variable, grad in zip(sources, grads, strict=True):
                 self._latest[id(variable)] = (_ref(variable), grad is None)
 
