@@ -380,11 +380,11 @@ class GradientMonitor(MonitorCore):
         if not built or len(variables) >= len(built):
             return grads, variables
         given = {id(v): g for g, v in zip(grads, variables, strict=False)}
-        if len(given) != len(variables):
-            return grads, variables
+        if len(given) != len(variables) or not given.keys() <= {id(v) for v in built}:
+            return grads, variables  # a variable twice, or one it was not built for
         kept = [v for v in built if id(v) in given or tape.got_no_gradient(v)]
-        if len(kept) == len(variables) or len({id(v) for v in kept} & given.keys()) < len(given):
-            return grads, variables  # nothing filtered out, or variables it was not built for
+        if len(kept) == len(variables):
+            return grads, variables  # nothing filtered out
         return [given.get(id(v)) for v in kept], kept
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
