@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from gradwatch.agent.core import forking
 from gradwatch.agent.core.endpoints import Endpoint
 from gradwatch.agent.core.settings import AgentSettings, parse_token
 
@@ -128,6 +130,7 @@ class ChannelSettings:
 
     def open(self, endpoint: Endpoint) -> grpc.aio.Channel:
         """A new channel to ``endpoint`` (call inside the sender's event loop)."""
+        hold_grpc_runtime()
         options = [("grpc.enable_retries", 0)]
         if not self.secure:
             return grpc.aio.insecure_channel(endpoint.address, options=options)
@@ -146,3 +149,26 @@ class ChannelSettings:
             options += [("grpc.ssl_target_name_override", host),
                         ("grpc.default_authority", endpoint.authority)]
         return grpc.aio.secure_channel(endpoint.address, credentials, options=options)
+
+
+#: The process that holds gRPC's asyncio runtime (`hold_grpc_runtime`), if any.
+_runtime_held_by: int | None = None
+
+
+def hold_grpc_runtime() -> None:
+    """Keeps gRPC's asyncio runtime up for the rest of the process (sender thread, in its
+    event loop; once per process).
+
+    grpc.aio tears its runtime down whenever its last channel or call is freed, and waits
+    there, holding a process-wide lock, until every operation pending in gRPC's core is
+    done. One that never was (after a collector that stopped answering) left that sender
+    thread waiting for good and every later channel of the process blocked in its
+    constructor: each monitor made afterwards delivered nothing (gRPC 1.85). One
+    reference held from the first connection on means it is never torn down; a child
+    forked afterwards cannot use it (`forking.grpc_runtime_held`)."""
+    global _runtime_held_by
+    if _runtime_held_by != os.getpid():
+        grpc.aio.init_grpc_aio()
+        _runtime_held_by = os.getpid()
+        forking.grpc_runtime_held()
+

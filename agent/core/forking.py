@@ -8,9 +8,10 @@ turns those handlers off (``GRPC_ENABLE_FORK_SUPPORT=0``, which gRPC reads when 
 imported) unless the environment already says otherwise; where gRPC was imported
 first, the first monitor says so once. In the child every monitor inherited from the
 parent is switched off without touching its gRPC objects: the sender thread did not
-come along. A monitor created in the child watches that process, unless the parent was
-streaming when it forked: gRPC's state then came along without its threads, and a channel
-made in the child never connects, so such a monitor disables itself with one line
+come along. A monitor created in the child watches that process, unless gradwatch had
+streamed in the parent before it forked: gRPC's asyncio runtime, which gradwatch keeps up
+once started (`channel.hold_grpc_runtime`), then came along without its thread, and a
+channel made in the child never connects, so such a monitor disables itself with one line
 (`streaming_parent`).
 """
 
@@ -34,19 +35,27 @@ FORK_HANDLERS_ON = _READ is None or _READ.strip().lower() not in ("0", "false", 
 
 
 class ForkAware(Protocol):
-    def after_fork_in_child(self) -> bool:
-        """Called in a forked child, in the forking thread, before anything else runs.
-        Returns whether the monitor was streaming (open) in the parent."""
+    def after_fork_in_child(self) -> None:
+        """Called in a forked child, in the forking thread, before anything else runs."""
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
 _registered = False
-#: In a forked child: the parent's pid if a monitor was streaming there at the fork.
+#: gRPC's asyncio runtime is up in this process for good (`channel.hold_grpc_runtime`).
+_runtime_held = False
+#: In a forked child: the parent's pid if gradwatch had streamed there before the fork.
 _streaming_parent: int | None = None
 
 
+def grpc_runtime_held() -> None:
+    """Notes that gradwatch started gRPC's asyncio runtime in this process (sender thread):
+    a child forked from now on inherits it without the thread that runs it."""
+    global _runtime_held
+    _runtime_held = True
+
+
 def streaming_parent() -> int | None:
-    """The pid of the process this one was forked from while gradwatch streamed there
+    """The pid of the process this one was forked from after gradwatch had streamed there
     over gRPC (with gRPC's fork handlers off), or None. Such a process cannot open a
     channel that works; its grandchildren inherit the answer."""
     return _streaming_parent
@@ -69,9 +78,8 @@ def watch(monitor: ForkAware) -> None:
 
 def _after_fork_in_child() -> None:
     global _streaming_parent
-    streamed = False
     for monitor in list(_live):
-        streamed |= monitor.after_fork_in_child()
+        monitor.after_fork_in_child()
     _live.clear()
-    if streamed and not FORK_HANDLERS_ON:  # gRPC's own handlers would start it afresh
+    if _runtime_held and not FORK_HANDLERS_ON:  # gRPC's own handlers would start it afresh
         _streaming_parent = os.getppid()

@@ -74,10 +74,10 @@ class MonitorCore:
         self.identity: Identity = resolve_identity(self.settings, self.launchers,
                                                    report=self.enabled)
         if self.enabled and forking.streaming_parent() is not None:
-            log.error("gradwatch: disabled: this process was forked from process %d while "
+            log.error("gradwatch: disabled: this process was forked from process %d after "
                       "gradwatch streamed there, and gRPC cannot connect from such a child; "
                       "start it with the 'spawn' or 'forkserver' method, or fork before "
-                      "the parent's monitor is created (or after it is closed)",
+                      "the parent's first monitor connects",
                       forking.streaming_parent())
             self.enabled = False
         if not self.enabled:
@@ -145,13 +145,11 @@ class MonitorCore:
     def _on_close(self) -> None:
         """Front-end clean-up before the last flush (e.g. removing hooks)."""
 
-    def after_fork_in_child(self) -> bool:
+    def after_fork_in_child(self) -> None:
         """In a forked child (`forking`): switched off for good, as if closed, without
         touching the sender (its thread stayed in the parent; finalising its gRPC objects
         here could crash) and without taking a lock another thread may have held at the
-        fork. ``close`` then returns True: nothing of this process is pending. Returns
-        whether it was streaming in the parent."""
-        streaming = not self._closed
+        fork. ``close`` then returns True: nothing of this process is pending."""
         self.enabled = False
         self._closed = True
         self._delivered = True
@@ -160,7 +158,6 @@ class MonitorCore:
             self._on_fork_in_child()
         except Exception:  # never break the child
             pass
-        return streaming
 
     def _on_fork_in_child(self) -> None:
         """Front-end part of `after_fork_in_child`: lock-free, e.g. stopping a recorder."""

@@ -422,3 +422,45 @@ def test_a_hung_task_registers_with_its_restarted_collector_and_pages_again(job_
         monitor.close(timeout_s=1)
     print(f"registered again {registered_s:.2f} s after the collector restarted; "
           f"WorkerSilent after {paged_s:.2f} s")
+
+
+def test_grpc_runtime_stays_up_after_the_last_monitor_closes(job_name):
+    """grpc.aio tears its runtime down whenever its last channel or call is freed, and waits
+    there, holding a process-wide lock, for every operation still pending in gRPC's core.
+    The full test suite met one that never finished (after collectors that stopped
+    answering): that sender thread waited for good, and every monitor made later in the
+    process blocked in its channel's constructor and delivered nothing (112 tests failed
+    in CI, the same ones on this VM). gradwatch now holds the runtime from its first
+    connection on: with every monitor closed, gRPC's poller thread still runs (no teardown
+    to wait in), and monitors made afterwards deliver. In a process of its own: another
+    test's channels would hold the runtime up as well."""
+    script = textwrap.dedent(f"""
+        import threading, torch
+        from gradwatch.agent.torch import GradientMonitor
+
+        def train(job):
+            model = torch.nn.Linear(4, 1)
+            monitor = GradientMonitor(training_job=job, flush_interval_s=0.05)
+            optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.1), model)
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.ones(2, 4)).sum().backward()
+                optimizer.step()
+            return monitor.close(timeout_s=10)
+
+        for run in range(3):
+            assert train({job_name!r} + str(run))
+            threading.Event().wait(0.5)  # teardown, if any, runs as the sender ends
+            pollers = [t for t in threading.enumerate() if "_poll_wrapper" in t.name]
+            print("closed; gRPC pollers running:", len(pollers), flush=True)
+    """)
+    with CollectorProcess() as collector:
+        env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target}
+        result = subprocess.run([sys.executable, "-c", script], env=env, timeout=120,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines() == ["closed; gRPC pollers running: 1"] * 3, (
+            result.stdout + result.stderr[-3000:])
+        delivered = {run: job_metrics(collector, f"{job_name}{run}")["gradwatch_steps_total"]
+                     for run in range(3)}
+    assert delivered == {0: 3.0, 1: 3.0, 2: 3.0}

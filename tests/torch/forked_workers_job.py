@@ -1,10 +1,11 @@
 """The PyTorch data-loading tutorial's shape with worker processes, for
-tests/torch/test_training.py: a ``DataLoader`` with ``num_workers=2`` forks its workers
-at every epoch, while the monitor streams to a collector. Then the process forks a child
-that steps the wrapped optimizer itself (PyTorch's Hogwild example shares a model with
-forked trainers) and exits normally; then a child that makes a monitor of its own, which
-cannot stream while the parent does; and, once the parent's monitor is closed, one that
-can (job ``<GRADWATCH_TRAINING_JOB>-child``, 3 steps).
+tests/torch/test_training.py. First a child forked before the parent monitors anything
+makes a monitor of its own and streams (PyTorch's Hogwild example shares a model with
+forked trainers; job ``<GRADWATCH_TRAINING_JOB>-child``, 3 steps). Then a ``DataLoader``
+with ``num_workers=2`` forks its workers at every epoch, while the monitor streams to a
+collector; the process forks a child that steps the wrapped optimizer itself and exits
+normally; then children that make a monitor of their own, which cannot stream once the
+parent has: while its monitor streams, and after it is closed.
 
     python forked_workers_job.py EPOCHS   (GRADWATCH_COLLECTOR, GRADWATCH_TRAINING_JOB set)
 
@@ -72,6 +73,7 @@ def main(epochs: int) -> int:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 1))
+    in_child(hogwild(model, delivered=True))  # gradwatch has not streamed here yet
     monitor = GradientMonitor(flush_interval_s=0.02)
     optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 0.01), model)
     steps = 0
@@ -94,7 +96,7 @@ def main(epochs: int) -> int:
     in_child(step_inherited)
     in_child(hogwild(model, delivered=False))  # the parent streams: disabled, one line
     delivered = monitor.close(timeout_s=10)
-    in_child(hogwild(model, delivered=True))  # the parent's monitor is closed: it streams
+    in_child(hogwild(model, delivered=False))  # streamed before: gRPC's runtime is still up
     return 0 if delivered else 1
 
 
