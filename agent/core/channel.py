@@ -5,7 +5,9 @@ can be rotated under a running job (a mounted Kubernetes Secret). A token is
 only ever sent, never logged. A file that is missing or holds no usable
 certificate, key or token fails that connection with a `CredentialsError`
 naming the file, before gRPC sees it, and so does a collector certificate that
-does not verify (gRPC would log its own lines at every attempt).
+does not verify (gRPC would log its own lines at every attempt). The first
+channel of the process also takes a hold on gRPC's asyncio runtime for good
+(`hold_grpc_runtime`).
 """
 
 from __future__ import annotations
