@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +152,6 @@ class ChannelSettings:
         return grpc.aio.secure_channel(endpoint.address, credentials, options=options)
 
 
-#: The process that holds gRPC's asyncio runtime (`hold_grpc_runtime`), if any.
-_runtime_held_by: int | None = None
-
-
 def hold_grpc_runtime() -> None:
     """Keeps gRPC's asyncio runtime up for the rest of the process (sender thread, in its
     event loop; once per process).
@@ -168,9 +163,6 @@ def hold_grpc_runtime() -> None:
     constructor: each monitor made afterwards delivered nothing (gRPC 1.85). One
     reference held from the first connection on means it is never torn down; a child
     forked afterwards cannot use it (`forking.grpc_runtime_held`)."""
-    global _runtime_held_by
-    if _runtime_held_by != os.getpid():
+    if not forking.holds_grpc_runtime():
         grpc.aio.init_grpc_aio()
-        _runtime_held_by = os.getpid()
         forking.grpc_runtime_held()
-

@@ -41,8 +41,9 @@ class ForkAware(Protocol):
 
 _live: weakref.WeakSet = weakref.WeakSet()
 _registered = False
-#: gRPC's asyncio runtime is up in this process for good (`channel.hold_grpc_runtime`).
-_runtime_held = False
+#: The process that started gRPC's asyncio runtime for good (`channel.hold_grpc_runtime`):
+#: this one, or in a forked child its parent (or an ancestor), or None.
+_runtime_held_by: int | None = None
 #: In a forked child: the parent's pid if gradwatch had streamed there before the fork.
 _streaming_parent: int | None = None
 
@@ -50,8 +51,13 @@ _streaming_parent: int | None = None
 def grpc_runtime_held() -> None:
     """Notes that gradwatch started gRPC's asyncio runtime in this process (sender thread):
     a child forked from now on inherits it without the thread that runs it."""
-    global _runtime_held
-    _runtime_held = True
+    global _runtime_held_by
+    _runtime_held_by = os.getpid()
+
+
+def holds_grpc_runtime() -> bool:
+    """Whether gradwatch started gRPC's asyncio runtime in this very process."""
+    return _runtime_held_by == os.getpid()
 
 
 def streaming_parent() -> int | None:
@@ -81,5 +87,6 @@ def _after_fork_in_child() -> None:
     for monitor in list(_live):
         monitor.after_fork_in_child()
     _live.clear()
-    if _runtime_held and not FORK_HANDLERS_ON:  # gRPC's own handlers would start it afresh
+    # (gRPC's own fork handlers, where on, would start the runtime afresh)
+    if _runtime_held_by is not None and not FORK_HANDLERS_ON:
         _streaming_parent = os.getppid()
