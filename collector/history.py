@@ -9,6 +9,11 @@ variables (docs/limits.md). Rows are slots ``step % STEPS``; a slot reused by a 
 step starts afresh, and older steps are refused, unless the session's counter was set
 back (`History.rewind`). Per session it also keeps the global norm of each replica at the
 same steps. Event loop only.
+
+Inside, the cells are kept in an order where combining two reports is their maximum
+(no data < any norm < missing < non-finite: `_EMPTY`, ``log10`` norms, `_MISSING`,
+`_NONFINITE`), so a batch costs a few array operations; `History.window` gives them in
+the encoding above.
 """
 
 from __future__ import annotations
@@ -24,28 +29,39 @@ NO_REPORT = np.float32(-1)
 #: log10 of a zero norm (float16 holds down to -65504; norms below 1e-30 read as this).
 ZERO = -30.0
 
+# The ordered encoding kept inside (log10 of a float32 norm is at most 38.6).
+_EMPTY = np.float16(-np.inf)
+_MISSING = np.float16(np.finfo(np.float16).max)
+_NONFINITE = np.float16(np.inf)
 
-def encode(present: np.ndarray, norms: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
-    """float16 cells of ``[..., variables]`` arrays (see the module docstring)."""
+
+def _encode(present: np.ndarray, norms: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
+    """Ordered float16 cells of ``[..., variables]`` arrays."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        cells = np.log10(np.maximum(norms.astype(np.float64), 1e-30)).astype(np.float16)
-    cells = np.where(present, cells, MISSING)
-    return np.where(nonfinite, NONFINITE, cells)
+        cells = np.log10(np.maximum(norms, np.float32(1e-30))).astype(np.float16)
+    cells[~present] = _MISSING
+    cells[nonfinite] = _NONFINITE
+    return cells
 
 
-def combine(a: np.ndarray, b: np.ndarray, sharded: bool = False) -> np.ndarray:
-    """Two reports of the same steps: non-finite wins, then missing, then the larger norm
-    (or, for shards, the norm of both); a cell not reported yet takes the other."""
-    nan = np.isnan(a) | np.isnan(b)
-    missing = (a == MISSING) | (b == MISSING)
-    if sharded:
-        high, low = np.maximum(a, b).astype(np.float64), np.minimum(a, b).astype(np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            merged = (high + 0.5 * np.log10(1 + 10 ** (2 * (low - high)))).astype(np.float16)
-    else:
-        merged = np.maximum(a, b)
-    merged = np.where(a == NO_DATA, b, np.where(b == NO_DATA, a, merged))
-    return np.where(nan, NONFINITE, np.where(missing, MISSING, merged))
+def _combine_shards(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Ordered cells of two shards of the same steps: a sentinel by its order, else the
+    norm of both together (one not reported yet takes the other)."""
+    high, low = np.maximum(a, b), np.minimum(a, b)
+    together = (high >= _MISSING) | (low == _EMPTY)
+    high64, low64 = high.astype(np.float64), low.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        merged = (high64 + 0.5 * np.log10(1 + 10 ** (2 * (low64 - high64)))).astype(np.float16)
+    return np.where(together, high, merged)
+
+
+def _decode(cells: np.ndarray) -> np.ndarray:
+    """The public encoding (see the module) of ordered cells."""
+    out = cells.copy()
+    out[cells == _EMPTY] = NO_DATA
+    out[cells == _MISSING] = MISSING
+    out[cells == _NONFINITE] = NONFINITE
+    return out
 
 
 class History:
@@ -54,7 +70,7 @@ class History:
     def __init__(self, sharded: bool = False) -> None:
         self.sharded = sharded
         self.steps = np.full(STEPS, -1, np.int64)  # the step each slot holds (-1: none)
-        self.cells = np.full((STEPS, 0), NO_DATA, np.float16)
+        self.cells = np.full((STEPS, 0), _EMPTY, np.float16)  # ordered
         #: Per session id: global norm per slot and replica (float32; NaN or Inf as
         #: reported, `NO_REPORT` where none).
         self.global_norms: dict[str, np.ndarray] = {}
@@ -72,11 +88,11 @@ class History:
         """One batch of a session: ``[S, R, N]`` arrays, ``columns`` its group columns,
         ``global_norm`` ``[S, R]``, ``width`` the group's column count."""
         if self.cells.shape[1] < width:
-            grown = np.full((STEPS, width), NO_DATA, np.float16)
+            grown = np.full((STEPS, width), _EMPTY, np.float16)
             grown[:, :self.cells.shape[1]] = self.cells
             self.cells = grown
-        cells = encode(present.all(axis=1), np.where(present, norms, 0).max(axis=1),
-                       nonfinite.any(axis=1))
+        # The max over replicas: any replica's missing or non-finite gradient wins.
+        cells = _encode(present, norms, nonfinite).max(axis=1)
         replicas = global_norm.shape[1]
         history = self.global_norms.get(session_id)
         if history is None or history.shape[1] != replicas:
@@ -89,7 +105,7 @@ class History:
         if newer.any():
             fresh = slots[newer]
             self.steps[fresh] = steps[newer]
-            self.cells[fresh] = NO_DATA
+            self.cells[fresh] = _EMPTY
             for other in self.global_norms.values():
                 other[fresh] = NO_REPORT
             if self.sharded:
@@ -102,8 +118,12 @@ class History:
             slots, cells = slots[first], cells[first]
             for slot in slots.tolist():
                 self.reported_by[slot].add(session_id)
-        rows = np.ix_(slots, columns)
-        self.cells[rows] = combine(self.cells[rows], cells, self.sharded)
+        leading = len(columns) and columns[-1] == len(columns) - 1 and (
+            np.array_equal(columns, np.arange(len(columns))))  # the group's first columns
+        rows = (slots, slice(len(columns))) if leading else np.ix_(slots, columns)
+        held = self.cells[rows]
+        self.cells[rows] = (_combine_shards(held, cells) if self.sharded
+                            else np.maximum(held, cells))
 
     def rewind(self, session_id: str, step: int) -> None:
         """The session's step counter was set back to ``step`` (a checkpoint restored): the
@@ -114,7 +134,7 @@ class History:
         anyone = np.logical_or.reduce([*reported.values(), np.zeros(STEPS, bool)])
         stale = (self.steps >= step) & (reported.get(session_id, False) | ~anyone)
         self.steps[stale] = -1
-        self.cells[stale] = NO_DATA
+        self.cells[stale] = _EMPTY
         for norms in self.global_norms.values():
             norms[stale] = NO_REPORT
         for slot in np.flatnonzero(stale).tolist():
@@ -125,7 +145,7 @@ class History:
         oldest first."""
         order = np.argsort(self.steps, kind="stable")
         order = order[self.steps[order] >= 0]
-        return (self.steps[order], self.cells[order],
+        return (self.steps[order], _decode(self.cells[order]),
                 {sid: g[order] for sid, g in self.global_norms.items()})
 
     def keep_columns(self, kept: np.ndarray) -> None:

@@ -9,6 +9,7 @@ rejected message, so one bad client cannot corrupt another's state.
 from __future__ import annotations
 
 import enum
+import operator
 import re
 from dataclasses import dataclass
 
@@ -208,6 +209,9 @@ def find_session(batch: pb.ReportBatch, registry: Registry) -> SessionState:
     return session
 
 
+_step_fields = operator.attrgetter("step", "wall_time", "rewound")
+
+
 def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
                  limits: Limits, last_step: int = -1) -> StepBatch:
     """Checks a ReportBatch against its session's table and its ``last_step`` (-1: none
@@ -231,27 +235,28 @@ def decode_batch(batch: pb.ReportBatch, num_replicas: int, num_variables: int,
     for statistic in STATISTICS:
         values = arrays[statistic.name]
         if statistic.kind is Kind.MAGNITUDE:  # NaN and +Inf are what a bad gradient gives
-            bad = np.flatnonzero((values < 0).any(axis=(1, 2)))
-            if bad.size:
-                raise _invalid(f"steps[{bad[0]}].{statistic.name} has a negative value",
-                               Reason.STATISTIC)
-        elif statistic.kind is Kind.COUNT:
-            bad = np.flatnonzero((~np.isfinite(values) | (values < 0)).any(axis=(1, 2)))
-            if bad.size:
-                raise _invalid(f"steps[{bad[0]}].{statistic.name} must hold finite, "
-                               "non-negative counts", Reason.COUNT)
-    wall_time = np.fromiter((s.wall_time for s in batch.steps), np.float64, num_steps)
+            wrong, problem, reason = values < 0, "has a negative value", Reason.STATISTIC
+        elif statistic.kind is Kind.COUNT:  # (NaN fails both comparisons)
+            wrong = ~((values >= 0) & (values < np.inf))
+            problem, reason = "must hold finite, non-negative counts", Reason.COUNT
+        else:
+            continue
+        if wrong.any():
+            i = np.flatnonzero(wrong.any(axis=(1, 2)))[0]
+            raise _invalid(f"steps[{i}].{statistic.name} {problem}", reason)
+    fields = list(zip(*map(_step_fields, batch.steps), strict=True)) or [(), (), ()]
+    steps = np.array(fields[0], np.int64)
+    wall_time = np.array(fields[1], np.float64)
+    rewound = np.array(fields[2], bool)
     bad = np.flatnonzero(~np.isfinite(wall_time) | (wall_time < 0))
     if bad.size:
         raise _invalid(f"steps[{bad[0]}].wall_time is {wall_time[bad[0]]}; expected seconds "
                        "since the epoch", Reason.WALL_TIME)
-    steps = np.fromiter((s.step for s in batch.steps), np.int64, num_steps)
     bad = np.flatnonzero(steps < 0)
     if bad.size:
         raise _invalid(f"steps[{bad[0]}].step is {steps[bad[0]]}; steps are non-negative",
                        Reason.STEP)
     before = np.concatenate(([last_step], steps[:-1]))
-    rewound = np.fromiter((s.rewound for s in batch.steps), bool, num_steps)
     bad = np.flatnonzero((steps < before) & ~rewound)
     if bad.size:
         i = bad[0]

@@ -10,6 +10,7 @@ Not thread-safe: the collector's event loop is the only writer and reader.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,10 +38,18 @@ class StepBatch:
     dropped_steps: int
     rewound_to: tuple[int, ...] = ()  # steps marked rewound (counter set back on purpose)
 
+    @functools.cached_property
+    def nonfinite(self) -> np.ndarray:
+        """Where NaN or Inf elements were counted (bool ``[S, R, N]``)."""
+        return (self.nan_count + self.inf_count) > 0
+
+    @functools.cached_property
     def standing(self) -> np.ndarray:
         """Which steps stand (bool [S]): a step reported again later in the batch, or
         followed by a lower one (the counter set back), is superseded. The standing steps
         strictly increase."""
+        if (self.steps[1:] > self.steps[:-1]).all():  # most batches
+            return np.ones(len(self.steps), bool)
         later = np.minimum.accumulate(self.steps[::-1])[::-1]
         return self.steps < np.append(later[1:], np.iinfo(np.int64).max)
 
@@ -114,8 +123,7 @@ class SessionState:
     def nonfinite_steps(self, batch: StepBatch) -> np.ndarray:
         """Where ``batch`` had NaN or Inf elements ([S, R, N]), except in steps a loss-scale
         optimizer skips (those are counted as skipped, not alarming)."""
-        nonfinite = (batch.nan_count + batch.inf_count) > 0
-        return np.zeros_like(nonfinite) if self.loss_scaled else nonfinite
+        return np.zeros_like(batch.nonfinite) if self.loss_scaled else batch.nonfinite
 
     def rate(self, now: float) -> float:
         """Steps per second as of ``now``: the recent rate, or 0 once no report came for
@@ -147,14 +155,13 @@ class SessionState:
         self.nan_total += batch.nan_count.sum(axis=(0, 1))
         self.inf_total += batch.inf_count.sum(axis=(0, 1))
         if self.loss_scaled:
-            self.skipped_steps_total += int(
-                ((batch.nan_count + batch.inf_count) > 0).any(axis=(1, 2)).sum())
+            self.skipped_steps_total += int(batch.nonfinite.any(axis=(1, 2)).sum())
         nonfinite = self.nonfinite_steps(batch)
         self.nonfinite = nonfinite[-1]
         self.nonfinite_steps_total += int(nonfinite.any(axis=(1, 2)).sum())
         kept = slice(None)
         if batch.rewound_to:  # the heat map continues from the step restored
-            kept = batch.standing()
+            kept = batch.standing
             self.group.history.rewind(self.id, int(batch.steps[kept][0]))
         self.group.history.add(self.id, self.columns, batch.steps[kept], batch.present[kept],
                                batch.l2_norm[kept], nonfinite[kept], batch.global_norm[kept],

@@ -15,6 +15,7 @@ docs/contributing.md).
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,21 +87,25 @@ class LayoutError(ValueError):
     """A packed array whose length does not match the variable table."""
 
 
+_statistic_fields = operator.attrgetter(*COLUMNS)
+
+
 def unpack_steps(steps: Sequence[pb.StepReport], num_replicas: int,
                  num_variables: int) -> dict[str, np.ndarray]:
     """Each statistic of ``steps`` as a ``[steps, replicas, variables]`` array in its wire
     dtype (read-only views of the messages' bytes). Raises `LayoutError` naming the
     first array of the wrong length."""
     width = num_replicas * num_variables
+    # One pass over the messages (each field read is a copy out of the message).
+    per_statistic = list(zip(*map(_statistic_fields, steps), strict=True)) or [()] * NUM_COLUMNS
     arrays = {}
-    for statistic in STATISTICS:
-        chunks = [getattr(step, statistic.name) for step in steps]
+    for statistic, chunks in zip(STATISTICS, per_statistic, strict=True):
         expected = width * statistic.wire_dtype.itemsize
-        for i, chunk in enumerate(chunks):
-            if len(chunk) != expected:
-                raise LayoutError(
-                    f"steps[{i}].{statistic.name} has {len(chunk)} bytes; expected {expected} "
-                    f"({num_replicas} replicas x {num_variables} variables)")
+        if any(len(chunk) != expected for chunk in chunks):
+            i = next(i for i, chunk in enumerate(chunks) if len(chunk) != expected)
+            raise LayoutError(
+                f"steps[{i}].{statistic.name} has {len(chunks[i])} bytes; expected {expected} "
+                f"({num_replicas} replicas x {num_variables} variables)")
         flat = np.frombuffer(b"".join(chunks), dtype=statistic.wire_dtype)
         arrays[statistic.name] = flat.reshape(len(chunks), num_replicas, num_variables)
     return arrays

@@ -21,13 +21,22 @@ class ExplodingParams(Params):
     min_steps: int = above(10, 0)
 
 
+def _medians(window: np.ndarray) -> np.ndarray:
+    """Medians along the first axis of a non-empty window of finite norms, by one sort
+    (numpy's median partitions: 4-6x slower for 100 steps of 1,000 variables)."""
+    ordered = np.sort(window, axis=0)
+    k = len(ordered)
+    return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+
+
 @dataclass
 class NormHistory:
     """A session's recent finite norms (max over replicas) and the latest verdict."""
 
     global_norms: np.ndarray  # float64 [<= window]
     variable_norms: np.ndarray  # float32 [<= window, N]
-    #: The per-variable median over the window, refreshed every quarter window.
+    #: The medians over the window (global, per variable), refreshed every quarter window.
+    global_median: float = 0.0
     variable_median: np.ndarray = field(default_factory=lambda: np.zeros(0))
     median_age: float = np.inf
     global_exploded: bool = False
@@ -40,7 +49,8 @@ class NormHistory:
 class GradientExploding(Rule[NormHistory]):
     """A gradient norm (global, or a variable's) above ``max_norm``, or above
     ``median_factor`` x its median over the previous ``window_steps`` steps (once at
-    least ``min_steps`` are known). Norms are maxima over replicas. A NaN or Inf norm
+    least ``min_steps`` are known; the medians are refreshed every quarter window, which
+    a factor of 100 does not notice). Norms are maxima over replicas. A NaN or Inf norm
     is GradientNonFinite's, unless no NaN or Inf element was counted: then the norm of
     finite values overflowed float32 (TensorFlow under XLA on an accelerator)."""
 
@@ -53,24 +63,21 @@ class GradientExploding(Rule[NormHistory]):
 
     def observe(self, state: NormHistory, session: SessionState, batch: StepBatch,
                 params: ExplodingParams) -> None:
-        norms = np.where(batch.present, batch.l2_norm, 0.0).astype(np.float64)  # [S, R, N]
-        per_variable = norms.max(axis=1)  # [S, N]
+        per_variable = np.where(batch.present, batch.l2_norm, 0).max(axis=1)  # [S, N]
         global_norm = batch.global_norm.max(axis=1)  # [S]
         too_big_g = global_norm > params.max_norm
         too_big_v = (per_variable > params.max_norm).any(axis=0)
         if len(state.global_norms) >= params.min_steps:
-            median_g = np.median(state.global_norms)
-            too_big_g |= (global_norm > params.median_factor * median_g) & (median_g > 0)
-            # The per-variable median over the window is the costly part: refreshed when a
-            # quarter of the window is new, which a factor of 100 does not notice.
             if state.median_age >= max(1, params.window_steps // 4):
-                state.variable_median = np.median(state.variable_norms, axis=0)
+                state.global_median = float(_medians(state.global_norms))
+                state.variable_median = _medians(state.variable_norms)
                 state.median_age = 0
             state.median_age += len(global_norm)
-            median = state.variable_median
+            median_g, median = state.global_median, state.variable_median
+            too_big_g |= (global_norm > params.median_factor * median_g) & (median_g > 0)
             too_big_v |= ((per_variable > params.median_factor * median) &
                           (median > 0)).any(axis=0)
-        counted = (batch.nan_count + batch.inf_count).max(axis=1) > 0  # [S, N]
+        counted = batch.nonfinite.any(axis=1)  # [S, N]
         finite = np.isfinite(global_norm)
         # A step without any gradient has no norm: its 0 is no history (a median of such
         # zeros made the first healthy step after them "100x the median").
@@ -78,8 +85,7 @@ class GradientExploding(Rule[NormHistory]):
         state.global_norms = np.concatenate(
             [state.global_norms, global_norm[kept]])[-params.window_steps:]
         state.variable_norms = np.concatenate(
-            [state.variable_norms, per_variable[kept].astype(np.float32)]
-        )[-params.window_steps:]
+            [state.variable_norms, per_variable[kept]])[-params.window_steps:]
         state.global_exploded = bool((too_big_g & ~counted.any(axis=1)).any())
         state.variables_exploded = too_big_v & ~counted.any(axis=0)
         if finite.any():
@@ -132,10 +138,10 @@ class GradientVanishing(Rule[Streaks]):
     def observe(self, state: Streaks, session: SessionState, batch: StepBatch,
                 params: VanishingParams) -> None:
         small = (batch.present & (batch.l2_norm <= params.epsilon)).all(axis=1)  # [S, N]
-        streak = state.steps
-        for step_small in small:  # a loop over steps (<= batch size), vectorized over variables
-            streak = np.where(step_small, streak + 1, 0)
-        state.steps = streak
+        # A streak goes on through a batch of small norms, else it is the batch's last run
+        # of them (argmin: the first step from the end that was not small).
+        last_run = small[::-1].argmin(axis=0)
+        state.steps = np.where(small.all(axis=0), state.steps + len(small), last_run)
 
     def evaluate(self, group: Group, states: Mapping[str, Streaks], params: VanishingParams,
                  now: float) -> list[Alert]:

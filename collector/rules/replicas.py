@@ -86,7 +86,7 @@ class ReplicaDivergence(Rule[Unmatched]):
 
     def observe(self, state: Unmatched, session: SessionState, batch: StepBatch,
                 params: DivergenceParams) -> None:
-        standing = batch.standing()
+        standing = batch.standing
         present, bad = batch.present[standing], session.nonfinite_steps(batch)[standing]
         codes = (present.any(axis=1) * PRESENT | ~present.all(axis=1) * ABSENT
                  | bad.any(axis=1) * NONFINITE | ~bad.all(axis=1) * FINITE)

@@ -251,3 +251,35 @@ def test_a_missing_gradient_has_no_norm_on_the_job_page():
     (group,) = detail(h.registry, AlertTracker(print), "job")["groups"]
     assert [(v["norm"], v["present"]) for v in group["variables"]] == [
         (2.0, True), (None, False), (0.0, True)]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_history_cells_rank_nonfinite_over_missing_over_norms(sharded):
+    """Reports of one step combine over replicas and tasks: non-finite anywhere wins, then
+    a gradient missing anywhere, then the larger norm (shards: the norm of both); a
+    variable nobody reported reads no data."""
+    from gradwatch.collector.history import MISSING, NO_DATA, History
+
+    history = History(sharded=sharded)
+
+    def report(session, present, norms, nonfinite, columns=(0, 1, 2, 3)):
+        shape = (1, len(present), len(columns))  # one step, replicas x variables
+        history.add(session, columns=np.array(columns), steps=np.array([5]),
+                    present=np.array(present, bool).reshape(shape),
+                    norms=np.array(norms, np.float32).reshape(shape),
+                    nonfinite=np.array(nonfinite, bool).reshape(shape),
+                    global_norm=np.ones((1, len(present)), np.float32), width=5)
+
+    # two replicas: variable 1 missing on one, variable 2 NaN on one
+    report("a", [[1, 1, 1, 1], [1, 0, 1, 1]], [[10, 1, 1, 100], [1000, 0, np.nan, 100]],
+           [[0, 0, 0, 0], [0, 0, 1, 0]])
+    report("b", [[1, 1, 1, 1]], [[1, 1, 1, 100]], [[0, 0, 0, 0]])
+    steps, cells, _ = history.window()
+    assert steps.tolist() == [5]
+    row = cells[0].astype(np.float64)
+    assert row[0] == pytest.approx(3.0, abs=1e-3)  # the max over replicas and tasks
+    assert row[1] == float(MISSING)
+    assert np.isnan(row[2])
+    # shards: the norm of both (sqrt(100² + 100²)); replicas of one task: their max
+    assert 10 ** row[3] == pytest.approx(100 * 2 ** 0.5 if sharded else 100, rel=1e-2)
+    assert row[4] == float(NO_DATA)

@@ -93,3 +93,23 @@ def test_a_waiting_batch_schedules_one_evaluation_when_its_interval_ends():
     assert [a.annotations["tasks"] for a in h.active("GradientMissing")] == ["worker/1"]
     h.feed(w1, [1, 1, 1])  # the next wait schedules again
     assert len(scheduled) == 2
+
+
+def test_a_failing_rule_is_logged_and_the_others_go_on(monkeypatch, caplog):
+    """A rule that raises (a bug, or input it did not foresee) costs its own verdict: the
+    batch is still applied and the other rules still observe and alert."""
+    from gradwatch.collector.rules.norms import GradientVanishing
+
+    def broken(*args):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(GradientVanishing, "observe", broken)
+    monkeypatch.setattr(GradientVanishing, "evaluate", broken)
+    h = Harness()
+    s = h.register()
+    with caplog.at_level("ERROR", logger="gradwatch.collector.rules.engine"):
+        h.feed(s, [1, 0, 1])
+    assert s.last_step == 0
+    assert [a.name for a in h.active()] == ["GradientMissing"]
+    failed = [r for r in caplog.records if r.getMessage() == "rule GradientVanishing failed"]
+    assert len(failed) == 2 and all(r.exc_info[0] is ValueError for r in failed)
