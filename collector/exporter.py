@@ -242,11 +242,13 @@ class Exporter:
                 skipped.add(task_labels, s.skipped_steps_total)
                 dropped.add(task_labels, s.dropped_steps)
                 variables.add(task_labels, s.num_variables)
+                if not s.closed:  # a finished task is not "not reporting"
+                    # (its registration, until a batch came: one hung before its first
+                    # step ages on dashboards as WorkerSilent sees it)
+                    last_report.add(task_labels, s.last_report_time or s.registered_at)
                 if not s.steps_total:
                     continue
                 last_step.add(task_labels, s.last_step)
-                if not s.closed:  # a finished task is not "not reporting"
-                    last_report.add(task_labels, s.last_report_time)
                 replicas = [labels(REPLICA_LABELS, [*task, r]) for r in range(s.num_replicas)]
                 without.add_column(replicas, (~s.present).sum(axis=1))
                 global_norm.add_column(replicas, s.global_norm)

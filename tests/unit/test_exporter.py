@@ -183,3 +183,21 @@ def test_shards_of_a_variable_combine_into_its_norm():
     feed(w0, [1, 1], [3.0, 1.0])
     feed(w1, [1, 1], [4.0, 0.0])
     assert select(render(registry), "gradwatch_gradient_norm") == {"a": 5.0, "b": 1.0}
+
+
+def test_a_task_hung_before_its_first_step_has_a_report_age():
+    """A task that registered and never stepped (a data pipeline or a collective hung at
+    start) had no `gradwatch_last_report_timestamp_seconds`: dashboards neither counted it
+    as running nor showed its report age grow, though WorkerSilent pages it."""
+    registry = Registry()
+    hung = registry.register("job", "adam", "worker", 0, 1, ["a"])
+    stepping = registry.register("job", "adam", "worker", 1, 1, ["a"])
+    feed(stepping, [1], [1.0])
+    reported = select(render(registry), "gradwatch_last_report_timestamp_seconds")
+    assert reported == {
+        "optimizer=adam,task_index=0,task_type=worker,training_job=job": hung.registered_at,
+        "optimizer=adam,task_index=1,task_type=worker,training_job=job":
+            stepping.last_report_time}
+    assert "task_index=0" not in str(select(render(registry), "gradwatch_last_step"))
+    hung.closed = True
+    assert len(select(render(registry), "gradwatch_last_report_timestamp_seconds")) == 1
