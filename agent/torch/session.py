@@ -81,9 +81,12 @@ class TorchSession(Session):
         #: every gradient was None after it (``zero_grad`` with ``set_to_none``, the default).
         self._seen: list[tuple[weakref.ref, int] | None] | None = None
         self._record: torch.Tensor | None = None
-        #: A few gradients (index, tensor, version) as a clip left them after `_record` was
-        #: measured (`clipped`): a backward pass since changes them.
-        self._clipped: list[tuple[int, weakref.ref, int]] | None = None
+        #: What `_record` was built from: (parts, absent ids, loss scale divided by).
+        self._built: tuple[list, frozenset[int], torch.Tensor | None] | None = None
+        #: After a clip of a measured step (`clipped`): a few gradients (index, tensor,
+        #: version) as it left them, and the parameters then without a gradient. A
+        #: backward pass since changes the first or gives the second one.
+        self._clipped: tuple[list[tuple[int, weakref.ref, int]], list[int]] | None = None
         self._sentinels = sorted({0, len(self.params) // 3, 2 * len(self.params) // 3,
                                   len(self.params) - 1} - {-1})
         self._every = every
@@ -129,19 +132,22 @@ class TorchSession(Session):
         return self.steps % self._every == 0
 
     def measure(self, parts: list[tuple[list[int], torch.Tensor]],
-                scale: torch.Tensor | None = None, after_clip: bool = False,
+                scale: torch.Tensor | None = None,
                 parts_scale: torch.Tensor | None = None) -> None:
         """Computes this step's record unless done already (training thread). ``parts``:
         (variable ids, their `stats.measure`) taken earlier in the step; ``scale``: the loss
-        scale the gradients still carry (their norms are divided by it). ``after_clip``:
-        measured again if a backward pass added to the gradients since the last clip (a
-        clip after every micro-batch: the step applies the sum, measured at the last).
-        ``parts_scale``: the loss scale only ``parts`` carry (the DDP hook measured them
-        before ``GradScaler.unscale_`` unscaled the gradients themselves)."""
-        if after_clip and self._clipped is not None and any(
-                not _same(self.params[i].grad, (ref, version))
-                for i, ref, version in self._clipped):
-            self._record, self._skipped, self._clipped = None, False, None
+        scale the gradients still carry (their norms are divided by it); ``parts_scale``:
+        the loss scale only ``parts`` carry (the DDP hook measured them before
+        ``GradScaler.unscale_`` unscaled the gradients themselves). A record measured at a
+        clip is brought up to date with a backward pass since (`_since_clip`)."""
+        if parts and sum(len(ids) for ids, _ in parts) > len({i for ids, _ in parts
+                                                              for i in ids}):
+            # The DDP hook measured a parameter twice: gradients accumulated without
+            # ``no_sync()`` are all-reduced at each micro-batch, so later buckets mix the
+            # ranks' average with the rank's own. What the step applies is measured.
+            parts = []
+        if self._clipped is not None:
+            self._since_clip(parts)
         if self._record is not None or self._skipped:
             return
         grads = self._local_parts(self._gradients())
@@ -167,23 +173,59 @@ class TorchSession(Session):
             if self._sharded:
                 tensors = [local_tensor(t) for t in tensors]
             parts.append((ids, stats.measure(tensors, self.device)))
+        self._set_record(parts, absent, scale)
+
+    def _set_record(self, parts: list, absent: frozenset[int],
+                    scale: torch.Tensor | None) -> None:
+        self._built = (parts, absent, scale)
         record = self._build(parts, absent)
         self._record = record if scale is None else _divide_norms(record, scale)
 
+    def _since_clip(self, parts: list) -> None:
+        """A backward pass after the clip that measured the step: gradients the clip saw
+        grew (a clip after every micro-batch; the step applies the sum) → the step is
+        measured again, at this clip or at the step; parameters then without a gradient
+        have one (losses backpropagated and clipped one by one, as actor-critic programs
+        do) → they are measured and added, before clipping."""
+        sentinels, without = self._clipped
+        appeared = [i for i in without if self._fresh(i)]
+        if not appeared and all(_same(self.params[i].grad, (ref, version))
+                                for i, ref, version in sentinels):
+            return
+        self._clipped = None
+        if self._built is None or parts or self._sharded or not all(
+                _same(self.params[i].grad, (ref, version)) for i, ref, version in sentinels):
+            self._forget_measure()  # measured again, whole
+            return
+        built, absent, scale = self._built
+        added = (appeared, stats.measure([self.params[i].grad for i in appeared], self.device))
+        self._set_record([*built, added], absent - set(appeared), scale)
+        self.missing -= set(appeared)
+
+    def _fresh(self, i: int) -> bool:
+        """Whether parameter ``i`` has a gradient new since the previous step."""
+        grad = self.params[i].grad
+        return grad is not None and (self._seen is None or not _same(grad, self._seen[i]))
+
     def clipped(self) -> None:
-        """After a clip of a measured step: a few gradients as it left them (`measure`;
-        a micro-batch's backward pass reaches nearly every parameter, and a handful cost
-        microseconds where all of a large model's would cost tens)."""
+        """After a clip of a measured step: a few gradients as it left them, and the
+        parameters without a gradient (`_since_clip`; a micro-batch's backward pass
+        reaches nearly every parameter, and a handful cost microseconds where all of a
+        large model's would cost tens)."""
         if self._record is not None or self._skipped:
-            self._clipped = [(i, weakref.ref(g), g._version) for i in self._sentinels
-                             if (g := self.params[i].grad) is not None] or None
+            self._clipped = ([(i, weakref.ref(g), g._version) for i in self._sentinels
+                              if (g := self.params[i].grad) is not None],
+                             sorted(self.missing))
+
+    def _forget_measure(self) -> None:
+        self._record, self._built, self._skipped, self._clipped = None, None, False, None
 
     def finish(self) -> None:
         """Ends the step: writes its record and remembers the gradients seen (training
         thread; call after `measure` and the optimizer's update, or its skipping)."""
         if not self._skipped:
             self._ring.write(self._record, self.steps)
-        self._record, self._skipped, self._clipped = None, False, None
+        self._forget_measure()
         self.steps += 1
         self._remember()
 
@@ -197,7 +239,8 @@ class TorchSession(Session):
     def close(self) -> None:
         """Its optimizer is gone: the parameters go too (the ring keeps what it recorded)."""
         super().close()
-        self.params, self._record = [], None
+        self.params = []
+        self._forget_measure()
 
     def gradients_zeroed(self, between_steps: bool = True) -> None:
         """After ``zero_grad``: remembers the gradients zeroed in place, if any. Between
@@ -205,7 +248,7 @@ class TorchSession(Session):
         clipping found its norm not finite) is dropped: its gradients are gone, and the
         next step measures its own."""
         if between_steps:
-            self._record, self._skipped, self._clipped = None, False, None
+            self._forget_measure()
         self._remember()
 
     def _remember(self) -> None:

@@ -10,7 +10,8 @@ FSDP1, ``use_orig_params=True``), ``tensor-parallel`` (``hidden`` column-wise, `
 row-wise: its bias replicated; the same JSON), ``no-sync`` (DDP gradient
 accumulation: 4 micro-batches of the rank's own data, the first 3 under ``no_sync()``;
 each rank prints the norm of its accumulated gradients as DDP never saw them, from a
-plain copy of the model), ``two-optimizers`` (SGD over one layer, Adam over another, one
+plain copy of the model), ``synced-accumulation`` (the same without ``no_sync()``: every
+micro-batch all-reduced), ``two-optimizers`` (SGD over one layer, Adam over another, one
 DDP bucket holding both; each rank prints its own gradients' norm per optimizer, from a
 plain copy). The agent is configured
 by GRADWATCH_* variables; the job name comes from torchrun's run id.
@@ -69,8 +70,8 @@ def main(mode: str) -> int:
         model = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=mode != "unused")
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
-    if mode == "no-sync":
-        return accumulate_without_sync(model, rank)
+    if mode in ("no-sync", "synced-accumulation"):
+        return accumulate(model, rank, synced=mode == "synced-accumulation")
     if mode == "two-optimizers":
         return two_optimizers(model, rank)
     status = 0
@@ -116,8 +117,10 @@ def whole_norms(model: torch.nn.Module) -> dict[str, float]:
     return norms
 
 
-def accumulate_without_sync(model: torch.nn.parallel.DistributedDataParallel, rank: int
-                            ) -> int:
+def accumulate(model: torch.nn.parallel.DistributedDataParallel, rank: int,
+               synced: bool = False) -> int:
+    """4 micro-batches, the first 3 under ``no_sync()`` unless ``synced`` (then each is
+    all-reduced); prints the rank's own accumulated norm (LOCAL) and the applied one."""
     plain = copy.deepcopy(model.module)
     data = torch.Generator().manual_seed(rank)
     batches = [torch.randn(8, 4, generator=data) for _ in range(4)]
@@ -129,8 +132,11 @@ def accumulate_without_sync(model: torch.nn.parallel.DistributedDataParallel, ra
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
         optimizer.zero_grad()
         for i, x in enumerate(batches):
-            with model.no_sync() if i < 3 else contextlib.nullcontext():
+            with model.no_sync() if i < 3 and not synced else contextlib.nullcontext():
                 model(x).pow(2).mean().backward()
+        applied = sum(float(p.grad.norm()) ** 2 for p in model.parameters()
+                      if p.grad is not None)
+        print(f"APPLIED {rank} {applied ** 0.5!r}", flush=True)
         optimizer.step()
     delivered = monitor.close()
     dist.destroy_process_group()

@@ -131,6 +131,22 @@ def test_gradients_accumulated_under_no_sync_are_each_ranks_own(collector):
     assert sorted(scrape(collector, "gradwatch_steps_total", job).values()) == [1.0, 1.0]
 
 
+@pytest.mark.timeout(240)
+def test_gradients_accumulated_without_no_sync_are_the_applied_ones(collector):
+    """Accumulation without ``no_sync()``: DDP all-reduces every micro-batch, so a rank's
+    own sum exists nowhere. The hook measured each micro-batch's bucket and kept the last:
+    the ranks' average of the first three plus the rank's fourth, neither gradient. Both
+    ranks now report what the step applies."""
+    job, result = torchrun(collector, "synced-accumulation")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    applied = {rank: float(norm) for rank, norm in
+               re.findall(r"APPLIED (\d+) (\d+\.\d+(?:e-?\d+)?)", result.stdout)}
+    assert len(applied) == 2 and applied["0"] == pytest.approx(applied["1"]), result.stdout
+    norms = scrape(collector, "gradwatch_global_gradient_norm", job)
+    by_rank = {k.split("task_index=")[1].split(",")[0]: v for k, v in norms.items()}
+    assert by_rank == pytest.approx(applied, rel=1e-5)
+
+
 def test_two_optimizers_sharing_a_ddp_bucket_report_each_ranks_own(collector):
     """Two optimizers over disjoint layers of one DDP model, whose gradients share a bucket:
     the bucket was measured for the optimizer of its first parameter and thrown away, so

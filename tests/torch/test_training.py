@@ -685,6 +685,43 @@ def test_accumulated_gradients_clipped_after_every_micro_batch(collector, job_na
         == [1.0]
 
 
+@pytest.mark.parametrize("clipped", ["each network", "everything", "the actor only"])
+def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipped, caplog):
+    """Actor-critic programs (A2C, PPO) with one optimizer: the actor's loss (the advantage
+    detached from the critic) backpropagated and clipped, then the critic's loss. gradwatch
+    measured at the first clip, when the critic had no gradient yet: at every step it read
+    missing, paged GradientMissing and was blamed on the advantage's ``detach()``. Those
+    that get a gradient after the clip are now measured and added, before clipping."""
+    torch.manual_seed(0)
+    actor, critic = torch.nn.Linear(4, 2), torch.nn.Linear(4, 1)
+    model = torch.nn.ModuleDict({"actor": actor, "critic": critic})
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
+        for _ in range(3):
+            obs, action, ret = torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32, 1)
+            optimizer.zero_grad()
+            value = critic(obs)
+            log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
+            (-(log_prob * (ret - value).detach()).mean()).backward()
+            actor_norm = float(actor.weight.grad.norm())
+            torch.nn.utils.clip_grad_norm_(
+                model.parameters() if clipped == "everything" else actor.parameters(), 1e-3)
+            torch.nn.functional.mse_loss(value, ret).backward()
+            critic_norm = float(critic.weight.grad.norm())
+            if clipped != "the actor only":
+                torch.nn.utils.clip_grad_norm_(
+                    critic.parameters() if clipped == "each network" else model.parameters(),
+                    1e-3)
+            optimizer.step()
+    assert monitor.close() is True
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
+    norms = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert norms["critic.weight"] == pytest.approx(critic_norm, rel=1e-5)  # before clipping
+    assert norms["actor.weight"] == pytest.approx(actor_norm, rel=1e-5)
+    assert gradwatch_warnings(caplog) == []
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization as github.com/davda54/sam writes it: a torch optimizer
     sharing its base optimizer's ``param_groups``; its README's loop calls ``first_step``
