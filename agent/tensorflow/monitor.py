@@ -247,6 +247,7 @@ class GradientMonitor(MonitorCore):
         return wrap_optimizer(optimizer, Hooks(self._on_optimizer_gradients, self._on_rejected,
                                                self._on_optimizer_built))
 
+    @tf.autograph.experimental.do_not_convert  # runs as written in a converted function
     def observe(self, grads: Sequence[Any], variables: Sequence[Any], *,
                 step: Any = None, name: str = "observe") -> None:
         """Records one step's gradients for ``variables`` (same order, ``None`` allowed).

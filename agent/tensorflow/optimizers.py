@@ -66,6 +66,10 @@ def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
     def current() -> Hooks:
         return getattr(optimizer, _HOOKS)
 
+    # Called from users' functions, which AutoGraph converts (and with them what they call,
+    # unless told not to): gradwatch's code runs as written.
+    unconverted = tf.autograph.experimental.do_not_convert
+
     if callable(getattr(optimizer, "build", None)):
         original_build = optimizer.build
 
@@ -75,7 +79,7 @@ def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
             current().on_build(optimizer, list(variables))
             return result
 
-        optimizer.build = build
+        optimizer.build = unconverted(build)
     if callable(getattr(optimizer, "apply", None)) and hasattr(optimizer, "_trainable_variables"):
         original = optimizer.apply
 
@@ -84,16 +88,17 @@ def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
             grads = list(grads)
             variables = (list(trainable_variables) if trainable_variables is not None
                          else list(optimizer._trainable_variables))
+            given = None if trainable_variables is None else variables  # (an iterator: read)
             if len(variables) != len(grads):  # not built yet, or a mistake: Keras says which
-                return original(grads, trainable_variables)
+                return original(grads, given)
             current().on_gradients(optimizer, grads, variables)
             try:
-                return original(grads, trainable_variables)
+                return original(grads, given)
             except ValueError as error:
                 current().on_rejected(optimizer, grads, variables, error)
                 raise
 
-        optimizer.apply = apply
+        optimizer.apply = unconverted(apply)
     elif callable(getattr(optimizer, "apply_gradients", None)):
         original = optimizer.apply_gradients
 
@@ -112,7 +117,7 @@ def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
                 current().on_rejected(optimizer, grads, variables, error)
                 raise
 
-        optimizer.apply_gradients = apply_gradients
+        optimizer.apply_gradients = unconverted(apply_gradients)
     else:
         raise TypeError(
             f"gradwatch cannot wrap {type(optimizer).__name__}: expected a Keras optimizer "

@@ -172,10 +172,13 @@ class _GradientCalls:
                 log.exception("gradwatch: diagnosing missing gradients failed")
             return result
 
-        tape_class.__enter__ = entered
-        tape_class.__exit__ = exited
-        tape_class.stop_recording = stop_recording
-        tape_class.gradient = patched_gradient
+        # Called from users' functions, which AutoGraph converts (and with them what they
+        # call, unless told not to): gradwatch's code runs as written.
+        unconverted = tf.autograph.experimental.do_not_convert
+        tape_class.__enter__ = unconverted(entered)
+        tape_class.__exit__ = unconverted(exited)
+        tape_class.stop_recording = unconverted(stop_recording)
+        tape_class.gradient = unconverted(patched_gradient)
 
     def _unpatch(self) -> None:
         for name, original in self._originals.items():

@@ -979,6 +979,54 @@ def test_statistics_every_nth_step_keep_presence_from_the_first(collector, webho
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["observe", "wrap"])
+def test_autograph_runs_gradwatch_as_written(collector, job_name, mode):
+    """A ``@tf.function`` step, AutoGraph on, calling gradwatch first inside its trace:
+    AutoGraph converted gradwatch's code too, and where it could not (an assignment
+    expression) TensorFlow printed "AutoGraph could not transform ... Please report this to
+    the TensorFlow team" on the guide's own loop."""
+    script = Path(__file__).with_name("autograph_job.py")
+    env = {**os.environ, "GRADWATCH_COLLECTOR": collector.grpc_target}
+    result = subprocess.run([sys.executable, str(script), mode, job_name], env=env,
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AutoGraph" not in result.stderr, result.stderr[-3000:]
+    steps = select(parse_metrics(collector.scrape()), "gradwatch_steps_total",
+                   training_job=job_name)
+    assert list(steps.values()) == [3.0]
+
+
+def test_a_wrapped_optimizer_given_an_iterator_of_variables_updates_them(collector,
+                                                                          job_name):
+    """Keras 3's ``apply`` takes any iterable of variables (it makes a list of it). The
+    wrapper read an iterator (``itertools.chain`` of two models' variables) and handed
+    Keras the exhausted one: nothing was updated, silently, at every step."""
+    import itertools
+
+    def train(optimizer) -> list[np.ndarray]:
+        keras.utils.set_random_seed(0)
+        a, b = small_model(), small_model()
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(a(X) + b(X) - Y))
+            variables = a.trainable_variables + b.trainable_variables
+            grads = tape.gradient(loss, variables)
+            optimizer.apply(grads, itertools.chain(a.trainable_variables,
+                                                   b.trainable_variables))
+        return [v.numpy() for v in variables]
+
+    expected = train(keras.optimizers.SGD(0.1))
+    with monitor_for(collector, job_name) as monitor:
+        trained = train(monitor.wrap(keras.optimizers.SGD(0.1)))
+    assert monitor.close()
+    for got, want in zip(trained, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    steps = select(parse_metrics(collector.scrape()), "gradwatch_steps_total",
+                   training_job=job_name)
+    assert list(steps.values()) == [3.0]
+
+
+@pytest.mark.timeout(180)
 def test_keras_on_the_torch_backend_is_watched_through_a_host_copy(collector, job_name):
     """Keras 3 is multi-backend: on torch, the TensorFlow agent's hook gets torch tensors.
     On the CPU their norms are right (TensorFlow reads a host copy); one line says what
