@@ -702,10 +702,10 @@ class _Watched:
             return args, {**kwargs, "closure": measured}
         return (args[0], measured, *args[2:]), kwargs
 
-    def before_step(self, scale: torch.Tensor | None = None,
+    def before_step(self, scale: torch.Tensor | None = None, after_clip: bool = False,
                     parts_scale: torch.Tensor | None = None) -> None:
         """Measures the step's gradients unless done already this step (``scale``: the
-        loss scale they still carry; ``parts_scale``: see
+        loss scale they still carry; ``after_clip``, ``parts_scale``: see
         `TorchSession.measure`)."""
         session = self.session()
         if session is None or self.monitor._closed or self.optimizer is None:
@@ -719,7 +719,7 @@ class _Watched:
         parts = [(ids, measures) for ids, measures in
                  ((session.ids_of(params), measures) for params, measures in taken)
                  if ids is not None]
-        self.guarded(session.measure, parts, scale, parts_scale)
+        self.guarded(session.measure, parts, scale, after_clip, parts_scale)
 
     def clipped(self) -> None:
         """After a clip that `before_step` measured for."""

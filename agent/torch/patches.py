@@ -49,7 +49,7 @@ def _measure_before_clipping(parameters: list[torch.Tensor]) -> list[Any]:
     (a clip after every micro-batch measures the sum so far, up to the last one)."""
     watching = _each_watched(parameters)
     for watched in watching:
-        watched.before_step()
+        watched.before_step(after_clip=True)
     return watching
 
 

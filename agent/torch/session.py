@@ -132,14 +132,14 @@ class TorchSession(Session):
         return self.steps % self._every == 0
 
     def measure(self, parts: list[tuple[list[int], torch.Tensor]],
-                scale: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None, after_clip: bool = False,
                 parts_scale: torch.Tensor | None = None) -> None:
         """Computes this step's record unless done already (training thread). ``parts``:
         (variable ids, their `stats.measure`) taken earlier in the step; ``scale``: the loss
-        scale the gradients still carry (their norms are divided by it); ``parts_scale``:
-        the loss scale only ``parts`` carry (the DDP hook measured them before
-        ``GradScaler.unscale_`` unscaled the gradients themselves). A record measured at a
-        clip is brought up to date with a backward pass since (`_since_clip`)."""
+        scale the gradients still carry (their norms are divided by it); ``after_clip``:
+        called at a clip, after an earlier one (`_since_clip`); ``parts_scale``: the loss
+        scale only ``parts`` carry (the DDP hook measured them before
+        ``GradScaler.unscale_`` unscaled the gradients themselves)."""
         if parts and sum(len(ids) for ids, _ in parts) > len({i for ids, _ in parts
                                                               for i in ids}):
             # The DDP hook measured a parameter twice: gradients accumulated without
@@ -147,7 +147,7 @@ class TorchSession(Session):
             # ranks' average with the rank's own. What the step applies is measured.
             parts = []
         if self._clipped is not None:
-            self._since_clip(parts)
+            self._since_clip(parts, after_clip)
         if self._record is not None or self._skipped:
             return
         grads = self._local_parts(self._gradients())
@@ -181,20 +181,22 @@ class TorchSession(Session):
         record = self._build(parts, absent)
         self._record = record if scale is None else _divide_norms(record, scale)
 
-    def _since_clip(self, parts: list) -> None:
-        """A backward pass after the clip that measured the step: gradients the clip saw
-        grew (a clip after every micro-batch; the step applies the sum) → the step is
-        measured again, at this clip or at the step; parameters then without a gradient
-        have one (losses backpropagated and clipped one by one, as actor-critic programs
-        do) → they are measured and added, before clipping."""
+    def _since_clip(self, parts: list, at_clip: bool) -> None:
+        """Brings a record measured at a clip up to date with a backward pass since:
+        parameters then without a gradient that have one now (losses backpropagated and
+        clipped one by one, as actor-critic programs do) are measured and added, before
+        clipping, at the next clip or the step; gradients the clip saw that changed since
+        are measured again at the next clip (a clip after every micro-batch: the step
+        applies the sum), not at the step, where an in-place write (a pruning mask, noise
+        for differential privacy) would make the norms those after clipping."""
         sentinels, without = self._clipped
         appeared = [i for i in without if self._fresh(i)]
-        if not appeared and all(_same(self.params[i].grad, (ref, version))
-                                for i, ref, version in sentinels):
+        grown = at_clip and not all(_same(self.params[i].grad, (ref, version))
+                                    for i, ref, version in sentinels)
+        if not appeared and not grown:
             return
         self._clipped = None
-        if self._built is None or parts or self._sharded or not all(
-                _same(self.params[i].grad, (ref, version)) for i, ref, version in sentinels):
+        if grown or self._built is None or parts or self._sharded:
             self._forget_measure()  # measured again, whole
             return
         built, absent, scale = self._built

@@ -826,6 +826,35 @@ def test_norms_are_taken_before_clipping(collector, job_name, clip):
     assert reported["out.weight"] > 1e-2  # clipped, it would be below 1e-3
 
 
+@pytest.mark.parametrize("write", ["pruning mask", "step pre-hook adding noise"])
+def test_gradients_written_in_place_after_clipping_keep_the_norms_before(collector,
+                                                                        job_name, write):
+    """Between the clip and the update, programs write ``.grad`` in place: a pruning mask,
+    noise for differential privacy (often from a step pre-hook). The write moves the
+    gradients' version counters as a backward pass would; it is no backward pass, and the
+    norms stay those before clipping (not 1e4 times smaller)."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+
+        def write_in_place(*_) -> None:
+            for p in model.parameters():
+                p.grad.mul_(torch.ones_like(p.grad)) if write == "pruning mask" else \
+                    p.grad.add_(torch.zeros_like(p.grad))
+
+        if write == "step pre-hook adding noise":
+            optimizer.register_step_pre_hook(write_in_place)
+
+        def before_step() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+            if write == "pruning mask":
+                write_in_place()
+
+        norms = train(model, optimizer, 2, before_step=before_step)
+    reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert reported == pytest.approx(norms[-1], rel=1e-5)
+
+
 def test_a_step_skipped_after_clipping_found_it_not_finite_is_not_reported(collector,
                                                                            job_name):
     """The loop that clips and skips the update when the total norm is not finite (a bad
