@@ -82,11 +82,12 @@ class History:
     def nbytes(self) -> int:
         return self.cells.nbytes + sum(g.nbytes for g in self.global_norms.values())
 
-    def add(self, session_id: str, columns: np.ndarray, steps: np.ndarray,
+    def add(self, session_id: str, columns: np.ndarray | slice, steps: np.ndarray,
             present: np.ndarray, norms: np.ndarray, nonfinite: np.ndarray,
             global_norm: np.ndarray, width: int) -> None:
-        """One batch of a session: ``[S, R, N]`` arrays, ``columns`` its group columns,
-        ``global_norm`` ``[S, R]``, ``width`` the group's column count."""
+        """One batch of a session: ``[S, R, N]`` arrays, ``columns`` its group columns
+        (`SessionState.column_index`: an array or a slice), ``global_norm`` ``[S, R]``,
+        ``width`` the group's column count."""
         if self.cells.shape[1] < width:
             grown = np.full((STEPS, width), _EMPTY, np.float16)
             grown[:, :self.cells.shape[1]] = self.cells
@@ -118,9 +119,7 @@ class History:
             slots, cells = slots[first], cells[first]
             for slot in slots.tolist():
                 self.reported_by[slot].add(session_id)
-        leading = len(columns) and columns[-1] == len(columns) - 1 and (
-            np.array_equal(columns, np.arange(len(columns))))  # the group's first columns
-        rows = (slots, slice(len(columns))) if leading else np.ix_(slots, columns)
+        rows = (slots, columns) if isinstance(columns, slice) else np.ix_(slots, columns)
         held = self.cells[rows]
         self.cells[rows] = (_combine_shards(held, cells) if self.sharded
                             else np.maximum(held, cells))

@@ -117,6 +117,13 @@ class SessionState:
         return len(self.columns)
 
     @property
+    def column_index(self) -> slice | np.ndarray:
+        """This session's variables among its group's columns: a slice where they are the
+        group's first ones, in order (indexing by it is ~10x faster), else `columns`."""
+        n = len(self.columns)
+        return slice(0, n) if np.array_equal(self.columns, np.arange(n)) else self.columns
+
+    @property
     def task(self) -> str:
         return f"{self.task_type}/{self.task_index}"
 
@@ -163,7 +170,7 @@ class SessionState:
         if batch.rewound_to:  # the heat map continues from the step restored
             kept = batch.standing
             self.group.history.rewind(self.id, int(batch.steps[kept][0]))
-        self.group.history.add(self.id, self.columns, batch.steps[kept], batch.present[kept],
+        self.group.history.add(self.id, self.column_index, batch.steps[kept], batch.present[kept],
                                batch.l2_norm[kept], nonfinite[kept], batch.global_norm[kept],
                                len(self.group.names))
 

@@ -140,12 +140,12 @@ class TorchSession(Session):
         called at a clip, after an earlier one (`_since_clip`); ``parts_scale``: the loss
         scale only ``parts`` carry (the DDP hook measured them before
         ``GradScaler.unscale_`` unscaled the gradients themselves)."""
-        if parts and sum(len(ids) for ids, _ in parts) > len({i for ids, _ in parts
-                                                              for i in ids}):
-            # The DDP hook measured a parameter twice: gradients accumulated without
-            # ``no_sync()`` are all-reduced at each micro-batch, so later buckets mix the
-            # ranks' average with the rank's own. What the step applies is measured.
-            parts = []
+        covered = {i for ids, _ in parts for i in ids}  # measured by the DDP hook
+        if sum(len(ids) for ids, _ in parts) > len(covered):
+            # It measured a parameter twice: gradients accumulated without ``no_sync()``
+            # are all-reduced at each micro-batch, so later buckets mix the ranks' average
+            # with the rank's own. What the step applies is measured.
+            parts, covered = [], set()
         if self._clipped is not None:
             self._since_clip(parts, after_clip)
         if self._record is not None or self._skipped:
@@ -157,7 +157,6 @@ class TorchSession(Session):
             return
         # (`is`, not `in` or `count`: comparing a tensor with None costs microseconds)
         if parts or any(g is None for g in grads):
-            covered = {i for ids, _ in parts for i in ids}
             # Measured before the all-reduce, but present only if the rank's .grad is
             # fresh: DDP leaves a gradient no rank produced as None.
             absent = frozenset(i for i in covered if grads[i] is None)

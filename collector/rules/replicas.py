@@ -126,10 +126,11 @@ class ReplicaDivergence(Rule[Unmatched]):
         for sid, (s_steps, s_codes, s_odd, s_norms) in taken.items():
             s = group.sessions[sid]
             rows = np.searchsorted(steps, s_steps)
-            if np.array_equal(s.columns, np.arange(len(s.columns))):  # (10x faster)
-                codes[rows, :len(s.columns)] |= s_codes
+            columns = s.column_index
+            if isinstance(columns, slice):
+                codes[rows, columns] |= s_codes
             else:
-                codes[rows[:, None], s.columns] |= s_codes
+                codes[rows[:, None], columns] |= s_codes
             replicas[rows] += s.num_replicas
             own = slice(len(labels), len(labels) + s.num_replicas)
             odd[rows, own] = s_odd
