@@ -185,9 +185,12 @@ def test_zero_grad_between_backward_and_step_pages_as_cleared(collector, webhook
     verdicts = [r.getMessage() for r in caplog.records if "gradient" in r.getMessage()]
     assert len(verdicts) == 1 and "then cleared before the optimizer step" in verdicts[0], \
         verdicts
-    alert = webhook.wait_for(lambda a: a["labels"].get("training_job") == job_name, 10)
+    # With set_to_none=False the cause may come from the second step's recording: the page
+    # can go out undiagnosed first, then the cause follows at once as an update.
+    alert = webhook.wait_for(
+        lambda a: a["labels"].get("training_job") == job_name
+        and "then cleared before the optimizer step" in a["annotations"].get("causes", ""), 10)
     assert alert is not None and alert["labels"]["alertname"] == "GradientMissing"
-    assert "then cleared before the optimizer step" in alert["annotations"]["causes"]
     causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
     mine = [labels for labels, _ in causes if labels["training_job"] == job_name]
     assert {(c["variable"], c["cause"], c["source"]) for c in mine} == {
