@@ -2,8 +2,8 @@
 
 `StepRecording` records every torch function call of one step on the training
 thread (a ``TorchFunctionMode``): which tensors went in and came out, whether
-gradients were being tracked, and the user's source line; it ends at the next
-``backward()``, whose tensor is the loss. `diagnose` then follows each parameter
+gradients were being tracked, and the user's source line; the tensors ``backward()``
+starts from are the losses. `diagnose` then follows each parameter
 towards the loss:
 
 - **not tracked** (``NOT_TRACKED``): ``requires_grad`` is False (e.g. set after the
@@ -28,10 +28,11 @@ towards the loss:
   (``backward(inputs=...)`` or ``torch.autograd.grad`` without it), or
   ``torch.autograd.grad`` returned it and it was not stored in ``.grad``.
 
-A recording ends at the step's loss (or losses): the first ``backward()``,
-``torch.autograd.backward``, or ``torch.autograd.grad`` without ``create_graph`` (with it,
-a gradient penalty or an inner loop is part of the loss), on the training thread; a
-step that has none drops its recording.
+A recording's losses are what every ``backward()``, ``torch.autograd.backward`` or
+``torch.autograd.grad`` without ``create_graph`` (with it, a gradient penalty or an inner
+loop is part of the loss) on the training thread started from, up to the optimizer's
+update (not a gradient clip: actor-critic programs backpropagate and clip one loss, then
+compute the next); a step that has none drops its recording.
 
 Recording costs time and keeps the step's tensors alive until the step ends (at most
 `MAX_RECORDED_BYTES`); it runs for the first step (so a problem is explained at once,

@@ -710,7 +710,8 @@ class _Watched:
         session = self.session()
         if session is None or self.monitor._closed or self.optimizer is None:
             return
-        self.monitor.step_starting()
+        if not after_clip:  # another loss may be backpropagated after a clip (actor-critic)
+            self.monitor.step_starting()
         if self._regrouped(session) or self._thawed(session):
             self.guarded(self._regroup)
             session = self._session

@@ -725,6 +725,33 @@ def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipp
     assert gradwatch_warnings(caplog) == []
 
 
+def test_a_loss_backpropagated_after_a_clip_is_part_of_the_diagnosis(collector, job_name):
+    """The actor's loss backpropagated and clipped, then the critic run and its loss, detached
+    by mistake: the recording ended at the clip, so the critic read as never used."""
+    torch.manual_seed(0)
+    actor, critic = torch.nn.Linear(4, 2), torch.nn.Linear(4, 1)
+    model = torch.nn.ModuleDict({"actor": actor, "critic": critic})
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
+        for _ in range(2):
+            obs, action, ret = torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32, 1)
+            optimizer.zero_grad()
+            log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
+            (-(log_prob * ret).mean()).backward()
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
+            detached_line = sys._getframe().f_lineno + 1
+            value = critic(obs).detach().requires_grad_()
+            torch.nn.functional.mse_loss(value, ret).backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+            optimizer.step()
+    assert monitor.close() is True
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    mine = {labels["variable"]: (labels["cause"], labels["op"], labels["source"])
+            for labels, _ in causes if labels["training_job"] == job_name}
+    assert mine == {name: ("broken_at_op", "detach", f"{__file__}:{detached_line}")
+                    for name in ("critic.weight", "critic.bias")}, mine
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization as github.com/davda54/sam writes it: a torch optimizer
     sharing its base optimizer's ``param_groups``; its README's loop calls ``first_step``
