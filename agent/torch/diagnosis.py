@@ -214,7 +214,8 @@ class StepRecording(TorchFunctionMode):
             return
         self._alive[id(tensor)] = tensor
         if isinstance(tensor, torch.nn.Parameter):  # the model keeps it alive anyway
-            if tensor.requires_grad:
+            # (a lazy module's parameter has no shape until its first forward fills it)
+            if tensor.requires_grad and not torch.nn.parameter.is_lazy(tensor):
                 self.parameters[id(tensor)] = tensor.shape
             return
         try:

@@ -95,19 +95,20 @@ class GradientMonitor(MonitorCore):
         backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``
         before wrapping)."""
         updating = _updating_optimizer(optimizer)
-        if not self.enabled:
+        if not self.enabled or self.watched(updating) is not None:
             return optimizer
-        self._forget_gone()  # (first: a new optimizer may have a dropped one's id)
-        if self.watched(updating) is not None:
-            return optimizer
+        # Before forgetting the dropped optimizers: the one replaced may be one of them
+        # (``optimizer = AdamW(...)`` dropped the one bound to that name before).
         replaced = self._replaced_by(updating)
         try:
             watched = _Watched(self, updating, model, replaced)
         except Exception:  # gradwatch must never break training
             log.exception("gradwatch: cannot watch %s", type(optimizer).__name__)
+            self._forget_gone()
             return optimizer
         if replaced is not None:
-            del self._watched[replaced.optimizer_id]
+            if self._watched.get(replaced.optimizer_id) is replaced:
+                del self._watched[replaced.optimizer_id]
             replaced.retire()
             said = f"replaced {watched.name}"  # once: a loop makes one each epoch
             log.log(logging.DEBUG if said in self._logged else logging.INFO,
@@ -115,6 +116,7 @@ class GradientMonitor(MonitorCore):
                     "before (an optimizer made each epoch): reported as %s, its step count "
                     "going on", type(updating).__name__, watched.name)
             self._logged.add(said)
+        self._forget_gone()  # (before its entry: a new optimizer may have a dropped one's id)
         self._watched[id(updating)] = watched
         weakref.finalize(updating, self._gone.append, watched).atexit = False
         if self._recorder is not None:  # the first step is explained at its end
@@ -151,8 +153,8 @@ class GradientMonitor(MonitorCore):
         same parameters (a loop that makes an optimizer each epoch). Watching both would
         keep every old one alive, and make a session and a name for each."""
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return next((w for w in self._watched.values()
-                     if type(w.optimizer) is type(optimizer) and w.param_ids == ids), None)
+        return next((w for w in self._watched.values() if not w.retired
+                     and w.optimizer_type is type(optimizer) and w.param_ids == ids), None)
 
     def ddp_made(self, ddp_model: Any) -> None:
         """A DistributedDataParallel was just made: if it holds parameters of optimizers
@@ -426,7 +428,7 @@ class _Watched:
         self.monitor = monitor
         # Both held weakly: a model and optimizer the user drops must go (`_forget_gone`).
         self._optimizer = weakref.ref(optimizer)
-        self.optimizer_id = id(optimizer)
+        self.optimizer_id, self.optimizer_type = id(optimizer), type(optimizer)
         #: Its ``zero_grad`` counts as the optimizer's (`patches` sees it called); it names
         #: the parameters.
         self._model = None if model is None else weakref.ref(model)
@@ -470,6 +472,8 @@ class _Watched:
         self._initialising = False
         #: Inside ``optimizer.step`` (a closure's ``zero_grad`` is part of the step).
         self._stepping = False
+        #: The step's closure returned once: what it computed is the step's measure.
+        self._measured = False
         #: Measures taken earlier in the step (DDP hook, autograd thread): (params, measures).
         self._parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         # The hooks run eagerly where the step is compiled (PyTorch's "compiling the
@@ -695,7 +699,8 @@ class _Watched:
         @functools.wraps(closure)
         def measured(*closure_args: Any, **closure_kwargs: Any) -> Any:
             result = closure(*closure_args, **closure_kwargs)
-            self.before_step()  # once a step: later calls (line searches) change nothing
+            self.before_step()
+            self._measured = True  # later calls (line searches), and their clips, change nothing
             return result
 
         if "closure" in kwargs:
@@ -707,6 +712,8 @@ class _Watched:
         """Measures the step's gradients unless done already this step (``scale``: the
         loss scale they still carry; ``after_clip``, ``parts_scale``: see
         `TorchSession.measure`)."""
+        if self._measured:
+            return
         session = self.session()
         if session is None or self.monitor._closed or self.optimizer is None:
             return
@@ -730,13 +737,15 @@ class _Watched:
 
     def after_step(self) -> None:
         self._stepping = False
+        closure_measured, self._measured = self._measured, False
         if self._initialising:  # not a training step
             self._initialising = False
             return
         self.stepped = True
         session = self._session
         if session is not None and not self.monitor._closed:
-            self.before_step()  # a no-op, unless the step's closure was never called
+            if not closure_measured:  # (measured before the update, unless a closure went
+                self.before_step()    # uncalled)
             # Diagnoses first: they then leave with this step's record or before it, so the
             # first alert on a missing gradient already says why.
             self.guarded(self.monitor.step_ended, self)

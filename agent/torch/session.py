@@ -83,10 +83,11 @@ class TorchSession(Session):
         self._record: torch.Tensor | None = None
         #: What `_record` was built from: (parts, absent ids, loss scale divided by).
         self._built: tuple[list, frozenset[int], torch.Tensor | None] | None = None
-        #: After a clip of a measured step (`clipped`): a few gradients (index, tensor,
-        #: version) as it left them, and the parameters then without a gradient. A
-        #: backward pass since changes the first or gives the second one.
-        self._clipped: tuple[list[tuple[int, weakref.ref, int]], list[int]] | None = None
+        #: After a clip of a measured step (`clipped`): a few gradients as it left them,
+        #: and the parameters then without a fresh gradient with what they had (index,
+        #: `_snapshot` entry). A backward pass since changes the first or the second.
+        self._clipped: tuple[list[tuple[int, tuple[weakref.ref, int] | None]],
+                             list[tuple[int, tuple[weakref.ref, int] | None]]] | None = None
         self._sentinels = sorted({0, len(self.params) // 3, 2 * len(self.params) // 3,
                                   len(self.params) - 1} - {-1})
         self._every = every
@@ -122,8 +123,7 @@ class TorchSession(Session):
 
     def _snapshot(self) -> list[tuple[weakref.ref, int] | None]:
         """The parameters' gradients now: which tensors, at which in-place version."""
-        return [None if (g := p.grad) is None else (weakref.ref(g), g._version)
-                for p in self.params]
+        return [_seen(p.grad) for p in self.params]
 
     def measures(self) -> bool:
         """Whether the current step's statistics are due: every ``every``-th step (the
@@ -189,9 +189,11 @@ class TorchSession(Session):
         applies the sum), not at the step, where an in-place write (a pruning mask, noise
         for differential privacy) would make the norms those after clipping."""
         sentinels, without = self._clipped
-        appeared = [i for i in without if self._fresh(i)]
-        grown = at_clip and not all(_same(self.params[i].grad, (ref, version))
-                                    for i, ref, version in sentinels)
+        # (changed since the clip, not since the previous step: the clip itself writes a
+        # gradient zeroed in place and left stale, which is still missing)
+        appeared = [i for i, seen in without if not _same(self.params[i].grad, seen)]
+        grown = at_clip and not all(_same(self.params[i].grad, seen)
+                                    for i, seen in sentinels)
         if not appeared and not grown:
             return
         self._clipped = None
@@ -203,20 +205,15 @@ class TorchSession(Session):
         self._set_record([*built, added], absent - set(appeared), scale)
         self.missing -= set(appeared)
 
-    def _fresh(self, i: int) -> bool:
-        """Whether parameter ``i`` has a gradient new since the previous step."""
-        grad = self.params[i].grad
-        return grad is not None and (self._seen is None or not _same(grad, self._seen[i]))
-
     def clipped(self) -> None:
         """After a clip of a measured step: a few gradients as it left them, and the
         parameters without a gradient (`_since_clip`; a micro-batch's backward pass
         reaches nearly every parameter, and a handful cost microseconds where all of a
         large model's would cost tens)."""
         if self._record is not None or self._skipped:
-            self._clipped = ([(i, weakref.ref(g), g._version) for i in self._sentinels
+            self._clipped = ([(i, _seen(g)) for i in self._sentinels
                               if (g := self.params[i].grad) is not None],
-                             sorted(self.missing))
+                             [(i, _seen(self.params[i].grad)) for i in sorted(self.missing)])
 
     def _forget_measure(self) -> None:
         self._record, self._built, self._skipped, self._clipped = None, None, False, None
@@ -256,6 +253,11 @@ class TorchSession(Session):
         """Takes the parameters' gradients now as already seen."""
         seen = self._snapshot()
         self._seen = seen if any(s is not None for s in seen) else None
+
+
+def _seen(grad: torch.Tensor | None) -> tuple[weakref.ref, int] | None:
+    """``grad`` as `_same` compares it later: which tensor, at which in-place version."""
+    return None if grad is None else (weakref.ref(grad), grad._version)
 
 
 def _same(grad: torch.Tensor | None, seen: tuple[weakref.ref, int] | None) -> bool:

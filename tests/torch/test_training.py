@@ -752,6 +752,22 @@ def test_a_loss_backpropagated_after_a_clip_is_part_of_the_diagnosis(collector, 
                     for name in ("critic.weight", "critic.bias")}, mine
 
 
+def test_lazy_modules_wrapped_before_their_first_forward(collector, job_name):
+    """``nn.LazyLinear`` with its optimizer made and wrapped before the dry run: the
+    recording of the first step read the uninitialized parameters' shapes and raised out
+    of the user's forward pass."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.LazyLinear(1))
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-2), model)
+        model(X[:2])  # the dry run
+        norms = train(model, optimizer, 2)
+    assert monitor.close() is True
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms[-1], rel=1e-5)
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization as github.com/davda54/sam writes it: a torch optimizer
     sharing its base optimizer's ``param_groups``; its README's loop calls ``first_step``
@@ -910,15 +926,17 @@ def test_a_step_skipped_after_clipping_found_it_not_finite_is_not_reported(colle
                                                                                     rel=1e-5)
 
 
-@pytest.mark.parametrize("make, keyword", [
-    (lambda params: torch.optim.LBFGS(params, max_iter=4), False),
-    (lambda params: torch.optim.SGD(params, 1e-2), True)])
+@pytest.mark.parametrize("make, keyword, clip", [
+    (lambda params: torch.optim.LBFGS(params, max_iter=4), False, False),
+    (lambda params: torch.optim.LBFGS(params, max_iter=4), False, True),
+    (lambda params: torch.optim.SGD(params, 1e-2), True, False)])
 def test_a_step_given_a_closure_reports_the_gradients_the_closure_computes(
-        collector, job_name, make, keyword):
+        collector, job_name, make, keyword, clip):
     """``optimizer.step(closure)`` (LBFGS, as PyTorch's neural style tutorial uses it):
     the gradients exist only once the step has called the closure. The first call's are
     reported (later calls are LBFGS's own evaluations), not the stale or absent ones the
-    step started with."""
+    step started with; also where the closure clips (as Lightning's does with
+    ``gradient_clip_val``): each clip measured again, so the last call's were reported."""
     model = Net()
     calls: list[list[dict[str, float]]] = []  # per step, each call's gradient norms
 
@@ -927,6 +945,8 @@ def test_a_step_given_a_closure_reports_the_gradients_the_closure_computes(
         loss = torch.nn.functional.mse_loss(model(X), Y)
         loss.backward()
         calls[-1].append({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-2)
         return loss
 
     with monitor_for(collector, job_name) as monitor:
@@ -938,6 +958,7 @@ def test_a_step_given_a_closure_reports_the_gradients_the_closure_computes(
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
     assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
     reported = metrics(collector, "gradwatch_gradient_norm", job_name)
+    assert len(calls[-1]) > 1 or not clip
     assert reported == pytest.approx(calls[-1][0], rel=1e-5)
 
 
@@ -1267,20 +1288,23 @@ def test_two_optimizers_are_two_sessions(collector, job_name):
 @pytest.mark.parametrize("reset", ["zero_grad(set_to_none=False)",
                                    "model.zero_grad(set_to_none=False)",
                                    "model.zero_grad(set_to_none=False), wrapped without model",
+                                   "zero_grad(set_to_none=False), clip_grad_norm_",
+                                   "zero_grad(set_to_none=False), clip_grad_value_",
                                    "p.grad = None", "never"])
 def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name, reset):
     """However gradients are reset between steps — zeroed in place (a zero tensor stays;
     by the optimizer, or by the model, whether or not ``wrap`` was given it), set to None
     by hand (PyTorch's performance tuning guide), or not at all (they accumulate) — a
     branch taken only at the first step shows as missing afterwards, not as present with
-    norm 0."""
+    norm 0; also where the step clips (the clip writes the stale zeros in place, which
+    read as a gradient new since the clip)."""
     model = Net(extra=True)
     named = "without model" not in reset
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2),
                                  model if named else None)
         for step in range(3):
-            if reset == "zero_grad(set_to_none=False)":
+            if reset.startswith("zero_grad(set_to_none=False)"):
                 optimizer.zero_grad(set_to_none=False)
             elif reset.startswith("model.zero_grad(set_to_none=False)"):
                 model.zero_grad(set_to_none=False)
@@ -1291,6 +1315,10 @@ def test_a_gradient_left_from_an_earlier_step_is_not_present(collector, job_name
             if step == 0:
                 out = out + model.unused(torch.relu(model.hidden(X))).sum(1, keepdim=True)
             torch.nn.functional.mse_loss(out, Y).backward()
+            if reset.endswith("clip_grad_norm_"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            elif reset.endswith("clip_grad_value_"):
+                torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
             optimizer.step()
     assert (model.unused.weight.grad is None) == (reset == "p.grad = None")
     unused, hidden = ("unused.weight", "hidden.weight") if named else ("group0.param4",
@@ -1635,9 +1663,13 @@ def test_ddp_and_data_parallel_are_seen_through_their_wrappers(collector, job_na
         == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}
 
 
-def test_an_optimizer_made_each_epoch_continues_the_one_before(collector, job_name, caplog):
+@pytest.mark.parametrize("statements", [1, 2])
+def test_an_optimizer_made_each_epoch_continues_the_one_before(collector, job_name, caplog,
+                                                               statements):
     """A loop that makes a new optimizer over the same parameters each epoch and wraps it:
-    one optimizer name, its step count going on, and the old optimizers not kept alive."""
+    one optimizer name, its step count going on, and the old optimizers not kept alive.
+    Made and wrapped in two statements (``optimizer = AdamW(...)`` drops the one before
+    it is wrapped), each epoch started a new session from step 0."""
     import gc
     import weakref
 
@@ -1646,7 +1678,11 @@ def test_an_optimizer_made_each_epoch_continues_the_one_before(collector, job_na
     first = None
     with monitor_for(collector, job_name) as monitor:
         for _ in range(3):
-            optimizer = monitor.wrap(torch.optim.AdamW(model.parameters(), 1e-2), model)
+            if statements == 1:
+                optimizer = monitor.wrap(torch.optim.AdamW(model.parameters(), 1e-2), model)
+            else:
+                optimizer = torch.optim.AdamW(model.parameters(), 1e-2)
+                optimizer = monitor.wrap(optimizer, model)
             first = first or weakref.ref(optimizer)
             norms = train(model, optimizer, 2)
         del optimizer
