@@ -688,6 +688,17 @@ def test_accumulated_gradients_clipped_after_every_micro_batch(collector, job_na
         == [1.0]
 
 
+def actor_critic() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.ModuleDict]:
+    torch.manual_seed(0)
+    actor, critic = torch.nn.Linear(4, 2), torch.nn.Linear(4, 1)
+    return actor, critic, torch.nn.ModuleDict({"actor": actor, "critic": critic})
+
+
+def rollout() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Observations, actions taken, returns."""
+    return torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32, 1)
+
+
 @pytest.mark.parametrize("clipped", ["each network", "everything", "the actor only"])
 def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipped, caplog):
     """Actor-critic programs (A2C, PPO) with one optimizer: the actor's loss (the advantage
@@ -695,13 +706,11 @@ def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipp
     measured at the first clip, when the critic had no gradient yet: at every step it read
     missing, paged GradientMissing and was blamed on the advantage's ``detach()``. Those
     that get a gradient after the clip are now measured and added, before clipping."""
-    torch.manual_seed(0)
-    actor, critic = torch.nn.Linear(4, 2), torch.nn.Linear(4, 1)
-    model = torch.nn.ModuleDict({"actor": actor, "critic": critic})
+    actor, critic, model = actor_critic()
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
         for _ in range(3):
-            obs, action, ret = torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32, 1)
+            obs, action, ret = rollout()
             optimizer.zero_grad()
             value = critic(obs)
             log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
@@ -728,13 +737,11 @@ def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipp
 def test_a_loss_backpropagated_after_a_clip_is_part_of_the_diagnosis(collector, job_name):
     """The actor's loss backpropagated and clipped, then the critic run and its loss, detached
     by mistake: the recording ended at the clip, so the critic read as never used."""
-    torch.manual_seed(0)
-    actor, critic = torch.nn.Linear(4, 2), torch.nn.Linear(4, 1)
-    model = torch.nn.ModuleDict({"actor": actor, "critic": critic})
+    actor, critic, model = actor_critic()
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
         for _ in range(2):
-            obs, action, ret = torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32, 1)
+            obs, action, ret = rollout()
             optimizer.zero_grad()
             log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
             (-(log_prob * ret).mean()).backward()
