@@ -375,15 +375,20 @@ class GradientMonitor(MonitorCore):
         gradient call returned None (``if g is not None`` over the pairs: the usual way to
         quiet Keras's "Gradients do not exist" warning) is the update with them put back
         as None, in the order the optimizer was built with: they are reported missing,
-        and every such update goes to the optimizer's one session, whichever it drops. A
+        and every such update goes to the optimizer's one session, whichever it drops. An
+        optimizer built for the filtered update itself (Keras builds at the first update)
+        gets the variables of the gradient call the update is the filtered result of. A
         variable simply not in this update (a part trained by its own loss) stays out."""
-        built = self._built_variables(optimizer)
-        if not built or len(variables) >= len(built):
-            return grads, variables
         given = {id(v): g for g, v in zip(grads, variables, strict=False)}
-        if len(given) != len(variables) or not given.keys() <= {id(v) for v in built}:
-            return grads, variables  # a variable twice, or one it was not built for
-        kept = [v for v in built if id(v) in given or tape.got_no_gradient(v)]
+        if len(given) != len(variables):
+            return grads, variables  # a variable twice
+        built = self._built_variables(optimizer)
+        if built and len(variables) < len(built):
+            if not given.keys() <= {id(v) for v in built}:
+                return grads, variables  # one it was not built for
+            kept = [v for v in built if id(v) in given or tape.got_no_gradient(v)]
+        else:  # built from this update (Keras builds at the first): the gradient call tells
+            kept = tape.filtered_from(variables) or variables
         if len(kept) == len(variables):
             return grads, variables  # nothing filtered out
         return [given.get(id(v)) for v in kept], kept

@@ -124,6 +124,12 @@ class TensorFlowSession(Session):
         pattern = tuple(g is None for g in grads)
         if pattern in self._eager_patterns or len(self._eager_patterns) < MAX_EAGER_TRACES:
             self._eager_patterns.add(pattern)
-            self._record(grads, step, loss_scale)
+            # (as tensors: a Python number is part of the trace's key, one trace a step)
+            self._record(grads, _as_tensor(step, tf.int64), _as_tensor(loss_scale, tf.float32))
         else:
             self._record_step(grads, step, loss_scale)
+
+
+def _as_tensor(value: Any, dtype: tf.DType) -> Any:
+    """``value`` as a tensor of ``dtype`` if it is a Python number, else as it is."""
+    return tf.constant(value, dtype) if isinstance(value, int | float) else value

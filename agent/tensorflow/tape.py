@@ -18,6 +18,7 @@ Nothing here may break training: failures are logged and swallowed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -102,6 +103,9 @@ class _GradientCalls:
         #: asked for it returned None (see `got_no_gradient`).
         self._latest: dict[int, tuple[Callable[[], Any], bool]] = {}
         self._latest_limit = 10_000
+        #: The latest gradient calls' sources, each with whether it got None (newest last).
+        self._recent: collections.deque[list[tuple[Callable[[], Any], bool]]] = \
+            collections.deque(maxlen=8)
         self._recorder = EagerRecorder()
         self._awaiting: set[int] = set()  # variable ids whose eager step is being recorded
         #: The persistent tape whose gradient calls the current eager recording serves
@@ -258,12 +262,31 @@ class _GradientCalls:
             if len(self._latest) > self._latest_limit:  # forget the dead
                 self._latest = {k: v for k, v in self._latest.items() if v[0]() is not None}
                 self._latest_limit = max(10_000, 2 * len(self._latest))
-            for variable, grad in zip(sources, grads, strict=True):
-                self._latest[id(variable)] = (_ref(variable), grad is None)
+            call = [(_ref(variable), grad is None)
+                    for variable, grad in zip(sources, grads, strict=True)]
+            self._latest.update((id(ref()), (ref, none)) for ref, none in call)
+            self._recent.append(call)
 
     def got_no_gradient(self, variable: Any) -> bool:
         latest = self._latest.get(id(variable))
         return latest is not None and latest[1] and latest[0]() is variable
+
+    def filtered_from(self, variables: list[Any]) -> list[Any] | None:
+        """The sources of the latest gradient call that asked for all of ``variables``, if
+        ``variables`` are exactly those it got a gradient for and some got None (an update
+        filtered ``if g is not None``); else None."""
+        given = {id(v) for v in variables}
+        with self._lock:
+            recent = list(self._recent)
+        for call in reversed(recent):
+            sources = [(ref(), none) for ref, none in call]
+            if not given <= {id(v) for v, _ in sources}:
+                continue
+            if all(none for _, none in sources) or any(
+                    v is None or (id(v) in given) == none for v, none in sources):
+                return None
+            return [v for v, _ in sources]
+        return None
 
     def _entered(self, tape: Any) -> None:
         """A tape starts recording: a recording kept for a persistent tape whose own
@@ -350,6 +373,12 @@ def listen(listener: Listener, *, record_eagerly: bool = False,
     what it needs to: a monitor, for the variables its optimizers get no gradient for).
     Returns a function that stops listening."""
     return _CALLS.listen(listener, record_eagerly=record_eagerly, tells=tells)
+
+
+def filtered_from(variables: list[Any]) -> list[Any] | None:
+    """All the variables of the gradient call whose results ``variables`` are, once its
+    None gradients were filtered out (see `_GradientCalls.filtered_from`); else None."""
+    return _CALLS.filtered_from(variables)
 
 
 def got_no_gradient(variable: Any) -> bool:
