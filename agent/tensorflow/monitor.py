@@ -479,8 +479,11 @@ class GradientMonitor(MonitorCore):
     def _record(self, owner: Hashable, name: str, grads: Gradients, variables: list,
                 step: Any, *, loss_scale: Any = None, loss_scaled: bool = False,
                 due: Any = None) -> None:
-        if not callable(grads) and len(grads) != len(variables):
-            raise ValueError(f"gradwatch: {len(grads)} gradients for {len(variables)} variables")
+        if not callable(grads):
+            if len(grads) != len(variables):
+                raise ValueError(f"gradwatch: {len(grads)} gradients for {len(variables)} "
+                                 "variables")
+            grads = tape.without_filled_zeros(grads)
         key = self._session_key(owner, variables)
         if key in self._failed or self._closed:
             return

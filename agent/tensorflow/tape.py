@@ -103,6 +103,9 @@ class _GradientCalls:
         #: asked for it returned None (see `got_no_gradient`).
         self._latest: dict[int, tuple[Callable[[], Any], bool]] = {}
         self._latest_limit = 10_000
+        #: Zeros this module filled in where a call asked for ``unconnected_gradients=
+        #: ZERO`` (by id, held weakly): to a monitor, gradients that do not exist.
+        self._filled: dict[int, weakref.ref] = {}
         #: The latest gradient calls' sources, each with whether it got None (newest last).
         self._recent: collections.deque[list[tuple[Callable[[], Any], bool]]] = \
             collections.deque(maxlen=8)
@@ -167,14 +170,20 @@ class _GradientCalls:
                 finally:
                     calls._mark(tape, "start")
 
-        def patched_gradient(tape, target, sources, *args, **kwargs):
+        def patched_gradient(tape, target, sources, output_gradients=None,
+                             unconnected_gradients=tf.UnconnectedGradients.NONE):
             before = calls._position_or_none()
-            result = originals["gradient"](tape, target, sources, *args, **kwargs)
+            # Zeros for unconnected sources hide missing gradients: asked for None, and
+            # filled in here (as TensorFlow fills them), they are diagnosed and known.
+            fill = _asks_zeros(unconnected_gradients) and _fillable(sources)
+            result = originals["gradient"](
+                tape, target, sources, output_gradients,
+                tf.UnconnectedGradients.NONE if fill else unconnected_gradients)
             try:
                 calls._after_gradient(tape, target, sources, result, before)
             except Exception:  # never break training
                 log.exception("gradwatch: diagnosing missing gradients failed")
-            return result
+            return calls._fill_zeros(sources, result) if fill else result
 
         # Called from users' functions, which AutoGraph converts (and with them what they
         # call, unless told not to): gradwatch's code runs as written.
@@ -270,6 +279,22 @@ class _GradientCalls:
     def got_no_gradient(self, variable: Any) -> bool:
         latest = self._latest.get(id(variable))
         return latest is not None and latest[1] and latest[0]() is variable
+
+    def _fill_zeros(self, sources: Any, result: Any) -> Any:
+        """``result`` with zeros of each source's shape and type for its None gradients."""
+        flat = tf.nest.flatten(result)
+        for i, (source, grad) in enumerate(zip(tf.nest.flatten(sources), flat, strict=True)):
+            if grad is None:
+                flat[i] = zeros = tf.zeros(source.shape, source.dtype)
+                with self._lock:
+                    if len(self._filled) > 10_000:
+                        self._filled = {k: r for k, r in self._filled.items() if r() is not None}
+                    self._filled[id(zeros)] = weakref.ref(zeros)
+        return tf.nest.pack_sequence_as(result, flat)
+
+    def filled(self, grad: Any) -> bool:
+        ref = self._filled.get(id(grad))
+        return ref is not None and ref() is grad
 
     def filtered_from(self, variables: list[Any]) -> list[Any] | None:
         """The sources of the latest gradient call that asked for all of ``variables``, if
@@ -379,6 +404,27 @@ def filtered_from(variables: list[Any]) -> list[Any] | None:
     """All the variables of the gradient call whose results ``variables`` are, once its
     None gradients were filtered out (see `_GradientCalls.filtered_from`); else None."""
     return _CALLS.filtered_from(variables)
+
+
+def _asks_zeros(unconnected_gradients: Any) -> bool:
+    try:
+        return (tf.UnconnectedGradients(unconnected_gradients)
+                is tf.UnconnectedGradients.ZERO)
+    except ValueError:  # TensorFlow says so
+        return False
+
+
+def _fillable(sources: Any) -> bool:
+    """Whether this module can fill in zeros for ``sources`` as TensorFlow would: plain
+    variables and tensors of known shape."""
+    return all(isinstance(s, tf.Variable | tf.Tensor) and s.shape.is_fully_defined()
+               for s in tf.nest.flatten(sources))
+
+
+def without_filled_zeros(grads: list[Any]) -> list[Any]:
+    """``grads`` with None for the zeros a gradient call filled in for variables it found no
+    gradient for (``unconnected_gradients=ZERO``)."""
+    return [None if _CALLS.filled(g) else g for g in grads]
 
 
 def got_no_gradient(variable: Any) -> bool:

@@ -800,6 +800,44 @@ def test_none_gradients_filtered_out_of_the_update_are_reported_missing(
     assert all("gets no gradient" in line for line in gradwatch_warnings(caplog))
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf_function"])
+def test_zeros_asked_for_unconnected_variables_are_missing_gradients(collector, job_name,
+                                                                     traced):
+    """``tape.gradient(..., unconnected_gradients=ZERO)`` (so that no None reaches the
+    update): a variable never read and one read through ``floor`` got zeros, read present
+    with norm 0, never paged and were never explained. The zeros are still what the loop
+    gets; gradwatch reports them missing, with their causes."""
+    x, y = tf.constant(X), tf.constant(Y[:, :1])
+    tf.random.set_seed(1)
+    used, unused, floored = (tf.Variable(tf.random.normal((4, 1)), name=n)
+                             for n in ("used", "unused", "floored"))
+    variables = [used, unused, floored]
+    with monitor_for(collector, job_name) as monitor:
+        def step():
+            with tf.GradientTape() as tape:
+                loss = (tf.reduce_mean(tf.square(x @ used - y))
+                        + tf.reduce_mean(tf.floor(x @ floored)))
+            grads = tape.gradient(loss, variables,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            monitor.observe(grads, variables)
+            for grad, variable in zip(grads, variables, strict=True):
+                variable.assign_sub(0.01 * grad)
+            return grads
+
+        step = tf.function(step) if traced else step
+        for _ in range(3):
+            grads = step()
+        assert monitor.close()
+    assert [g.shape for g in grads] == [(4, 1)] * 3
+    assert float(tf.norm(grads[1])) == float(tf.norm(grads[2])) == 0.0
+    samples = scrape(collector, job_name)
+    assert select(samples, "gradwatch_gradient_present") == {
+        "used": 1.0, "unused": 0.0, "floored": 0.0}
+    causes = {labels["variable"]: labels["cause"]
+              for labels, _ in samples["gradwatch_gradient_missing_cause_info"]}
+    assert causes == {"unused": "unused", "floored": "broken_at_op"}
+
+
 def test_layers_dropped_at_random_in_an_eager_loop_stay_one_session(collector, job_name):
     """Stochastic depth in an eager loop, dropped blocks' None gradients filtered out: a
     new session (optimizer ``sgd_2`` ... ``sgd_131``) for every subset of blocks, and a
