@@ -12,6 +12,7 @@ still holds local gradients.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,7 @@ def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
         hook = allreduce_hook
 
+    @functools.wraps(hook)  # (DDP checks and logs a hook by its name)
     def measured(state, bucket):
         try:
             params = bucket.parameters()

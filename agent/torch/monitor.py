@@ -663,6 +663,9 @@ class _Watched:
         optimizer.zero_grad = zero_grad
 
     def gradients_zeroed(self) -> None:
+        if not self._stepping:  # a backward pass not stepped on (a batch dropped): its
+            with self._lock:    # measures go with its gradients
+                self._parts = []
         if self._session is not None:
             self.guarded(self._session.gradients_zeroed, not self._stepping)
 

@@ -9,6 +9,8 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
   first, so norms are those the backward pass produced (a program that imported the
   function before the monitor existed calls the original: its norms are then measured
   after clipping);
+- FSDP1's ``FullyShardedDataParallel.clip_grad_norm_`` (where the program imported FSDP
+  before the monitor opened): as the functions above;
 - ``GradScaler.unscale_``: measured right after unscaling (before any clipping);
 - ``GradScaler.step``: measured (norms divided by the scale, if not unscaled yet), and
   a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
@@ -23,6 +25,7 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,6 +70,21 @@ def _clipping(original: Callable) -> Callable:
         parameters = _as_list(parameters)
         watching = measure(parameters)
         result = original(parameters, *args, **kwargs)
+        note(watching)
+        return result
+
+    return clip
+
+
+def _module_clipping(original: Callable) -> Callable:
+    """A model's own clipping method (FSDP1's ``clip_grad_norm_``) over its parameters."""
+    measure = torch.compiler.disable(_measure_before_clipping)
+    note = torch.compiler.disable(_note_clipped)
+
+    @functools.wraps(original)
+    def clip(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        watching = measure(list(self.parameters()))
+        result = original(self, *args, **kwargs)
         note(watching)
         return result
 
@@ -161,13 +179,22 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
 ]
 
 
+def _loaded_patches() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
+    """`_PATCHES`, and those of modules the program imported (not imported here: FSDP1
+    takes a second to import)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    owner = getattr(fsdp, "FullyShardedDataParallel", None)
+    return [*_PATCHES, *(() if owner is None else ((owner, "clip_grad_norm_",
+                                                     _module_clipping),))]
+
+
 def install(monitor: Any) -> None:
     """Patches while ``monitor`` is open. Where a caller is compiled, gradwatch's part of
     each patch runs eagerly (`torch.compiler.disable`), applied here rather than at import:
     Dynamo takes 1.5 s to import, which making a torch optimizer pays anyway."""
     with _lock:
         if not _monitors:
-            for owner, name, wrapper in _PATCHES:
+            for owner, name, wrapper in _loaded_patches():
                 original = getattr(owner, name)
                 _originals[(owner, name)] = original
                 setattr(owner, name, wrapper(original))

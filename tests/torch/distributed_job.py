@@ -12,8 +12,9 @@ accumulation: 4 micro-batches of the rank's own data, the first 3 under ``no_syn
 each rank prints the norm of its accumulated gradients as DDP never saw them, from a
 plain copy of the model), ``synced-accumulation`` (the same without ``no_sync()``: every
 micro-batch all-reduced), ``two-optimizers`` (SGD over one layer, Adam over another, one
-DDP bucket holding both; each rank prints its own gradients' norm per optimizer, from a
-plain copy). The agent is configured
+DDP bucket holding both, after a batch dropped once backpropagated; each rank prints its
+own gradients' norm per optimizer, from a plain copy). FSDP1 clips with its own
+``clip_grad_norm_``. The agent is configured
 by GRADWATCH_* variables; the job name comes from torchrun's run id.
 """
 
@@ -88,6 +89,8 @@ def main(mode: str) -> int:
                     norms = whole_norms(model)
                     if rank == 0:
                         print("NORMS " + json.dumps(norms), flush=True)
+                if mode == "fsdp1":
+                    model.clip_grad_norm_(1e-3)  # FSDP1's own: the norms are those before
                 optimizer.step()
         except RuntimeError as error:  # DDP's own complaint about unused parameters
             print(f"rank {rank} DDP raised: {str(error).splitlines()[0]}", flush=True)
@@ -154,6 +157,9 @@ def two_optimizers(model: torch.nn.parallel.DistributedDataParallel, rank: int) 
         optimizers = [monitor.wrap(torch.optim.SGD(model.module.hidden.parameters(), 1e-2),
                                    model),
                       monitor.wrap(torch.optim.Adam(model.module.out.parameters(), 1e-2), model)]
+        model(-x).pow(3).mean().backward()  # a batch dropped after its backward pass
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         model(x).pow(2).mean().backward()
         for optimizer in optimizers:
             optimizer.step()

@@ -150,7 +150,9 @@ def test_gradients_accumulated_without_no_sync_are_the_applied_ones(collector):
 def test_two_optimizers_sharing_a_ddp_bucket_report_each_ranks_own(collector):
     """Two optimizers over disjoint layers of one DDP model, whose gradients share a bucket:
     the bucket was measured for the optimizer of its first parameter and thrown away, so
-    both reported the all-reduced average (the same on both ranks)."""
+    both reported the all-reduced average (the same on both ranks). A batch dropped after
+    its backward pass (``zero_grad()``, then the next batch) left its buckets' measures for
+    the next step, which then read the all-reduced gradients."""
     job, result = torchrun(collector, "two-optimizers")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     local = [json.loads(line) for line in re.findall(r"LOCAL (\{[^}]*\})", result.stdout)]
@@ -181,7 +183,8 @@ def test_other_shardings_combine_into_each_parameters_norm(collector, mode):
     elements a rank holds None there: healthy parameters read missing, paged as "never
     read" and as diverging replicas. Tensor parallelism replicates ``out.bias`` on both
     ranks: counted once per rank, its norm read √2 too large. FSDP1 fills a flat
-    gradient, so its unused layer reads present with norm 0."""
+    gradient, so its unused layer reads present with norm 0. FSDP1's own ``clip_grad_norm_``
+    clips in place without ``torch.nn.utils``: its norms read clipped."""
     job, result = torchrun(collector, mode)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     whole = json.loads(next(line for line in result.stdout.splitlines()
