@@ -1,4 +1,4 @@
-"""Property-based, over real gRPC: 10,000 generated registrations and report batches, valid,
+"""Property-based, over real gRPC: 5,000 generated registrations and report batches, valid,
 edge and malformed, hit one collector process on loopback while a healthy agent streams on
 its own connection. Every message is acked or refused with a precise status; the healthy
 client gets an ack for every batch; the collector's memory stays flat and it keeps serving.
@@ -32,7 +32,7 @@ from tests.support.services import CollectorProcess
 
 pytestmark = pytest.mark.integration
 
-MESSAGES = 10_000
+MESSAGES = 5_000
 LIMITS = {"max_message_bytes": 16_384, "max_variables": 6, "max_sessions": 32, "max_jobs": 8,
           "max_sessions_per_job": 6, "max_variables_per_job": 8, "max_label_length": 32,
           "max_versions": 4, "max_batch_steps": 8, "max_text_length": 64}
