@@ -11,6 +11,8 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
   after clipping);
 - FSDP1's ``FullyShardedDataParallel.clip_grad_norm_`` (where the program imported FSDP
   before the monitor opened): as the functions above;
+- ``ZeroRedundancyOptimizer``'s join hook (imported before the monitor opened): the step
+  it takes on a rank joined under ``Join`` (uneven inputs) is not a training step;
 - ``GradScaler.unscale_``: measured right after unscaling (before any clipping);
 - ``GradScaler.step``: measured (norms divided by the scale, if not unscaled yet), and
   a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
@@ -89,6 +91,28 @@ def _module_clipping(original: Callable) -> Callable:
         return result
 
     return clip
+
+
+#: Join hooks running now (training thread): a joined rank's optimizer step in one
+#: shadows the ranks still training (``ZeroRedundancyOptimizer``'s), not a training step.
+_shadowing = 0
+
+
+def shadowing() -> bool:
+    return _shadowing > 0
+
+
+def _join_main_hook(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def main_hook(self: Any) -> Any:
+        global _shadowing
+        _shadowing += 1
+        try:
+            return original(self)
+        finally:
+            _shadowing -= 1
+
+    return main_hook
 
 
 def _unscale(original: Callable) -> Callable:
@@ -182,10 +206,11 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
 def _loaded_patches() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
     """`_PATCHES`, and those of modules the program imported (not imported here: FSDP1
     takes a second to import)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    owner = getattr(fsdp, "FullyShardedDataParallel", None)
-    return [*_PATCHES, *(() if owner is None else ((owner, "clip_grad_norm_",
-                                                     _module_clipping),))]
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    zero = getattr(sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer"),
+                   "_ZeROJoinHook", None)
+    return [*_PATCHES, *(() if fsdp is None else ((fsdp, "clip_grad_norm_", _module_clipping),)),
+            *(() if zero is None else ((zero, "main_hook", _join_main_hook),))]
 
 
 def install(monitor: Any) -> None:

@@ -13,9 +13,9 @@ each rank prints the norm of its accumulated gradients as DDP never saw them, fr
 plain copy of the model), ``synced-accumulation`` (the same without ``no_sync()``: every
 micro-batch all-reduced), ``two-optimizers`` (SGD over one layer, Adam over another, one
 DDP bucket holding both, after a batch dropped once backpropagated; each rank prints its
-own gradients' norm per optimizer, from a plain copy). FSDP1 clips with its own
-``clip_grad_norm_``. The agent is configured
-by GRADWATCH_* variables; the job name comes from torchrun's run id.
+own gradients' norm per optimizer, from a plain copy), ``join-zero`` (uneven inputs under
+``Join`` with a ``ZeroRedundancyOptimizer``). FSDP1 clips with its own ``clip_grad_norm_``.
+The agent is configured by GRADWATCH_* variables; the job name comes from torchrun's run id.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def main(mode: str) -> int:
         return accumulate(model, rank, synced=mode == "synced-accumulation")
     if mode == "two-optimizers":
         return two_optimizers(model, rank)
+    if mode == "join-zero":
+        return join_zero(model, rank)
     status = 0
     with GradientMonitor(flush_interval_s=0.05) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
@@ -163,6 +165,28 @@ def two_optimizers(model: torch.nn.parallel.DistributedDataParallel, rank: int) 
         model(x).pow(2).mean().backward()
         for optimizer in optimizers:
             optimizer.step()
+    delivered = monitor.close()
+    dist.destroy_process_group()
+    return 0 if delivered else 4
+
+
+def join_zero(model: torch.nn.parallel.DistributedDataParallel, rank: int) -> int:
+    """The Join tutorial's uneven inputs: rank 0 trains on 2 batches, rank 1 on 4, with a
+    ``ZeroRedundancyOptimizer``, whose join hook steps it on rank 0 while rank 1 goes on."""
+    from torch.distributed.algorithms.join import Join
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    data = torch.Generator().manual_seed(rank)
+    batches = [torch.randn(8, 4, generator=data) for _ in range(2 + 2 * rank)]
+    with GradientMonitor(flush_interval_s=0.05) as monitor:
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD,
+                                       lr=1e-2)
+        optimizer = monitor.wrap(zero, model)
+        with Join([model, zero]):
+            for x in batches:
+                optimizer.zero_grad()
+                model(x).pow(2).mean().backward()
+                optimizer.step()
     delivered = monitor.close()
     dist.destroy_process_group()
     return 0 if delivered else 4

@@ -166,6 +166,28 @@ def test_two_optimizers_sharing_a_ddp_bucket_report_each_ranks_own(collector):
 
 
 @pytest.mark.timeout(240)
+def test_a_joined_ranks_shadow_steps_are_not_training_steps(collector, webhook):
+    """Uneven inputs under ``Join`` with a ``ZeroRedundancyOptimizer`` (PyTorch's Join
+    tutorial): once rank 0 runs out of batches, the join hook steps its optimizer while
+    rank 1 trains on. Those steps were reported as steps without any gradient, and paged
+    GradientMissing (critical, "step() called twice") and ReplicaDivergence."""
+    job, result = torchrun(collector, "join-zero")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    steps = scrape(collector, "gradwatch_steps_total", job)
+    assert {k.split("task_index=")[1].split(",")[0]: v for k, v in steps.items()} == {
+        "0": 2.0, "1": 4.0}, steps
+    present = scrape(collector, "gradwatch_gradient_present", job)
+    assert {name for name, value in present.items() if not value} == {
+        "unused.weight", "unused.bias"}, present  # (this job's model has a layer never called)
+    causes = scrape(collector, "gradwatch_gradient_missing_cause_info", job)
+    assert set(causes) == set(scrape(collector, "gradwatch_gradient_missing_cause_info", job,
+                                     cause="unused")) == {"unused.weight", "unused.bias"}
+    time.sleep(1)  # rules run per batch: any alert is out by now
+    assert {a["labels"]["alertname"] for a in webhook.alerts
+            if a["labels"].get("training_job") == job} == {"GradientMissing"}
+
+
+@pytest.mark.timeout(240)
 def test_a_nan_on_one_rank_is_that_ranks(collector):
     job, result = torchrun(collector, "nan")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
