@@ -12,16 +12,11 @@ still holds local gradients.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-
-#: Marks the hooks `measuring_hook` makes.
-_MEASURES = "_gradwatch_measures"
 
 
 def comm_hook_of(model: Any) -> Callable | None:
@@ -32,22 +27,43 @@ def comm_hook_of(model: Any) -> Callable | None:
 
 def measures(hook: Callable) -> bool:
     """Whether ``hook`` is one of `measuring_hook`'s."""
-    return getattr(hook, _MEASURES, False)
+    return isinstance(hook, MeasuringHook)
 
 
-def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
-    """A hook for ``ddp_model.register_comm_hook(state, ...)`` that measures, then runs
-    ``hook(state, bucket)`` (default: all-reduce over ``state``, a process group or None
-    for the default one)."""
-    if hook is None:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-        hook = allreduce_hook
+class MeasuringHook:
+    """A communication hook that measures each bucket's gradients for the monitor's
+    wrapped optimizers, then runs the hook it wraps (autograd thread). Carries that hook's
+    name: DDP checks and logs hooks by name."""
 
-    @functools.wraps(hook)  # (DDP checks and logs a hook by its name)
-    def measured(state, bucket):
+    def __init__(self, monitor: Any, hook: Callable | None = None) -> None:
+        self.monitor = monitor
+        #: DDP's own all-reduce, which a hook the user registers later may replace (`take`).
+        self.default = hook is None
+        if hook is None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            hook = allreduce_hook
+        self._wrap(hook, None)
+
+    def _wrap(self, hook: Callable, state: tuple[Any] | None) -> None:
+        self.hook, self.state = hook, state
+        self.__wrapped__ = hook
+        self.__name__ = getattr(hook, "__name__", type(hook).__name__)
+        self.__qualname__ = getattr(hook, "__qualname__", self.__name__)
+
+    def take(self, hook: Callable, state: Any) -> bool:
+        """Runs ``hook`` with ``state`` from now on, in place of DDP's all-reduce (the user
+        registers a hook after gradwatch registered its own: DDP takes one); False if it
+        runs one of the user's already."""
+        if not self.default:
+            return False
+        self.default = False
+        self._wrap(hook, (state,))
+        return True
+
+    def __call__(self, state: Any, bucket: Any) -> Any:
         try:
             params = bucket.parameters()
-            for watched in monitor.watching(params):
+            for watched in self.monitor.watching(params):
                 if not watched.measures():  # a failure stops it measuring, logged once
                     continue
                 grads = bucket.gradients()
@@ -59,7 +75,11 @@ def measuring_hook(monitor: Any, hook: Callable | None = None) -> Callable:
                     watched.measure_part(params, grads)
         except Exception:  # never break the backward pass
             log.exception("gradwatch: measuring a DDP bucket failed")
-        return hook(state, bucket)
+        return self.hook(state if self.state is None else self.state[0], bucket)
 
-    setattr(measured, _MEASURES, True)
-    return measured
+
+def measuring_hook(monitor: Any, hook: Callable | None = None) -> MeasuringHook:
+    """A hook for ``ddp_model.register_comm_hook(state, ...)`` that measures, then runs
+    ``hook(state, bucket)`` (default: all-reduce over ``state``, a process group or None
+    for the default one)."""
+    return MeasuringHook(monitor, hook)

@@ -92,31 +92,31 @@ class GradientMonitor(MonitorCore):
         names the optimizer was given (``model.named_parameters()``), else
         ``group{i}.param{j}``. Under DDP, pass the DDP model: its communication hook
         measures each rank's gradients before the all-reduce (wrap before the first
-        backward; with a hook of your own, register ``monitor.comm_hook(your_hook)``
-        before wrapping)."""
+        backward; a hook of your own registered while the monitor is open is measured
+        before too)."""
         updating = _updating_optimizer(optimizer)
         if not self.enabled or self.watched(updating) is not None:
             return optimizer
         # Before forgetting the dropped optimizers: the one replaced may be one of them
         # (``optimizer = AdamW(...)`` dropped the one bound to that name before).
         replaced = self._replaced_by(updating)
+        if replaced is not None:
+            if self._watched.get(replaced.optimizer_id) is replaced:
+                del self._watched[replaced.optimizer_id]
+            replaced.retire()  # (its session and name go on in the new one's)
+        self._forget_gone()  # (first: a new optimizer may have a dropped one's id and name)
         try:
             watched = _Watched(self, updating, model, replaced)
         except Exception:  # gradwatch must never break training
             log.exception("gradwatch: cannot watch %s", type(optimizer).__name__)
-            self._forget_gone()
             return optimizer
         if replaced is not None:
-            if self._watched.get(replaced.optimizer_id) is replaced:
-                del self._watched[replaced.optimizer_id]
-            replaced.retire()
             said = f"replaced {watched.name}"  # once: a loop makes one each epoch
             log.log(logging.DEBUG if said in self._logged else logging.INFO,
                     "gradwatch: a new %s over the same parameters replaces the one wrapped "
                     "before (an optimizer made each epoch): reported as %s, its step count "
                     "going on", type(updating).__name__, watched.name)
             self._logged.add(said)
-        self._forget_gone()  # (before its entry: a new optimizer may have a dropped one's id)
         self._watched[id(updating)] = watched
         weakref.finalize(updating, self._gone.append, watched).atexit = False
         if self._recorder is not None:  # the first step is explained at its end

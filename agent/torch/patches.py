@@ -21,7 +21,9 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
   (in place, ``set_to_none=False``) says its gradients are not the next step's yet;
 - ``DistributedDataParallel.__init__``: a DDP made around parameters of an optimizer
   wrapped before (Hugging Face Accelerate's ``prepare`` after ``wrap``) gets the measuring
-  communication hook, so each rank's gradients are measured before the all-reduce.
+  communication hook, so each rank's gradients are measured before the all-reduce;
+- ``DistributedDataParallel.register_comm_hook``: a hook of the user's (fp16 compression,
+  PowerSGD) is measured before, registered before or after ``wrap``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any
 
 import torch
 from torch.amp import GradScaler
+
+from gradwatch.agent.torch import ddp
 
 _lock = threading.Lock()
 _monitors: list[Any] = []
@@ -180,6 +184,25 @@ def _ddp_init(original: Callable) -> Callable:
     return __init__
 
 
+def _register_comm_hook(original: Callable) -> Callable:
+    """A communication hook of the user's is measured before: wrapped as
+    ``monitor.comm_hook(hook)`` would, or run by gradwatch's own registered before it (DDP
+    takes one hook: a second registration raises)."""
+    @functools.wraps(original)
+    def register_comm_hook(self: Any, state: Any, hook: Callable) -> Any:
+        monitors = list(_monitors)
+        if not monitors or ddp.measures(hook):
+            return original(self, state, hook)
+        registered = ddp.comm_hook_of(self)
+        if ddp.measures(registered) and registered.default:
+            self._check_comm_hook(hook)  # (DDP's checks of a hook)
+            registered.take(hook, state)
+            return None
+        return original(self, state, monitors[-1].comm_hook(hook))
+
+    return register_comm_hook
+
+
 def _watched(optimizer: Any) -> Any:
     for monitor in list(_monitors):
         watched = monitor.watched(optimizer)
@@ -200,6 +223,7 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
     (GradScaler, "step", _step),
     (torch.nn.Module, "zero_grad", _module_zero_grad),
     (torch.nn.parallel.DistributedDataParallel, "__init__", _ddp_init),
+    (torch.nn.parallel.DistributedDataParallel, "register_comm_hook", _register_comm_hook),
 ]
 
 

@@ -1623,26 +1623,41 @@ def test_a_checkpoint_loaded_with_set_optimizer_state_dict_adds_no_step(collecto
                                                                                     rel=1e-5)
 
 
-@pytest.mark.parametrize("measured", [True, False], ids=["monitor.comm_hook", "bare"])
-def test_a_ddp_communication_hook_of_the_users_own(collector, job_name, caplog, measured,
+@pytest.mark.parametrize("registered", ["monitor.comm_hook", "bare", "bare, after wrap",
+                                        "bare, before the monitor"])
+def test_a_ddp_communication_hook_of_the_users_own(collector, job_name, caplog, registered,
                                                     one_rank_group):
-    """DDP takes one communication hook. The user's own (here fp16 compression), given
-    through ``monitor.comm_hook`` before ``wrap``, runs after the measuring; given bare,
-    the norms are those after it, and ``wrap`` says so once. Training goes on either way."""
+    """DDP takes one communication hook. The user's own (here fp16 compression) runs after
+    the measuring, given through ``monitor.comm_hook`` or bare, before ``wrap`` or after
+    (it raised then: "can only be called once", gradwatch's own being registered); one
+    registered before the monitor existed makes the norms those after it, and ``wrap``
+    says so once. Training goes on either way."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
+    from gradwatch.agent.torch import ddp
+
     model = torch.nn.parallel.DistributedDataParallel(Net())
+    if registered == "bare, before the monitor":
+        model.register_comm_hook(None, fp16_compress_hook)
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
         with monitor_for(collector, job_name) as monitor:
-            hook = monitor.comm_hook(fp16_compress_hook) if measured else fp16_compress_hook
-            model.register_comm_hook(None, hook)
+            if registered in ("monitor.comm_hook", "bare"):
+                model.register_comm_hook(None, monitor.comm_hook(fp16_compress_hook)
+                                         if registered == "monitor.comm_hook"
+                                         else fp16_compress_hook)
             optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+            if registered == "bare, after wrap":
+                model.register_comm_hook(None, fp16_compress_hook)
             train(model, optimizer, 3)
     warnings = [r.getMessage() for r in caplog.records]
-    if measured:
-        assert warnings == []
-    else:
+    hook = ddp.comm_hook_of(model)
+    if registered == "bare, before the monitor":
+        assert hook is fp16_compress_hook
         assert len(warnings) == 1 and "fp16_compress_hook" in warnings[0], warnings
+    else:
+        assert ddp.measures(hook) and hook.hook is fp16_compress_hook
+        assert hook.__name__ == "fp16_compress_hook"  # as DDP logs it
+        assert warnings == []
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
 
 
@@ -1802,8 +1817,7 @@ def test_a_ddp_made_after_wrap_gets_the_measuring_hook(collector, job_name, capl
                                                        own_hook, one_rank_group):
     """Hugging Face Accelerate's ``prepare`` (or a script) wraps the model in DDP after
     the optimizer was wrapped with the plain model: the DDP gets the measuring hook at
-    its first forward, unless the user registered one of their own meanwhile (then one
-    warning, as for any hook of the user's)."""
+    its first forward, or around the user's own registered meanwhile."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
     from gradwatch.agent.torch import ddp
@@ -1816,9 +1830,9 @@ def test_a_ddp_made_after_wrap_gets_the_measuring_hook(collector, job_name, capl
             if own_hook:
                 distributed.register_comm_hook(None, fp16_compress_hook)
             train(distributed, optimizer, 3)
-    assert ddp.measures(ddp.comm_hook_of(distributed)) is not own_hook
-    warnings = gradwatch_warnings(caplog)
-    assert len(warnings) == own_hook, warnings
+    hook = ddp.comm_hook_of(distributed)
+    assert ddp.measures(hook) and (hook.hook is fp16_compress_hook) == own_hook
+    assert gradwatch_warnings(caplog) == []
     assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [3.0]
     assert set(metrics(collector, "gradwatch_gradient_present", job_name)) == {
         "hidden.weight", "hidden.bias", "out.weight", "out.bias"}
