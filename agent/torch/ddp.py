@@ -30,6 +30,28 @@ def measures(hook: Callable) -> bool:
     return isinstance(hook, MeasuringHook)
 
 
+class _Shadowing:
+    """Whether a rank joined under ``Join`` (uneven inputs) shadows the ranks still
+    training: its join hooks run an all-reduce of zeros per bucket (DDP's) and an optimizer
+    step (``ZeroRedundancyOptimizer``'s), which are not training (training thread)."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+
+    @property
+    def active(self) -> bool:
+        return self._depth > 0
+
+    def __enter__(self) -> None:
+        self._depth += 1
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._depth -= 1
+
+
+shadowing = _Shadowing()
+
+
 class MeasuringHook:
     """A communication hook that measures each bucket's gradients for the monitor's
     wrapped optimizers, then runs the hook it wraps (autograd thread). Carries that hook's
@@ -61,6 +83,8 @@ class MeasuringHook:
         return True
 
     def __call__(self, state: Any, bucket: Any) -> Any:
+        if shadowing.active:  # (zeros: nothing of this rank's)
+            return self.hook(state if self.state is None else self.state[0], bucket)
         try:
             params = bucket.parameters()
             for watched in self.monitor.watching(params):

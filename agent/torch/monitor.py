@@ -469,7 +469,7 @@ class _Watched:
         #: This step's update ran (GradScaler.step skips it when gradients overflowed).
         self.stepped = False
         #: Not a training step: it only creates the optimizer's state
-        #: (`_initialising_state`), or a joined rank shadows the others' (`patches`).
+        #: (`_initialising_state`), or a joined rank shadows the others' (`ddp.shadowing`).
         self._initialising = False
         #: Inside ``optimizer.step`` (a closure's ``zero_grad`` is part of the step).
         self._stepping = False
@@ -691,7 +691,7 @@ class _Watched:
         (which computes the gradients inside the step: LBFGS, ``step(closure)``), after
         the closure's first call. Returns the arguments with the closure wrapped
         (``args`` starts with the optimizer itself)."""
-        if patches.shadowing() or (not optimizer.state and _initialising_state()):
+        if ddp.shadowing.active or (not optimizer.state and _initialising_state()):
             self._initialising = True
             return None
         self._stepping = True

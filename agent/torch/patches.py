@@ -11,8 +11,9 @@ attributes and ``GradScaler`` methods, restored when the last monitor closes):
   after clipping);
 - FSDP1's ``FullyShardedDataParallel.clip_grad_norm_`` (where the program imported FSDP
   before the monitor opened): as the functions above;
-- ``ZeroRedundancyOptimizer``'s join hook (imported before the monitor opened): the step
-  it takes on a rank joined under ``Join`` (uneven inputs) is not a training step;
+- the join hooks of DDP and of ``ZeroRedundancyOptimizer`` (imported before the monitor
+  opened): what a rank joined under ``Join`` (uneven inputs) does to shadow the others, an
+  all-reduce of zeros and an optimizer step, is neither measured nor a training step;
 - ``GradScaler.unscale_``: measured right after unscaling (before any clipping);
 - ``GradScaler.step``: measured (norms divided by the scale, if not unscaled yet), and
   a step the scaler skips (NaN/Inf from overflow) still ends the gradwatch step, so it
@@ -97,24 +98,11 @@ def _module_clipping(original: Callable) -> Callable:
     return clip
 
 
-#: Join hooks running now (training thread): a joined rank's optimizer step in one
-#: shadows the ranks still training (``ZeroRedundancyOptimizer``'s), not a training step.
-_shadowing = 0
-
-
-def shadowing() -> bool:
-    return _shadowing > 0
-
-
 def _join_main_hook(original: Callable) -> Callable:
     @functools.wraps(original)
     def main_hook(self: Any) -> Any:
-        global _shadowing
-        _shadowing += 1
-        try:
+        with ddp.shadowing:
             return original(self)
-        finally:
-            _shadowing -= 1
 
     return main_hook
 
@@ -224,6 +212,7 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
     (torch.nn.Module, "zero_grad", _module_zero_grad),
     (torch.nn.parallel.DistributedDataParallel, "__init__", _ddp_init),
     (torch.nn.parallel.DistributedDataParallel, "register_comm_hook", _register_comm_hook),
+    (torch.nn.parallel.distributed._DDPJoinHook, "main_hook", _join_main_hook),
 ]
 
 

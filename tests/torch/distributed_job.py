@@ -13,9 +13,10 @@ each rank prints the norm of its accumulated gradients as DDP never saw them, fr
 plain copy of the model), ``synced-accumulation`` (the same without ``no_sync()``: every
 micro-batch all-reduced), ``two-optimizers`` (SGD over one layer, Adam over another, one
 DDP bucket holding both, after a batch dropped once backpropagated; each rank prints its
-own gradients' norm per optimizer, from a plain copy), ``join-zero`` (uneven inputs under
-``Join`` with a ``ZeroRedundancyOptimizer``). FSDP1 clips with its own ``clip_grad_norm_``.
-The agent is configured by GRADWATCH_* variables; the job name comes from torchrun's run id.
+own gradients' norm per optimizer, from a plain copy), ``join`` (uneven inputs under
+``Join``, two epochs), ``join-zero`` (the same with a ``ZeroRedundancyOptimizer``). FSDP1
+clips with its own ``clip_grad_norm_``. The agent is configured by GRADWATCH_* variables;
+the job name comes from torchrun's run id.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def main(mode: str) -> int:
         return accumulate(model, rank, synced=mode == "synced-accumulation")
     if mode == "two-optimizers":
         return two_optimizers(model, rank)
-    if mode == "join-zero":
-        return join_zero(model, rank)
+    if mode in ("join", "join-zero"):
+        return join(model, rank, zero=mode == "join-zero")
     status = 0
     with GradientMonitor(flush_interval_s=0.05) as monitor:
         optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
@@ -170,23 +171,35 @@ def two_optimizers(model: torch.nn.parallel.DistributedDataParallel, rank: int) 
     return 0 if delivered else 4
 
 
-def join_zero(model: torch.nn.parallel.DistributedDataParallel, rank: int) -> int:
-    """The Join tutorial's uneven inputs: rank 0 trains on 2 batches, rank 1 on 4, with a
-    ``ZeroRedundancyOptimizer``, whose join hook steps it on rank 0 while rank 1 goes on."""
+def join(model: torch.nn.parallel.DistributedDataParallel, rank: int, zero: bool) -> int:
+    """The Join tutorial's uneven inputs, two epochs: rank 0 trains on 1 batch an epoch,
+    rank 1 on 3, gradients zeroed after each step; with a ``ZeroRedundancyOptimizer``
+    (``zero``), whose join hook steps it on rank 0 while rank 1 goes on. Each rank prints
+    its own gradients' norm at its last step, from a plain copy (LOCAL)."""
     from torch.distributed.algorithms.join import Join
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     data = torch.Generator().manual_seed(rank)
-    batches = [torch.randn(8, 4, generator=data) for _ in range(2 + 2 * rank)]
+    batches = [torch.randn(8, 4, generator=data) for _ in range(1 + 2 * rank)]
     with GradientMonitor(flush_interval_s=0.05) as monitor:
-        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD,
-                                       lr=1e-2)
-        optimizer = monitor.wrap(zero, model)
-        with Join([model, zero]):
-            for x in batches:
-                optimizer.zero_grad()
-                model(x).pow(2).mean().backward()
-                optimizer.step()
+        if zero:
+            inner = ZeroRedundancyOptimizer(model.parameters(),
+                                            optimizer_class=torch.optim.SGD, lr=1e-2)
+        else:
+            inner = torch.optim.SGD(model.parameters(), 1e-2)
+        optimizer = monitor.wrap(inner, model)
+        for epoch in range(2):
+            with Join([model, inner] if zero else [model]):
+                for x in batches:
+                    if epoch == 1 and x is batches[-1]:
+                        plain = copy.deepcopy(model.module)
+                        plain(x).pow(2).mean().backward()
+                        local = sum(float(p.grad.norm()) ** 2 for p in plain.parameters()
+                                    if p.grad is not None)
+                        print(f"LOCAL {rank} {local ** 0.5!r}", flush=True)
+                    model(x).pow(2).mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
     delivered = monitor.close()
     dist.destroy_process_group()
     return 0 if delivered else 4

@@ -166,16 +166,19 @@ def test_two_optimizers_sharing_a_ddp_bucket_report_each_ranks_own(collector):
 
 
 @pytest.mark.timeout(240)
-def test_a_joined_ranks_shadow_steps_are_not_training_steps(collector, webhook):
-    """Uneven inputs under ``Join`` with a ``ZeroRedundancyOptimizer`` (PyTorch's Join
-    tutorial): once rank 0 runs out of batches, the join hook steps its optimizer while
-    rank 1 trains on. Those steps were reported as steps without any gradient, and paged
-    GradientMissing (critical, "step() called twice") and ReplicaDivergence."""
-    job, result = torchrun(collector, "join-zero")
+@pytest.mark.parametrize("mode", ["join", "join-zero"])
+def test_what_a_joined_rank_does_for_the_others_is_not_training(collector, webhook, mode):
+    """Uneven inputs under ``Join`` (PyTorch's Join tutorial): once rank 0 runs out of
+    batches, its join hooks shadow rank 1's steps: DDP's all-reduces of zero buckets ran
+    the measuring hook, and its measures were taken at rank 0's next step (the next
+    epoch's first), which then reported the ranks' average; ``ZeroRedundancyOptimizer``'s
+    join hook steps the optimizer, which was reported as steps without any gradient and
+    paged GradientMissing (critical, "step() called twice") and ReplicaDivergence."""
+    job, result = torchrun(collector, mode)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     steps = scrape(collector, "gradwatch_steps_total", job)
     assert {k.split("task_index=")[1].split(",")[0]: v for k, v in steps.items()} == {
-        "0": 2.0, "1": 4.0}, steps
+        "0": 2.0, "1": 6.0}, steps
     present = scrape(collector, "gradwatch_gradient_present", job)
     assert {name for name, value in present.items() if not value} == {
         "unused.weight", "unused.bias"}, present  # (this job's model has a layer never called)
@@ -185,6 +188,12 @@ def test_a_joined_ranks_shadow_steps_are_not_training_steps(collector, webhook):
     time.sleep(1)  # rules run per batch: any alert is out by now
     assert {a["labels"]["alertname"] for a in webhook.alerts
             if a["labels"].get("training_job") == job} == {"GradientMissing"}
+    if mode == "join":  # (each rank's at its last step: rank 0's the epoch's first)
+        local = {rank: float(norm) for rank, norm in re.findall(r"LOCAL (\d) (\S+)",
+                                                                 result.stdout)}
+        norms = scrape(collector, "gradwatch_global_gradient_norm", job)
+        assert {k.split("task_index=")[1].split(",")[0]: v for k, v in norms.items()} \
+            == pytest.approx(local, rel=1e-5)
 
 
 @pytest.mark.timeout(240)
