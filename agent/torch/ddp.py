@@ -1,7 +1,7 @@
 """DistributedDataParallel: measure each rank's gradients before the all-reduce.
 
 DDP runs a communication hook per gradient bucket on the autograd thread, with the
-bucket's local gradients. `measuring_hook` measures them (one multi-tensor norm per
+bucket's local gradients. `MeasuringHook` measures them (one multi-tensor norm per
 bucket, on their device, no synchronisation), hands the measures to the wrapped
 optimizer that owns the parameters (its next step takes them), then calls the hook it
 wraps: DDP's own all-reduce unless the user brings one. A bucket that never becomes
@@ -26,7 +26,7 @@ def comm_hook_of(model: Any) -> Callable | None:
 
 
 def measures(hook: Callable) -> bool:
-    """Whether ``hook`` is one of `measuring_hook`'s."""
+    """Whether ``hook`` is a `MeasuringHook`."""
     return isinstance(hook, MeasuringHook)
 
 
@@ -53,9 +53,11 @@ shadowing = _Shadowing()
 
 
 class MeasuringHook:
-    """A communication hook that measures each bucket's gradients for the monitor's
-    wrapped optimizers, then runs the hook it wraps (autograd thread). Carries that hook's
-    name: DDP checks and logs hooks by name."""
+    """A hook for ``ddp_model.register_comm_hook(state, ...)`` that measures each bucket's
+    gradients for the monitor's wrapped optimizers, then runs ``hook(state, bucket)``
+    (default: DDP's all-reduce over ``state``, a process group or None for the default
+    one), on the autograd thread. Carries that hook's name: DDP checks and logs hooks by
+    name."""
 
     def __init__(self, monitor: Any, hook: Callable | None = None) -> None:
         self.monitor = monitor
@@ -72,19 +74,18 @@ class MeasuringHook:
         self.__name__ = getattr(hook, "__name__", type(hook).__name__)
         self.__qualname__ = getattr(hook, "__qualname__", self.__name__)
 
-    def take(self, hook: Callable, state: Any) -> bool:
-        """Runs ``hook`` with ``state`` from now on, in place of DDP's all-reduce (the user
-        registers a hook after gradwatch registered its own: DDP takes one); False if it
-        runs one of the user's already."""
-        if not self.default:
-            return False
+    def take(self, hook: Callable, state: Any) -> None:
+        """Runs ``hook`` with ``state`` from now on, in place of DDP's all-reduce (`default`:
+        the user registers a hook after gradwatch registered its own, and DDP takes one)."""
         self.default = False
         self._wrap(hook, (state,))
-        return True
 
     def __call__(self, state: Any, bucket: Any) -> Any:
-        if shadowing.active:  # (zeros: nothing of this rank's)
-            return self.hook(state if self.state is None else self.state[0], bucket)
+        if not shadowing.active:  # (a joined rank's zeros are nothing of its own)
+            self._measure(bucket)
+        return self.hook(state if self.state is None else self.state[0], bucket)
+
+    def _measure(self, bucket: Any) -> None:
         try:
             params = bucket.parameters()
             for watched in self.monitor.watching(params):
@@ -99,11 +100,3 @@ class MeasuringHook:
                     watched.measure_part(params, grads)
         except Exception:  # never break the backward pass
             log.exception("gradwatch: measuring a DDP bucket failed")
-        return self.hook(state if self.state is None else self.state[0], bucket)
-
-
-def measuring_hook(monitor: Any, hook: Callable | None = None) -> MeasuringHook:
-    """A hook for ``ddp_model.register_comm_hook(state, ...)`` that measures, then runs
-    ``hook(state, bucket)`` (default: all-reduce over ``state``, a process group or None
-    for the default one)."""
-    return MeasuringHook(monitor, hook)

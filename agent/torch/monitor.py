@@ -199,7 +199,7 @@ class GradientMonitor(MonitorCore):
         """A DDP communication hook that measures each bucket's gradients before calling
         ``hook`` (default: DDP's all-reduce), for ``ddp_model.register_comm_hook(state,
         monitor.comm_hook(hook))``."""
-        return ddp.measuring_hook(self, hook)
+        return ddp.MeasuringHook(self, hook)
 
     def _on_fork_in_child(self) -> None:
         """A DataLoader worker forked while a step is recorded must not record its own
