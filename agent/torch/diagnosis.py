@@ -285,6 +285,8 @@ class Recorder:
             # of the computation of the loss, not its gradient).
             if kwargs.get("create_graph", args[2] if len(args) > 2 else False):
                 return original_grad(outputs, inputs, *args, **kwargs)
+            if isinstance(inputs, Iterator):  # (model.parameters(): read once, here)
+                inputs = tuple(inputs)
             with recorder._reached_loss("autograd.grad", outputs, inputs):
                 return original_grad(outputs, inputs, *args, **kwargs)
 

@@ -663,12 +663,15 @@ class _Watched:
 
         optimizer.zero_grad = zero_grad
 
-    def gradients_zeroed(self) -> None:
+    def gradients_zeroed(self, ids: set[int] | None = None) -> None:
+        """After a ``zero_grad`` of the optimizer's, or of a model's holding the parameters
+        ``ids`` (None: all of them; a submodule's holds some)."""
         if not self._stepping:  # a backward pass not stepped on (a batch dropped): its
             with self._lock:    # measures go with its gradients
-                self._parts = []
+                self._parts = [(params, measures) for params, measures in self._parts
+                               if ids is not None and ids.isdisjoint(map(id, params))]
         if self._session is not None:
-            self.guarded(self._session.gradients_zeroed, not self._stepping)
+            self.guarded(self._session.gradients_zeroed, not self._stepping, ids)
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

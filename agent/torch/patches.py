@@ -145,9 +145,12 @@ def _step(original: Callable) -> Callable:
 
 
 def _zeroed(model: torch.nn.Module) -> None:
+    params = None
     for monitor in list(_monitors):
         for watched in monitor.zeroed_with(model):
-            watched.gradients_zeroed()
+            if params is None:
+                params = {id(p) for p in model.parameters()}
+            watched.gradients_zeroed(params)
 
 
 def _module_zero_grad(original: Callable) -> Callable:

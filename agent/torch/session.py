@@ -240,18 +240,26 @@ class TorchSession(Session):
         self.params = []
         self._forget_measure()
 
-    def gradients_zeroed(self, between_steps: bool = True) -> None:
-        """After ``zero_grad``: remembers the gradients zeroed in place, if any. Between
+    def gradients_zeroed(self, between_steps: bool = True, ids: set[int] | None = None
+                         ) -> None:
+        """After ``zero_grad`` of the parameters ``ids`` (None: all; a submodule's
+        ``zero_grad`` zeroes some): remembers the gradients zeroed in place, if any. Between
         steps (not in a step's closure), a step measured and not taken (skipped after
         clipping found its norm not finite) is dropped: its gradients are gone, and the
         next step measures its own."""
         if between_steps:
             self._forget_measure()
-        self._remember()
+        self._remember(None if ids is None else
+                       [i for i, p in enumerate(self.params) if id(p) in ids])
 
-    def _remember(self) -> None:
-        """Takes the parameters' gradients now as already seen."""
-        seen = self._snapshot()
+    def _remember(self, indices: list[int] | None = None) -> None:
+        """Takes the gradients of the parameters ``indices`` (None: all) as already seen."""
+        if indices is None:
+            seen = self._snapshot()
+        else:
+            seen = list(self._seen) if self._seen is not None else [None] * len(self.params)
+            for i in indices:
+                seen[i] = _seen(self.params[i].grad)
         self._seen = seen if any(s is not None for s in seen) else None
 
 

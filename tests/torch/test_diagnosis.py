@@ -349,10 +349,12 @@ def test_zero_grad_between_backward_and_step():
     assert report.diagnoses["trunk.weight"].cause is Cause.UNKNOWN
 
 
-def test_gradients_taken_with_autograd_grad():
+@pytest.mark.parametrize("given", [list, iter], ids=["list", "iterator"])
+def test_gradients_taken_with_autograd_grad(given):
     """Loops that call ``torch.autograd.grad`` and store the gradients themselves
     (meta-learning, functional training): the recording ends there as at ``backward()``.
-    A layer never called, one not asked for, one whose gradient is not stored."""
+    A layer never called, one not asked for, one whose gradient is not stored. Asked
+    with an iterator (``model.parameters()``), every parameter read "not asked for"."""
     model = Base()
     optimizer = torch.optim.SGD(model.parameters(), 1e-2)
     asked = [*model.trunk.parameters(), model.head.weight]  # head.bias forgotten
@@ -360,7 +362,7 @@ def test_gradients_taken_with_autograd_grad():
         for _ in range(2):
             optimizer.zero_grad()
             loss = torch.nn.functional.mse_loss(unused_layer(model, X), Y)
-            grads = torch.autograd.grad(loss, asked)  # <- here
+            grads = torch.autograd.grad(loss, given(asked))  # <- here
             for param, grad in zip(asked[:-1], grads[:-1], strict=True):  # head.weight's too
                 param.grad = grad
             optimizer.step()

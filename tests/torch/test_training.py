@@ -734,6 +734,32 @@ def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipp
     assert gradwatch_warnings(caplog) == []
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_submodules_zero_grad_clears_its_own_gradients_only(collector, job_name,
+                                                              set_to_none):
+    """Actor-critic with one optimizer: the actor's loss reaches the critic too, so the loop
+    zeroes the critic's gradients (``model.critic.zero_grad()``) before backpropagating
+    the critic's own loss. That took every gradient of the optimizer as cleared: the
+    actor read missing at every step, paged, and was blamed on ``zero_grad()``."""
+    actor, critic, model = actor_critic()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
+        for _ in range(3):
+            obs, action, ret = rollout()
+            optimizer.zero_grad()
+            value = critic(obs)
+            log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
+            (-(log_prob * (ret - value)).mean()).backward(retain_graph=True)
+            critic.zero_grad(set_to_none=set_to_none)
+            torch.nn.functional.mse_loss(value, ret).backward()
+            norms = {name: float(p.grad.norm()) for name, p in model.named_parameters()}
+            optimizer.step()
+    assert monitor.close() is True
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms, rel=1e-5)
+
+
 def test_a_loss_backpropagated_after_a_clip_is_part_of_the_diagnosis(collector, job_name):
     """The actor's loss backpropagated and clipped, then the critic run and its loss, detached
     by mistake: the recording ended at the clip, so the critic read as never used."""
