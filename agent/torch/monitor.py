@@ -373,15 +373,17 @@ class GradientMonitor(MonitorCore):
 
 
 def _updating_optimizer(optimizer: Any) -> Any:
-    """The optimizer that updates the parameters, behind wrappers that hold it as
-    ``.optimizer`` or ``.base_optimizer`` and are either not set up as torch optimizers
-    themselves (no step hooks: Hugging Face Accelerate's ``AcceleratedOptimizer``, which
-    steps it only when accumulated gradients are due) or share its ``param_groups`` and
-    step it themselves (SAM, whose users call ``first_step`` and ``second_step`` and never
-    its own ``step``; Lookahead). Anything else is returned as is."""
+    """The optimizer that updates the parameters, behind wrappers that hold it (as
+    ``.optimizer``, ``.base_optimizer`` or any other attribute) and are either not set up
+    as torch optimizers themselves (no step hooks: Hugging Face Accelerate's
+    ``AcceleratedOptimizer``, which steps it only when accumulated gradients are due) or
+    share its ``param_groups`` and step it themselves (SAM, whose users call ``first_step``
+    and ``second_step`` and never its own ``step``; Lookahead, timm's as
+    ``._base_optimizer``). Anything else is returned as is."""
     while True:
-        for attribute in ("optimizer", "base_optimizer"):
-            inner = getattr(optimizer, attribute, None)
+        held = getattr(optimizer, "__dict__", {})
+        for inner in (getattr(optimizer, "optimizer", None),
+                      getattr(optimizer, "base_optimizer", None), *held.values()):
             if (isinstance(inner, torch.optim.Optimizer) and inner is not optimizer
                     and (not hasattr(optimizer, "_optimizer_step_pre_hooks")
                          or getattr(optimizer, "param_groups", None) is inner.param_groups)):

@@ -841,6 +841,46 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
 
 
+class Lookahead(torch.optim.Optimizer):
+    """Lookahead as some write it: not set up as a torch optimizer (no
+    ``Optimizer.__init__``), its base optimizer held under a name of its own and sharing
+    its ``param_groups``; every ``k`` steps the weights go halfway back to slow copies."""
+
+    def __init__(self, base: torch.optim.Optimizer, k: int = 2) -> None:
+        self._base_optimizer, self.k, self.steps = base, k, 0
+        self.param_groups, self.defaults, self.state = base.param_groups, base.defaults, {}
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        self._base_optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for slow, p in zip(self.slow, params, strict=True):
+                slow.add_(p - slow, alpha=0.5)
+                p.copy_(slow)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._base_optimizer.zero_grad(set_to_none)
+
+
+def test_an_optimizer_wrapper_holding_its_base_under_another_name(collector, job_name,
+                                                                   caplog):
+    """The wrapper above could not be watched: ``wrap`` logged a traceback (it has no step
+    hooks of its own) and nothing was reported. Its base optimizer is watched instead."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(Lookahead(torch.optim.Adam(model.parameters(), 1e-2)), model)
+        norms = train(model, optimizer, 3)
+    assert monitor.close() is True
+    assert gradwatch_warnings(caplog) == []
+    assert metrics(collector, "gradwatch_steps_total", job_name) == {
+        f"optimizer=Adam,task_index=0,task_type=worker,training_job={job_name}": 3.0}
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms[-1], rel=1e-5)
+
+
 @pytest.mark.parametrize("style", ["first_step, second_step", "step(closure)"])
 def test_sam_reports_the_gradients_its_base_optimizer_applies(collector, job_name, style):
     """SAM wrapped as users wrap an optimizer. Driven as its README shows (first_step,
