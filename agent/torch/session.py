@@ -57,7 +57,10 @@ class TorchSession(Session):
         (see `measures`). ``first_step``: the number of its first step (a session that
         continues another continues its count)."""
         self.params = list(params)
-        self.device = local_tensor(self.params[0]).device
+        device = local_tensor(self.params[0]).device
+        # (parameters left on the meta device, a model moved off it by to_empty() holding
+        # new ones, never get a gradient: their records are kept on the CPU)
+        self.device = torch.device("cpu") if device.type == "meta" else device
         width = stats.width(self.device)
         ring = HostRing(len(self.params), ring_capacity(row_bytes(len(self.params), width),
                                                          capacity), self.device, width)

@@ -841,6 +841,28 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
 
 
+def test_an_optimizer_of_parameters_left_on_the_meta_device_pages(collector, job_name,
+                                                                  caplog):
+    """A model made on the meta device, its optimizer made there, then ``to_empty()``: the
+    model holds new parameters and the optimizer updates nothing. gradwatch explained it
+    in the log, then failed to record a step on the meta device (a traceback), so nothing
+    paged."""
+    with torch.device("meta"):
+        model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        optimizer = monitor.wrap(torch.optim.SGD(model.parameters(), 1e-2), model)
+        model.to_empty(device="cpu")
+        model.hidden.reset_parameters()
+        model.out.reset_parameters()
+        train(model, optimizer, 2)
+    assert monitor.close() is True
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {0.0}
+    causes = parse_metrics(collector.scrape())["gradwatch_gradient_missing_cause_info"]
+    assert {labels["cause"] for labels, _ in causes
+            if labels["training_job"] == job_name} == {"not_on_loss_path"}
+
+
 class Lookahead(torch.optim.Optimizer):
     """Lookahead as some write it: not set up as a torch optimizer (no
     ``Optimizer.__init__``), its base optimizer held under a name of its own and sharing
