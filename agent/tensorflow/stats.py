@@ -49,8 +49,9 @@ BATCH_FROM = 5
 
 
 def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
-    """The gradient's non-zero part, as float32 (of a complex one, its moduli), without
-    densifying IndexedSlices.
+    """The gradient's non-zero part, as float32 or float64 (of a complex one, its moduli),
+    without densifying IndexedSlices. A float64 gradient is measured in float64: cast,
+    a finite value beyond float32's range would count as Inf.
 
     Rows of an ``IndexedSlices`` that share an index are summed first, so the
     statistics equal those of the dense gradient.
@@ -63,9 +64,14 @@ def _dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
         values = grad
     if values.dtype.is_complex:  # the norm of the moduli; NaN and Inf parts stay
         values = tf.abs(values)
-    if values.dtype != tf.float32:
+    if values.dtype not in (tf.float32, tf.float64):
         values = tf.cast(values, tf.float32)
     return values
+
+
+def _float32(value: tf.Tensor) -> tf.Tensor:
+    """A statistic of a float64 gradient as the record's float32 (+Inf beyond its range)."""
+    return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
 def _flat(value: tf.Tensor) -> tf.Tensor:
@@ -73,9 +79,12 @@ def _flat(value: tf.Tensor) -> tf.Tensor:
 
 
 def _static_size(value: tf.Tensor, sparse: bool) -> int | None:
-    """Elements of a gradient whose size is known at trace time. Not the deduplicated
-    rows of an IndexedSlices: under XLA their inferred shape is a bound, not their size."""
-    return None if sparse or not value.shape.is_fully_defined() else value.shape.num_elements()
+    """Elements of a float32 gradient whose size is known at trace time, which may be
+    reduced together with others. Not the deduplicated rows of an IndexedSlices: under XLA
+    their inferred shape is a bound, not their size."""
+    if sparse or value.dtype != tf.float32 or not value.shape.is_fully_defined():
+        return None
+    return value.shape.num_elements()
 
 
 def _segments(sizes: list[int]) -> tf.Tensor:
@@ -99,7 +108,7 @@ def _half_squares(values: list[tf.Tensor], sparse: set[int], batch_small: bool
         halves.update(zip(small, tf.unstack(0.5 * sums), strict=True))
     for k, value in enumerate(values):
         if k not in halves:
-            halves[k] = tf.nn.l2_loss(value)
+            halves[k] = _float32(tf.nn.l2_loss(value))
     return [halves[k] for k in range(len(values))]
 
 
@@ -131,7 +140,7 @@ def _counts_and_norms(values: list[tf.Tensor], sparse: set[int]
         scale = tf.maximum(tf.reduce_max(finite), 1e-30)
         nans.append(tf.reduce_sum(tf.cast(tf.math.is_nan(value), tf.float32))[None])
         infs.append(tf.reduce_sum(tf.cast(tf.math.is_inf(value), tf.float32))[None])
-        norms.append((scale * tf.sqrt(tf.reduce_sum(tf.square(finite / scale))))[None])
+        norms.append(_float32(scale * tf.sqrt(tf.reduce_sum(tf.square(finite / scale))))[None])
     inverse = tf.constant(np.argsort(static + dynamic), tf.int32)
     return tuple(tf.gather(tf.concat(parts, 0), inverse) for parts in (nans, infs, norms))
 
@@ -174,7 +183,7 @@ def _branch_free_record(grads: Sequence[tf.Tensor | tf.IndexedSlices | None]) ->
 
     absent, zero = tf.constant(ABSENT), tf.constant(0.0)
     values = [None if g is None else _dense_values(g) for g in grads]
-    return tf.stack([absent if v is None else tf.nn.l2_loss(v) for v in values]
+    return tf.stack([absent if v is None else _float32(tf.nn.l2_loss(v)) for v in values]
                     + [zero if v is None else count(tf.math.is_nan(v)) for v in values]
                     + [zero if v is None else count(tf.math.is_inf(v)) for v in values])
 

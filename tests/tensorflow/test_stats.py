@@ -79,6 +79,23 @@ def test_half_precision_float64_and_complex():
     assert poisoned[0, NAN] == 1 and poisoned[0, INF] == 1
 
 
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_a_float64_gradient_beyond_float32s_range_is_finite(mode):
+    """Cast to float32 first, a finite float64 gradient of 1e39s counted as 3 Infs (a step
+    paged as non-finite, critical); beside a float32 one, batched with it on an
+    accelerator. Its norm, 1.7e39, is beyond the record's float32: +Inf with no Inf counted
+    (exploding, not non-finite); NaN and Inf are still counted in float64."""
+    record = {"eager": gradient_record,
+              "function": tf.function(gradient_record),
+              "xla": tf.function(gradient_record, jit_compile=True)}[mode]
+    huge = np.full(3, 1e39)
+    stats = gradient_stats([tf.constant(huge), tf.constant([3.0, 4.0]),
+                            tf.constant(np.array([1e300, np.inf, np.nan]))], record)
+    assert stats[0, NAN] == stats[0, INF] == 0 and stats[0, NORM] == np.inf
+    assert stats[1].tolist() == [1.0, 5.0, 0.0, 0.0]
+    assert (stats[2, NAN], stats[2, INF]) == (1, 1)
+
+
 def test_empty_gradient():
     stats = gradient_stats([tf.zeros([0, 4])])
     assert stats[0].tolist() == [1, 0, 0, 0]
