@@ -167,8 +167,25 @@ class Diagnoser:
     def _break(self, stopped: list[tuple[Node, str]]) -> tuple[Node, str] | None:
         """The op to blame among those that stopped the walk (None if none did: the walk
         lost the path inside a function it cannot see into, a restored SavedModel's)."""
-        on_path = [s for s in stopped if any(out in self.live for out in s[0].outputs)]
-        return min(on_path or stopped, key=lambda s: s[0].order) if stopped else None
+        if not stopped:
+            return None
+        on_path = [s for s in stopped if any(out in self.live for out in s[0].outputs)] \
+            or stopped
+        # A comparison that only chooses between values (``tf.where``'s condition, as
+        # Keras's argmax guards against -0.0) is not the break where another op is.
+        breaking = [s for s in on_path if not self._chooses(s[0])] or on_path
+        return min(breaking, key=lambda s: s[0].order)
+
+    def _chooses(self, node: Node, depth: int = 0) -> bool:
+        """Whether ``node``'s outputs are only ``tf.where`` conditions, directly or through
+        ops of integer or boolean results (a sign bit's bitcast, ``tf.logical_and``...)."""
+        uses = [(consumer, out) for out in node.outputs
+                for consumer in self.graph.consumers.get(out, ())]
+        return (bool(uses) or depth > 0) and depth < 8 and all(
+            (consumer.type in ("Select", "SelectV2") and consumer.inputs[0] == out)
+            or (not any(d.is_floating or d.is_complex for d in consumer.output_dtypes)
+                and self._chooses(consumer, depth + 1))
+            for consumer, out in uses)
 
     def diagnose_all(self, variables: list[Any]) -> list[Diagnosis]:
         """The verdicts for ``variables`` (tf or Keras variables), whose gradients were

@@ -82,6 +82,16 @@ class ArgMax(Pattern):
         return tf.cast(tf.argmax(scores, axis=1), tf.float32)[:, None]  # line:argmax
 
 
+class KerasArgMax(Pattern):
+    """Keras's argmax guards against -0.0 with a ``tf.where`` whose condition compares the
+    scores (a sign bit's bitcast, ``Equal``): that guard was blamed, with the fix for
+    comparisons, not the argmax."""
+
+    def broken(self, h, x):
+        scores = keras.ops.concatenate([self.head(h), -self.head(h)], axis=1)
+        return keras.ops.cast(keras.ops.argmax(scores, axis=1), "float32")[:, None]  # line:kargmax
+
+
 class IntegerCast(Pattern):
     def broken(self, h, x):
         return tf.cast(tf.cast(self.head(h) * 10, tf.int32), tf.float32)  # line:cast
@@ -346,6 +356,7 @@ CATALOGUE = {
     Floor: Expected(Cause.BROKEN_AT_OP, "Floor", "floor"),
     Round: Expected(Cause.BROKEN_AT_OP, "Round", "round"),
     ArgMax: Expected(Cause.BROKEN_AT_OP, "ArgMax", "argmax"),
+    KerasArgMax: Expected(Cause.BROKEN_AT_OP, "ArgMax", "kargmax"),
     IntegerCast: Expected(Cause.BROKEN_AT_OP, "Cast", "cast"),
     StopGradient: Expected(Cause.BROKEN_AT_OP, "StopGradient", "stop"),
     Comparison: Expected(Cause.BROKEN_AT_OP, "Greater", "compare"),
