@@ -366,10 +366,18 @@ def _first_user_node(nodes: list[Node]) -> Node | None:
 def _round_trip(graph: ForwardGraph, downstream: set[int], upstream: set[int]
                 ) -> tuple[Node, str, Source | None] | None:
     """A conversion of a tensor computed from the variable, followed by a host-made
-    tensor that the loss depends on: the value left TensorFlow and came back."""
+    tensor that the loss depends on: the value left TensorFlow and came back. Not the
+    variable's own value read out while no tape recorded (weights logged before the step,
+    as logging callbacks do: any later batch made from NumPy would look like its return)."""
     host_made = [graph.first_seen.get(k, 1 << 62) for k in upstream if k not in graph.producer]
     for conversion in graph.conversions:
+        node = graph.producer.get(conversion.tensor)
+        if node is None or (node.outside and node.type in _READS):
+            continue
         if conversion.tensor in downstream and any(t > conversion.order for t in host_made):
-            node = graph.producer[conversion.tensor]
             return node, f"via {conversion.how}", conversion.source
     return None
+
+
+#: Ops that read a variable's value as it is.
+_READS = frozenset({"ReadVariableOp", "Identity"})

@@ -612,6 +612,33 @@ def test_weights_checked_after_the_update_are_not_read_by_the_loss(mode):
     check(verdicts, CATALOGUE[UnusedLayer])
 
 
+def test_weights_logged_before_the_tape_did_not_leave_tensorflow():
+    """An eager loop that logs every weight before its tape (``float(np.mean(v.numpy()))``,
+    as weight-logging callbacks do) around a layer it never calls: the layer was said to
+    have left TensorFlow (the batch made from NumPy later looked like the value coming
+    back); it is unused."""
+    model, x, y, optimizer = fresh(UnusedLayer)
+    from gradwatch.agent.tensorflow import tape
+
+    verdicts: dict[str, Diagnosis] = {}
+    stop = tape.listen(lambda variable, verdict: verdicts.setdefault(verdict.variable, verdict),
+                       tells=False)
+    try:
+        for _ in range(3):
+            logged = [float(np.mean(v.numpy())) for v in model.trainable_variables]
+            batch = tf.constant(np.asarray(x))  # made from NumPy after the reads
+            with tf.GradientTape() as gradient_tape:
+                loss = tf.reduce_mean(tf.square(model(batch) - y))
+            grads = gradient_tape.gradient(loss, model.trainable_variables)
+            optimizer.apply([g for g in grads if g is not None],
+                            [v for g, v in zip(grads, model.trainable_variables, strict=True)
+                             if g is not None])
+    finally:
+        stop()
+    assert logged
+    check(verdicts, CATALOGUE[UnusedLayer])
+
+
 def cnn() -> keras.Model:
     return keras.Sequential([
         keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
