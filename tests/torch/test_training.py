@@ -699,6 +699,16 @@ def rollout() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.randn(32, 4), torch.randint(0, 2, (32,)), torch.randn(32, 1)
 
 
+def actor_critic_losses(actor: torch.nn.Module, critic: torch.nn.Module, *,
+                        detach_advantage: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rollout's policy-gradient loss and value loss."""
+    obs, action, ret = rollout()
+    value = critic(obs)
+    log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
+    advantage = (ret - value).detach() if detach_advantage else ret - value
+    return -(log_prob * advantage).mean(), torch.nn.functional.mse_loss(value, ret)
+
+
 @pytest.mark.parametrize("clipped", ["each network", "everything", "the actor only"])
 def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipped, caplog):
     """Actor-critic programs (A2C, PPO) with one optimizer: the actor's loss (the advantage
@@ -710,15 +720,13 @@ def test_losses_backpropagated_and_clipped_one_by_one(collector, job_name, clipp
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
         for _ in range(3):
-            obs, action, ret = rollout()
             optimizer.zero_grad()
-            value = critic(obs)
-            log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
-            (-(log_prob * (ret - value).detach()).mean()).backward()
+            actor_loss, critic_loss = actor_critic_losses(actor, critic)
+            actor_loss.backward()
             actor_norm = float(actor.weight.grad.norm())
             torch.nn.utils.clip_grad_norm_(
                 model.parameters() if clipped == "everything" else actor.parameters(), 1e-3)
-            torch.nn.functional.mse_loss(value, ret).backward()
+            critic_loss.backward()
             critic_norm = float(critic.weight.grad.norm())
             if clipped != "the actor only":
                 torch.nn.utils.clip_grad_norm_(
@@ -745,13 +753,11 @@ def test_a_submodules_zero_grad_clears_its_own_gradients_only(collector, job_nam
     with monitor_for(collector, job_name) as monitor:
         optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-3), model)
         for _ in range(3):
-            obs, action, ret = rollout()
             optimizer.zero_grad()
-            value = critic(obs)
-            log_prob = torch.log_softmax(actor(obs), -1).gather(1, action[:, None])
-            (-(log_prob * (ret - value)).mean()).backward(retain_graph=True)
+            actor_loss, critic_loss = actor_critic_losses(actor, critic, detach_advantage=False)
+            actor_loss.backward(retain_graph=True)
             critic.zero_grad(set_to_none=set_to_none)
-            torch.nn.functional.mse_loss(value, ret).backward()
+            critic_loss.backward()
             norms = {name: float(p.grad.norm()) for name, p in model.named_parameters()}
             optimizer.step()
     assert monitor.close() is True
