@@ -186,7 +186,9 @@ def _register_comm_hook(original: Callable) -> Callable:
             return original(self, state, hook)
         registered = ddp.comm_hook_of(self)
         if ddp.measures(registered) and registered.default:
-            self._check_comm_hook(hook)  # (DDP's checks of a hook)
+            check = getattr(self, "_check_comm_hook", None)  # (DDP's checks of a hook)
+            if check is not None:
+                check(hook)
             registered.take(hook, state)
             return None
         return original(self, state, monitors[-1].comm_hook(hook))
@@ -215,18 +217,23 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
     (torch.nn.Module, "zero_grad", _module_zero_grad),
     (torch.nn.parallel.DistributedDataParallel, "__init__", _ddp_init),
     (torch.nn.parallel.DistributedDataParallel, "register_comm_hook", _register_comm_hook),
-    (torch.nn.parallel.distributed._DDPJoinHook, "main_hook", _join_main_hook),
 ]
 
 
 def _loaded_patches() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
     """`_PATCHES`, and those of modules the program imported (not imported here: FSDP1
-    takes a second to import)."""
-    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
-    zero = getattr(sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer"),
-                   "_ZeROJoinHook", None)
-    return [*_PATCHES, *(() if fsdp is None else ((fsdp, "clip_grad_norm_", _module_clipping),)),
-            *(() if zero is None else ((zero, "main_hook", _join_main_hook),))]
+    takes a second to import) or of internals this torch has."""
+    def found(module: str, name: str) -> Any:
+        return getattr(sys.modules.get(module), name, None)
+
+    optional = [(found("torch.distributed.fsdp", "FullyShardedDataParallel"),
+                 "clip_grad_norm_", _module_clipping),
+                (found("torch.nn.parallel.distributed", "_DDPJoinHook"),
+                 "main_hook", _join_main_hook),
+                (found("torch.distributed.optim.zero_redundancy_optimizer", "_ZeROJoinHook"),
+                 "main_hook", _join_main_hook)]
+    return [*_PATCHES, *((owner, name, wrapper) for owner, name, wrapper in optional
+                         if owner is not None and hasattr(owner, name))]
 
 
 def install(monitor: Any) -> None:
