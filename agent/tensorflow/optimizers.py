@@ -40,17 +40,20 @@ _HOOKS = "_gradwatch_hooks"
 
 def _aggregated_already(optimizer: Any) -> None:
     """tf-keras: ``apply_gradients`` told not to aggregate is given gradients summed across
-    replicas already (by tf-keras's ``LossScaleOptimizer``, which ``compile`` wraps the
-    optimizer in under a ``mixed_float16`` policy): says so once, where replicas differ."""
+    replicas already (by the loop's own all-reduce, or by tf-keras's ``LossScaleOptimizer``,
+    which ``compile`` wraps the optimizer in under a ``mixed_float16`` policy): says so
+    once, where replicas differ."""
     if getattr(optimizer, "_gradwatch_told_aggregated", False) or \
             tf.distribute.get_strategy().num_replicas_in_sync < 2:
         return
     object.__setattr__(optimizer, "_gradwatch_told_aggregated", True)
-    log.warning("gradwatch: %s is given gradients already summed across replicas (as "
+    log.warning("gradwatch: %s is given gradients already summed across replicas "
+                "(experimental_aggregate_gradients=False: reduced by the loop itself, or by "
                 "tf-keras's LossScaleOptimizer, which compile() adds under a mixed_float16 "
-                "policy, hands them on): its norms are those after the all-reduce, the same "
-                "on every replica. To measure each replica's own, wrap model.optimizer after "
-                "compile().", type(optimizer).__name__)
+                "policy): its norms are those after the all-reduce, the same on every "
+                "replica. To measure each replica's own, call monitor.observe() on them "
+                "before the loop reduces them, or wrap model.optimizer after compile().",
+                type(optimizer).__name__)
 
 
 def wrap_optimizer(optimizer: Any, hooks: Hooks) -> Any:
