@@ -241,13 +241,21 @@ class Diagnoser:
                 # the update (logging, check_numerics) or before the step. Not computed with.
                 return Diagnosis(name, Cause.UNUSED, hint=HINTS[Cause.UNUSED])
             return _at(name, Cause.NOT_ON_LOSS_PATH, _first_user_node(readers))
-        reached, stopped = graph.flow(start, upstream, why_blocked)
-        if not reached & targets:
+
+        def broken_at(blocked) -> Diagnosis | None:
+            """The verdict if ``blocked`` cuts every path to the loss: the op to blame."""
+            reached, stopped = graph.flow(start, upstream, blocked)
+            if reached & targets:
+                return None
             blamed = self._break(stopped)
             if blamed is None:
                 return Diagnosis(name, Cause.UNKNOWN)
             node, why = blamed
             return _at(name, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
+
+        verdict = broken_at(why_blocked)
+        if verdict is not None:
+            return verdict
 
         def outside_tape(node: Node, index: int) -> str | None:
             return why_blocked(node, index) or node.outside or None
@@ -263,14 +271,7 @@ class Diagnoser:
                 f"has a custom gradient ({node.custom_gradient}) that returns None"
                 if node.custom_gradient else None)
 
-        reached, stopped = graph.flow(start, upstream, custom)
-        if not reached & targets:
-            blamed = self._break(stopped)
-            if blamed is None:
-                return Diagnosis(name, Cause.UNKNOWN)
-            node, why = blamed
-            return _at(name, Cause.BROKEN_AT_OP, node, why, _hint(node, why))
-        return Diagnosis(name, Cause.UNKNOWN)
+        return broken_at(custom) or Diagnosis(name, Cause.UNKNOWN)
 
     def _write_read_back(self, downstream: set[int]) -> Node | None:
         """The first op writing a value computed from the variable into a (state) variable
