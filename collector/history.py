@@ -153,3 +153,14 @@ class History:
 
     def forget(self, session_id: str) -> None:
         self.global_norms.pop(session_id, None)
+
+    def hand_over(self, old_id: str, new_id: str) -> None:
+        """Session ``new_id`` continues ``old_id`` (the same task, more variables): the
+        steps ``old_id`` reported stay its own, the global norms included."""
+        norms = self.global_norms.pop(old_id, None)
+        if norms is not None:
+            self.global_norms[new_id] = norms
+        for reporters in self.reported_by:
+            if old_id in reporters:
+                reporters.discard(old_id)
+                reporters.add(new_id)

@@ -291,6 +291,7 @@ class Registry:
                                                                    session.pid))
             if continued:
                 session.continue_totals(previous)
+                group.history.hand_over(previous.id, session.id)
             self.remove(previous.id)
             ended = max(previous.registered_at, previous.last_report_time)
             if not continued and all(s.registered_at <= ended for s in group.sessions.values()):

@@ -70,6 +70,29 @@ def test_a_session_replaced_by_its_own_process_continues_its_totals(previous):
         assert grown.missing_steps_total.tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_continued_session_keeps_its_global_norms_in_the_history(sharded):
+    """A session that grew (LoRA's base added with add_param_group at step 4): the heat map
+    kept steps 0-3 but the global-norm chart lost them with the old session's id."""
+    from tests.support.rules import Harness, healthy
+
+    h = Harness()
+    first = h.registry.register("job", "adam", "worker", 0, 1, ["a", "b"], sharded=sharded,
+                                hostname="h", pid=7)
+    h.feed(first, *[healthy(2, norm=0.5)] * 4)
+    grown = h.registry.register("job", "adam", "worker", 0, 1, ["a", "b", "c"],
+                                sharded=sharded, hostname="h", pid=7)
+    h.feed(grown, *[healthy(norm=0.5)] * 4, first_step=4)
+    steps, _, norms = grown.group.history.window()
+    assert steps.tolist() == list(range(8))
+    assert list(norms) == [grown.id]
+    assert (norms[grown.id] > 0).all()  # every step's global norm, none NO_REPORT
+    if sharded:  # the old session's steps are the new one's: a repeat is not added again
+        h.feed(grown, healthy(3, norm=0.5), first_step=3)
+        assert np.allclose(10.0 ** grown.group.history.window()[1][3, :2].astype(float), 0.5,
+                           rtol=1e-2)
+
+
 def test_a_task_that_stopped_reporting_is_not_shown_stepping_on():
     """A crashed agent's last rate (3.47 steps/s) was shown for as long as its session
     was kept; it is 0 once no report came for three step periods (and 10 s)."""
