@@ -28,7 +28,7 @@ from gradwatch.agent.core.monitor import MonitorCore, optimizer_base_name
 from gradwatch.agent.tensorflow import tape
 from gradwatch.agent.tensorflow.optimizers import Hooks, wrap_optimizer
 from gradwatch.agent.tensorflow.session import Gradients, TensorFlowSession
-from gradwatch.agent.tensorflow.variables import variable_name
+from gradwatch.agent.tensorflow.variables import gradient_pairs, variable_name
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,8 @@ class GradientMonitor(MonitorCore):
         if self.enabled and self._known_observe_name(name):
             if self._untold:
                 self._tell(grads, variables)
-            self._record(("observe", name), name, list(grads), list(variables), step)
+            grads, variables = gradient_pairs(list(grads), list(variables))
+            self._record(("observe", name), name, grads, variables, step)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -342,7 +343,7 @@ class GradientMonitor(MonitorCore):
     def _on_optimizer_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         if self._inside_loss_scaling(optimizer):
             return
-        grads, variables = self._filtered_back(optimizer, grads, variables)
+        grads, variables = self._filtered_back(optimizer, *gradient_pairs(grads, variables))
         if self._untold:
             self._tell(grads, variables)
         step = getattr(optimizer, "iterations", None)
@@ -365,7 +366,7 @@ class GradientMonitor(MonitorCore):
         refs = self._built.get(id(optimizer))
         if refs is None:
             built = getattr(optimizer, "_trainable_variables", None)  # Keras 3, built earlier
-            return list(built) if built else None
+            return gradient_pairs(list(built), list(built))[1] if built else None
         built = [ref() for ref in refs]
         return None if any(v is None for v in built) else built
 
@@ -388,12 +389,14 @@ class GradientMonitor(MonitorCore):
                 return grads, variables  # one it was not built for
             kept = [v for v in built if id(v) in given or tape.got_no_gradient(v)]
         else:  # built from this update (Keras builds at the first): the gradient call tells
-            kept = tape.filtered_from(variables) or variables
+            asked = tape.filtered_from(variables)
+            kept = gradient_pairs(asked, asked)[1] if asked else variables
         if len(kept) == len(variables):
             return grads, variables  # nothing filtered out
         return [given.get(id(v)) for v in kept], kept
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
+        variables = gradient_pairs(variables, variables)[1]
         self._built[id(optimizer)] = [weakref.ref(v) for v in variables]
         if self._inside_loss_scaling(optimizer):
             return
@@ -406,6 +409,7 @@ class GradientMonitor(MonitorCore):
         Inside a trace our in-graph record never runs, so report from the host. Not for
         other refusals, with every gradient there ("Unknown variable": an optimizer built
         for other variables): no step ran, and none was missing a gradient."""
+        grads, variables = gradient_pairs(grads, variables)
         if not tf.inside_function() or all(g is not None for g in grads):
             return
         session = self._sessions.get(self._session_key(id(optimizer), variables))

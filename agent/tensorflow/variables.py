@@ -15,6 +15,17 @@ def variable_name(variable: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def gradient_pairs(grads: list, variables: list) -> tuple[list, list]:
+    """The pairs whose gradient is one: not those of variables the optimizer overwrites
+    with what it is given (``overwrite_with_gradient``: Keras 3's float8 scales and amax
+    histories, whose "gradients" are their new values)."""
+    if not any(getattr(v, "overwrite_with_gradient", False) for v in variables):
+        return grads, variables
+    kept = [(g, v) for g, v in zip(grads, variables, strict=True)
+            if not getattr(v, "overwrite_with_gradient", False)]
+    return [g for g, _ in kept], [v for _, v in kept]
+
+
 def describe(variable: Any) -> Variable:
     """The variable as a session's table holds it."""
     shape = tuple(-1 if d is None else int(d) for d in getattr(variable, "shape", ()))

@@ -170,6 +170,41 @@ def test_model_fit_with_wrapped_optimizer(collector, webhook, job_name):
     assert alerts_for(webhook, job_name) == []
 
 
+@pytest.mark.parametrize("via", ["fit", "observe"])
+def test_float8_scales_overwritten_with_their_new_values_are_no_gradients(collector, webhook,
+                                                                          job_name, via):
+    """keras.io's float8 training: Keras hands each float8 layer's scales and amax histories
+    their new values in place of gradients (``overwrite_with_gradient``). They were
+    reported as gradients: 12 of 16 rows, and a global norm 41 times the true one."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.quantize("float8")
+    overwritten = {v.path for v in model.trainable_variables if v.overwrite_with_gradient}
+    gradients = [v for v in model.trainable_variables if v.path not in overwritten]
+    assert overwritten and len(gradients) == 4
+    with monitor_for(collector, job_name) as monitor:
+        if via == "fit":
+            model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
+            model.fit(X, Y, batch_size=len(X) // 2, epochs=2, verbose=0)
+        else:  # (traced: Keras's float8 gradients fail eagerly, without gradwatch too)
+            @tf.function
+            def step():
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(model(X, training=True) - Y))
+                monitor.observe(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables)
+
+            for _ in range(4):
+                step()
+    assert monitor.close()
+    samples = scrape(collector, job_name)
+    assert select(samples, "gradwatch_gradient_norm").keys() == {v.path for v in gradients}
+    assert list(select(samples, "gradwatch_steps_total").values()) == [4.0]
+    assert list(select(samples, "gradwatch_variables").values()) == [4.0]
+    assert alerts_for(webhook, job_name) == []
+
+
 # -- broken runs ------------------------------------------------------------------------------
 
 def test_unused_layer_alerts_for_exactly_its_variables(collector, webhook, job_name):
