@@ -27,6 +27,7 @@ from gradwatch.agent.core.identity import tf_config
 from gradwatch.agent.core.monitor import MonitorCore, optimizer_base_name
 from gradwatch.agent.tensorflow import tape
 from gradwatch.agent.tensorflow.optimizers import Hooks, wrap_optimizer
+from gradwatch.agent.tensorflow.recorder import UnsupportedStrategy
 from gradwatch.agent.tensorflow.session import Gradients, TensorFlowSession
 from gradwatch.agent.tensorflow.variables import gradient_pairs, variable_name
 
@@ -294,7 +295,7 @@ class GradientMonitor(MonitorCore):
         function traced before it was wrapped (model.fit's after a first fit, or after a
         notebook cell made a new monitor; such a function keeps what it traced): says so
         at close, when it is known."""
-        owners = {key[0] for key in self._sessions}
+        owners = {key[0] for key in self._sessions} | {key[0] for key in self._failed}
         for owner, (ref, wrapped_at) in self._wrapped.items():
             optimizer = ref()
             if optimizer is None or wrapped_at is None or owner in owners or \
@@ -473,6 +474,11 @@ class GradientMonitor(MonitorCore):
                         self.identity, name, variables, self.settings.buffer_steps,
                         strategy=strategy, versions=_versions(), loss_scaled=loss_scaled,
                         every=self.settings.statistics_every)
+                except UnsupportedStrategy as error:
+                    self._failed.add(key)
+                    log.error("gradwatch: cannot watch %s: %s; it trains unwatched", name,
+                              error)
+                    return None
                 except Exception:  # gradwatch must never break training
                     self._failed.add(key)
                     log.exception("gradwatch: cannot watch %s", name)
@@ -499,3 +505,4 @@ class GradientMonitor(MonitorCore):
             self._failed.add(key)
             log.exception("gradwatch: cannot record gradients of %s; it is no longer watched",
                           name)
+            self.release(key, None)  # (the collector is told: no task silent there)

@@ -26,6 +26,18 @@ from gradwatch.agent.core.session import RecordedSteps
 from gradwatch.agent.tensorflow.stats import to_norms
 
 
+class UnsupportedStrategy(ValueError):
+    """The strategy keeps no variable per replica (CentralStorageStrategy over several
+    devices: one copy on the parameter device): a replica's step cannot write its own row."""
+
+
+def _local_devices(strategy: tf.distribute.Strategy) -> int | None:
+    try:
+        return len(strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # the default strategy has none
+        return None
+
+
 def row_bytes(num_variables: int) -> int:
     """Device memory of one row (one step of one replica), its step included."""
     return 4 * RECORD_WIDTH * num_variables + 8
@@ -82,6 +94,11 @@ class StepRecorder:
         self._replica_steps = strategy.experimental_local_results(self._steps)
         self._replica_counts = strategy.experimental_local_results(self._count)
         self.num_replicas = len(self._replica_rows)
+        devices = _local_devices(strategy)
+        if devices is not None and devices != self.num_replicas:
+            raise UnsupportedStrategy(
+                f"{type(strategy).__name__} keeps one copy of each variable for its {devices} "
+                "replicas, so a replica cannot record its own gradients")
         self._nothing = RecordedSteps.none(self.num_replicas, num_variables)
 
     def record(self, record: tf.Tensor, step: tf.Tensor | int | None = None) -> tf.Operation:

@@ -49,6 +49,47 @@ def test_accumulation_under_a_multi_replica_strategy_is_named_as_broken_upstream
     assert "keras-team/keras#20582" in result.stderr
 
 
+CENTRAL_STORAGE = """
+import sys
+import numpy as np, keras, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from gradwatch.agent import GradientMonitor
+collector, job = sys.argv[1:]
+x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+y = x.sum(1, keepdims=True)
+losses = []
+for watch in (False, True):
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.experimental.CentralStorageStrategy(["/cpu:0", "/cpu:1"])
+    with GradientMonitor(collector=collector, training_job=job, flush_interval_s=0.05,
+                         enabled=watch) as monitor, strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
+        losses.append(model.fit(x, y, batch_size=8, epochs=3, verbose=0).history["loss"])
+assert np.allclose(losses[0], losses[1]), losses
+"""
+
+
+def test_central_storage_over_two_devices_is_said_unwatched_in_one_line(collector, job_name):
+    """CentralStorageStrategy keeps one copy of each variable: the per-replica ring buffer
+    was one aggregating variable, whose update raised at every trace (a 600-character error
+    in a traceback each), and the session it had registered stayed, silent, until the
+    collector paged WorkerSilent."""
+    result = subprocess.run(
+        [sys.executable, "-c", CENTRAL_STORAGE, collector.grpc_target, job_name],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines()
+            if "gradwatch" in line and "collector 127.0.0.1" not in line]
+    assert len(said) == 1 and "CentralStorageStrategy keeps one copy" in said[0], said
+    assert "Traceback" not in result.stderr, result.stderr
+    samples = parse_metrics(collector.scrape())
+    assert not select(samples, "gradwatch_steps_total", training_job=job_name)
+    assert not select(samples, "gradwatch_last_report_timestamp_seconds", training_job=job_name)
+
+
 TF_KERAS_MIXED_PRECISION_UNDER_MIRRORED = """
 import sys
 import numpy as np, tensorflow as tf, tf_keras

@@ -205,6 +205,39 @@ def test_float8_scales_overwritten_with_their_new_values_are_no_gradients(collec
     assert alerts_for(webhook, job_name) == []
 
 
+def test_a_session_that_cannot_record_says_goodbye_at_once(collector, job_name, caplog,
+                                                            monkeypatch):
+    """A failure while recording leaves the optimizer unwatched (one log line, training goes
+    on); its session, registered already, stayed open at the collector with no steps,
+    until WorkerSilent paged for a task that was training on."""
+    import json
+    import urllib.request
+
+    from gradwatch.agent.tensorflow.recorder import StepRecorder
+
+    def broken(self, record, step=None):
+        raise RuntimeError("no ring buffer here")
+
+    monkeypatch.setattr(StepRecorder, "record", broken)
+    model = small_model()
+    url = f"{collector.metrics_url.removesuffix('/metrics')}/api/v1/jobs/{job_name}"
+    with monitor_for(collector, job_name) as monitor:
+        model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
+        model.fit(X, Y, batch_size=len(X), epochs=2, verbose=0)
+        deadline = time.monotonic() + 10
+        while True:  # (before close(), which says goodbye for every session)
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if json.load(response)["finished"]:
+                        break
+            except OSError:  # not registered yet
+                pass
+            assert time.monotonic() < deadline, "the session is still open"
+            time.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()] == [
+        "gradwatch: cannot record gradients of sgd; it is no longer watched"]
+
+
 # -- broken runs ------------------------------------------------------------------------------
 
 def test_unused_layer_alerts_for_exactly_its_variables(collector, webhook, job_name):
