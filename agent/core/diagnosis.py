@@ -152,8 +152,9 @@ class Diagnosis:
                                    (f"the output of {op} left TensorFlow ({self.reason}) and "
                                     "came back as a constant"),
             Cause.BROKEN_AT_OP: f"the path to the loss crosses {op}, which {self.reason}",
-            Cause.OUTSIDE_TAPE: (f"the path to the loss crosses {op}, which ran with gradient "
-                                 "tracking off (torch.no_grad() or inference_mode)") if torch
+            Cause.OUTSIDE_TAPE: (f"the path to the loss crosses {op}, which " + (
+                self.reason or "ran with gradient tracking off (torch.no_grad() or "
+                               "inference_mode)")) if torch
                                 else f"{op} {self.reason or 'ran outside the GradientTape'}",
             Cause.UNKNOWN: (f"a differentiable path to the loss exists, but {op} "
                             f"{self.reason}") if self.reason and self.op_name else

@@ -20,10 +20,14 @@ towards the loss:
 - **outside gradient tracking** (``OUTSIDE_TAPE``): the path ran under
   ``torch.no_grad()`` or ``torch.inference_mode()`` (not the block of a reentrant
   ``torch.utils.checkpoint`` with an input that needs a gradient: backward runs it again
-  with tracking on, so its calls count as tracked, and what breaks inside is named);
+  with tracking on, so its calls count as tracked, and what breaks inside is named; nor
+  the ``forward`` of a custom ``torch.autograd.Function``, whose ``apply`` stands for its
+  calls, unless it reads a parameter it was not given);
 - **cleared** (``CLEARED``): a differentiable path exists and ``backward()`` ran on the
   loss, so the gradient was computed, then cleared before the optimizer step
   (``zero_grad()`` between ``backward()`` and ``step()``, or ``.grad`` set to None);
+- a custom Function of the user's on every path (``BROKEN_AT_OP``): its ``backward()``
+  returns no gradient for the input on the path;
 - **unknown**: a differentiable path exists, but the gradient was not asked for
   (``backward(inputs=...)`` or ``torch.autograd.grad`` without it), or
   ``torch.autograd.grad`` returned it and it was not stored in ``.grad``.
@@ -87,6 +91,10 @@ HINTS = {
                 "loss: a model created again, copied (deepcopy) or reloaded after the "
                 "optimizer holds new parameters.",
     "not asked": "pass it in inputs=..., or leave it out of the optimizer.",
+    "function input": "pass the parameter to the Function's apply() as an input and return "
+                      "its gradient from backward(), or compute with it outside the Function.",
+    "function": "return a gradient for every input that needs one from the Function's "
+                "backward() (ctx.needs_input_grad tells which).",
     "not stored": "set each parameter's .grad to the gradient torch.autograd.grad returns "
                   "for it before optimizer.step().",
     Cause.CLEARED: "call optimizer.zero_grad() before loss.backward() or after "
@@ -126,6 +134,10 @@ class Call:
     output_dtypes: list[torch.dtype]
     grad_enabled: bool
     source: Source | None
+    #: Of a custom ``torch.autograd.Function``'s ``apply`` (named by its class), the
+    #: module of that class: the call stands for those its ``forward`` made, which run
+    #: without gradient tracking.
+    custom: str = ""
 
 
 #: Tensors a recording may keep alive (their storages; parameters, alive anyway, do not
@@ -157,6 +169,12 @@ class StepRecording(TorchFunctionMode):
         #: The calls (by order) of reentrant checkpoints' blocks that backward() runs
         #: again with gradient tracking (an input needs a gradient): see `Recorder`.
         self.recomputed: list[range] = []
+        #: The calls (by order) that custom autograd Functions' ``forward`` made: their
+        #: ``apply`` calls stand for them (see `applied`).
+        self.inside_functions: list[range] = []
+        #: Parameters a custom Function's ``forward`` read without being given them:
+        #: id -> (the call that read one, the Function's name). Autograd never sees them.
+        self.hidden_reads: dict[int, tuple[Call, str]] = {}
         self._as_backward_runs: list[Call] | None = None
         self._alive: dict[int, torch.Tensor] = {}
         self._storages: set[int] = set()
@@ -189,16 +207,40 @@ class StepRecording(TorchFunctionMode):
         return result
 
     def as_backward_runs(self) -> list[Call]:
-        """The calls, with those of reentrant checkpoints' blocks (run without gradient
-        tracking) marked as tracked: backward() runs them again with tracking on (a
-        ``torch.no_grad()`` of the user's inside such a block is taken for tracked too).
-        Computed once."""
+        """The calls as backward() sees them: those of reentrant checkpoints' blocks (run
+        without gradient tracking) marked as tracked, since backward() runs them again with
+        tracking on (a ``torch.no_grad()`` of the user's inside such a block is taken for
+        tracked too); those inside custom Functions left out, their ``apply`` in their
+        place. Computed once."""
         if self._as_backward_runs is None:
             again = {order for block in self.recomputed for order in block}
+            hidden = {order for inside in self.inside_functions for order in inside}
             self._as_backward_runs = [replace(c, grad_enabled=True)
                                       if not c.grad_enabled and c.order in again else c
-                                      for c in self.calls]
+                                      for c in self.calls if c.order not in hidden]
         return self._as_backward_runs
+
+    def applied(self, function: type, first: int, args: Any, result: Any) -> None:
+        """``function.apply(*args)`` returned ``result``; its ``forward`` made the calls
+        from ``first`` on."""
+        if self.abandoned or self.full:
+            return
+        inside = range(first, len(self.calls))
+        inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        call = Call(len(self.calls), function.__name__, [id(t) for t in inputs],
+                    [id(t) for t in outputs], [t.dtype for t in outputs],
+                    torch.is_grad_enabled(), caller_source(), custom=function.__module__ or "?")
+        if _users_function(call):
+            given = set(call.inputs)
+            for inner in self.calls[first:]:
+                for read in inner.inputs:
+                    if read in self.parameters and read not in given:
+                        self.hidden_reads.setdefault(read, (inner, function.__name__))
+        self.inside_functions.append(inside)
+        for tensor in inputs + outputs:
+            self._keep(tensor)
+        self.calls.append(call)
 
     def reached(self, call: Call, losses: list[int], inputs: set[int] | None) -> None:
         """A backward pass from ``losses`` (by ``call``) for ``inputs`` (None: all)."""
@@ -245,8 +287,9 @@ class Recorder:
         #: What recording patches: ``Tensor.backward``, ``torch.autograd.backward`` and
         #: ``torch.autograd.grad`` (empty when not recording).
         self._originals: tuple[Callable, ...] = ()
-        #: ``CheckpointFunction`` and its own ``forward`` while recording patches it.
-        self._checkpoint: tuple[Any, Any] | None = None
+        #: (class, attribute, original) of what recording patches besides: the ``forward``
+        #: of ``CheckpointFunction`` and ``apply`` of ``torch.autograd.Function``.
+        self._patched: list[tuple[type, str, Any]] = []
         self._eager = False  # holds `_EAGER`
         self._paused = False  # off the mode stack while a backward pass runs
         self.abandoned = False  # a step was too large to record: no more tries
@@ -294,6 +337,7 @@ class Recorder:
         torch.autograd.backward = autograd_backward
         torch.autograd.grad = grad
         self._patch_checkpoint()
+        self._patch_functions()
 
     def _patch_checkpoint(self) -> None:
         """Notes which calls a reentrant ``torch.utils.checkpoint`` block makes (PyTorch's
@@ -315,8 +359,35 @@ class Recorder:
                 recording.recomputed.append(range(first, len(recording.calls)))
             return result
 
-        self._checkpoint = (function, vars(function)["forward"])
+        self._patched.append((function, "forward", vars(function)["forward"]))
         function.forward = staticmethod(forward)
+
+    def _patch_functions(self) -> None:
+        """Records the ``apply`` of each custom ``torch.autograd.Function`` of the user's
+        (and `WRAPPING_FUNCTIONS`) as one call: the calls of its ``forward``, made without
+        gradient tracking, are not the path autograd takes (a gradient reversal's
+        ``view_as``, a full backward hook's identity). Not the reentrant checkpoint's:
+        backward() runs its block again (`_patch_checkpoint`)."""
+        base = torch.autograd.Function
+        original = vars(base).get("apply")
+        if not isinstance(original, classmethod):
+            return
+        checkpoint = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+        recorder = self
+
+        def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+            recording = recorder._recording
+            if (recording is None or recorder._paused or cls is checkpoint
+                    or not _standing_in(cls) or threading.get_ident() != recorder._thread):
+                return original.__func__(cls, *args, **kwargs)
+            first = len(recording.calls)
+            result = original.__func__(cls, *args, **kwargs)
+            if recording is recorder._recording:
+                recording.applied(cls, first, (args, kwargs), result)
+            return result
+
+        self._patched.append((base, "apply", original))
+        base.apply = classmethod(apply)
 
     @contextlib.contextmanager
     def _reached_loss(self, how: str, losses: Any, inputs: Any) -> Iterator[None]:
@@ -399,9 +470,9 @@ class Recorder:
         if self._originals:
             (torch.Tensor.backward, torch.autograd.backward,
              torch.autograd.grad), self._originals = self._originals, ()
-        if self._checkpoint is not None:
-            (function, forward), self._checkpoint = self._checkpoint, None
-            function.forward = forward
+        for owner, attribute, original in reversed(self._patched):
+            setattr(owner, attribute, original)
+        self._patched = []
         if self._eager:
             self._eager = False
             _EAGER.release()
@@ -512,6 +583,24 @@ def _tracked(call: Call) -> bool:
         call.name not in CONVERSIONS and _carries_gradient(call)
 
 
+#: Modules of PyTorch's own autograd Functions that wrap a user's computation and pass
+#: its gradient on (a full backward hook's, SyncBatchNorm's; DDP's, DataParallel's): as
+#: the user's, they are recorded as one call. The others (FSDP's and DTensor's machinery)
+#: are recorded call by call.
+WRAPPING_FUNCTIONS = ("torch.nn.modules._functions", "torch.nn.parallel.")
+
+
+def _standing_in(function: type) -> bool:
+    """Whether ``function.apply`` is recorded as one call in place of its ``forward``'s."""
+    module = function.__module__ or ""
+    return module.split(".")[0] != "torch" or module.startswith(WRAPPING_FUNCTIONS)
+
+
+def _users_function(call: Call) -> bool:
+    """A custom autograd Function not of PyTorch's own."""
+    return bool(call.custom) and call.custom.split(".")[0] != "torch"
+
+
 def _why(call: Call) -> tuple[Cause, str, str]:
     """Why ``call`` passes no gradient: cause, reason, hint."""
     if call.name in DETACHING:
@@ -564,6 +653,12 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
     stand_in = ({"reason": STAND_IN, "hint": HINTS["stand-in"]}
                 if _stand_in(recording, param, updated, upstream) else {})
     if not readers:
+        if id(param) in recording.hidden_reads:
+            call, function = recording.hidden_reads[id(param)]
+            return verdict(Cause.OUTSIDE_TAPE, call,
+                           f"is in the forward() of the custom autograd.Function {function}, "
+                           "which runs without gradient tracking, and the parameter is not "
+                           "one of its inputs", HINTS["function input"])
         return verdict(Cause.UNUSED, **stand_in)
     if not losses:
         return verdict(Cause.UNKNOWN)
@@ -595,6 +690,13 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         if call.name == "autograd.grad":
             return verdict(Cause.UNKNOWN, call, "returned its gradient, which was not in "
                            ".grad at the optimizer step", HINTS["not stored"])
+        around, blocked = _flow(calls, start,
+                                lambda c: _tracked(c) and not _users_function(c))
+        if not losses & around:  # only through the user's Functions: one gives none
+            function = next(c for c in blocked if _users_function(c))
+            return verdict(Cause.BROKEN_AT_OP, function, "is a custom autograd.Function "
+                           "whose backward() returns no gradient (None) for it",
+                           HINTS["function"])
         if not stepped:
             return verdict(Cause.UNKNOWN)
         return verdict(Cause.CLEARED, call,

@@ -170,6 +170,65 @@ def no_grad_before_reentrant_checkpoint(m, x):
     return out + checkpoint(block, h, side, use_reentrant=True)
 
 
+class GradientReversal(torch.autograd.Function):
+    """A domain-adversarial network's layer: identity forward, negated gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class NoGradientBack(torch.autograd.Function):
+    """A straight-through round whose backward forgets to return the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+class ScaledByBroken(torch.autograd.Function):
+    """Reads a module's weight inside forward() without taking it as an input."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        return x * module.weight.sum()  # <- here
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def detach_after_a_custom_function(m, x):
+    """The Function's forward ran untracked (view_as): it was blamed, not the detach."""
+    h, out = m.healthy(x)
+    return out + GradientReversal.apply(m.broken(h)).detach()  # <- here
+
+
+def detach_after_a_full_backward_hook(m, x):
+    """A full backward hook wraps the module's output in PyTorch's own Function."""
+    m.broken.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    h, out = m.healthy(x)
+    return out + m.broken(h).detach()  # <- here
+
+
+def custom_function_without_gradient(m, x):
+    h, out = m.healthy(x)
+    return out + NoGradientBack.apply(m.broken(h))  # <- here
+
+
+def parameter_read_inside_a_custom_function(m, x):
+    out = m.healthy(x)[1]
+    return ScaledByBroken.apply(out, m.broken)
+
+
 CASES = [
     (unused_layer, Cause.UNUSED, ""),
     (branch_not_taken, Cause.UNUSED, ""),
@@ -188,6 +247,9 @@ CASES = [
     (detach_in_reentrant_checkpoint, Cause.BROKEN_AT_OP, "detach"),
     (argmax_in_reentrant_checkpoint, Cause.BROKEN_AT_OP, "argmax"),
     (no_grad_before_reentrant_checkpoint, Cause.OUTSIDE_TAPE, "linear"),
+    (detach_after_a_custom_function, Cause.BROKEN_AT_OP, "detach"),
+    (detach_after_a_full_backward_hook, Cause.BROKEN_AT_OP, "detach"),
+    (custom_function_without_gradient, Cause.BROKEN_AT_OP, "NoGradientBack"),
 ]
 
 
@@ -217,6 +279,18 @@ def test_cause_op_and_line(forward, cause, op):
         assert verdict.source is not None and verdict.source.line == line, verdict.message()
         assert verdict.source.file == __file__
     assert verdict.hint
+
+
+def test_a_parameter_read_inside_a_custom_function_without_being_its_input():
+    """Autograd never sees what a Function's forward() reads besides its inputs."""
+    with diagnose_missing_gradients() as report:
+        train(Base(), parameter_read_inside_a_custom_function)
+    verdict = report.diagnoses["broken.weight"]
+    assert (verdict.cause, verdict.op_name) == (Cause.OUTSIDE_TAPE, "sum"), verdict.message()
+    assert "which is in the forward() of the custom autograd.Function ScaledByBroken" in \
+        verdict.message() and "apply()" in verdict.hint
+    assert verdict.source.line == marked_line(ScaledByBroken.forward)
+    assert report.diagnoses["broken.bias"].cause is Cause.UNUSED
 
 
 def test_a_model_moved_after_wrapping_is_blamed_where_its_output_is_left_out():
