@@ -18,8 +18,11 @@ from typing import Any
 
 from gradwatch.proto.v1 import gradwatch_pb2 as pb
 
-#: Packages whose frames a user cannot act on (when imported).
-LIBRARIES = ("tensorflow", "keras", "tf_keras", "absl", "numpy", "tree", "optree", "torch")
+#: Packages and modules whose frames a user cannot act on (when imported): the frameworks,
+#: and decorators' wrappers (``typing_extensions.deprecated``, which torch's deprecated
+#: functions go through).
+LIBRARIES = ("tensorflow", "keras", "tf_keras", "absl", "numpy", "tree", "optree", "torch",
+             "typing_extensions", "wrapt", "decorator", "deprecated")
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,16 @@ class Source:
 def _library_roots() -> tuple[str, ...]:
     import gradwatch.agent
 
-    roots = [os.path.dirname(gradwatch.agent.__file__), os.path.dirname(os.__file__)]
+    folders = [os.path.dirname(gradwatch.agent.__file__), os.path.dirname(os.__file__)]
+    files = []
     for name in LIBRARIES:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "__file__", None):
-            roots.append(os.path.dirname(module.__file__))
-    return tuple(os.path.join(os.path.realpath(r), "") for r in roots)
+            if hasattr(module, "__path__"):  # a package: its folder
+                folders.append(os.path.dirname(module.__file__))
+            else:  # a module of one file, beside others' in site-packages
+                files.append(os.path.realpath(module.__file__))
+    return tuple(os.path.join(os.path.realpath(f), "") for f in folders) + tuple(files)
 
 
 _LIBRARY_ROOTS: tuple[str, ...] = ()

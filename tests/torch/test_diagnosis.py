@@ -293,6 +293,26 @@ def test_a_parameter_read_inside_a_custom_function_without_being_its_input():
     assert report.diagnoses["broken.bias"].cause is Cause.UNUSED
 
 
+def test_a_deprecated_torch_function_is_located_in_the_users_code():
+    """``torch.nn.utils.weight_norm`` (deprecated: ``typing_extensions.deprecated`` wraps it)
+    applied after the optimizer was made replaces the weight it reads: the verdict's line
+    was in typing_extensions.py."""
+    import warnings
+
+    model = Base()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+    with diagnose_missing_gradients() as report:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            line = inspect.currentframe().f_lineno + 1
+            torch.nn.utils.weight_norm(model.broken)
+        train(model, lambda m, x: m.healthy(x)[1] + m.broken(m.healthy(x)[0]),
+              optimizer=optimizer)
+    (verdict,) = report.diagnoses.values()  # (the weight it replaced, named by position)
+    assert verdict.cause is Cause.NOT_ON_LOSS_PATH, verdict.message()
+    assert (verdict.source.file, verdict.source.line) == (__file__, line), verdict.message()
+
+
 def test_a_model_moved_after_wrapping_is_blamed_where_its_output_is_left_out():
     """Hugging Face's Trainer moves the model (``model.to(device)``) after the optimizer
     exists: that read, without gradient tracking, was named instead of the layer whose
