@@ -11,9 +11,10 @@ from gradwatch.collector import config
 from gradwatch.collector.server import serve
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Adds the subcommand, with ``summary`` as its line in ``gradwatch --help``."""
     parser = subparsers.add_parser(
-        "collector", help="run the collector (gRPC ingest, /metrics, alerts)",
+        "collector", help=summary,
         description="Receive gradient statistics from agents, export them to Prometheus and "
                     "alert when gradients go missing.")
     config.add_arguments(parser)

@@ -16,9 +16,10 @@ from pathlib import Path
 from gradwatch.agent.core.doctor import Report
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Adds the subcommand, with ``summary`` as its line in ``gradwatch --help``."""
     parser = subparsers.add_parser(
-        "doctor", help="run a training script and explain every missing gradient",
+        "doctor", help=summary,
         description="Run SCRIPT (with ARGS) in diagnose-only mode: no collector is needed; "
                     "each variable that gets no gradient is reported with the cause, the op "
                     "and the source line, and a fix. Exit status: 0 when every variable got "

@@ -22,9 +22,10 @@ from gradwatch.demo.processes import CollectorProcess, WebhookReceiver
 JOB = "gradwatch-demo"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    """Adds the subcommand, with ``summary`` as its line in ``gradwatch --help``."""
     parser = subparsers.add_parser(
-        "demo", help="run a collector and a broken training job; show the alert",
+        "demo", help=summary,
         description="Start a collector and a real, broken, distributed training run; print "
                     "the alert it fires, its cause and the metrics that show it. Exit status "
                     "0 when the alert arrived.")
