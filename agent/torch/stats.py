@@ -140,10 +140,12 @@ def _exact(tensors: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor
 
 def measure(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``[width(device), len(tensors)]`` float32 on ``device``: norms, then on the CPU NaN
-    counts and Inf counts."""
+    counts and Inf counts. Never part of an autograd graph, whatever the gradients carry."""
     if not tensors:
         return torch.zeros((width(device), 0), device=device)
     norms = _norms(tensors, device)
+    if norms.requires_grad:  # gradients with a graph (backward(create_graph=True)), rare
+        return measure([t.detach() for t in tensors], device)
     if not counts_exactly(device):
         return norms.view(1, -1)  # no kernel: the host marks what is not finite
     if math.isfinite(norms.sum()):  # synchronous anyway: look (norms are not negative)

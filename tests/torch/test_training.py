@@ -89,6 +89,46 @@ def test_every_parameter_of_every_step_is_reported_by_name(collector, job_name, 
     assert set(metrics(collector, "gradwatch_gradient_present", job_name).values()) == {1.0}
 
 
+@pytest.mark.parametrize("how", ["create_graph", "MAML inner loop"])
+def test_gradients_that_carry_a_graph_are_measured(collector, job_name, caplog, how):
+    """``backward(create_graph=True)`` (Hessian-vector products, AdaHessian) and a MAML
+    inner loop's ``SGD(differentiable=True)``: measuring such gradients built a graph, and
+    writing the record then raised; the optimizer was dropped at its first step, with a
+    traceback per optimizer (72 in a MAML run)."""
+    model = Net()
+    with monitor_for(collector, job_name) as monitor:
+        if how == "create_graph":
+            optimizer = monitor.wrap(torch.optim.Adam(model.parameters(), 1e-2), model)
+            norms = []
+            for _ in range(5):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(model(X), Y).backward(create_graph=True)
+                norms.append({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+                optimizer.step()
+        else:  # (each inner step updates clones of the last, as torch.func users write it)
+            names = [n for n, _ in model.named_parameters()]
+            fast = list(model.parameters())
+            for _ in range(5):
+                loss = torch.nn.functional.mse_loss(
+                    torch.func.functional_call(model, dict(zip(names, fast, strict=True)),
+                                               (X,)), Y)
+                grads = torch.autograd.grad(loss, fast, create_graph=True)
+                fast = [f.clone() for f in fast]  # not leaves: differentiable in the model's
+                for f, g in zip(fast, grads, strict=True):
+                    f.grad = g
+                norms = [{f"group0.param{i}": float(f.grad.norm())
+                          for i, f in enumerate(fast)}]
+                monitor.wrap(torch.optim.SGD(fast, 1e-2, differentiable=True)).step()
+    assert monitor.close() is True
+    assert metrics(collector, "gradwatch_gradient_norm", job_name) == pytest.approx(
+        norms[-1], rel=1e-5)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name.startswith("gradwatch")]
+    # (a new optimizer over new parameters at each inner step is a new session each time)
+    assert list(metrics(collector, "gradwatch_steps_total", job_name).values()) == [
+        5.0 if how == "create_graph" else 1.0]
+
+
 def test_an_optimizer_given_named_parameters_names_them_without_the_model(collector,
                                                                           job_name):
     """torch >= 2.6 optimizers keep the names of ``model.named_parameters()``: wrapped
