@@ -47,6 +47,7 @@ seen without gradient, never otherwise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -138,6 +139,9 @@ class Call:
     #: module of that class: the call stands for those its ``forward`` made, which run
     #: without gradient tracking.
     custom: str = ""
+    #: A Python function that handled the mode itself (``F.multi_head_attention_forward``):
+    #: the calls it makes are not seen, so each input is taken to reach each output.
+    opaque: bool = False
 
 
 #: Tensors a recording may keep alive (their storages; parameters, alive anyway, do not
@@ -197,7 +201,8 @@ class StepRecording(TorchFunctionMode):
                 self._keep(tensor)
             self.calls.append(Call(len(self.calls), name, [id(t) for t in inputs],
                                    [id(t) for t in outputs], [t.dtype for t in outputs],
-                                   torch.is_grad_enabled(), caller_source()))
+                                   torch.is_grad_enabled(), caller_source(),
+                                   opaque=inspect.isfunction(func)))
             if self._bytes > MAX_RECORDED_BYTES:
                 if self.losses:
                     self.full = True
@@ -690,6 +695,18 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         if call.name == "autograd.grad":
             return verdict(Cause.UNKNOWN, call, "returned its gradient, which was not in "
                            ".grad at the optimizer step", HINTS["not stored"])
+        # Through a function whose insides were not seen, of whose outputs the loss reads
+        # some (the attention weights of nn.MultiheadAttention): those need not depend on
+        # the parameter, and as it got no gradient, they do not.
+        partly = {c.order: c for c in calls if c.opaque and len(c.outputs) > 1
+                  and not upstream.issuperset(c.outputs)}
+        around, _ = _flow(calls, start, lambda c: _tracked(c) and c.order not in partly)
+        if not losses & around:
+            call = next(c for c in partly.values() if reached.intersection(c.inputs))
+            read = [str(k + 1) for k, out in enumerate(call.outputs) if out in upstream]
+            return verdict(Cause.NOT_ON_LOSS_PATH, call,
+                           f"of its {len(call.outputs)} outputs the loss reads only output "
+                           f"{', '.join(read)}, which does not depend on it")
         around, blocked = _flow(calls, start,
                                 lambda c: _tracked(c) and not _users_function(c))
         if not losses & around:  # only through the user's Functions: one gives none

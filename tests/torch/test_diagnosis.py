@@ -313,6 +313,31 @@ def test_a_deprecated_torch_function_is_located_in_the_users_code():
     assert (verdict.source.file, verdict.source.line) == (__file__, line), verdict.message()
 
 
+def test_a_loss_that_reads_only_the_attention_weights_of_multihead_attention():
+    """A pointer network's loss reads nn.MultiheadAttention's weights alone: its output
+    projection gets no gradient. F.multi_head_attention_forward handles the recording mode
+    itself, so every input seemed to reach every output: "computed, then cleared"."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    query, key = torch.randn(4, 3, 8), torch.randn(4, 5, 8)
+    target = torch.randint(0, 5, (4, 3))
+    with diagnose_missing_gradients() as report:
+        optimizer = torch.optim.Adam(attention.parameters(), 1e-3)
+        for _ in range(2):
+            optimizer.zero_grad()
+            line = inspect.currentframe().f_lineno + 1
+            _, weights = attention(query, key, key)
+            torch.nn.functional.nll_loss(weights.clamp_min(1e-9).log().transpose(1, 2),
+                                         target).backward()
+            optimizer.step()
+    assert set(report.diagnoses) == {"out_proj.weight", "out_proj.bias"}, str(report)
+    verdict = report.diagnoses["out_proj.weight"]
+    assert (verdict.cause, verdict.op_name) == (
+        Cause.NOT_ON_LOSS_PATH, "multi_head_attention_forward"), verdict.message()
+    assert "of its 2 outputs the loss reads only output 2" in verdict.message()
+    assert verdict.source.line == line, verdict.message()
+
+
 def test_a_model_moved_after_wrapping_is_blamed_where_its_output_is_left_out():
     """Hugging Face's Trainer moves the model (``model.to(device)``) after the optimizer
     exists: that read, without gradient tracking, was named instead of the layer whose
