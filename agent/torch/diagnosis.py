@@ -47,7 +47,6 @@ seen without gradient, never otherwise.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -96,6 +95,8 @@ HINTS = {
                       "its gradient from backward(), or compute with it outside the Function.",
     "function": "return a gradient for every input that needs one from the Function's "
                 "backward() (ctx.needs_input_grad tells which).",
+    "non-differentiable": "compute the loss from the Function's differentiable outputs, or "
+                          "stop marking that one non-differentiable.",
     "not stored": "set each parameter's .grad to the gradient torch.autograd.grad returns "
                   "for it before optimizer.step().",
     Cause.CLEARED: "call optimizer.zero_grad() before loss.backward() or after "
@@ -108,6 +109,10 @@ STALE = ("its gradient is as the previous step (or zero_grad()) left it, as are 
          ".data is not seen either")
 #: Why an unused parameter has a stand-in (see `_stand_in`).
 STAND_IN = "the loss reads another parameter of its shape, which no optimizer updates"
+#: Functions the recording sees as one call (they handle its mode themselves), some of
+#: whose outputs do not depend on some of their inputs: nn.MultiheadAttention's attention
+#: weights do not depend on its output projection.
+PARTLY_DEPENDENT = frozenset({"multi_head_attention_forward"})
 _COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
                           "__le__", "__gt__", "__ge__", "isclose", "greater", "less"})
 
@@ -139,9 +144,8 @@ class Call:
     #: module of that class: the call stands for those its ``forward`` made, which run
     #: without gradient tracking.
     custom: str = ""
-    #: A Python function that handled the mode itself (``F.multi_head_attention_forward``):
-    #: the calls it makes are not seen, so each input is taken to reach each output.
-    opaque: bool = False
+    #: Of those, the outputs it marked non-differentiable (``ctx.mark_non_differentiable``).
+    nondifferentiable: frozenset[int] = frozenset()
 
 
 #: Tensors a recording may keep alive (their storages; parameters, alive anyway, do not
@@ -201,8 +205,7 @@ class StepRecording(TorchFunctionMode):
                 self._keep(tensor)
             self.calls.append(Call(len(self.calls), name, [id(t) for t in inputs],
                                    [id(t) for t in outputs], [t.dtype for t in outputs],
-                                   torch.is_grad_enabled(), caller_source(),
-                                   opaque=inspect.isfunction(func)))
+                                   torch.is_grad_enabled(), caller_source()))
             if self._bytes > MAX_RECORDED_BYTES:
                 if self.losses:
                     self.full = True
@@ -233,9 +236,12 @@ class StepRecording(TorchFunctionMode):
         inside = range(first, len(self.calls))
         inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         call = Call(len(self.calls), function.__name__, [id(t) for t in inputs],
                     [id(t) for t in outputs], [t.dtype for t in outputs],
-                    torch.is_grad_enabled(), caller_source(), custom=function.__module__ or "?")
+                    torch.is_grad_enabled(), caller_source(), custom=function.__module__ or "?",
+                    nondifferentiable=frozenset(id(t) for t in outputs
+                                                if tracked and not t.requires_grad))
         if _users_function(call):
             given = set(call.inputs)
             for inner in self.calls[first:]:
@@ -273,6 +279,10 @@ class StepRecording(TorchFunctionMode):
         except (RuntimeError, NotImplementedError):  # sparse, meta, functional tensors
             pass
 
+    def parameter_tensors(self) -> dict[int, torch.Tensor]:
+        """The trainable parameters the calls read, by id (while the tensors are kept)."""
+        return {key: self._alive[key] for key in self.parameters if key in self._alive}
+
     def release(self) -> None:
         """Drops the tensors (keeps the calls)."""
         self._alive, self._storages = {}, set()
@@ -289,12 +299,9 @@ class Recorder:
         self._recording: StepRecording | None = None
         self._completed: StepRecording | None = None
         self._thread: int | None = None
-        #: What recording patches: ``Tensor.backward``, ``torch.autograd.backward`` and
-        #: ``torch.autograd.grad`` (empty when not recording).
-        self._originals: tuple[Callable, ...] = ()
-        #: (class, attribute, original) of what recording patches besides: the ``forward``
-        #: of ``CheckpointFunction`` and ``apply`` of ``torch.autograd.Function``.
-        self._patched: list[tuple[type, str, Any]] = []
+        #: (owner, attribute, original, patch) of what recording patches (`_patch`): the
+        #: backward passes and ``torch.autograd.Function.apply``; empty when not recording.
+        self._patched: list[tuple[Any, str, Any, Any]] = []
         self._eager = False  # holds `_EAGER`
         self._paused = False  # off the mode stack while a backward pass runs
         self.abandoned = False  # a step was too large to record: no more tries
@@ -313,9 +320,8 @@ class Recorder:
         self._thread = threading.get_ident()
         self._eager = _EAGER.hold()
         self._recording.__enter__()
-        self._originals = (torch.Tensor.backward, torch.autograd.backward,
-                           torch.autograd.grad)
-        method, function, original_grad = self._originals
+        method, function, original_grad = (torch.Tensor.backward, torch.autograd.backward,
+                                           torch.autograd.grad)
         recorder = self
 
         def backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -338,61 +344,49 @@ class Recorder:
             with recorder._reached_loss("autograd.grad", outputs, inputs):
                 return original_grad(outputs, inputs, *args, **kwargs)
 
-        torch.Tensor.backward = backward
-        torch.autograd.backward = autograd_backward
-        torch.autograd.grad = grad
-        self._patch_checkpoint()
+        self._patch(torch.Tensor, "backward", backward)
+        self._patch(torch.autograd, "backward", autograd_backward)
+        self._patch(torch.autograd, "grad", grad)
         self._patch_functions()
 
-    def _patch_checkpoint(self) -> None:
-        """Notes which calls a reentrant ``torch.utils.checkpoint`` block makes (PyTorch's
-        ``CheckpointFunction``): it runs them without gradient tracking, and backward()
-        again with it if an input needs a gradient."""
-        function = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
-        if function is None or "forward" not in vars(function):
-            return
-        original = function.forward
-        recorder = self
-
-        def forward(ctx: Any, run_function: Any, preserve_rng_state: Any, *args: Any) -> Any:
-            recording = recorder._recording
-            first = None if recording is None else len(recording.calls)
-            result = original(ctx, run_function, preserve_rng_state, *args)
-            if (recording is not None and recording is recorder._recording
-                    and threading.get_ident() == recorder._thread
-                    and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-                recording.recomputed.append(range(first, len(recording.calls)))
-            return result
-
-        self._patched.append((function, "forward", vars(function)["forward"]))
-        function.forward = staticmethod(forward)
+    def _patch(self, owner: Any, attribute: str, patch: Any) -> None:
+        self._patched.append((owner, attribute, vars(owner)[attribute], patch))
+        setattr(owner, attribute, patch)
 
     def _patch_functions(self) -> None:
-        """Records the ``apply`` of each custom ``torch.autograd.Function`` of the user's
-        (and `WRAPPING_FUNCTIONS`) as one call: the calls of its ``forward``, made without
-        gradient tracking, are not the path autograd takes (a gradient reversal's
-        ``view_as``, a full backward hook's identity). Not the reentrant checkpoint's:
-        backward() runs its block again (`_patch_checkpoint`)."""
-        base = torch.autograd.Function
-        original = vars(base).get("apply")
+        """Notes what custom ``torch.autograd.Function``s do (their ``forward`` runs without
+        gradient tracking), through ``Function.apply``:
+
+        - a reentrant checkpoint's (`_recomputes`: PyTorch's ``CheckpointFunction``, and
+          DeepSpeed's, Megatron's, fairscale's alike): backward() runs its block again with
+          tracking if an input needs a gradient, so its calls count as tracked (`recomputed`);
+        - the user's, and PyTorch's that wrap a user's computation (`WRAPPING_FUNCTIONS`):
+          one call stands for those of its ``forward`` (a gradient reversal's ``view_as``, a
+          full backward hook's identity; `StepRecording.applied`);
+        - the others (FSDP's and DTensor's machinery): recorded call by call."""
+        original = vars(torch.autograd.Function).get("apply")
         if not isinstance(original, classmethod):
             return
-        checkpoint = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
         recorder = self
 
         def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
             recording = recorder._recording
-            if (recording is None or recorder._paused or cls is checkpoint
-                    or not _standing_in(cls) or threading.get_ident() != recorder._thread):
+            recomputes = _recomputes(cls)
+            if (recording is None or recorder._paused or threading.get_ident() != recorder._thread
+                    or not (recomputes or _standing_in(cls))):
                 return original.__func__(cls, *args, **kwargs)
             first = len(recording.calls)
             result = original.__func__(cls, *args, **kwargs)
-            if recording is recorder._recording:
+            if recording is not recorder._recording:
+                return result
+            if not recomputes:
                 recording.applied(cls, first, (args, kwargs), result)
+            elif any(isinstance(a, torch.Tensor) and a.requires_grad
+                     for a in tree_flatten((args, kwargs))[0]):
+                recording.recomputed.append(range(first, len(recording.calls)))
             return result
 
-        self._patched.append((base, "apply", original))
-        base.apply = classmethod(apply)
+        self._patch(torch.autograd.Function, "apply", classmethod(apply))
 
     @contextlib.contextmanager
     def _reached_loss(self, how: str, losses: Any, inputs: Any) -> Iterator[None]:
@@ -472,15 +466,23 @@ class Recorder:
                 self._recording.calls = []
                 self._recording.release()
             self._recording = None
-        if self._originals:
-            (torch.Tensor.backward, torch.autograd.backward,
-             torch.autograd.grad), self._originals = self._originals, ()
-        for owner, attribute, original in reversed(self._patched):
-            setattr(owner, attribute, original)
+        for owner, attribute, original, patch in reversed(self._patched):
+            if vars(owner).get(attribute) is patch:
+                while id(original) in _STOPPED_BELOW:  # (theirs stopped first: past them)
+                    original = _STOPPED_BELOW.pop(id(original))[1]
+                setattr(owner, attribute, original)
+            else:  # another recorder (a second monitor's) patched above and records on
+                _STOPPED_BELOW[id(patch)] = (patch, original)
         self._patched = []
         if self._eager:
             self._eager = False
             _EAGER.release()
+
+
+#: Patches of recorders that stopped while another recorder's patch was above theirs (it
+#: calls theirs, which passes calls through): id -> (patch, what it replaced), skipped when
+#: the one above puts back what it replaced. Training thread.
+_STOPPED_BELOW: dict[int, tuple[Any, Any]] = {}
 
 
 class _EagerWhileRecording:
@@ -556,18 +558,31 @@ class Retries:
         return self._step > self._resume_at
 
 
-def _flow(calls: Sequence[Call], start: set[int],
-          passes: Callable[[Call], bool]) -> tuple[set[int], list[Call]]:
+def _flow(calls: Sequence[Call], start: set[int], passes: Callable[[Call], bool],
+          differentiable: bool = True) -> tuple[set[int], list[Call]]:
     """Tensors reached from ``start`` through calls that ``passes``, and the calls that
-    read a reached tensor but did not pass it on (in call order)."""
+    read a reached tensor but did not pass it on (in call order). ``differentiable``: a
+    call passes on only its outputs that can carry a gradient (`_carried`: ``max``'s
+    values, not its indices); one that holds back some is among the stopped too."""
     reached, stopped = set(start), []
     for call in calls:
         if reached.intersection(call.inputs):
-            if passes(call):
-                reached.update(call.outputs)
-            else:
+            if not passes(call):
+                stopped.append(call)
+                continue
+            carried = _carried(call) if differentiable else call.outputs
+            reached.update(carried)
+            if len(carried) < len(call.outputs):
                 stopped.append(call)
     return reached, stopped
+
+
+def _carried(call: Call) -> list[int]:
+    """The outputs of ``call`` that can carry a gradient: floating-point or complex, and
+    not marked non-differentiable."""
+    return [out for out, dtype in zip(call.outputs, call.output_dtypes, strict=True)
+            if (dtype.is_floating_point or dtype.is_complex)
+            and out not in call.nondifferentiable]
 
 
 def _ancestors(calls: Sequence[Call], targets: frozenset[int]) -> set[int]:
@@ -592,7 +607,8 @@ def _tracked(call: Call) -> bool:
 #: its gradient on (a full backward hook's, SyncBatchNorm's; DDP's, DataParallel's): as
 #: the user's, they are recorded as one call. The others (FSDP's and DTensor's machinery)
 #: are recorded call by call.
-WRAPPING_FUNCTIONS = ("torch.nn.modules._functions", "torch.nn.parallel.")
+WRAPPING_FUNCTIONS = ("torch.nn.modules._functions", "torch.nn.parallel.",
+                      "torch.distributed.nn.")
 
 
 def _standing_in(function: type) -> bool:
@@ -601,18 +617,31 @@ def _standing_in(function: type) -> bool:
     return module.split(".")[0] != "torch" or module.startswith(WRAPPING_FUNCTIONS)
 
 
+def _recomputes(function: type) -> bool:
+    """A reentrant activation checkpoint's Function: PyTorch's ``CheckpointFunction``, and
+    those of DeepSpeed, Megatron and fairscale, named alike: its ``forward`` runs the block
+    without gradient tracking, and its ``backward`` runs it again with tracking."""
+    return "checkpoint" in function.__name__.lower()
+
+
 def _users_function(call: Call) -> bool:
     """A custom autograd Function not of PyTorch's own."""
     return bool(call.custom) and call.custom.split(".")[0] != "torch"
 
 
-def _why(call: Call) -> tuple[Cause, str, str]:
-    """Why ``call`` passes no gradient: cause, reason, hint."""
+def _why(call: Call, held: set[int]) -> tuple[Cause, str, str]:
+    """Why ``call`` passes no gradient to its outputs ``held``: cause, reason, hint."""
     if call.name in DETACHING:
         return Cause.BROKEN_AT_OP, "detaches its result from the graph", HINTS["detach"]
     if not call.grad_enabled:
         return Cause.OUTSIDE_TAPE, "", HINTS[Cause.OUTSIDE_TAPE]
-    dtypes = ", ".join(sorted({str(d).removeprefix("torch.") for d in call.output_dtypes}))
+    if any(out in call.nondifferentiable and (dtype.is_floating_point or dtype.is_complex)
+           for out, dtype in zip(call.outputs, call.output_dtypes, strict=True) if out in held):
+        return (Cause.BROKEN_AT_OP, "marks the output the loss reads non-differentiable "
+                "(ctx.mark_non_differentiable)", HINTS["non-differentiable"])
+    dtypes = ", ".join(sorted({str(d).removeprefix("torch.") for out, d in
+                               zip(call.outputs, call.output_dtypes, strict=True)
+                               if out in held or not held}))
     reason = f"outputs {dtypes}, which carries no gradient"
     if call.name in ("argmax", "argmin", "argsort", "topk", "max", "min", "sort"):
         return Cause.BROKEN_AT_OP, reason, HINTS["argmax"]
@@ -667,7 +696,8 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         return verdict(Cause.UNUSED, **stand_in)
     if not losses:
         return verdict(Cause.UNKNOWN)
-    everything, _ = _flow(calls, start, lambda call: call.name not in CONVERSIONS)
+    everything, _ = _flow(calls, start, lambda call: call.name not in CONVERSIONS,
+                          differentiable=False)
     if not losses & everything:
         if not stand_in and not any(c.grad_enabled and c.name not in DETACHING
                                     for c in readers):
@@ -698,7 +728,7 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
         # Through a function whose insides were not seen, of whose outputs the loss reads
         # some (the attention weights of nn.MultiheadAttention): those need not depend on
         # the parameter, and as it got no gradient, they do not.
-        partly = {c.order: c for c in calls if c.opaque and len(c.outputs) > 1
+        partly = {c.order: c for c in calls if c.name in PARTLY_DEPENDENT
                   and not upstream.issuperset(c.outputs)}
         around, _ = _flow(calls, start, lambda c: _tracked(c) and c.order not in partly)
         if not losses & around:
@@ -718,8 +748,9 @@ def diagnose(recording: StepRecording, param: torch.Tensor, name: str,
             return verdict(Cause.UNKNOWN)
         return verdict(Cause.CLEARED, call,
                        "zero_grad() between backward() and step(), or .grad set to None")
-    on_path = [c for c in stopped if upstream.intersection(c.outputs)]
+    # (of a call that passed on some outputs, those it held back)
+    on_path = [c for c in stopped if upstream.intersection(set(c.outputs) - reached)]
     call = (on_path or stopped)[0]
-    cause, reason, hint = _why(call)
+    cause, reason, hint = _why(call, set(call.outputs) - reached)
     return verdict(cause, call, reason, hint)
 

@@ -338,6 +338,143 @@ def test_a_loss_that_reads_only_the_attention_weights_of_multihead_attention():
     assert verdict.source.line == line, verdict.message()
 
 
+class MaxWithIndices(torch.autograd.Function):
+    """(values, indices), the indices marked non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, x):
+        values, indices = x.max(dim=1, keepdim=True)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.shape = x.shape
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (indices,) = ctx.saved_tensors
+        return torch.zeros(ctx.shape).scatter(1, indices, grad)
+
+
+class RecomputingCheckpoint(torch.autograd.Function):
+    """DeepSpeed's and Megatron's reentrant checkpoint: the block runs again in backward."""
+
+    @staticmethod
+    def forward(ctx, block, x):
+        ctx.block = block
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return block(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.block(x), grad)
+        return None, x.grad
+
+
+def only_the_indices_of_max(m, x):
+    h, out = m.healthy(x)
+    return out + m.broken(h).max(dim=1, keepdim=True).indices.float()  # <- here
+
+
+def only_the_indices_of_a_custom_function(m, x):
+    h, out = m.healthy(x)
+    return out + MaxWithIndices.apply(m.broken(h))[1].float()  # <- here
+
+
+def detach_in_a_recomputing_checkpoint(m, x):
+    h, out = m.healthy(x)
+
+    def block(t):
+        return t.mean(1, keepdim=True) + m.broken(t).detach()  # <- here
+
+    return out + RecomputingCheckpoint.apply(block, h)
+
+
+@pytest.mark.parametrize("forward, op", [
+    (only_the_indices_of_max, "max"), (only_the_indices_of_a_custom_function, "MaxWithIndices"),
+    (detach_in_a_recomputing_checkpoint, "detach")], ids=lambda f: getattr(f, "__name__", f))
+def test_outputs_that_carry_no_gradient_and_checkpoints_of_other_libraries(forward, op):
+    """A call some outputs of which carry no gradient (``max``'s indices, a Function's output
+    marked non-differentiable) passed them all on ("computed, then cleared"; "its backward()
+    returns None"); a reentrant checkpoint not PyTorch's was taken for a Function that reads
+    parameters it is not given."""
+    with diagnose_missing_gradients() as report:
+        train(Base(), forward)
+    verdict = report.diagnoses["broken.weight"]
+    assert (verdict.cause, verdict.op_name) == (Cause.BROKEN_AT_OP, op), verdict.message()
+    assert verdict.source.line == marked_line(forward), verdict.message()
+    if op != "detach":
+        assert "outputs int64, which carries no gradient" in verdict.message()
+
+
+def test_a_detach_after_a_differentiable_all_gather(tmp_path):
+    """CLIP-style contrastive losses gather embeddings with torch.distributed.nn's
+    differentiable all_gather (a Function of PyTorch's own): its forward's calls were
+    blamed, "ran with gradient tracking off". (One process: a group of one.)"""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    def forward(m, x):
+        h, out = m.healthy(x)
+        gathered = torch.cat(all_gather(m.broken(h)), 0)
+        return out + gathered.detach()  # <- here
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        with diagnose_missing_gradients() as report:
+            train(Base(), forward)
+    finally:
+        dist.destroy_process_group()
+    verdict = report.diagnoses["broken.weight"]
+    assert (verdict.cause, verdict.op_name) == (Cause.BROKEN_AT_OP, "detach"), verdict.message()
+    assert verdict.source.line == marked_line(forward)
+
+
+def test_a_loss_through_split_with_the_gradient_cleared_is_said_cleared():
+    """Of a Python function's outputs (``split``) the loss reads one: that is no reason for
+    a missing gradient, the zero_grad() between backward() and step() is."""
+    model = Base()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+    with diagnose_missing_gradients() as report:
+        for _ in range(2):
+            h, out = model.healthy(X)
+            first, _ = model.broken(torch.cat([h, h], 1)[:, :8]).repeat(1, 2).split(1, 1)
+            (out + first).sum().backward()
+            model.broken.zero_grad()
+            optimizer.step()
+    assert report.diagnoses["broken.weight"].cause is Cause.CLEARED, str(report)
+
+
+def test_two_recordings_at_once_ended_in_either_order_leave_torch_as_it_was():
+    """Two monitors recording one step: the first ended put back what it had patched,
+    under the second's patches, which stayed for good (and the second's Function calls
+    went unrecorded). (A recording ended before one that started after it still takes the
+    later one's mode off the thread's mode stack, which is last in, first out.)"""
+    import contextlib
+
+    originals = (vars(torch.autograd.Function)["apply"], torch.Tensor.backward,
+                 torch.autograd.backward, torch.autograd.grad)
+    for first_ends_first in (True, False):
+        model = Base()
+        optimizer = torch.optim.SGD(model.parameters(), 1e-2)
+        first, second = contextlib.ExitStack(), contextlib.ExitStack()
+        first.enter_context(diagnose_missing_gradients())
+        report = second.enter_context(diagnose_missing_gradients())
+        if first_ends_first:
+            first.close()
+        train(model, detach_after_a_custom_function, optimizer=optimizer)
+        (first if not first_ends_first else second).close()
+        (second if not first_ends_first else first).close()
+        if not first_ends_first:  # a Function on the path is seen as one
+            assert report.diagnoses["broken.weight"].op_name == "detach", str(report)
+        assert (vars(torch.autograd.Function)["apply"], torch.Tensor.backward,
+                torch.autograd.backward, torch.autograd.grad) == originals
+
+
 def test_a_model_moved_after_wrapping_is_blamed_where_its_output_is_left_out():
     """Hugging Face's Trainer moves the model (``model.to(device)``) after the optimizer
     exists: that read, without gradient tracking, was named instead of the layer whose
