@@ -52,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level.upper() not in LOG_LEVELS:
         parser.error(f"--log-level (or GRADWATCH_LOG_LEVEL): expected one of "
                      f"{', '.join(LOG_LEVELS)}, got {args.log_level!r}")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if args.command == "doctor":  # the script's own logging stays the script's to set up
+        logger = logging.getLogger("gradwatch")
+        logger.addHandler(handler)
+        logger.setLevel(args.log_level.upper())
+        logger.propagate = False
+    else:
+        logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     return args.func(args)
 
 

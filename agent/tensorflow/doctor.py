@@ -27,7 +27,7 @@ def diagnose_missing_gradients() -> Iterator[Report]:
     start, so the first step is explained (slower than training normally)."""
     report = Report()
     calls = tape.gradient_calls()
-    stop = tape.listen(report.add, record_eagerly=True)
+    stop = tape.listen(report.add, record_eagerly=True, tells=False)  # (the report tells)
     try:
         yield report
     finally:

@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from gradwatch.agent.core.diagnosis import Cause
 from gradwatch.agent.core.doctor import Report
-from gradwatch.agent.torch.diagnosis import Recorder, diagnose
+from gradwatch.agent.torch.diagnosis import Recorder, StepRecording, diagnose
 from gradwatch.agent.torch.names import parameter_names
 
 
-def _names(optimizer: torch.optim.Optimizer) -> dict[int, str]:
-    """Parameter names from the live module holding most of ``optimizer``'s parameters
-    (the outermost of those that hold as many)."""
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+def _names(ids: set[int]) -> dict[int, str]:
+    """Parameter names from the live module holding most of the parameters ``ids`` (the
+    outermost of those that hold as many)."""
     best, best_key = None, (0, 0)
     # type(), not isinstance(): that reads __class__, which raises for a dead
     # weakref.proxy (Dynamo leaves some) and warns for deprecated objects (reduce_op).
@@ -55,10 +55,14 @@ class _Watch:
         self.explained: set[int] = set()
         #: The parameters of every optimizer stepped in the block (ids).
         self.updated: set[int] = set()
+        #: Parameters seen without gradient at a step that had no recording (ids).
+        self.unexplained: set[int] = set()
 
     def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Explains the parameters without gradient with the step's recording; records the
-        next step if some could not be explained yet."""
+        """Explains the parameters without gradient with the step's recording; records until
+        the next step while some could not be explained yet (that step may be another
+        optimizer's: a GAN's generator's parameters are explained at its next step, the
+        recording from the critic's step to it)."""
         recording = self.recorder.take()
         self.report.seen += 1
         self.updated.update(id(p) for group in optimizer.param_groups for p in group["params"])
@@ -66,15 +70,34 @@ class _Watch:
                    for j, p in enumerate(group["params"])
                    if p.grad is None and id(p) not in self.explained]
         if missing:
-            names = _names(optimizer)
+            names = _names({id(p) for group in optimizer.param_groups for p in group["params"]})
             missing = [(p, names.get(id(p)) or f"group{g}.param{j}") for g, j, p in missing]
         if recording is not None:
             for param, name in missing:
                 self.explained.add(id(param))
                 self.report.add(param, diagnose(recording, param, name, self.updated))
             recording.release()
-        elif missing:
+        else:
+            self.unexplained.update(id(p) for p, _ in missing)
+        self.unexplained -= self.explained  # (and those present now: missing at times only)
+        self.unexplained -= {id(p) for group in optimizer.param_groups for p in group["params"]
+                             if p.grad is not None}
+        if self.unexplained:
             self.recorder.start()
+
+    def explain_no_graph(self, recording: StepRecording) -> None:
+        """``backward()`` is about to raise ("element 0 of tensors does not require grad"):
+        every parameter the recorded step read gets none, and no step follows."""
+        params = recording.parameter_tensors()
+        names = _names(set(params))
+        self.report.seen += 1
+        for k, (key, param) in enumerate(params.items()):
+            if key not in self.explained:
+                verdict = diagnose(recording, param, names.get(key) or f"param{k}",
+                                   self.updated)
+                if verdict.cause is not Cause.UNKNOWN:
+                    self.explained.add(key)
+                    self.report.add(param, verdict)
 
 
 @contextlib.contextmanager
@@ -83,6 +106,7 @@ def diagnose_missing_gradients() -> Iterator[Report]:
     gradient (recording steps makes them slower)."""
     report = Report()
     watch = _Watch(report)
+    watch.recorder.on_no_graph = watch.explain_no_graph
     hooks = [register_optimizer_step_pre_hook(watch.before_step)]
     watch.recorder.start()
     try:
