@@ -296,18 +296,32 @@ class GradientMonitor(MonitorCore):
         notebook cell made a new monitor; such a function keeps what it traced): says so
         at close, when it is known."""
         owners = {key[0] for key in self._sessions} | {key[0] for key in self._failed}
+        idle, trained = [], []
         for owner, (ref, wrapped_at) in self._wrapped.items():
             optimizer = ref()
-            if optimizer is None or wrapped_at is None or owner in owners or \
+            if optimizer is None or wrapped_at is None or \
                     getattr(optimizer, _OUTER, False):  # its LossScaleOptimizer reports
                 continue
             now = _iterations(optimizer)
-            if now is not None and now > wrapped_at:
+            if now is None:
+                continue
+            if now > wrapped_at:
+                trained.append(optimizer_base_name(optimizer))
+            elif owner not in owners:
+                idle.append(optimizer_base_name(optimizer))
+            if now > wrapped_at and owner not in owners:
                 log.warning("gradwatch: %s took %d steps after wrap() and none reached "
                             "gradwatch: they ran in a training function traced before "
                             "wrap() (model.fit's, until model.compile() runs again; or a "
                             "tf.function of yours). Wrap before compiling, or compile again "
                             "after wrapping.", optimizer_base_name(optimizer), now - wrapped_at)
+        if idle and trained:
+            log.warning("gradwatch: %s took no step while %s trained: its model's updates "
+                        "never ran (Keras 3 leaves out the update of a model whose trainable "
+                        "was False when its training function was traced: a GAN's "
+                        "discriminator frozen before compiling the combined model, and never "
+                        "set trainable again around its own train_on_batch)",
+                        ", ".join(idle), ", ".join(trained))
 
     def _inside_loss_scaling(self, optimizer: Any) -> bool:
         """Whether ``optimizer`` is called by a ``LossScaleOptimizer`` that reports in its

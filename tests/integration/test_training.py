@@ -222,7 +222,8 @@ def test_a_session_that_cannot_record_says_goodbye_at_once(collector, job_name, 
     model = small_model()
     url = f"{collector.metrics_url.removesuffix('/metrics')}/api/v1/jobs/{job_name}"
     with monitor_for(collector, job_name) as monitor:
-        model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01)), loss="mse")
+        model.compile(optimizer=monitor.wrap(keras.optimizers.SGD(0.01, name="unrecorded")),
+                      loss="mse")
         model.fit(X, Y, batch_size=len(X), epochs=2, verbose=0)
         deadline = time.monotonic() + 10
         while True:  # (before close(), which says goodbye for every session)
@@ -234,11 +235,44 @@ def test_a_session_that_cannot_record_says_goodbye_at_once(collector, job_name, 
                 pass
             assert time.monotonic() < deadline, "the session is still open"
             time.sleep(0.1)
-    assert [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()] == [
-        "gradwatch: cannot record gradients of sgd; it is no longer watched"]
+    said = [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("gradwatch: cannot record gradients of "
+                                                 "unrecorded"), said
 
 
 # -- broken runs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("toggled", [False, True])
+def test_a_discriminator_frozen_for_good_is_said_not_to_train(collector, job_name, caplog,
+                                                              toggled):
+    """The classic Keras GAN: ``discriminator.trainable = False`` before compiling the
+    combined model. Keras 3 traces the discriminator's own train_on_batch without its update
+    (one UserWarning at most), so it never trains; gradwatch said nothing. Set trainable
+    around its own train_on_batch (``toggled``), it trains and nothing is said."""
+    keras.utils.set_random_seed(0)
+    generator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6)])
+    discriminator = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    with monitor_for(collector, job_name) as monitor:
+        discriminator.compile(monitor.wrap(keras.optimizers.Adam(name="critic")), "mse")
+        discriminator.trainable = False
+        noise = keras.Input((4,))
+        combined = keras.Model(noise, discriminator(generator(noise)))
+        combined.compile(monitor.wrap(keras.optimizers.Adam(name="combined")), "mse")
+        for _ in range(2):
+            discriminator.trainable = toggled
+            discriminator.train_on_batch(np.ones((4, 6), "float32"), np.ones((4, 1), "float32"))
+            discriminator.trainable = False
+            combined.train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 1), "float32"))
+    said = [r.getMessage() for r in caplog.records if "took no step" in r.getMessage()]
+    if toggled:
+        assert said == []
+    else:
+        assert said == ["gradwatch: critic took no step while combined trained: its model's "
+                        "updates never ran (Keras 3 leaves out the update of a model whose "
+                        "trainable was False when its training function was traced: a GAN's "
+                        "discriminator frozen before compiling the combined model, and never "
+                        "set trainable again around its own train_on_batch)"]
+
 
 def test_unused_layer_alerts_for_exactly_its_variables(collector, webhook, job_name):
     model = ModelWithUnusedLayer()
