@@ -182,11 +182,15 @@ def test_an_interrupted_run_keeps_what_was_found(tmp_path):
         "    optimizer.zero_grad()\n"
         "    model(torch.ones(1, 2)).sum().backward()\n"
         "    optimizer.step()\n")
+    # (SIGINT as a terminal gives it: a shell's background job, as CI may run, ignores it,
+    # and Python then never raises KeyboardInterrupt)
     process = subprocess.Popen([sys.executable, "-m", "gradwatch", "doctor", str(script)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        while "training" not in process.stdout.readline():
-            pass
+        line = "-"
+        while line and "training" not in line:
+            line = process.stdout.readline()
         time.sleep(2)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
