@@ -29,7 +29,7 @@ from gradwatch.agent.tensorflow import tape
 from gradwatch.agent.tensorflow.optimizers import Hooks, wrap_optimizer
 from gradwatch.agent.tensorflow.recorder import UnsupportedStrategy
 from gradwatch.agent.tensorflow.session import Gradients, TensorFlowSession
-from gradwatch.agent.tensorflow.variables import gradient_pairs, variable_name
+from gradwatch.agent.tensorflow.variables import gradient_pairs, gradient_variables, variable_name
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,8 @@ class GradientMonitor(MonitorCore):
         """A wrapped optimizer that took steps none of which reached this monitor ran in a
         function traced before it was wrapped (model.fit's after a first fit, or after a
         notebook cell made a new monitor; such a function keeps what it traced): says so
-        at close, when it is known."""
+        at close, when it is known. So is a wrapped optimizer that took no step while
+        another trained (its update traced out: a Keras 3 GAN's frozen discriminator)."""
         owners = {key[0] for key in self._sessions} | {key[0] for key in self._failed}
         idle, trained = [], []
         for owner, (ref, wrapped_at) in self._wrapped.items():
@@ -305,11 +306,12 @@ class GradientMonitor(MonitorCore):
             now = _iterations(optimizer)
             if now is None:
                 continue
-            if now > wrapped_at:
-                trained.append(optimizer_base_name(optimizer))
-            elif owner not in owners:
-                idle.append(optimizer_base_name(optimizer))
-            if now > wrapped_at and owner not in owners:
+            if now <= wrapped_at:
+                if owner not in owners:
+                    idle.append(optimizer_base_name(optimizer))
+                continue
+            trained.append(optimizer_base_name(optimizer))
+            if owner not in owners:
                 log.warning("gradwatch: %s took %d steps after wrap() and none reached "
                             "gradwatch: they ran in a training function traced before "
                             "wrap() (model.fit's, until model.compile() runs again; or a "
@@ -381,7 +383,7 @@ class GradientMonitor(MonitorCore):
         refs = self._built.get(id(optimizer))
         if refs is None:
             built = getattr(optimizer, "_trainable_variables", None)  # Keras 3, built earlier
-            return gradient_pairs(list(built), list(built))[1] if built else None
+            return gradient_variables(list(built)) if built else None
         built = [ref() for ref in refs]
         return None if any(v is None for v in built) else built
 
@@ -405,13 +407,13 @@ class GradientMonitor(MonitorCore):
             kept = [v for v in built if id(v) in given or tape.got_no_gradient(v)]
         else:  # built from this update (Keras builds at the first): the gradient call tells
             asked = tape.filtered_from(variables)
-            kept = gradient_pairs(asked, asked)[1] if asked else variables
+            kept = gradient_variables(asked) if asked else variables
         if len(kept) == len(variables):
             return grads, variables  # nothing filtered out
         return [given.get(id(v)) for v in kept], kept
 
     def _on_optimizer_built(self, optimizer: Any, variables: list) -> None:
-        variables = gradient_pairs(variables, variables)[1]
+        variables = gradient_variables(variables)
         self._built[id(optimizer)] = [weakref.ref(v) for v in variables]
         if self._inside_loss_scaling(optimizer):
             return

@@ -15,14 +15,22 @@ def variable_name(variable: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def _overwritten(variable: Any) -> bool:
+    """The optimizer overwrites it with what it is given (``overwrite_with_gradient``: Keras
+    3's float8 scales and amax histories, whose "gradients" are their new values)."""
+    return bool(getattr(variable, "overwrite_with_gradient", False))
+
+
+def gradient_variables(variables: list) -> list:
+    """The variables that get gradients (not `_overwritten` ones)."""
+    return [v for v in variables if not _overwritten(v)]
+
+
 def gradient_pairs(grads: list, variables: list) -> tuple[list, list]:
-    """The pairs whose gradient is one: not those of variables the optimizer overwrites
-    with what it is given (``overwrite_with_gradient``: Keras 3's float8 scales and amax
-    histories, whose "gradients" are their new values)."""
-    if not any(getattr(v, "overwrite_with_gradient", False) for v in variables):
+    """The (gradient, variable) pairs whose gradient is one (see `gradient_variables`)."""
+    if not any(_overwritten(v) for v in variables):
         return grads, variables
-    kept = [(g, v) for g, v in zip(grads, variables, strict=True)
-            if not getattr(v, "overwrite_with_gradient", False)]
+    kept = [(g, v) for g, v in zip(grads, variables, strict=True) if not _overwritten(v)]
     return [g for g, _ in kept], [v for _, v in kept]
 
 

@@ -65,12 +65,13 @@ class _Watch:
         recording from the critic's step to it)."""
         recording = self.recorder.take()
         self.report.seen += 1
-        self.updated.update(id(p) for group in optimizer.param_groups for p in group["params"])
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.updated.update(id(p) for p in params)
         missing = [(g, j, p) for g, group in enumerate(optimizer.param_groups)
                    for j, p in enumerate(group["params"])
                    if p.grad is None and id(p) not in self.explained]
         if missing:
-            names = _names({id(p) for group in optimizer.param_groups for p in group["params"]})
+            names = _names({id(p) for p in params})
             missing = [(p, names.get(id(p)) or f"group{g}.param{j}") for g, j, p in missing]
         if recording is not None:
             for param, name in missing:
@@ -79,9 +80,9 @@ class _Watch:
             recording.release()
         else:
             self.unexplained.update(id(p) for p, _ in missing)
-        self.unexplained -= self.explained  # (and those present now: missing at times only)
-        self.unexplained -= {id(p) for group in optimizer.param_groups for p in group["params"]
-                             if p.grad is not None}
+        self.unexplained -= self.explained
+        # (and those present now: missing at some steps only)
+        self.unexplained -= {id(p) for p in params if p.grad is not None}
         if self.unexplained:
             self.recorder.start()
 
